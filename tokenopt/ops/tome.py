@@ -1,0 +1,62 @@
+"""The ToMe reduction step: match on the keys, merge by size-weighted average, track sizes.
+
+Token state threaded through the rewritten graph:
+
+* ``size``  (B, N, 1): how many input patches each token stands for (None until the first merge);
+* ``index`` (B, N0): for every original token, its position now (None unless tracked), so that
+  :func:`unmerge` can put merged tokens back on the original grid for dense outputs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tokenopt.ops.matching import bipartite_match, merge_sum, merged_positions
+
+
+def keys_mean_over_heads(k: Tensor, batch: int) -> Tensor:
+    """ToMe's metric: keys averaged over heads, (B, N, d). k is (B, H, N, d) or (B*H, N, d)."""
+    if k.dim() == 4:
+        return k.mean(1)
+    return k.reshape(batch, -1, k.shape[-2], k.shape[-1]).mean(1)
+
+
+def mha_keys_mean_over_heads(x: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, heads: int) -> Tensor:
+    """The same metric for ``nn.MultiheadAttention``, whose keys are not visible in the graph."""
+    c = x.shape[-1]
+    w = in_proj_weight[c:2 * c]
+    b = in_proj_bias[c:2 * c] if in_proj_bias is not None else None
+    k = torch.nn.functional.linear(x, w, b)
+    return k.reshape(*k.shape[:-1], heads, c // heads).mean(-2)
+
+
+def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int):
+    """Merge r tokens of x (B, N, C) into their most similar partners; returns (x, size, index)."""
+    n = x.shape[1]
+    m = bipartite_match(metric, r, prefix)
+    if size is None:
+        # all sizes are 1: x * size is x, and the merged sizes count the merges
+        size = x.new_ones(x.shape[0], n, 1)
+        x_sum = merge_sum(x, m)
+    else:
+        x_sum = merge_sum(x * size, m)
+    size = merge_sum(size, m)
+    if index is not None:
+        index = merged_positions(n, m, x.device).gather(1, index)
+    return x_sum / size, size, index
+
+
+def initial_index(x: Tensor) -> Tensor:
+    """Identity token map (B, N): every original token is where it started."""
+    return torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+
+
+def unmerge(x: Tensor, index: Tensor) -> Tensor:
+    """Put merged tokens back on the original grid: (B, N, C) -> (B, N0, C)."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def size_weighted_mean(x: Tensor, size: Tensor, start: int) -> Tensor:
+    """Average pooling where each token counts as many patches as it stands for."""
+    s = size[:, start:]
+    return (x * s).sum(1) / s.sum(1)

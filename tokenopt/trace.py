@@ -1,0 +1,83 @@
+"""Tracing: turn any ViT ``nn.Module`` into a ``torch.fx.GraphModule`` whose graph shows the tokens.
+
+The tracer goes *into* modules (so the attention cores, residual adds and q/k/v are graph nodes
+the analysis can match) except where that is impossible or unhelpful:
+
+* timm registers modules and functions that fx cannot trace (``register_notrace_module`` /
+  ``register_notrace_function``); they stay leaves / opaque calls here too.
+* ``torch.nn`` modules stay leaves as fx does by default (``nn.MultiheadAttention`` is matched
+  as a whole), users can add their own leaves (``leaf_modules=``) by class or qualified name.
+* Optional forward arguments (timm's ``attn_mask=None``, ``is_causal=False``, ``pre_logits``)
+  are made concrete with their defaults, so control flow on them is resolved at trace time.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tokenopt.errors import AnalysisError
+
+
+def _timm_notrace() -> tuple[set[type], tuple]:
+    try:
+        from timm.models._features_fx import get_notrace_functions, get_notrace_modules
+    except Exception:  # timm missing or moved: no registries to honour
+        return set(), ()
+    return set(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+class ViTTracer(fx.Tracer):
+    """fx Tracer that honours timm's notrace registries and user-named leaf modules."""
+
+    def __init__(self, leaf_modules: Iterable[type | str] = ()):
+        notrace_modules, notrace_functions = _timm_notrace()
+        super().__init__(autowrap_functions=notrace_functions)
+        self.leaf_types = tuple(notrace_modules | {m for m in leaf_modules if isinstance(m, type)})
+        self.leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
+            return True
+        if type(m).__name__ in self.leaf_names:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def concrete_defaults(model: nn.Module) -> dict:
+    """Every forward argument after the input that has a default, fixed to that default."""
+    params = list(inspect.signature(model.forward).parameters.values())
+    concrete = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is not inspect.Parameter.empty:
+            concrete[p.name] = p.default
+    return concrete
+
+
+def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model`` into a GraphModule that keeps its submodule paths.
+
+    Raises AnalysisError (exit 2 in the CLI) with the fx message and what to try when the model
+    has data-dependent Python control flow fx cannot follow.
+    """
+    if isinstance(model, fx.GraphModule):
+        return model
+    tracer = ViTTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_defaults(model))
+    except Exception as e:  # fx raises TraceError, TypeError, AttributeError... all mean the same
+        name = type(model).__name__
+        raise AnalysisError(
+            f"cannot trace {name} with torch.fx: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+            "  The model's forward has Python control flow on tensor values or calls code fx cannot follow. "
+            "Name the offending submodule as a leaf (API: leaf_modules=[...]; CLI: --leaf CLASSNAME), "
+            "so it is kept whole."
+        ) from None
+    gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Traced")
+    gm.meta["tokenopt_source_class"] = f"{type(model).__module__}:{type(model).__qualname__}"
+    return gm
