@@ -82,6 +82,7 @@ class ModelAnalysis:
     prefix_source: str = ""
     pooling: list[Pooling] = field(default_factory=list)
     input_shape: tuple[int, ...] = ()
+    features: str = ""             # last node holding all tokens after the blocks (e.g. final norm)
 
     @property
     def block_paths(self) -> list[str]:
@@ -294,8 +295,8 @@ class _Analyser:
         for b in blocks:
             if b.refusal is None:
                 b.refusal = self._positional_refusal(b, prefix)
-        pooling = self._pooling(blocks[-1], prefix)
-        return ModelAnalysis(self.gm, blocks, unmatched, prefix, source, pooling, input_shape)
+        pooling, features = self._pooling(blocks[-1], prefix)
+        return ModelAnalysis(self.gm, blocks, unmatched, prefix, source, pooling, input_shape, features)
 
     def _where(self, core: AttentionCore) -> str:
         n = self._node(core.node)
@@ -484,8 +485,9 @@ class _Analyser:
         return False
 
     # ------------------------------------------------------------------ pooling
-    def _pooling(self, last: BlockRecord, prefix: int) -> list[Pooling]:
+    def _pooling(self, last: BlockRecord, prefix: int) -> tuple[list[Pooling], str]:
         out = self._node(last.output)
+        features = out
         n_tok = last.tokens
         pools: list[Pooling] = []
         frontier, seen = [(out, 0)], set()
@@ -517,9 +519,11 @@ class _Analyser:
                         pools.append(Pooling("tokens", u.name, detail="reduces over channels, keeps tokens"))
                 elif su is not None and len(su) == 3 and su[1] in (n_tok, n_tok - start) and self._token_wise(u):
                     frontier.append((u, start))
+                    if start == 0 and self.order[u] > self.order[features]:
+                        features = u
                 else:
                     pools.append(Pooling("tokens", u.name, detail=f"{u.op} {u.target} consumes every token"))
-        return pools
+        return pools, features.name
 
     def _token_wise(self, u: fx.Node) -> bool:
         if u.op == "call_module":

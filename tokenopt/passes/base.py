@@ -28,9 +28,20 @@ class Pass:
     #: True when the pass changes the number of tokens that later blocks see.
     changes_token_count: ClassVar[bool] = False
 
-    def refuse(self, block) -> str | None:  # pragma: no cover - overridden
+    def refuse(self, block) -> str | None:
         """None when the block can be rewritten, else the reason shown to the user."""
         return block.refusal
+
+    def layer_options(self, options: PassOptions, n_layers: int, where: str) -> list[dict]:
+        """Expand a rule's options into one dict per selected layer (schedules live here)."""
+        return [options.model_dump() for _ in range(n_layers)]
+
+    def plan_layer(self, block, opts: dict, tokens_in: int, prefix: int) -> "LayerStep":
+        raise NotImplementedError
+
+    def rewrite(self, g, block, step: "LayerStep") -> None:
+        """Insert this pass's ops for ``block`` using the GraphRewriter ``g``."""
+        raise NotImplementedError
 
 
 _REGISTRY: dict[str, type[Pass]] = {}
@@ -60,3 +71,16 @@ def available_passes() -> list[str]:
 def _load_builtin_passes() -> None:
     # Importing the modules runs their @register_pass decorators.
     from tokenopt.passes import tome  # noqa: F401
+
+
+from dataclasses import dataclass as _dataclass, field as _field
+
+
+@_dataclass
+class LayerStep:
+    """What a pass will do at one layer, decided before rewriting."""
+
+    tokens_out: int
+    params: dict = _field(default_factory=dict)   # what rewrite() needs, e.g. {"r": 13}
+    describe: str = ""                            # shown in the report, e.g. "merge r=13"
+    shortfall: str = ""                           # non-empty: asked for more than the layer can give

@@ -1,11 +1,28 @@
-"""ToMe: merge r tokens per block by bipartite soft matching (Bolya et al., ICLR 2023)."""
+"""ToMe: merge r tokens per block by bipartite soft matching (Bolya et al., ICLR 2023).
+
+Before (one block)::
+
+    h = x + attn(norm1(x))
+    y = h + mlp(norm2(h))
+
+After::
+
+    h = x + attn(norm1(x), bias=log(size))          # proportional attention, from earlier merges
+    metric = keys_mean_over_heads(k)                # (B, N, d)
+    h, size, index = tome_merge(h, metric, size, index, r, prefix)
+    y = h + mlp(norm2(h))
+"""
 from __future__ import annotations
 
+import operator
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenopt.passes.base import Pass, PassOptions, register_pass
+from tokenopt.errors import RecipeError
+from tokenopt.ops import tome as ops
+from tokenopt.ops.matching import max_reduction
+from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
 
 
 class DecreasingSchedule(BaseModel):
@@ -22,9 +39,55 @@ class ToMeOptions(PassOptions):
     prop_attn: bool = Field(True, description="add log(size) to every later attention's logits")
 
 
+def expand_r(r, n_layers: int, where: str) -> list[int]:
+    """One r per selected layer from an int, a list, or a linear {start, end} schedule."""
+    if isinstance(r, int):
+        if r < 0:
+            raise RecipeError(f"{where}: r must be >= 0, got {r}")
+        return [r] * n_layers
+    if isinstance(r, list):
+        if len(r) != n_layers:
+            raise RecipeError(f"{where}: r lists {len(r)} values but the rule selects {n_layers} layers; "
+                              "give one value per selected layer")
+        if any(v < 0 for v in r):
+            raise RecipeError(f"{where}: every r must be >= 0, got {r}")
+        return list(r)
+    if n_layers == 1:
+        return [r.start]
+    return [round(r.start + (r.end - r.start) * i / (n_layers - 1)) for i in range(n_layers)]
+
+
 @register_pass("tome")
 class ToMe(Pass):
     """Merge r tokens per block by bipartite soft matching."""
 
     Options = ToMeOptions
     changes_token_count = True
+
+    def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list[dict]:
+        return [{"r": r, "prop_attn": options.prop_attn} for r in expand_r(options.r, n_layers, where)]
+
+    def plan_layer(self, block, opts: dict, tokens_in: int, prefix: int) -> LayerStep:
+        want = opts["r"]
+        cap = max_reduction(tokens_in, prefix)
+        r = min(want, cap)
+        short = "" if r == want else (f"r={want} asked, but only {cap} of its {tokens_in} tokens can merge "
+                                      f"({prefix} prefix token(s) are protected); it merges {r}")
+        return LayerStep(tokens_in - r, {"r": r, "prop_attn": opts["prop_attn"]}, f"merge r={r}", short)
+
+    def rewrite(self, g, block, step: LayerStep) -> None:
+        r = step.params["r"]
+        g.state.prop_attn = step.params["prop_attn"]
+        if r == 0:
+            return  # r=0 leaves the graph untouched: output bit-identical to the original
+        h = g.node(block.merge_point)
+        metric = g.keys_metric(block, after=h)
+        g.ensure_index(block)
+        merged = g.insert_after(metric, ops.tome_merge, h, metric, g.state.size, g.state.index, r,
+                                g.analysis.prefix_tokens, label=f"ToMe merge r={r}")
+        x = g.insert_after(merged, operator.getitem, merged, 0, label="merged tokens")
+        size = g.insert_after(x, operator.getitem, merged, 1, label="token sizes")
+        index = g.insert_after(size, operator.getitem, merged, 2, label="token index map") \
+            if g.state.index is not None else None
+        g.replace_uses(h, x, keep=(metric, merged))
+        g.state.size, g.state.index, g.state.reduced = size, index, True

@@ -1,0 +1,36 @@
+"""tokenopt: make Vision Transformers cheaper by rewriting their torch.fx graphs.
+
+    fast = tokenopt.optimize(model, "recipe.yaml")      # any ViT class; returns an nn.Module
+    print(fast.tokenopt_report)                          # per-layer tokens and FLOPs
+    tokenopt.save(fast, "model.tokenopt.pt"); tokenopt.load("model.tokenopt.pt")
+"""
+from tokenopt.errors import TokenoptError
+
+__version__ = "0.1.0"
+
+
+def optimize(model, recipe, example_input=None, **kwargs):
+    """Rewrite ``model`` as ``recipe`` asks; see :func:`tokenopt.pipeline.optimize`."""
+    from tokenopt.pipeline import optimize as _optimize
+    return _optimize(model, recipe, example_input, **kwargs)
+
+
+def save(module, path, **kwargs):
+    """Save an optimized module: weights + recipe + manifest; see :func:`tokenopt.artifact.save`."""
+    from tokenopt.artifact import save as _save
+    return _save(module, path, **kwargs)
+
+
+def load(path, **kwargs):
+    """Rebuild a saved optimized module by replaying its recipe; see :func:`tokenopt.artifact.load`."""
+    from tokenopt.artifact import load as _load
+    return _load(path, **kwargs)
+
+
+def unmerge(tokens, index):
+    """Put merged tokens back on the original token grid (dense outputs)."""
+    from tokenopt.ops.tome import unmerge as _unmerge
+    return _unmerge(tokens, index)
+
+
+__all__ = ["TokenoptError", "optimize", "save", "load", "unmerge", "__version__"]

@@ -1,0 +1,100 @@
+"""optimize(): load recipe -> analyse -> plan -> rewrite -> report. The library's front door."""
+from __future__ import annotations
+
+import operator
+import os
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tokenopt.analysis import ModelAnalysis, analyse, example_input_for
+from tokenopt.errors import RecipeError
+from tokenopt.ops import tome as tome_ops
+from tokenopt.passes import get_pass
+from tokenopt.plan import Plan, make_plan
+from tokenopt.recipe import Recipe, load_recipe
+from tokenopt.rewrite import GraphRewriter
+
+
+def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input: torch.Tensor | None = None,
+             *, leaf_modules: Iterable[type | str] = (), outputs: str | None = None,
+             report: bool = True) -> fx.GraphModule:
+    """Rewrite ``model`` as ``recipe`` asks and return an ordinary ``nn.Module`` (an fx GraphModule).
+
+    recipe: a path to a YAML file, a YAML string, a dict or a Recipe.
+    example_input: a batch of the size the model expects (default: from the model's config).
+    outputs: "logits" (the model's own output) or "tokens" (all patch tokens, original order).
+
+    The result carries ``tokenopt_report`` (per-layer table, FLOPs before/after), ``tokenopt_recipe``
+    and ``tokenopt_analysis``. The original model is not modified; parameters are shared with it.
+    """
+    recipe = load_recipe(recipe)
+    outputs = outputs or recipe.outputs
+    if outputs not in ("logits", "tokens"):
+        raise RecipeError(f"outputs must be 'logits' or 'tokens', got {outputs!r}")
+    if example_input is None:
+        example_input = example_input_for(model)
+    analysis = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens)
+    plan = make_plan(recipe, analysis)
+    gm = apply_plan(analysis, plan, outputs)
+    gm.tokenopt_recipe = recipe
+    gm.tokenopt_plan = plan
+    gm.tokenopt_outputs = outputs
+    if report:
+        from tokenopt.report import build_report
+        reference = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens).graph
+        gm.tokenopt_report = build_report(reference, gm, analysis, plan, example_input[:1])
+    return gm
+
+
+def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> fx.GraphModule:
+    """Walk the blocks in order, threading the token state, then fix pooling and outputs."""
+    needs_index = outputs == "tokens" or any(p.kind == "tokens" for p in analysis.pooling)
+    g = GraphRewriter(analysis, track_index=needs_index)
+    for block, layer in zip(analysis.blocks, plan.layers):
+        if g.state.size is not None and g.state.prop_attn:
+            g.add_key_bias(block)
+        if layer.step is not None:
+            get_pass(layer.rule.pass_name)().rewrite(g, block, layer.step)
+    if g.state.reduced:
+        _restore_pooling(g, analysis)
+    if outputs == "tokens":
+        _return_tokens(g, analysis)
+    gm = g.finish()
+    gm.tokenopt_inserted = dict(g.inserted)
+    gm.tokenopt_analysis = analysis
+    return gm
+
+
+def _restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
+    """After merges: dense consumers get tokens put back; average pooling becomes size-weighted."""
+    if g.state.index is not None and any(p.kind == "tokens" for p in analysis.pooling):
+        # unmerged tokens repeat each merged token once per patch it stands for, so every
+        # consumer (average pooling included) sees exactly what a size-weighted version would.
+        last = g.node(analysis.blocks[-1].output)
+        full = g.insert_after(last, tome_ops.unmerge, last, g.state.index, label="unmerge to the original grid")
+        g.replace_uses(last, full)
+        g.state.extra["unmerged"] = True
+        return
+    for p in analysis.pooling:
+        if p.kind == "avg" and p.node is not None:
+            n = g.node(p.node)
+            if n.target not in ("mean", torch.mean):
+                continue  # a sum over tokens already weights each token once per token
+            w = g.insert_after(n, tome_ops.size_weighted_mean, n.args[0], g.state.size, p.start,
+                               label="size-weighted average pooling")
+            g.replace_uses(n, w)
+
+
+def _return_tokens(g: GraphRewriter, analysis: ModelAnalysis) -> None:
+    """Make the graph return every patch token (prefix tokens dropped) in original order."""
+    feats = g.node(analysis.features)
+    out = feats
+    if g.state.index is not None and g.state.reduced and not g.state.extra.get("unmerged"):
+        out = g.insert_after(out, tome_ops.unmerge, out, g.state.index, label="unmerge to the original grid")
+    tokens = g.insert_after(out, operator.getitem, out, (slice(None), slice(analysis.prefix_tokens, None)),
+                            label="patch tokens")
+    output = next(n for n in g.graph.nodes if n.op == "output")
+    output.args = (tokens,)

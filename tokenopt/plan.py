@@ -1,0 +1,102 @@
+"""Plan: a recipe and a model's analysis become one action per block, checked before rewriting.
+
+Rules apply in order and a later rule replaces an earlier one on the same block. Token counts are
+walked block by block so that a reduction too large for the tokens left is caught here, with the
+layer and the recipe line named, before any graph is touched.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from tokenopt.analysis import ModelAnalysis
+from tokenopt.errors import PlanError, RecipeError
+from tokenopt.passes import get_pass
+from tokenopt.passes.base import LayerStep
+from tokenopt.recipe import Recipe, Rule, resolve_layers
+
+
+class TokenoptWarning(UserWarning):
+    """A recipe asked for more than a layer can give; the layer took the most it could."""
+
+
+@dataclass
+class LayerPlan:
+    block: int
+    path: str
+    tokens_in: int
+    tokens_out: int
+    rule: Rule | None = None
+    step: LayerStep | None = None
+
+    @property
+    def acted(self) -> str:
+        if self.rule is None or self.step is None:
+            return "-"
+        return f"rule {self.rule.index + 1} ({self.rule.pass_name}): {self.step.describe}"
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    layers: list[LayerPlan]
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (block path, why it was left alone)
+
+
+def make_plan(recipe: Recipe, analysis: ModelAnalysis) -> Plan:
+    blocks = analysis.blocks
+    paths = analysis.block_paths
+    chosen: dict[int, tuple[Rule, dict]] = {}
+    skipped: list[tuple[str, str]] = []
+    for rule in recipe.rules:
+        where = rule.where(recipe.source)
+        idx = resolve_layers(rule.layers, paths, where)
+        p = get_pass(rule.pass_name)()
+        per_layer = p.layer_options(rule.options, len(idx), where)
+        usable = []
+        for i, opts in zip(idx, per_layer):
+            why = p.refuse(blocks[i])
+            if why is None:
+                usable.append(i)
+                chosen[i] = (rule, opts)
+            else:
+                chosen.pop(i, None)
+                skipped.append((paths[i], why))
+        if not usable:
+            reasons = "; ".join(sorted({f"{why}" for _, why in skipped})) or "refused"
+            raise RecipeError(f"{where}: {rule.pass_name} cannot rewrite any block it selects "
+                              f"({len(idx)} selected): {reasons}.\n  Select other layers, or use a pass that "
+                              "supports this architecture.")
+    # a pass that changes the token count breaks every later block that needs the original grid
+    first_change = min((i for i, (r, _) in chosen.items() if get_pass(r.pass_name).changes_token_count),
+                       default=None)
+    if first_change is not None:
+        for b in blocks[first_change + 1:]:
+            if b.refusal is not None:
+                rule = chosen[first_change][0]
+                raise PlanError(
+                    f"{rule.where(recipe.source)}: reducing tokens at {blocks[first_change].path} breaks "
+                    f"{b.path}, which needs the original token grid ({b.refusal}).\n"
+                    f"  Select only layers after {b.path}.")
+
+    layers, notes = [], []
+    tokens = blocks[0].tokens
+    prefix = analysis.prefix_tokens
+    for b in blocks:
+        lp = LayerPlan(b.index, b.path, tokens, tokens)
+        if b.index in chosen:
+            rule, opts = chosen[b.index]
+            step = get_pass(rule.pass_name)().plan_layer(b, opts, tokens, prefix)
+            if step.shortfall:
+                msg = f"{rule.where(recipe.source)}: {b.path} ({b.index}): {step.shortfall}"
+                if recipe.strict:
+                    raise PlanError(msg + "\n  Lower the reduction for this layer, or drop `strict: true` to let "
+                                          "it take the most it can.")
+                notes.append(msg)
+            lp.rule, lp.step, lp.tokens_out = rule, step, step.tokens_out
+            tokens = step.tokens_out
+        layers.append(lp)
+    for n in notes:
+        warnings.warn(n, TokenoptWarning, stacklevel=3)
+    return Plan(recipe, layers, notes, skipped)

@@ -1,0 +1,98 @@
+"""The per-layer report: tokens in -> out, FLOPs before/after, which rule acted, and why not."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.fx as fx
+
+from tokenopt.analysis import ModelAnalysis
+from tokenopt.flops import flops_by_node
+from tokenopt.plan import Plan
+
+
+@dataclass
+class LayerRow:
+    index: int
+    path: str
+    tokens_in: int
+    tokens_out: int
+    flops_before: int
+    flops_after: int
+    acted: str
+
+
+@dataclass
+class Report:
+    rows: list[LayerRow]
+    flops_before: int                       # whole model, batch 1 (multiply-accumulates)
+    flops_after: int
+    other_before: int                       # embedding + head
+    other_after: int
+    warnings: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    unmatched: list[tuple[str, str]] = field(default_factory=list)
+    prefix_tokens: int = 0
+    pooling: str = ""
+
+    @property
+    def flops_ratio(self) -> float:
+        """FLOPs of the original over the optimized model: the ideal speedup."""
+        return self.flops_before / max(self.flops_after, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def rich_table(self):
+        from rich.table import Table
+        t = Table(title=f"tokenopt: {len(self.rows)} blocks, {self.prefix_tokens} prefix token(s), pooling {self.pooling}")
+        for col, just in (("layer", "right"), ("block", "left"), ("tokens in → out", "right"),
+                          ("GFLOPs before", "right"), ("GFLOPs after", "right"), ("rule", "left")):
+            t.add_column(col, justify=just)
+        for r in self.rows:
+            t.add_row(str(r.index), r.path, f"{r.tokens_in} → {r.tokens_out}", f"{r.flops_before / 1e9:.3f}",
+                      f"{r.flops_after / 1e9:.3f}", r.acted)
+        t.add_row("", "embed + head", "", f"{self.other_before / 1e9:.3f}", f"{self.other_after / 1e9:.3f}", "")
+        t.add_section()
+        t.add_row("", "total", "", f"{self.flops_before / 1e9:.3f}", f"{self.flops_after / 1e9:.3f}",
+                  f"FLOPs ratio {self.flops_ratio:.2f}x (ideal speedup)")
+        return t
+
+    def __str__(self) -> str:
+        from io import StringIO
+
+        from rich.console import Console
+        buf = StringIO()
+        Console(file=buf, width=140, force_terminal=False).print(self.rich_table())
+        return buf.getvalue()
+
+
+def _per_block(gm: fx.GraphModule, analysis: ModelAnalysis, counts: dict[str, int]) -> tuple[list[int], int]:
+    """Sum node FLOPs per block: a block owns the nodes after its input up to its output."""
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    bounds = [(order[b.input], order[b.output]) for b in analysis.blocks]
+    per = [0] * len(bounds)
+    other = 0
+    for name, f in counts.items():
+        pos = order.get(name)
+        for i, (lo, hi) in enumerate(bounds):
+            if pos is not None and lo < pos <= hi:
+                per[i] += f
+                break
+        else:
+            other += f
+    return per, other
+
+
+def build_report(reference: fx.GraphModule, optimized: fx.GraphModule, analysis: ModelAnalysis, plan: Plan,
+                 x: torch.Tensor) -> Report:
+    with torch.no_grad():
+        before = flops_by_node(reference, x)
+        after = flops_by_node(optimized, x)
+    per_before, other_before = _per_block(reference, analysis, before)
+    per_after, other_after = _per_block(optimized, analysis, after)
+    rows = [LayerRow(lp.block, lp.path, lp.tokens_in, lp.tokens_out, fb, fa, lp.acted)
+            for lp, fb, fa in zip(plan.layers, per_before, per_after)]
+    return Report(rows, sum(before.values()), sum(after.values()), other_before, other_after,
+                  list(plan.warnings), list(plan.skipped), list(analysis.unmatched), analysis.prefix_tokens,
+                  ", ".join(p.kind for p in analysis.pooling) or "none")
