@@ -1,0 +1,87 @@
+"""ToMe speed and FLOPs on vit_small_patch16_224 against the unmodified model, same run.
+
+    python benchmarks/bench_tome.py                 # full table (compiles 4 models: several minutes)
+    python benchmarks/bench_tome.py --no-compile    # eager only
+    python benchmarks/bench_tome.py --device cuda   # where a GPU exists
+
+Prints GFLOPs, img/s and speedup over the original for r in --r at batch 8 (eager and
+torch.compile), and eager at batch 1 and 32; "ideal" is the FLOPs ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import tokenopt
+from tokenopt.flops import count_flops
+from tokenopt.timing import interleaved_throughput
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--r", type=int, nargs="+", default=[8, 13, 16])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--eager-batches", type=int, nargs="*", default=[1, 32])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    console = Console()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    base = timm.create_model(args.model).eval().to(device)
+    size = base.pretrained_cfg["input_size"]
+    models = {"original": base}
+    for r in args.r:
+        models[f"tome r={r}"] = tokenopt.optimize(
+            base, {"version": 1, "rules": [{"pass": "tome", "r": r}]},
+            example_input=torch.randn(2, *size, device=device), report=False)
+    one = torch.randn(1, *size, device=device)
+    gflops = {k: count_flops(m, one) / 1e9 for k, m in models.items()}
+
+    results: dict[str, dict[str, float]] = {k: {} for k in models}
+    cols = []
+    for b in [args.batch] + [b for b in args.eager_batches if b != args.batch]:
+        x = torch.randn(b, *size, device=device)
+        with console.status(f"eager, batch {b}"):
+            for k, v in interleaved_throughput(models, x, rounds=args.rounds).items():
+                results[k][f"eager b{b}"] = v
+        cols.append(f"eager b{b}")
+    if not args.no_compile:
+        x = torch.randn(args.batch, *size, device=device)
+        compiled = {}
+        for k, m in models.items():
+            with console.status(f"torch.compile {k} (CPU compiles take minutes)"):
+                c = torch.compile(m)
+                with torch.inference_mode():
+                    c(x)
+                compiled[k] = c
+        for k, v in interleaved_throughput(compiled, x, rounds=args.rounds).items():
+            results[k][f"compiled b{args.batch}"] = v
+        cols.insert(1, f"compiled b{args.batch}")
+
+    t = Table(title=f"{args.model} on {device.type}: img/s (speedup over original, same run)")
+    t.add_column("model")
+    t.add_column("GFLOPs", justify="right")
+    t.add_column("ideal", justify="right")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for k in models:
+        row = [k, f"{gflops[k]:.2f}", f"{gflops['original'] / gflops[k]:.2f}x"]
+        for c in cols:
+            v, ref = results[k][c], results["original"][c]
+            row.append(f"{v:.1f} ({v / ref:.2f}x)")
+        t.add_row(*row)
+    console.print(t)
+    console.print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, timm {timm.__version__}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Throughput measurement shared by the benchmarks and the demo.
+
+Timings on a shared CPU are noisy, so configurations are measured *interleaved* (one round runs
+every model once, rounds repeat) and each reports its median; speedups are ratios to the
+unmodified model measured in the same rounds.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_throughput(models: dict[str, Callable], x: torch.Tensor, rounds: int = 7, warmup: int = 2,
+                           min_seconds: float = 0.2) -> dict[str, float]:
+    """Images per second for each model, medians over ``rounds`` interleaved rounds."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for f in models.values():
+            for _ in range(warmup):
+                f(x)
+        reps = {}
+        for k, f in models.items():  # enough calls per sample that short runs are not all noise
+            _sync(x.device)
+            t = time.perf_counter()
+            f(x)
+            _sync(x.device)
+            reps[k] = max(1, int(min_seconds / max(time.perf_counter() - t, 1e-6)))
+        for _ in range(rounds):
+            for k, f in models.items():
+                _sync(x.device)
+                t = time.perf_counter()
+                for _ in range(reps[k]):
+                    f(x)
+                _sync(x.device)
+                times[k].append((time.perf_counter() - t) / reps[k])
+    return {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
