@@ -103,23 +103,45 @@ class ModelAnalysis:
 # entry point
 
 def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
-    """An input batch of the model's own size: timm's pretrained_cfg, patch_embed.img_size, or 224."""
-    size = None
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    pe = getattr(model, "patch_embed", None)
-    img = getattr(pe, "img_size", None)
-    chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
-    if img is not None:
-        img = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
-        size = (chans, *img)
-    elif "input_size" in cfg:
-        size = tuple(cfg["input_size"])
-    else:
-        size = (3, 224, 224)
+    """An input batch of the size the model expects.
+
+    From timm's config (patch_embed.img_size, pretrained_cfg) when there is one; otherwise the
+    candidates a plain ViT implies (its first conv's stride times the side of a square
+    position-embedding grid) and common sizes, each tried with one forward pass.
+    """
     p = next(iter(model.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else "cpu"
-    return torch.randn(batch, *size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    pe = getattr(model, "patch_embed", None)
+    img = getattr(pe, "img_size", None)
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    chans = conv.in_channels if conv is not None else 3
+    candidates = []
+    if img is not None:
+        img = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
+        candidates.append((chans, *img))
+    elif "input_size" in cfg:
+        candidates.append(tuple(cfg["input_size"]))
+    else:
+        stride = conv.stride[0] if conv is not None else 16
+        for name, t in model.named_parameters():
+            if t.dim() == 3 and t.shape[0] == 1 and "pos" in name.lower():
+                for prefix in range(0, 9):
+                    side = math.isqrt(max(t.shape[1] - prefix, 0))
+                    if side and side * side == t.shape[1] - prefix:
+                        candidates.append((chans, side * stride, side * stride))
+        candidates += [(chans, s, s) for s in (224, 32, 64, 96, 128, 256, 384)]
+    gen = torch.Generator().manual_seed(0)
+    if len(candidates) > 1:
+        for size in dict.fromkeys(candidates):
+            try:
+                with torch.no_grad():
+                    model(torch.randn(1, *size, generator=gen).to(device, dtype))
+            except Exception:
+                continue
+            return torch.randn(batch, *size, generator=gen).to(device, dtype)
+    return torch.randn(batch, *candidates[0], generator=gen).to(device, dtype)
 
 
 def analyse(model: nn.Module, example_input: torch.Tensor | None = None, leaf_modules=(),

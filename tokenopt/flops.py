@@ -59,9 +59,21 @@ def _attention_ops() -> list[Any]:
     return [getattr(aten, n) for n in names if hasattr(aten, n)]
 
 
+def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim, num_heads, *args, out_shape=None, **kwargs) -> int:
+    """nn.MultiheadAttention's inference fast path (one fused op): q/k/v and output projections
+    plus the two attention matmuls, at 2 per MAC. Shapes are (B, N, C) with batch_first."""
+    b, n_q, c = query_shape
+    n_k = key_shape[-2]
+    proj = 2 * b * (n_q * c * c + 2 * n_k * c * c + n_q * c * c)
+    return proj + 2 * b * n_q * n_k * c * 2
+
+
 def flop_counter() -> FlopCounterMode:
     """A silent ``FlopCounterMode`` that also counts fused attention (totals in torch's 2-per-MAC)."""
-    return FlopCounterMode(display=False, custom_mapping={op: _attention_flops for op in _attention_ops()})
+    mapping = {op: _attention_flops for op in _attention_ops()}
+    if hasattr(aten, "_native_multi_head_attention"):
+        mapping[aten._native_multi_head_attention] = _native_mha_flops
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _to_macs(torch_flops: int) -> int:

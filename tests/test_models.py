@@ -1,0 +1,116 @@
+"""The analysis and the ToMe pass on the models tokenopt must handle (tiny configurations)."""
+import pytest
+import timm
+import torch
+
+import tokenopt
+from tokenopt.analysis import analyse
+from tokenopt.errors import AnalysisError, RecipeError
+from vit_models import ExplicitViT, MHAViT, SmallCNN
+
+SMALL = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
+
+
+def timm_model(name, **kw):
+    torch.manual_seed(0)
+    return timm.create_model(name, **{**SMALL, **kw}).eval()
+
+
+def tome(r, layers="all"):
+    return {"version": 1, "rules": [{"pass": "tome", "layers": layers, "r": r}]}
+
+
+@pytest.mark.parametrize("name,prefix,pooling", [
+    ("vit_small_patch16_224", 1, ["cls"]),
+    ("deit_small_distilled_patch16_224", 2, ["cls", "cls"]),
+    ("deit3_small_patch16_224", 1, ["cls"]),
+    ("vit_medium_patch16_reg4_gap_256", 4, ["avg"]),
+])
+def test_timm_vits_are_found(name, prefix, pooling):
+    a = analyse(timm_model(name))
+    assert [b.path for b in a.blocks] == ["blocks.0", "blocks.1"]
+    assert all(b.refusal is None and b.attention.kind == "sdpa" for b in a.blocks)
+    assert a.prefix_tokens == prefix
+    assert [p.kind for p in a.pooling] == pooling
+    assert a.blocks[0].tokens == 16 + prefix
+
+
+def test_layerscale_is_preserved():
+    """deit3's LayerScale sits on the residual branch; with r=0 nothing changes, with r>0 the
+    branch still scales (output differs from a model without it)."""
+    m = timm_model("deit3_small_patch16_224")
+    with torch.no_grad():
+        m.blocks[0].ls1.gamma.fill_(3.0)
+    x = torch.randn(2, 3, 32, 32)
+    fast = tokenopt.optimize(m, tome(0), report=False)
+    with torch.no_grad():
+        assert torch.equal(fast(x), m(x))
+
+
+@pytest.mark.parametrize("name,kw,reason", [
+    ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=14), "RoPE"),
+    ("beit_base_patch16_224", dict(embed_dim=64, num_heads=2), "relative-position bias"),
+])
+def test_position_tied_blocks_are_refused(name, kw, reason):
+    m = timm_model(name, **kw)
+    a = analyse(m)
+    assert len(a.blocks) == 2 and all(reason in b.refusal for b in a.blocks)
+    with pytest.raises(RecipeError, match=reason):
+        tokenopt.optimize(m, tome(1), report=False)
+
+
+def test_swin_is_refused_with_reason():
+    m = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1, 1, 1), embed_dim=32,
+                          num_heads=(1, 2, 2, 2), num_classes=10).eval()
+    a = analyse(m)
+    assert a.blocks and all("window" in b.refusal for b in a.blocks)
+    with pytest.raises(RecipeError, match="window"):
+        tokenopt.optimize(m, tome(2), report=False)
+
+
+@pytest.mark.parametrize("cls,kind,prefix,pool", [(ExplicitViT, "softmax", 1, "cls"), (MHAViT, "mha", 0, "avg")])
+def test_user_written_vits(cls, kind, prefix, pool):
+    torch.manual_seed(0)
+    m = cls().eval()
+    a = analyse(m)
+    assert len(a.blocks) == 3 and all(b.attention.kind == kind and b.refusal is None for b in a.blocks)
+    assert a.prefix_tokens == prefix and [p.kind for p in a.pooling] == [pool]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tokenopt.optimize(m, tome(0), report=False)(x), m(x))
+    fast = tokenopt.optimize(m, tome(3), report=True)
+    assert [l.tokens_out for l in fast.tokenopt_report.rows] == [16 + prefix - 3 * i for i in (1, 2, 3)]
+    assert fast.tokenopt_report.flops_after < fast.tokenopt_report.flops_before
+    with torch.no_grad():
+        assert fast(x).shape == (2, 10)
+
+
+def test_no_blocks_is_an_analysis_error():
+    with pytest.raises(AnalysisError, match="no transformer blocks"):
+        analyse(SmallCNN(), torch.randn(1, 3, 32, 32))
+
+
+def test_report_counts_fused_attention():
+    """The report's FLOPs include SDPA: the original ViT-S is about 4.6 GFLOPs."""
+    m = timm.create_model("vit_small_patch16_224").eval()
+    fast = tokenopt.optimize(m, tome(13))
+    rep = fast.tokenopt_report
+    assert 4.5e9 < rep.flops_before < 4.7e9
+    assert [r.tokens_out for r in rep.rows][-1] == 197 - 13 * 12
+    assert 1.6 < rep.flops_ratio < 1.8
+
+
+@pytest.mark.parametrize("model", [
+    lambda: timm_model("vit_small_patch16_224"), lambda: ExplicitViT().eval(), lambda: MHAViT().eval()])
+def test_dynamo_sees_one_graph(model):
+    fast = tokenopt.optimize(model(), tome(3), report=False)
+    with torch.no_grad():
+        e = torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32))
+    assert e.graph_count == 1 and e.graph_break_count == 0
+
+
+def test_compiled_matches_eager():
+    fast = tokenopt.optimize(timm_model("vit_small_patch16_224"), tome(3), report=False)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(fast)(x), fast(x), atol=1e-4)
