@@ -45,7 +45,7 @@ def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | N
         x_sum = merge_sum(x * size, m)
     size = merge_sum(size, m)
     if index is not None:
-        index = merged_positions(n, m, x.device).gather(1, index)
+        index = merged_positions(n, m).gather(1, index)
     return x_sum / size, size, index
 
 
