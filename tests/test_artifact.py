@@ -1,0 +1,134 @@
+"""Artifacts: one weights_only-loadable file that rebuilds the optimized model bit for bit."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import tokenopt
+from tokenopt import artifact, io
+from tokenopt.errors import ModelLoadError, TokenoptError
+from tokenopt.pipeline import optimize
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_vit_spec, tome_recipe):
+    model, base = io.load_model(tiny_vit_spec)
+    gm = optimize(model, tome_recipe)
+    gm.tokenopt_base = base
+    return gm
+
+
+@pytest.fixture(scope="module")
+def saved(optimized, tmp_path_factory):
+    path = tmp_path_factory.mktemp("artifact") / "vit.tokenopt.pt"
+    artifact.save(optimized, path)
+    return path
+
+
+def batch(n=4, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_round_trip_is_bit_exact(optimized, saved):
+    loaded = tokenopt.load(saved)
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(optimized(x), loaded(x))
+    assert not loaded.training
+    assert loaded.tokenopt_recipe.to_dict() == optimized.tokenopt_recipe.to_dict()
+    assert [r.tokens_out for r in loaded.tokenopt_report.rows] == [15, 13]
+
+
+def test_file_is_plain_data(saved, tiny_vit_spec):
+    payload = torch.load(saved, weights_only=True)
+    assert payload["format"] == "tokenopt-artifact" and payload["format_version"] == 1
+    assert payload["recipe"]["rules"] == [{"pass": "tome", "layers": "all", "r": 2, "prop_attn": True}]
+    m = payload["manifest"]
+    assert m["tokenopt"] == tokenopt.__version__ and m["torch"] == str(torch.__version__)
+    assert io.base_to_spec(m["base"]) == tiny_vit_spec
+    assert m["example_input_shape"] == [2, 3, 32, 32] and m["outputs"] == "logits"
+    assert m["report"]["rows"][0]["tokens_out"] == 15
+    assert "blocks.0.attn.qkv.weight" in payload["state_dict"]
+
+
+def test_saved_weights_are_the_optimized_ones(optimized, saved):
+    # a fresh timm model has other random weights: load must replace them all
+    loaded = artifact.load(saved)
+    for k, v in optimized.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+
+
+def test_class_fallback_without_base(user_models, tome_recipe, tmp_path):
+    from tokenopt_user_models import TinyViT
+
+    gm = optimize(TinyViT().eval(), tome_recipe)
+    path = artifact.save(gm, tmp_path / "own.pt")
+    assert torch.load(path, weights_only=True)["manifest"]["base"] == {
+        "kind": "class", "class": "tokenopt_user_models:TinyViT"}
+    x = batch()
+    with torch.no_grad():
+        assert torch.equal(gm(x), artifact.load(path)(x))
+
+
+def test_class_that_needs_arguments_asks_for_arch(user_models, tome_recipe, tmp_path):
+    from tokenopt_user_models import WideViT
+
+    gm = optimize(WideViT(48).eval(), tome_recipe)
+    path = artifact.save(gm, tmp_path / "wide.pt")
+    with pytest.raises(ModelLoadError) as e:
+        artifact.load(path)
+    msg = str(e.value)
+    assert str(path) in msg and "WideViT" in msg and "arch=" in msg
+    x = batch()
+    with torch.no_grad():
+        want = gm(x)
+        assert torch.equal(artifact.load(path, arch="tokenopt_user_models:WideViT?dim=48")(x), want)
+        assert torch.equal(artifact.load(path, arch=WideViT(48))(x), want)
+
+
+def test_wrong_arch_is_a_clear_error(saved):
+    with pytest.raises(ModelLoadError, match="(?s)do not fit the architecture VisionTransformer: 12 missing: blocks.2.*arch="):
+        artifact.load(saved, arch="timm:vit_small_patch16_224?img_size=32&patch_size=8&depth=3&num_classes=10")
+
+
+def test_save_needs_an_optimized_module(tmp_path):
+    with pytest.raises(TokenoptError, match="not an optimized module"):
+        artifact.save(torch.nn.Linear(2, 2), tmp_path / "x.pt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_into_missing_folder(optimized, tmp_path):
+    with pytest.raises(TokenoptError, match="output folder does not exist"):
+        artifact.save(optimized, tmp_path / "missing" / "x.pt")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_failed_save_leaves_no_file(optimized, tmp_path, monkeypatch):
+    target = tmp_path / "x.pt"
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"half of a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        artifact.save(optimized, target)
+    assert os.listdir(tmp_path) == []
+
+
+def test_not_an_artifact(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save({"a": torch.ones(2)}, path)
+    with pytest.raises(ModelLoadError, match="not a tokenopt artifact"):
+        artifact.load(path)
+
+
+def test_newer_format_version_is_refused(saved, tmp_path):
+    payload = torch.load(saved, weights_only=True)
+    payload["format_version"] = 99
+    path = tmp_path / "future.pt"
+    torch.save(payload, path)
+    with pytest.raises(ModelLoadError, match="format version 99.*Upgrade tokenopt"):
+        artifact.load(path)

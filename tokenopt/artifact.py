@@ -1,0 +1,208 @@
+"""Saved optimized models: weights + recipe + manifest in one file, rebuilt by replaying the recipe.
+
+A pickled GraphModule would tie the file to the exact code that wrote it and need
+``weights_only=False`` to read. Instead an artifact is a ``torch.save`` of plain data::
+
+    {"format": "tokenopt-artifact", "format_version": 1,
+     "state_dict": {...},                 # the optimized module's: base model keys + parameters passes added
+     "recipe": {...},                     # Recipe.to_dict(), options in full
+     "manifest": {"tokenopt": "0.1.0", "torch": "...", "timm": "...",
+                  "base": {"kind": "timm", "name": "...", "kwargs": {...}},   # how to rebuild the base model
+                  "example_input_shape": [2, 3, 224, 224], "outputs": "logits",
+                  "leaf_modules": [...], "dtype": "float32", "report": {...}}}
+
+:func:`load` rebuilds the base model (random weights), replays the recipe with
+:func:`tokenopt.pipeline.optimize` on an input of the saved shape, and loads the saved weights
+with ``strict=True``: the same graph with the same weights, so outputs are bit-identical.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokenopt import io
+from tokenopt.errors import ModelLoadError, TokenoptError
+
+FORMAT = "tokenopt-artifact"
+FORMAT_VERSION = 1
+
+
+def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
+    """The manifest of an optimized module (see the module docstring)."""
+    import timm
+
+    import tokenopt
+
+    if base is None:
+        base = getattr(module, "tokenopt_base", None)
+    if base is None:
+        # No record of how the model was built: its class, rebuilt on load with no arguments.
+        source = getattr(module, "meta", {}).get("tokenopt_source_class")
+        base = {"kind": "class", "class": source} if source else io.module_base(module)
+    analysis = getattr(module, "tokenopt_analysis", None)
+    shape = list(getattr(analysis, "input_shape", ()) or ())
+    if not shape:
+        raise TokenoptError("the optimized module does not record its example input shape "
+                            "(tokenopt_analysis is missing); save the module that tokenopt.optimize returned.")
+    param = next((p for p in module.parameters() if p.is_floating_point()), None)
+    report = getattr(module, "tokenopt_report", None)
+    leaves = [m if isinstance(m, str) else m.__name__ for m in getattr(module, "tokenopt_leaf_modules", ()) or ()]
+    return {
+        "tokenopt": str(tokenopt.__version__),
+        "torch": str(torch.__version__),
+        "timm": str(timm.__version__),
+        "base": _plain(dict(base)),
+        "example_input_shape": shape,
+        "outputs": getattr(module, "tokenopt_outputs", "logits"),
+        "leaf_modules": leaves,
+        "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "float32",
+        "report": _plain(report.to_dict()) if report is not None and hasattr(report, "to_dict") else None,
+    }
+
+
+def save(module: nn.Module, path: str | os.PathLike, base: dict | None = None) -> Path:
+    """Write ``module`` (returned by :func:`tokenopt.optimize`) to ``path`` as one artifact file.
+
+    ``base`` says how to rebuild the unmodified model (the dict :func:`tokenopt.io.load_model`
+    returns); default: ``module.tokenopt_base``, else the model's class with no arguments. The
+    file appears only once it is complete; the folder must exist.
+    """
+    recipe = getattr(module, "tokenopt_recipe", None)
+    if recipe is None:
+        raise TokenoptError(f"{type(module).__name__} is not an optimized module (it has no tokenopt_recipe); "
+                            "save what tokenopt.optimize(model, recipe) returns.")
+    io.check_output_path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
+        "recipe": _plain(recipe.to_dict()),
+        "manifest": manifest_for(module, base),
+    }
+    with io.atomic_write(path) as f:
+        torch.save(payload, f)
+    return Path(path)
+
+
+def read(path: str | os.PathLike) -> dict:
+    """The validated payload of an artifact file (``weights_only=True``; nothing is rebuilt)."""
+    return validate_payload(io.read_checkpoint(path), path)
+
+
+def validate_payload(payload, path: str | os.PathLike) -> dict:
+    """``payload`` if it is an artifact this tokenopt can read, else a ModelLoadError naming ``path``."""
+    if not is_artifact(payload):
+        raise ModelLoadError(f"{path} is not a tokenopt artifact (no 'format: {FORMAT}' inside).\n"
+                             "  Artifacts are written by `tokenopt apply ... -o FILE` or tokenopt.save(); "
+                             "to load a plain model use tokenopt.io.load_model.")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelLoadError(f"{path} is a tokenopt artifact of format version {version!r}; this tokenopt "
+                             f"({_version()}) reads version {FORMAT_VERSION} and older. Upgrade tokenopt.")
+    for key in ("state_dict", "recipe", "manifest"):
+        if not isinstance(payload.get(key), dict):
+            raise ModelLoadError(f"{path}: the artifact has no valid {key!r}; the file is damaged. Save it again.")
+    return payload
+
+
+def is_artifact(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def load(path: str | os.PathLike, arch: str | dict | nn.Module | None = None) -> torch.fx.GraphModule:
+    """Rebuild a saved optimized module.
+
+    arch: how to build the base model when the manifest cannot (``timm:<name>?kw``,
+    ``package.module:factory?kw``, or a freshly built nn.Module of the right class).
+    """
+    return rebuild(read(path), arch, source=str(path))
+
+
+def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: str = "<artifact>"):
+    from tokenopt.pipeline import optimize
+    from tokenopt.plan import TokenoptWarning
+
+    manifest = payload["manifest"]
+    base = manifest.get("base") or {}
+    model, base = _base_model(base, arch, source)
+    dtype = getattr(torch, str(manifest.get("dtype", "float32")), torch.float32)
+    model = model.float().eval()
+    shape = tuple(manifest["example_input_shape"])
+    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        # shortfalls were reported when the artifact was made; replaying them again is noise
+        warnings.simplefilter("ignore", TokenoptWarning)
+        try:
+            gm = optimize(model, payload["recipe"], example, leaf_modules=manifest.get("leaf_modules") or (),
+                          outputs=manifest.get("outputs"), report=False)
+        except TokenoptError as e:
+            raise type(e)(f"replaying the recipe saved in {source} failed: {e}") from None
+    if dtype != torch.float32:
+        gm = gm.to(dtype)
+    hint = "arch= (CLI: --arch) naming the base model's architecture"
+    io.load_weights(gm, payload["state_dict"], source, arch_hint=hint, model_name=type(model).__name__)
+    gm.eval()
+    gm.tokenopt_base = base
+    gm.tokenopt_manifest = manifest
+    gm.tokenopt_leaf_modules = list(manifest.get("leaf_modules") or ())
+    report = report_from_dict(manifest.get("report"))
+    if report is not None:
+        gm.tokenopt_report = report
+    return gm
+
+
+def _base_model(base: dict, arch, source: str) -> tuple[nn.Module, dict]:
+    if isinstance(arch, nn.Module):
+        return arch, io.module_base(arch) if base.get("kind") == "class" else dict(base)
+    if arch is not None:
+        return io.build_arch(arch)
+    try:
+        return io.build_base(base), dict(base)
+    except ModelLoadError as e:
+        what = io.base_to_spec(base) or base.get("class") or repr(base)
+        reason = str(e).splitlines()[0]  # its own hint is about CLI specs; the one below fits here
+        raise ModelLoadError(f"cannot rebuild the base model of {source} ({what}): {reason}\n"
+                             "  Pass arch= (CLI: --arch) naming the architecture: timm:<name>?key=value or "
+                             "package.module:factory?key=value, built exactly as the original model.") from None
+
+
+def report_from_dict(d: dict | None):
+    """The Report stored in a manifest, or None when there is none (or it is from another version)."""
+    if not d:
+        return None
+    from tokenopt.report import LayerRow, Report
+
+    try:
+        d = dict(d)
+        rows = [LayerRow(**r) for r in d.pop("rows")]
+        for key in ("skipped", "unmatched"):
+            if key in d:
+                d[key] = [tuple(x) for x in d[key]]
+        return Report(rows, **d)
+    except Exception:
+        return None
+
+
+def _plain(obj):
+    """Tuples, lists and dicts of str/int/float/bool/None only: what weights_only can read back."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v) for v in obj]
+        return tuple(items) if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, bool):
+        return obj
+    for t in (str, int, float):  # exact types: torch.__version__ is a str subclass weights_only refuses
+        if isinstance(obj, t):
+            return t(obj)
+    return str(obj)
+
+
+def _version() -> str:
+    import tokenopt
+
+    return tokenopt.__version__
