@@ -20,12 +20,13 @@ from tokenopt.rewrite import GraphRewriter
 
 def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input: torch.Tensor | None = None,
              *, leaf_modules: Iterable[type | str] = (), outputs: str | None = None,
-             report: bool = True) -> fx.GraphModule:
+             calibration: torch.Tensor | None = None, report: bool = True) -> fx.GraphModule:
     """Rewrite ``model`` as ``recipe`` asks and return an ordinary ``nn.Module`` (an fx GraphModule).
 
     recipe: a path to a YAML file, a YAML string, a dict or a Recipe.
     example_input: a batch of the size the model expects (default: from the model's config).
     outputs: "logits" (the model's own output) or "tokens" (all patch tokens, original order).
+    calibration: a batch of real images, for rules that measure the model (ToFu's op: auto).
 
     The result carries ``tokenopt_report`` (per-layer table, FLOPs before/after), ``tokenopt_recipe``
     and ``tokenopt_analysis``. The original model is not modified; parameters are shared with it.
@@ -37,7 +38,11 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     if example_input is None:
         example_input = example_input_for(model)
     analysis = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens)
-    plan = make_plan(recipe, analysis)
+    context = {}
+    if calibration is not None and any(get_pass(r.pass_name)().needs_calibration(r.options) for r in recipe.rules):
+        from tokenopt.train.probe import linearity_profile
+        context["linearity"] = linearity_profile(model, calibration, leaf_modules=leaf_modules).errors
+    plan = make_plan(recipe, analysis, context)
     gm = apply_plan(analysis, plan, outputs)
     gm.tokenopt_recipe = recipe
     gm.tokenopt_plan = plan

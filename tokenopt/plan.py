@@ -44,7 +44,9 @@ class Plan:
     skipped: list[tuple[str, str]] = field(default_factory=list)   # (block path, why it was left alone)
 
 
-def make_plan(recipe: Recipe, analysis: ModelAnalysis) -> Plan:
+def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = None) -> Plan:
+    """``context`` carries measurements some passes need (e.g. {"linearity": [...]} for ToFu auto)."""
+    context = context or {}
     blocks = analysis.blocks
     paths = analysis.block_paths
     chosen: dict[int, tuple[Rule, dict]] = {}
@@ -53,7 +55,7 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis) -> Plan:
         where = rule.where(recipe.source)
         idx = resolve_layers(rule.layers, paths, where)
         p = get_pass(rule.pass_name)()
-        per_layer = p.layer_options(rule.options, len(idx), where)
+        per_layer = p.resolve(p.layer_options(rule.options, len(idx), where), [blocks[i] for i in idx], context)
         usable = []
         for i, opts in zip(idx, per_layer):
             why = p.refuse(blocks[i])

@@ -82,6 +82,25 @@ def merge_sum(x: Tensor, m: Match) -> Tensor:
     return add_rows(out, m.dst, take(x, m.src))
 
 
+def merge_mlerp(x: Tensor, m: Match) -> Tensor:
+    """MLERP (ToFu): each group's mean direction, rescaled to the norm of its largest member.
+
+    A group is a B token and the A tokens reduced into it, counted once each (unweighted), so
+    merged tokens keep the norms later layers expect instead of shrinking like an average.
+    """
+    out = merge_sum(x, m)
+    if m.src.shape[1] == 0:
+        return out
+    count = merge_sum(x.new_ones(x.shape[0], x.shape[1], 1), m)
+    norms = x.norm(dim=-1, keepdim=True)
+    biggest = take(norms, m.keep)
+    bsz, k, _ = biggest.shape
+    flat = (m.dst + torch.arange(bsz, device=x.device).unsqueeze(1) * k).reshape(-1)
+    biggest.view(-1).scatter_reduce_(0, flat, take(norms, m.src).reshape(-1), "amax")
+    mean = out / count
+    return mean / mean.norm(dim=-1, keepdim=True) * biggest
+
+
 def prune(x: Tensor, m: Match) -> Tensor:
     """Drop the reduced A tokens; their partners are left unchanged (ToFu's prune)."""
     return take(x, m.keep)

@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokenopt.ops.matching import bipartite_match, merge_sum, merged_positions
+from tokenopt.ops.matching import bipartite_match, merge_mlerp, merge_sum, merged_positions, prune
 
 
-def keys_mean_over_heads(k: Tensor, batch: int) -> Tensor:
-    """ToMe's metric: keys averaged over heads, (B, N, d). k is (B, H, N, d) or (B*H, N, d)."""
+def keys_mean_over_heads(k: Tensor, tokens: Tensor) -> Tensor:
+    """ToMe's metric: keys averaged over heads, (B, N, d). k is (B, H, N, d) or (B*H, N, d);
+    ``tokens`` (B, N, C) is the token stream, which gives the batch size of a flattened k."""
     if k.dim() == 4:
         return k.mean(1)
-    return k.reshape(batch, -1, k.shape[-2], k.shape[-1]).mean(1)
+    return k.reshape(tokens.shape[0], -1, k.shape[-2], k.shape[-1]).mean(1)
 
 
 def mha_keys_mean_over_heads(x: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, heads: int) -> Tensor:
@@ -63,3 +64,30 @@ def size_weighted_mean(x: Tensor, size: Tensor, start: int) -> Tensor:
     """Average pooling where each token counts as many patches as it stands for."""
     s = size[:, start:]
     return (x * s).sum(1) / s.sum(1)
+
+
+def tofu_reduce(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int,
+                op: str):
+    """ToFu's reduction step: ToMe's matching, then ``op`` = prune | merge | mlerp.
+
+    prune drops the matched A tokens (their partners keep their size: a pruned token adds no
+    patches); merge is ToMe's size-weighted average; mlerp merges with norm-preserving MLERP and
+    sizes add up as in ToMe.
+    """
+    if op == "merge":
+        return tome_merge(x, metric, size, index, r, prefix)
+    n = x.shape[1]
+    m = bipartite_match(metric, r, prefix)
+    if size is None:
+        size = x.new_ones(x.shape[0], n, 1)
+    if op == "prune":
+        x, size = prune(x, m), prune(size, m)
+    elif op == "mlerp":
+        x, size = merge_mlerp(x, m), merge_sum(size, m)
+    else:
+        raise ValueError(f"unknown ToFu op {op!r}")
+    if index is not None:
+        # a pruned token has no place any more; it points at the partner that absorbed its
+        # match, the nearest stand-in, so dense outputs stay defined everywhere
+        index = merged_positions(n, m).gather(1, index)
+    return x, size, index

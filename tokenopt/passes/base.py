@@ -36,6 +36,14 @@ class Pass:
         """Expand a rule's options into one dict per selected layer (schedules live here)."""
         return [options.model_dump() for _ in range(n_layers)]
 
+    def needs_calibration(self, options: PassOptions) -> bool:
+        """True when planning this rule needs calibration images (e.g. ToFu's op: auto)."""
+        return False
+
+    def resolve(self, per_layer: list[dict], blocks: list, context: dict) -> list[dict]:
+        """Fill in per-layer choices that depend on measurements in ``context`` (default: none)."""
+        return per_layer
+
     def plan_layer(self, block, opts: dict, tokens_in: int, prefix: int) -> "LayerStep":
         raise NotImplementedError
 
@@ -70,7 +78,7 @@ def available_passes() -> list[str]:
 
 def _load_builtin_passes() -> None:
     # Importing the modules runs their @register_pass decorators.
-    from tokenopt.passes import tome  # noqa: F401
+    from tokenopt.passes import tofu, tome  # noqa: F401
 
 
 from dataclasses import dataclass as _dataclass, field as _field

@@ -83,11 +83,15 @@ class ToMe(Pass):
         h = g.node(block.merge_point)
         metric = g.keys_metric(block, after=h)
         g.ensure_index(block)
-        merged = g.insert_after(metric, ops.tome_merge, h, metric, g.state.size, g.state.index, r,
-                                g.analysis.prefix_tokens, label=f"ToMe merge r={r}")
+        merged = self.insert_reduction(g, metric, h, r, step)
         x = g.insert_after(merged, operator.getitem, merged, 0, label="merged tokens")
         size = g.insert_after(x, operator.getitem, merged, 1, label="token sizes")
         index = g.insert_after(size, operator.getitem, merged, 2, label="token index map") \
             if g.state.index is not None else None
         g.replace_uses(h, x, keep=(metric, merged))
         g.state.size, g.state.index, g.state.reduced = size, index, True
+
+    def insert_reduction(self, g, metric, h, r: int, step: LayerStep):
+        """The node that reduces tokens h by r given the matching metric; returns (x, size, index)."""
+        return g.insert_after(metric, ops.tome_merge, h, metric, g.state.size, g.state.index, r,
+                              g.analysis.prefix_tokens, label=f"ToMe merge r={r}")
