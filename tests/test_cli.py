@@ -154,6 +154,15 @@ def test_apply_from_files(work, recipe, weights, tiny_vit_spec, source):
     assert torch.equal(payload["state_dict"]["head.weight"], weights.state_dict()["head.weight"])
 
 
+def test_apply_check_with_token_outputs(work, tiny_vit_spec):
+    r = write(work, "tokens.yaml", "version: 1\noutputs: tokens\nrules:\n  - pass: tome\n    r: 2\n")
+    out = work / "tokens.pt"
+    result = run("apply", r, tiny_vit_spec, "-o", out, "--check")
+    assert result.exit_code == 0, result.output
+    assert "mean cosine similarity" in result.stdout  # compared with the unmodified model's patch tokens
+    assert torch.load(out, weights_only=True)["manifest"]["outputs"] == "tokens"
+
+
 def test_apply_with_input_size_and_leaf(work, recipe, user_models):
     out = work / "own.pt"
     result = run("apply", recipe, "tokenopt_user_models:make_vit?img=48", "-o", out,
