@@ -1,4 +1,6 @@
 """ToFu: prune / merge / MLERP against definitions written here, and mixed recipes."""
+from pathlib import Path
+
 import pytest
 import timm
 import torch
@@ -104,3 +106,9 @@ def test_auto_uses_the_probe_and_needs_calibration():
 def test_unknown_op_is_a_recipe_error():
     with pytest.raises(RecipeError, match="op"):
         tokenopt.optimize(_model(), {"version": 1, "rules": [{"pass": "tofu", "r": 6, "op": "squash"}]})
+
+
+def test_fixed_rule_recipe_splits_by_depth():
+    recipe = Path(__file__).parents[1] / "recipes" / "tofu-r8.yaml"
+    fast = tokenopt.optimize(_model(), recipe)
+    assert [r.acted.split(": ")[1] for r in fast.tokenopt_report.rows] == ["prune r=8"] * 2 + ["mlerp r=8"] * 2

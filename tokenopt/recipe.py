@@ -357,7 +357,7 @@ def _check_selector(selector, where: str) -> None:
 def _parse(selector, where: str, top: bool):
     """A selector as ("all",) | ("indices", [..]) | ("glob", pat) | ("re", compiled) | ("any", [..])."""
     bad = f"{where}: invalid layers selector {selector!r}"
-    forms = ('  Use all, an index (5), a range ("4-11"), a list ("0-3,8" or [0, 2, 5]), '
+    forms = ('  Use all, first-half, second-half, an index (5), a range ("4-11"), a list ("0-3,8" or [0, 2, 5]), '
              'a glob on block paths ("blocks.1*"), or "re:<regex>".')
     if isinstance(selector, bool) or selector is None:
         raise RecipeError(f"{bad}.\n{forms}")
@@ -374,6 +374,9 @@ def _parse(selector, where: str, top: bool):
     s = selector.strip()
     if s == "all":
         return ("all",)
+    if s in ("first-half", "second-half"):
+        # depth-relative, so one recipe fits models of any depth (ToFu's prune-early rule)
+        return ("half", s)
     if s.startswith("re:"):
         try:
             return ("re", re.compile(s[3:]))
@@ -414,6 +417,8 @@ def resolve_layers(selector, block_paths: list[str], where: str) -> list[int]:
         kind = parsed[0]
         if kind == "all":
             return set(range(n))
+        if kind == "half":
+            return set(range(n // 2)) if parsed[1] == "first-half" else set(range(n // 2, n))
         if kind == "any":
             return set().union(*(pick(p) for p in parsed[1]))
         if kind == "indices":
