@@ -1,7 +1,8 @@
-"""ToMe speed and FLOPs on vit_small_patch16_224 against the unmodified model, same run.
+"""ToMe (and ToFu) speed and FLOPs on vit_small_patch16_224 against the unmodified model, same run.
 
     python benchmarks/bench_tome.py                 # full table (compiles 4 models: several minutes)
     python benchmarks/bench_tome.py --no-compile    # eager only
+    python benchmarks/bench_tome.py --methods tome tofu --r 13   # ToFu next to ToMe at equal r
     python benchmarks/bench_tome.py --device cuda   # where a GPU exists
 
 Prints GFLOPs, img/s and speedup over the original for r in --r at batch 8 (eager and
@@ -26,6 +27,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_small_patch16_224")
     ap.add_argument("--r", type=int, nargs="+", default=[8, 13, 16])
+    ap.add_argument("--methods", nargs="+", default=["tome"], choices=["tome", "tofu"],
+                    help="tofu: the fixed rule (prune first half, MLERP second half) at the same r")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--eager-batches", type=int, nargs="*", default=[1, 32])
     ap.add_argument("--device", default="cpu")
@@ -39,10 +42,16 @@ def main(argv=None):
     base = timm.create_model(args.model).eval().to(device)
     size = base.pretrained_cfg["input_size"]
     models = {"original": base}
+    recipes = {
+        "tome": lambda r: [{"pass": "tome", "r": r}],
+        "tofu": lambda r: [{"pass": "tofu", "layers": "first-half", "r": r, "op": "prune"},
+                           {"pass": "tofu", "layers": "second-half", "r": r, "op": "mlerp"}],
+    }
     for r in args.r:
-        models[f"tome r={r}"] = tokenopt.optimize(
-            base, {"version": 1, "rules": [{"pass": "tome", "r": r}]},
-            example_input=torch.randn(2, *size, device=device), report=False)
+        for method in args.methods:
+            models[f"{method} r={r}"] = tokenopt.optimize(
+                base, {"version": 1, "rules": recipes[method](r)},
+                example_input=torch.randn(2, *size, device=device), report=False)
     one = torch.randn(1, *size, device=device)
     gflops = {k: count_flops(m, one) / 1e9 for k, m in models.items()}
 
