@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from tokenopt.errors import AnalysisError
 from tokenopt.trace import trace
@@ -152,13 +152,25 @@ def analyse(model: nn.Module, example_input: torch.Tensor | None = None, leaf_mo
         example_input = example_input_for(model)
     with torch.no_grad():
         try:
-            ShapeProp(gm).propagate(example_input)
+            _ShapeRecorder(gm).run(example_input)
         except Exception as e:
+            cause = e.__cause__ or e
             raise AnalysisError(
                 f"running {type(model).__name__} on an example batch of shape {tuple(example_input.shape)} failed: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
+                f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
                 "  Pass an input of the size the model expects (API: example_input=...; CLI: --input-size C,H,W).") from None
     return _Analyser(gm, model, prefix_tokens).run(tuple(example_input.shape))
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Records each tensor node's shape and dtype in ``node.meta["tensor_meta"]`` (like ShapeProp,
+    which also prints a traceback on failure; here the caller turns failures into one message)."""
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        return result
 
 
 # ----------------------------------------------------------------------------------------------

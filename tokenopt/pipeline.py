@@ -45,6 +45,10 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     plan = make_plan(recipe, analysis, context)
     gm = apply_plan(analysis, plan, outputs)
     gm.tokenopt_recipe = recipe
+    # what tokenopt.save needs to rebuild this module: how the base model was made, its leaves
+    if getattr(model, "tokenopt_base", None) is not None:
+        gm.tokenopt_base = model.tokenopt_base
+    gm.tokenopt_leaf_modules = [m if isinstance(m, str) else m.__name__ for m in leaf_modules]
     gm.tokenopt_plan = plan
     gm.tokenopt_outputs = outputs
     if report:

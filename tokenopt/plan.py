@@ -93,7 +93,7 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
             if step.shortfall:
                 msg = f"{rule.where(recipe.source)}: {b.path} ({b.index}): {step.shortfall}"
                 if recipe.strict:
-                    raise PlanError(msg + "\n  Lower the reduction for this layer, or drop `strict: true` to let "
+                    raise PlanError(msg + ".\n  Lower the reduction for this layer, or drop `strict: true` to let "
                                           "it take the most it can.")
                 notes.append(msg)
             lp.rule, lp.step, lp.tokens_out = rule, step, step.tokens_out

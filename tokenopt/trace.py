@@ -78,6 +78,35 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.Graph
             "Name the offending submodule as a leaf (API: leaf_modules=[...]; CLI: --leaf CLASSNAME), "
             "so it is kept whole."
         ) from None
+    _drop_concrete_placeholders(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Traced")
     gm.meta["tokenopt_source_class"] = f"{type(model).__module__}:{type(model).__qualname__}"
     return gm
+
+
+def _drop_concrete_placeholders(graph: fx.Graph) -> None:
+    """Remove the inputs fixed by ``concrete_args`` and the asserts fx adds to check them.
+
+    They can only ever hold their default, so the traced module takes just the image; drawn
+    graphs and ``torch.compile`` guards stay free of them.
+    """
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"][1:]
+    for p in placeholders:
+        chain, stack = [], [p]
+        while stack:
+            n = stack.pop()
+            for u in n.users:
+                if u not in chain:
+                    chain.append(u)
+                    stack.append(u)
+        if any(_is_check(u) is False for u in chain):
+            continue  # the value is really used (not only asserted): keep the input
+        for u in reversed(sorted(chain, key=lambda n: list(graph.nodes).index(n))):
+            graph.erase_node(u)
+        graph.erase_node(p)
+
+
+def _is_check(n: fx.Node) -> bool:
+    import operator
+    name = getattr(n.target, "__name__", "")
+    return n.op == "call_function" and (name in ("_assert_is_none", "_assert") or n.target in (operator.eq, operator.ne))
