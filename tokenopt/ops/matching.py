@@ -26,6 +26,11 @@ class Match(NamedTuple):
     keep: Tensor      # (B, N - r) input positions of the output tokens, in output order
     src: Tensor       # (B, r)     input positions of the reduced A tokens
     dst: Tensor       # (B, r)     output positions of their B partners
+    # the same as row numbers of the flattened (B*N, C) input / (B*(N-r), C) output, so every
+    # reduction is index_select / index_add on rows, computed once per layer
+    keep_rows: Tensor
+    src_rows: Tensor
+    dst_rows: Tensor
 
 
 def max_reduction(tokens: int, prefix: int) -> int:
@@ -56,30 +61,48 @@ def bipartite_match(metric: Tensor, r: int, prefix: int) -> Match:
         (2 * torch.arange(pb, nb, device=dev) + 1).expand(bsz, -1),
     ], dim=1)
     dst = prefix + n_unm + node_idx.gather(1, src_a)
-    return Match(keep, 2 * (pa + src_a), dst)
+    src = 2 * (pa + src_a)
+    batch = torch.arange(bsz, device=dev).unsqueeze(1)
+    k = keep.shape[1]
+    return Match(keep, src, dst, (keep + batch * n).reshape(-1), (src + batch * n).reshape(-1),
+                 (dst + batch * k).reshape(-1))
 
 
-def take(x: Tensor, idx: Tensor) -> Tensor:
-    """Rows ``idx`` (B, k) of tokens x (B, N, C) -> (B, k, C), as one index_select."""
-    bsz, n, c = x.shape
-    flat = (idx + torch.arange(bsz, device=x.device).unsqueeze(1) * n).reshape(-1)
-    return x.reshape(bsz * n, c).index_select(0, flat).reshape(bsz, idx.shape[1], c)
+def take(x: Tensor, rows: Tensor) -> Tensor:
+    """Rows of tokens x (B, N, C) by flat row numbers (a Match's *_rows) -> (B, k, C)."""
+    bsz, _, c = x.shape
+    return x.reshape(-1, c).index_select(0, rows).view(bsz, -1, c)
 
 
-def add_rows(out: Tensor, idx: Tensor, rows: Tensor) -> Tensor:
-    """out[b, idx[b, j]] += rows[b, j], in place on ``out`` (a fresh tensor), returned."""
-    bsz, n, c = out.shape
-    flat = (idx + torch.arange(bsz, device=out.device).unsqueeze(1) * n).reshape(-1)
-    out.view(bsz * n, c).index_add_(0, flat, rows.reshape(-1, c))
+def _scatter_rows(out: Tensor, rows: Tensor, values: Tensor, accumulate: bool) -> Tensor:
+    c = out.shape[-1]
+    out.view(-1, c).index_put_((rows,), values.reshape(-1, c), accumulate=accumulate)
     return out
 
 
 def merge_sum(x: Tensor, m: Match) -> Tensor:
     """Sum each reduced A token into its B partner (x: (B, N, C))."""
-    out = take(x, m.keep)
-    if m.src.shape[1] == 0:
-        return out
-    return add_rows(out, m.dst, take(x, m.src))
+    out = take(x, m.keep_rows)
+    return _scatter_rows(out, m.dst_rows, take(x, m.src_rows), accumulate=True)
+
+
+def merge_weighted(x: Tensor, size: Tensor | None, m: Match) -> tuple[Tensor, Tensor]:
+    """ToMe's size-weighted average: each group becomes sum(size_i x_i) / sum(size_i).
+
+    Only the r destination rows change, so the update is written on those rows alone:
+    x_d += sum_j s_j (x_j - x_d) / S_d  with S_d the group's new size. The full token tensor is
+    copied once; everything else is (B, r)-sized, which matters at batch 1 where every op on
+    the whole tensor costs a thread-pool round trip.
+    """
+    bsz, n, _ = x.shape
+    if size is None:
+        size = x.new_ones(bsz, n, 1)
+    out = take(x, m.keep_rows)
+    new_size = _scatter_rows(take(size, m.keep_rows), m.dst_rows, take(size, m.src_rows), accumulate=True)
+    x_src, s_src = take(x, m.src_rows), take(size, m.src_rows)
+    x_dst = take(out, m.dst_rows)
+    s_new = take(new_size, m.dst_rows)
+    return _scatter_rows(out, m.dst_rows, (x_src - x_dst) * (s_src / s_new), accumulate=True), new_size
 
 
 def merge_mlerp(x: Tensor, m: Match) -> Tensor:
@@ -87,23 +110,23 @@ def merge_mlerp(x: Tensor, m: Match) -> Tensor:
 
     A group is a B token and the A tokens reduced into it, counted once each (unweighted), so
     merged tokens keep the norms later layers expect instead of shrinking like an average.
+    Computed on the destination rows only (see :func:`merge_weighted`).
     """
-    out = merge_sum(x, m)
-    if m.src.shape[1] == 0:
-        return out
-    count = merge_sum(x.new_ones(x.shape[0], x.shape[1], 1), m)
+    bsz, n, _ = x.shape
+    out = merge_sum(x, m)                                            # group sums in dst rows
+    ones = x.new_ones(bsz, n, 1)
+    count = _scatter_rows(take(ones, m.keep_rows), m.dst_rows, take(ones, m.src_rows), accumulate=True)
     norms = x.norm(dim=-1, keepdim=True)
-    biggest = take(norms, m.keep)
-    bsz, k, _ = biggest.shape
-    flat = (m.dst + torch.arange(bsz, device=x.device).unsqueeze(1) * k).reshape(-1)
-    biggest.view(-1).scatter_reduce_(0, flat, take(norms, m.src).reshape(-1), "amax")
-    mean = out / count
-    return mean / mean.norm(dim=-1, keepdim=True) * biggest
+    biggest = take(norms, m.keep_rows)
+    biggest.view(-1).scatter_reduce_(0, m.dst_rows, take(norms, m.src_rows).reshape(-1), "amax")
+    mean = take(out, m.dst_rows) / take(count, m.dst_rows)
+    fused = mean / mean.norm(dim=-1, keepdim=True) * take(biggest, m.dst_rows)
+    return _scatter_rows(out, m.dst_rows, fused, accumulate=False)  # duplicates write equal rows
 
 
 def prune(x: Tensor, m: Match) -> Tensor:
     """Drop the reduced A tokens; their partners are left unchanged (ToFu's prune)."""
-    return take(x, m.keep)
+    return take(x, m.keep_rows)
 
 
 def merged_positions(n: int, m: Match) -> Tensor:

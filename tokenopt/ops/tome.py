@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokenopt.ops.matching import bipartite_match, merge_mlerp, merge_sum, merged_positions, prune
+from tokenopt.ops.matching import bipartite_match, merge_mlerp, merge_sum, merge_weighted, merged_positions, prune
 
 
 def keys_mean_over_heads(k: Tensor, tokens: Tensor) -> Tensor:
@@ -38,16 +38,10 @@ def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | N
     """Merge r tokens of x (B, N, C) into their most similar partners; returns (x, size, index)."""
     n = x.shape[1]
     m = bipartite_match(metric, r, prefix)
-    if size is None:
-        # all sizes are 1: x * size is x, and the merged sizes count the merges
-        size = x.new_ones(x.shape[0], n, 1)
-        x_sum = merge_sum(x, m)
-    else:
-        x_sum = merge_sum(x * size, m)
-    size = merge_sum(size, m)
+    x, size = merge_weighted(x, size, m)
     if index is not None:
         index = merged_positions(n, m).gather(1, index)
-    return x_sum / size, size, index
+    return x, size, index
 
 
 def initial_index(x: Tensor) -> Tensor:
