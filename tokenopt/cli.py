@@ -34,7 +34,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-MODEL_HELP = ("timm:<name>[?key=value&...] (random weights), package.module:factory[?key=value], a state dict "
+MODEL_HELP = ("timm:<name>[?key=value&...] (random weights), demo:digits | demo:digits-clutter (trained demo "
+              "ViTs), package.module:factory[?key=value], a state dict "
               "(.pt/.pth/.bin/.safetensors, with --arch) or a pickled model (with --trust-pickle).")
 ArchOpt = Annotated[Optional[str], typer.Option(
     "--arch", "-a", metavar="ARCH",

@@ -14,6 +14,7 @@ architecture (artifacts store it; the weights travel separately)::
     {"kind": "timm", "name": "vit_small_patch16_224", "kwargs": {"img_size": 64}}
     {"kind": "factory", "factory": "mypkg.models:make_vit", "kwargs": {"dim": 256}}
     {"kind": "class", "class": "mypkg.models:MyViT"}          # rebuilt by calling MyViT()
+    {"kind": "demo", "name": "digits-clutter"}                # tokenopt's embedded demo models
 
 plus ``"weights": <path>`` when the model came from a file (for the record only).
 
@@ -48,8 +49,8 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "st
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
-_HOW_TO_NAME = ("  Name a model as timm:<name>[?key=value&...], package.module:factory, or a checkpoint file "
-                "(.pt/.pth/.bin/.safetensors) with --arch.")
+_HOW_TO_NAME = ("  Name a model as timm:<name>[?key=value&...], package.module:factory, demo:digits | "
+                "demo:digits-clutter (trained demo ViTs), or a checkpoint file (.pt/.pth/.bin/.safetensors) with --arch.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,6 +105,8 @@ def base_to_spec(base: dict) -> str | None:
         return f"timm:{base['name']}" + (f"?{q}" if q else "")
     if base.get("kind") == "factory":
         return base["factory"] + (f"?{q}" if q else "")
+    if base.get("kind") == "demo":
+        return f"demo:{base['name']}"
     return None
 
 
@@ -138,7 +141,15 @@ def build_base(base: dict) -> nn.Module:
         return build_factory(base["factory"], dict(base.get("kwargs") or {}))
     if kind == "class":
         return build_factory(base["class"], {}, what="class")
+    if kind == "demo":
+        return load_demo(base["name"])
     raise ModelLoadError(f"unknown base model description {base!r}; pass the architecture explicitly (arch=...).")
+
+
+def load_demo(name: str) -> nn.Module:
+    """A trained demo model (``demo:digits``, ``demo:digits-clutter``); trains and caches it on first use."""
+    from tokenopt.demo import demo_model
+    return demo_model(name)[0]
 
 
 def build_timm(name: str, kwargs: dict) -> nn.Module:
@@ -356,6 +367,11 @@ def load_model(spec: str | os.PathLike | nn.Module, arch: str | dict | nn.Module
     if not spec_str:
         raise ModelLoadError("no model given.\n" + _HOW_TO_NAME)
     path = Path(spec_str)
+    if spec_str.startswith("demo:") and not path.exists():
+        if arch is not None:
+            raise ModelLoadError(f"{spec_str} is a trained demo model; --arch is only for weight files.")
+        name = spec_str[len("demo:"):]
+        return load_demo(name).eval(), {"kind": "demo", "name": name}
     if spec_str.startswith("timm:") or (not path.exists() and is_factory_spec(spec_str)):
         if arch is not None:
             raise ModelLoadError(f"{spec_str} already names the architecture (random weights); --arch is only "
