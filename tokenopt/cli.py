@@ -485,3 +485,7 @@ def main(argv: list[str] | None = None) -> None:
     except TokenoptError as e:  # raised outside a command (commands handle their own)
         _error(str(e))
         sys.exit(2)
+
+
+# Commands that measure on data live in their own module; importing it registers them.
+from tokenopt import cli_measure  # noqa: E402,F401

@@ -1,0 +1,198 @@
+"""Commands that measure on data: ``tokenopt eval`` (accuracy next to GFLOPs, sweeps) and
+``tokenopt probe`` (ToFu's per-block linearity, written out as a recipe).
+
+Registered on the main ``tokenopt`` app by importing this module (see the end of cli.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tokenopt.cli import (MODEL_HELP, ArchOpt, TrustOpt, _console, _load, _load_recipe, _plan_warnings,
+                          _print_notes, _status, _user_errors, app)
+from tokenopt.errors import DataError, TokenoptError
+
+DataOpt = Annotated[str, typer.Option(
+    "--data", "-d", metavar="DATA", help="digits | digits-clutter (built in) or an ImageFolder directory.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="Which split to use: test (default) or train.")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")]
+LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=2, help="Use only the first N images.")]
+
+
+def _dataset(data: str, model, split: str, limit: int | None):
+    import torch
+
+    from tokenopt.data import get_dataset
+
+    ds = get_dataset(data, split, model=model)
+    if len(ds) == 0:
+        raise DataError(f"data set '{data}' ({split}) has no images")
+    if limit is not None and limit < len(ds):
+        ds = torch.utils.data.Subset(ds, range(limit))
+    return ds
+
+
+def _batch(ds, n: int):
+    import torch
+    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
+    data: DataOpt,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", metavar="RECIPE",
+                                                  help="Evaluate the model optimized by this recipe too.")] = None,
+    sweep: Annotated[Optional[str], typer.Option(
+        "--sweep", metavar="METHODS",
+        help="Comma-separated families to sweep over r: tome, tofu (prune first half, MLERP second), "
+             "tofu-mlerp, tofu-prune, tofu-auto.")] = None,
+    r_values: Annotated[Optional[str], typer.Option("--r", metavar="R,R,...",
+                                                    help="The r values of a sweep (default: 0 to max).")] = None,
+    csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the sweep's rows as CSV.")] = None,
+    plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write the sweep's accuracy-vs-GFLOPs PNG.")] = None,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    split: SplitOpt = "test",
+    batch_size: BatchOpt = 128,
+    limit: LimitOpt = None,
+) -> None:
+    """Top-1 (and top-5) of MODEL and of its optimized version, their agreement, and GFLOPs."""
+    from rich.table import Table
+
+    from tokenopt import evaluation as ev
+    from tokenopt.data import get_loader
+    from tokenopt.flops import count_flops
+
+    if recipe is None and sweep is None:
+        raise TokenoptError("nothing to compare: give --recipe RECIPE, --sweep METHODS, or both")
+    methods = [m.strip() for m in sweep.split(",")] if sweep else []
+    bad = [m for m in methods if m not in ev.SWEEP_METHODS]
+    if bad:
+        raise TokenoptError(f"--sweep: unknown method {bad[0]!r}; choose from {', '.join(ev.SWEEP_METHODS)}")
+    for out in (csv_out, plot_out):
+        if out is not None:
+            from tokenopt.io import check_output_path
+            check_output_path(out)
+    values = None
+    if r_values:
+        try:
+            values = sorted({int(v) for v in r_values.split(",")})
+        except ValueError:
+            raise TokenoptError(f"--r {r_values!r}: write integers separated by commas, e.g. 0,4,8") from None
+    rec = _load_recipe(recipe) if recipe else None
+    base_model, _ = _load(model, arch, trust_pickle)
+    ds = _dataset(data, base_model, split, limit)
+    loader = get_loader(ds, batch_size, train=False)
+    example = _batch(ds, 16)
+    out = _console()
+    calibration = _batch(ds, 32) if "tofu-auto" in methods or (rec and _needs_calibration(rec)) else None
+
+    rows = []
+    if rec is not None:
+        from tokenopt.pipeline import optimize
+        with _status("rewriting"), _plan_warnings():
+            gm = optimize(base_model, rec, example[:2], calibration=calibration)
+        _print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, _console(stderr=True))
+        with _status(f"evaluating on {len(ds)} images"):
+            res = ev.evaluate_many({"original": base_model, "optimized": gm}, loader)
+        one = example[:1]
+        rows += [ev.EvalRow("original", "", count_flops(base_model, one) / 1e9, res["original"]["top1"],
+                            res["original"]["top5"], 1.0, res["original"]["n"]),
+                 ev.EvalRow(Path(recipe).stem, "", gm.tokenopt_report.flops_after / 1e9, res["optimized"]["top1"],
+                            res["optimized"]["top5"], res["optimized"]["agreement"], res["optimized"]["n"])]
+    sweep_rows = []
+    if methods:
+        with _status("sweeping") as _:
+            sweep_rows = ev.sweep(base_model, methods, loader, example, values, calibration)
+        rows += [r for r in sweep_rows if not (r.method == "original" and rows)]
+
+    t = Table(title=f"{model} on {data} ({split}, {rows[0].n} images)")
+    for col in ("model", "setting", "GFLOPs", "top-1 %", "top-5 %", "drop", "agreement %"):
+        t.add_column(col, justify="left" if col in ("model", "setting") else "right")
+    ref = rows[0].top1
+    for r in rows:
+        t.add_row(r.method, r.setting, f"{r.gflops:.3f}", _pct(r.top1), _pct(r.top5),
+                  "" if r.method == "original" else f"{100 * (ref - r.top1):+.1f}", _pct(r.agreement))
+    out.print(t)
+    if sweep_rows:
+        if csv_out:
+            ev.write_csv(sweep_rows, csv_out)
+            out.print(f"wrote {csv_out}")
+        if plot_out:
+            ev.plot(sweep_rows, plot_out, title=f"{model} on {data}")
+            out.print(f"wrote {plot_out}")
+
+
+def _needs_calibration(rec) -> bool:
+    from tokenopt.passes import get_pass
+    return any(get_pass(r.pass_name)().needs_calibration(r.options) for r in rec.rules)
+
+
+@app.command()
+@_user_errors
+def probe(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
+    data: DataOpt,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", metavar="RECIPE", help="Write a ToFu recipe whose per-layer op follows the probe.")] = None,
+    r: Annotated[int, typer.Option("--r", min=0, help="r of the written recipe.")] = 8,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", min=0.0, help="Blocks at or above this error prune (default: the median).")] = None,
+    images: Annotated[int, typer.Option("--images", min=2, help="Calibration images (pairs are interpolated).")] = 64,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    split: Annotated[str, typer.Option("--split", help="Calibration split (default: train).")] = "train",
+) -> None:
+    """Measure each block's linearity on interpolated inputs (ToFu) and write the prune/merge plan."""
+    import statistics
+
+    from rich.table import Table
+
+    from tokenopt.analysis import analyse
+    from tokenopt.train.probe import linearity_profile
+
+    if output is not None:
+        from tokenopt.io import check_output_path
+        check_output_path(output)
+    base_model, _ = _load(model, arch, trust_pickle)
+    ds = _dataset(data, base_model, split, None)
+    batch = _batch(ds, images)
+    with _status("tracing"):
+        analysis = analyse(base_model, batch[:2])
+    with _status(f"probing {len(analysis.blocks)} blocks on {len(batch)} images"):
+        prof = linearity_profile(base_model, batch, analysis=analysis)
+    tau = threshold if threshold is not None else statistics.median(prof.errors)
+    ops = ["prune" if e >= tau else "mlerp" for e in prof.errors]
+    t = Table(title="linearity error of each block",
+              caption=f"||f(a x1 + (1-a) x2) - (a f(x1) + (1-a) f(x2))|| / ||a f(x1) + (1-a) f(x2)||, "
+                      f"{prof.images // 2} image pairs, a in {', '.join(map(str, prof.alphas))}")
+    for col in ("layer", "block", "error", "op"):
+        t.add_column(col, justify="right" if col in ("layer", "error") else "left")
+    for i, (path, e, op) in enumerate(zip(prof.paths, prof.errors, ops)):
+        t.add_row(str(i), path, f"{e:.4f}", op)
+    out = _console()
+    out.print(t)
+    out.print(f"threshold {tau:.4f} ({'given' if threshold is not None else 'median'}): blocks at or above it prune")
+    if output is not None:
+        from tokenopt.io import atomic_write
+        rules = []
+        for op in ("prune", "mlerp"):
+            idx = [i for i, o in enumerate(ops) if o == op]
+            if idx:
+                rules.append({"pass": "tofu", "layers": idx, "r": r, "op": op})
+        import yaml
+        text = (f"# ToFu plan from `tokenopt probe {model} --data {data}`: blocks whose linearity error is at or\n"
+                f"# above {tau:.4f} prune, the others merge with MLERP. Errors: "
+                + ", ".join(f"{e:.3f}" for e in prof.errors) + "\n"
+                + yaml.safe_dump({"version": 1, "rules": rules}, sort_keys=False, default_flow_style=None))
+        with atomic_write(output, "w") as f:
+            f.write(text)
+        out.print(f"wrote {output}")
