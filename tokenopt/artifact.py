@@ -61,6 +61,8 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
         "leaf_modules": leaves,
         "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "float32",
         "report": _plain(report.to_dict()) if report is not None and hasattr(report, "to_dict") else None,
+        # measurements the plan used (ToFu's linearity profile): replayed, not re-measured, on load
+        "context": _plain(dict(getattr(module, "tokenopt_context", {}) or {})),
     }
 
 
@@ -138,7 +140,7 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
         warnings.simplefilter("ignore", TokenoptWarning)
         try:
             gm = optimize(model, payload["recipe"], example, leaf_modules=manifest.get("leaf_modules") or (),
-                          outputs=manifest.get("outputs"), report=False)
+                          outputs=manifest.get("outputs"), context=manifest.get("context") or None, report=False)
         except TokenoptError as e:
             raise type(e)(f"replaying the recipe saved in {source} failed: {e}") from None
     if dtype != torch.float32:

@@ -179,6 +179,10 @@ def apply(
         "--check", help="Compare the original and optimized model on a fixed random batch of 8.")] = False,
     input_size: InputSizeOpt = None,
     leaf: LeafOpt = None,
+    calibration: Annotated[Optional[str], typer.Option(
+        "--calibration", metavar="DATA",
+        help="Calibration images for rules that measure the model (ToFu op: auto): digits, digits-clutter "
+             "or an ImageFolder directory (its first 64 training images).")] = None,
 ) -> None:
     """Rewrite MODEL as RECIPE asks and save the result to OUT."""
     from tokenopt import artifact, io
@@ -190,8 +194,12 @@ def apply(
     base_model, base = _load(model, arch, trust_pickle)
     x = _example_input(base_model, size)
     leaves = list(leaf or [])
+    calib = None
+    if calibration is not None:
+        from tokenopt.cli_measure import _batch, _dataset
+        calib = _batch(_dataset(calibration, base_model, "train", None), 64)
     with _status("tracing, rewriting and counting FLOPs"), _plan_warnings():
-        gm = optimize(base_model, rec, x, leaf_modules=leaves)
+        gm = optimize(base_model, rec, x, leaf_modules=leaves, calibration=calib)
     gm.tokenopt_base = base
     gm.tokenopt_leaf_modules = leaves
     out = _console()

@@ -20,13 +20,16 @@ from tokenopt.rewrite import GraphRewriter
 
 def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input: torch.Tensor | None = None,
              *, leaf_modules: Iterable[type | str] = (), outputs: str | None = None,
-             calibration: torch.Tensor | None = None, report: bool = True) -> fx.GraphModule:
+             calibration: torch.Tensor | None = None, context: dict | None = None,
+             report: bool = True) -> fx.GraphModule:
     """Rewrite ``model`` as ``recipe`` asks and return an ordinary ``nn.Module`` (an fx GraphModule).
 
     recipe: a path to a YAML file, a YAML string, a dict or a Recipe.
     example_input: a batch of the size the model expects (default: from the model's config).
     outputs: "logits" (the model's own output) or "tokens" (all patch tokens, original order).
     calibration: a batch of real images, for rules that measure the model (ToFu's op: auto).
+    context: measurements from an earlier run (``module.tokenopt_context``), used instead of
+        measuring again; artifacts replay with it so a loaded model is the one that was saved.
 
     The result carries ``tokenopt_report`` (per-layer table, FLOPs before/after), ``tokenopt_recipe``
     and ``tokenopt_analysis``. The original model is not modified; parameters are shared with it.
@@ -38,13 +41,14 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     if example_input is None:
         example_input = example_input_for(model)
     analysis = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens)
-    context = {}
-    if calibration is not None and any(get_pass(r.pass_name)().needs_calibration(r.options) for r in recipe.rules):
+    context = dict(context or {})
+    if "linearity" not in context and calibration is not None and any(get_pass(r.pass_name)().needs_calibration(r.options) for r in recipe.rules):
         from tokenopt.train.probe import linearity_profile
         context["linearity"] = linearity_profile(model, calibration, leaf_modules=leaf_modules).errors
     plan = make_plan(recipe, analysis, context)
     gm = apply_plan(analysis, plan, outputs)
     gm.tokenopt_recipe = recipe
+    gm.tokenopt_context = context
     # what tokenopt.save needs to rebuild this module: how the base model was made, its leaves
     if getattr(model, "tokenopt_base", None) is not None:
         gm.tokenopt_base = model.tokenopt_base
