@@ -1,0 +1,73 @@
+"""``get_dataset``: a name (``digits``, ``digits-clutter``) or an ImageFolder path → a torch Dataset.
+
+Every data set returns ``(image (3, H, W) normalised, label int)``. Image size and mean/std come
+from the arguments, else from ``model`` (its timm data config), else timm's defaults.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from tokenopt.data.clutter import ClutteredDigitsDataset
+from tokenopt.data.config import data_config, model_num_classes
+from tokenopt.data.digits import DigitsDataset
+from tokenopt.data.imagefolder import ImageFolderDataset
+from tokenopt.errors import DataError
+
+BUILTIN = {"digits": DigitsDataset, "digits-clutter": ClutteredDigitsDataset}
+IMAGEFOLDER_PREFIX = "imagefolder:"
+
+
+def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int | None = None,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None, *,
+                model: nn.Module | None = None, num_classes: int | None = None,
+                augment: bool = False, verify: bool = False, **options) -> Dataset:
+    """Build a data set for ``split`` (``train`` / ``test``; ``val`` means test for the built-ins).
+
+    ``name_or_path``: a built-in name, ``imagefolder:PATH``, or a directory. A directory holding
+    ``train/`` / ``val/`` / ``test/`` subfolders is read at ``PATH/<split>``; otherwise ``PATH``
+    itself is used for any split. Built-in names win over a same-named directory (write ``./digits``).
+    ``num_classes`` (default: the model's) is checked against the data's labels.
+    ``options`` go to the built-in data set (e.g. ``digit_size``, ``variants`` for digits-clutter).
+    ImageFolder only: ``augment`` uses timm's training transform; ``verify`` opens every file now.
+    """
+    cfg = data_config(model, image_size, mean, std)
+    size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
+    name = str(name_or_path)
+    if name in BUILTIN:
+        dataset = BUILTIN[name](split, size, mean, std, **options)
+    else:
+        if options:
+            raise DataError(f"options {sorted(options)} apply to built-in data sets only, not to '{name}'")
+        root = Path(name.removeprefix(IMAGEFOLDER_PREFIX)).expanduser()
+        if not root.exists():
+            raise DataError(f"unknown data set '{name}': use one of {', '.join(BUILTIN)}, "
+                            f"or the path of an ImageFolder directory (root/<class>/<image>)")
+        if (root / split).is_dir():
+            root = root / split
+        dataset = ImageFolderDataset(root, _timm_transform(cfg, augment), verify=verify)
+    _check_classes(dataset, name, num_classes or model_num_classes(model))
+    return dataset
+
+
+def _timm_transform(cfg: dict, augment: bool):
+    from timm.data import create_transform
+
+    return create_transform(**cfg, is_training=augment)
+
+
+def _check_classes(dataset: Dataset, name: str, num_classes: int | None) -> None:
+    if num_classes is None or dataset.num_classes <= num_classes:
+        return
+    where = getattr(dataset, "root", name)
+    if getattr(dataset, "class_to_idx", None):
+        over = [c for c, i in dataset.class_to_idx.items() if i >= num_classes]
+        detail = (f"its class folders map to labels up to {dataset.num_classes - 1} "
+                  f"({len(over)} folder(s) out of range, e.g. '{over[0]}')")
+    else:
+        detail = f"it has {dataset.num_classes} classes"
+    raise DataError(f"data set '{where}' does not fit a model with {num_classes} classes: {detail}. "
+                    f"Use a model with at least {dataset.num_classes} outputs, or remove the extra classes.")
