@@ -114,3 +114,35 @@ def test_compiled_matches_eager():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(torch.compile(fast)(x), fast(x), atol=1e-4)
+
+
+def test_cait_reduces_patch_blocks_and_keeps_class_attention():
+    """CaiT: talking-heads attention (explicit softmax with head mixing) is matched; the class-attention
+    block is left alone but keeps working on the restored grid."""
+    m = timm_model("cait_xxs24_224", depth_token_only=1)
+    a = analyse(m)
+    assert [b.attention.kind for b in a.blocks] == ["softmax", "softmax", "sdpa"]
+    assert a.blocks[2].refusal.startswith("class attention") and not a.blocks[2].grid_bound
+    assert a.prefix_tokens == 0                      # the class token joins after the patch blocks
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(tokenopt.optimize(m, tome(0), report=False)(x), m(x))
+        fast = tokenopt.optimize(m, tome(2, layers="0-1"))
+        assert fast(x).shape == (2, 10)
+    assert [r.tokens_out for r in fast.tokenopt_report.rows][:2] == [14, 12]
+
+
+def test_xcit_is_refused_with_reason():
+    m = timm.create_model("xcit_nano_12_p16_224", img_size=32, depth=2, num_classes=10).eval()
+    a = analyse(m)
+    assert "cross-covariance" in a.blocks[0].refusal and a.blocks[0].grid_bound
+    with pytest.raises(RecipeError, match="cross-covariance"):
+        tokenopt.optimize(m, tome(1), report=False)
+
+
+def test_attention_pool_head_reads_the_restored_grid():
+    m = timm_model("vit_small_patch16_224", global_pool="map")
+    fast = tokenopt.optimize(m, tome(2))
+    assert fast.tokenopt_report.flops_after < fast.tokenopt_report.flops_before
+    with torch.no_grad():
+        assert fast(torch.randn(2, 3, 32, 32)).shape == (2, 10)

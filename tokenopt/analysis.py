@@ -32,6 +32,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from tokenopt.errors import AnalysisError
 from tokenopt.trace import trace
 
+CLASS_ATTENTION = "class attention"
 _SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _SOFTMAX_FN = {torch.softmax, F.softmax, torch.Tensor.softmax}
 _MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm, torch.einsum}
@@ -63,6 +64,12 @@ class BlockRecord:
     tokens: int                    # tokens entering the block in the example batch
     dim: int
     refusal: str | None = None     # None: every pass may rewrite it; else why not
+
+    @property
+    def grid_bound(self) -> bool:
+        """True when the block needs the original token grid, so no earlier block may change it.
+        A class-attention block cannot be reduced itself but reads any number of tokens."""
+        return self.refusal is not None and not self.refusal.startswith(CLASS_ATTENTION)
 
 
 @dataclass
@@ -277,19 +284,25 @@ class _Analyser:
 
     def _explicit_core(self, sm: fx.Node):
         """softmax(q @ k^T ...) @ v  ->  AttentionCore, a reason string, or None (not attention)."""
-        # the softmax result (maybe through dropout) must be the left operand of a matmul
-        users = list(sm.users)
-        nxt = users[0] if len(users) == 1 else None
-        while nxt is not None and nxt.op == "call_module" and isinstance(self.gm.get_submodule(nxt.target), nn.Dropout):
-            nxt = next(iter(nxt.users)) if len(nxt.users) == 1 else None
+        # the softmax result must reach the left operand of a matmul through a short chain of
+        # same-size ops (dropout; CaiT's talking heads: permute, linear over heads, permute)
+        numel = math.prod(shape_of(sm) or (0,))
+        nxt, steps = sm, 0
+        while nxt is not None and not is_matmul(nxt) and steps < 6:
+            users = list(nxt.users)
+            ok = len(users) == 1 and (is_matmul(users[0]) or math.prod(shape_of(users[0]) or (-1,)) == numel)
+            nxt = users[0] if ok else None
+            steps += 1
         if nxt is None or not is_matmul(nxt):
             return None
-        # walk back from the softmax input to the q @ k^T matmul, through scale, mask and bias adds
+        # walk back from the softmax input to the q @ k^T matmul, through scale, mask, bias adds
+        # and head-mixing ops of the same size
         logits = sm.args[0]
         cur = logits
         seen = 0
         while cur is not None and not is_matmul(cur) and seen < 8:
-            cur = next((a for a in cur.all_input_nodes if shape_of(a) is not None and shape_of(a) == shape_of(logits)), None)
+            cur = next((a for a in cur.all_input_nodes if shape_of(a) is not None and
+                        math.prod(shape_of(a)) == numel and a.op != "get_attr"), None)
             seen += 1
         if cur is None or not is_matmul(cur) or len(cur.args) < 2:
             return "softmax does not follow a q @ k^T product"
@@ -430,9 +443,15 @@ class _Analyser:
         if q[0] != x[0]:
             return (f"windowed attention: attention runs over {q[0] // max(x[0], 1)} fixed windows per image "
                     "(batch of q is batch x windows); removing tokens breaks the window partition")
+        if q[-2] != b.tokens and q[-1] == b.tokens:
+            return ("cross-covariance attention (XCiT): attention runs over channels, and the block's local "
+                    "patch interaction convolves the token grid")
+        if k[-2] > q[-2] or (q[-2] < b.tokens and k[-2] == b.tokens):
+            return (f"{CLASS_ATTENTION}: {q[-2]} class token quer{'y reads' if q[-2] == 1 else 'ies read'} "
+                    f"{k[-2]} tokens as keys; only the class token is updated, there is nothing to reduce here")
         if q[-2] != b.tokens:
             return f"attention sees {q[-2]} queries but the block has {b.tokens} tokens (windowed or pooled attention)"
-        if k[-2] != q[-2]:
+        if k[-2] < q[-2]:
             return (f"spatial-reduction attention: keys come from a downsampled grid ({k[-2]} keys for {q[-2]} queries)")
         return None
 
@@ -484,6 +503,10 @@ class _Analyser:
         if self.prefix_override is not None:
             return self.prefix_override, "set by the recipe"
         n = getattr(self.model, "num_prefix_tokens", None)
+        patches = getattr(getattr(self.model, "patch_embed", None), "num_patches", None)
+        if isinstance(n, int) and n and patches == blocks[0].tokens:
+            # e.g. CaiT: the class token joins only in the class-attention blocks at the end
+            return 0, "the blocks see only patch tokens"
         if isinstance(n, int):
             return n, "model.num_prefix_tokens"
         # graph: a cat along the token axis before the first block, of tensors not computed

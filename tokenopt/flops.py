@@ -20,6 +20,7 @@ the same model count exactly the same.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -80,9 +81,24 @@ def _to_macs(torch_flops: int) -> int:
     return torch_flops // 2
 
 
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):
+    """Parameters with requires_grad off while counting: the counter's module tracker hooks every
+    input that requires grad, and a parameter view made under no_grad (e.g. timm's attention-pool
+    ``latent.expand(...)``) requires grad yet has no grad_fn, which the tracker rejects."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def count_flops(module: torch.nn.Module, *inputs: Any) -> int:
     """FLOPs (multiply-accumulates) of one forward pass of ``module(*inputs)``, without grad."""
-    with torch.no_grad(), flop_counter() as counter:
+    with torch.no_grad(), _frozen(module), flop_counter() as counter:
         module(*inputs)
     return _to_macs(counter.get_total_flops())
 
@@ -113,7 +129,7 @@ def flops_by_node(gm: torch.fx.GraphModule, *inputs: Any) -> dict[str, int]:
     Every node appears, most with 0. The values sum to ``count_flops(gm, *inputs)``, since
     torch's per-op counts are all even and halving them per node loses nothing.
     """
-    with torch.no_grad(), flop_counter() as counter:
+    with torch.no_grad(), _frozen(gm), flop_counter() as counter:
         interpreter = _PerNodeFlops(gm, counter)
         interpreter.run(*inputs)
     return interpreter.per_node

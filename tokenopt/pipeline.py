@@ -67,7 +67,9 @@ def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> 
     needs_index = outputs == "tokens" or any(p.kind == "tokens" for p in analysis.pooling)
     g = GraphRewriter(analysis, track_index=needs_index)
     for block, layer in zip(analysis.blocks, plan.layers):
-        if g.state.size is not None and g.state.prop_attn:
+        if g.state.size is not None and g.state.prop_attn and block.refusal is None:
+            # refused blocks that still run after a reduction are class-attention blocks; they
+            # read the unmerged grid when the model needs all tokens (see _restore_pooling)
             g.add_key_bias(block)
         if layer.step is not None:
             get_pass(layer.rule.pass_name)().rewrite(g, block, layer.step)
@@ -86,7 +88,10 @@ def _restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
     if g.state.index is not None and any(p.kind == "tokens" for p in analysis.pooling):
         # unmerged tokens repeat each merged token once per patch it stands for, so every
         # consumer (average pooling included) sees exactly what a size-weighted version would.
-        last = g.node(analysis.blocks[-1].output)
+        # after the last block that carries the token stream (CaiT's class-attention blocks that
+        # follow it read the restored grid, where duplicates weigh each token by its size)
+        carrier = [b for b in analysis.blocks if b.refusal is None] or analysis.blocks
+        last = g.node(carrier[-1].output)
         full = g.insert_after(last, tome_ops.unmerge, last, g.state.index, label="unmerge to the original grid")
         g.replace_uses(last, full)
         g.state.extra["unmerged"] = True

@@ -75,7 +75,7 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
                        default=None)
     if first_change is not None:
         for b in blocks[first_change + 1:]:
-            if b.refusal is not None:
+            if b.grid_bound:
                 rule = chosen[first_change][0]
                 raise PlanError(
                     f"{rule.where(recipe.source)}: reducing tokens at {blocks[first_change].path} breaks "
