@@ -196,3 +196,73 @@ def probe(
         with atomic_write(output, "w") as f:
             f.write(text)
         out.print(f"wrote {output}")
+
+
+DEMO_RECIPES = ("tome-r8", "tome-r13", "tome-decreasing", "tofu-r8", "tofu-r13", "tofu-auto-r8")
+
+
+@app.command()
+@_user_errors
+def demo(
+    cache_dir: Annotated[Optional[Path], typer.Option(
+        "--cache-dir", help="Where trained demo weights are kept (default: $TOKENOPT_CACHE or ~/.cache/tokenopt).")] = None,
+    retrain: Annotated[bool, typer.Option("--retrain", help="Train again even if cached weights exist.")] = False,
+    recipes: Annotated[Optional[list[str]], typer.Option(
+        "--recipe", "-r", metavar="RECIPE", help="Recipes to apply (repeatable; default: the shipped ToMe/ToFu ones).")] = None,
+    models: Annotated[Optional[list[str]], typer.Option(
+        "--model", "-m", metavar="NAME", help="Demo models: digits, digits-clutter (default: both).")] = None,
+    batch_size: BatchOpt = 64,
+) -> None:
+    """Train (once, cached) the embedded demo ViTs on bundled digits, apply recipes, compare them.
+
+    Prints, per demo model: recipe, GFLOPs, img/s, speedup over the original (same run), top-1
+    on the fixed test split, and the drop in points.
+    """
+    import warnings
+
+    from rich.table import Table
+
+    from tokenopt import evaluation as ev
+    from tokenopt.data import get_dataset, get_loader
+    from tokenopt.demo import demo_model, demo_names
+    from tokenopt.flops import count_flops
+    from tokenopt.pipeline import optimize
+    from tokenopt.recipe import load_recipe
+    from tokenopt.timing import interleaved_throughput
+
+    names = models or demo_names()
+    bad = [n for n in names if n not in demo_names()]
+    if bad:
+        raise TokenoptError(f"unknown demo model {bad[0]!r}: choose from {', '.join(demo_names())}")
+    shipped = Path(__file__).resolve().parent / "recipes"
+    paths = [Path(r) if Path(r).exists() else shipped / f"{r}.yaml" for r in (recipes or DEMO_RECIPES)]
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise TokenoptError(f"recipe not found: {missing[0]}  (shipped: "
+                            f"{', '.join(sorted(p.stem for p in shipped.glob('*.yaml')))})")
+    loaded = [(p.stem, load_recipe(p)) for p in paths]
+    out = _console()
+    for name in names:
+        model, info = demo_model(name, cache_dir=cache_dir, force=retrain)
+        test = get_dataset(info.get("dataset", name), "test", model=model)
+        train = get_dataset(info.get("dataset", name), "train", model=model)
+        loader = get_loader(test, 256, train=False)
+        example = _batch(test, 2)
+        calib = _batch(train, 64)
+        variants = {"original": model}
+        with _status(f"{name}: applying {len(loaded)} recipes"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for stem, rec in loaded:
+                variants[stem] = optimize(model, rec, example, calibration=calib, report=False)
+        with _status(f"{name}: evaluating on {len(test)} test images"):
+            acc = ev.evaluate_many(variants, loader)
+        with _status(f"{name}: timing (batch {batch_size}, eager)"):
+            speed = interleaved_throughput(variants, _batch(test, batch_size), rounds=5)
+        t = Table(title=f"demo:{name} — {info.get('arch', '')}")
+        for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop"):
+            t.add_column(col, justify="left" if col == "recipe" else "right")
+        ref_acc, ref_speed = acc["original"]["top1"], speed["original"]
+        for k, m in variants.items():
+            t.add_row(k, f"{count_flops(m, example[:1]) / 1e9:.4f}", f"{speed[k]:.0f}", f"{speed[k] / ref_speed:.2f}x",
+                      _pct(acc[k]["top1"]), "" if k == "original" else f"{100 * (ref_acc - acc[k]['top1']):+.1f}")
+        out.print(t)
