@@ -258,7 +258,8 @@ def demo(
             acc = ev.evaluate_many(variants, loader)
         with _status(f"{name}: timing (batch {batch_size}, eager)"):
             speed = interleaved_throughput(variants, _batch(test, batch_size), rounds=5)
-        t = Table(title=f"demo:{name} — {info.get('arch', '')}")
+        t = Table(title=f"demo:{name} ({len(test)} test images, eager batch {batch_size})",
+                  caption=info.get("arch", ""))
         for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop"):
             t.add_column(col, justify="left" if col == "recipe" else "right")
         ref_acc, ref_speed = acc["original"]["top1"], speed["original"]
