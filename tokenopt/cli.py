@@ -497,3 +497,4 @@ def main(argv: list[str] | None = None) -> None:
 
 # Commands that measure on data live in their own module; importing it registers them.
 from tokenopt import cli_measure  # noqa: E402,F401
+from tokenopt import cli_train  # noqa: E402,F401

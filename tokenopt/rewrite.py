@@ -68,6 +68,31 @@ class GraphRewriter:
         self.gm.add_submodule(name, module)
         return name
 
+    def call_module_after(self, anchor: fx.Node, target: str, *args, label: str = "") -> fx.Node:
+        """Insert a call of the submodule ``target`` (see :meth:`add_module`) after ``anchor``."""
+        with self.graph.inserting_after(anchor):
+            new = self.graph.call_module(target, args=args)
+        new.meta["nn_module_stack"] = dict(anchor.meta.get("nn_module_stack", {}))
+        self._by_name[new.name] = new
+        self.inserted[new.name] = label or target
+        return new
+
+    def wrap(self, node: fx.Node, fn, *args, label: str = "") -> fx.Node:
+        """Make ``node`` compute ``fn(*args, value)``, where value is what it computed before.
+
+        The old computation moves to a new node just before it, which is returned. ``node`` keeps
+        its name and its users, so block records naming it (a block's output, the next block's
+        input, the features) keep meaning the token stream after the rewrite.
+        """
+        with self.graph.inserting_before(node):
+            inner = self.graph.create_node(node.op, node.target, node.args, node.kwargs)
+        inner.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}
+        node.op, node.target, node.kwargs = "call_function", fn, {}
+        node.args = (*args, inner)
+        self._by_name[inner.name] = inner
+        self.inserted[node.name] = label or fn.__name__
+        return inner
+
     def replace_uses(self, old: fx.Node, new: fx.Node, keep: tuple[fx.Node, ...] = ()) -> None:
         """Make every consumer of ``old`` read ``new``, except ``keep`` (the nodes computing ``new``)."""
         skip = set(keep) | {new}

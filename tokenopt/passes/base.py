@@ -79,6 +79,7 @@ def available_passes() -> list[str]:
 def _load_builtin_passes() -> None:
     # Importing the modules runs their @register_pass decorators.
     from tokenopt.passes import tofu, tome  # noqa: F401
+    from tokenopt.passes import tosa  # noqa: F401
 
 
 from dataclasses import dataclass as _dataclass, field as _field

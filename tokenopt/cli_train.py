@@ -1,0 +1,137 @@
+"""``tokenopt train``: fit the learned parts of a recipe (ToSA selectors), then fine-tune, then save.
+
+    tokenopt train recipes/tosa-keep50.yaml demo:digits-clutter --data digits-clutter -o tosa.pt \\
+        --selector-epochs 3 --finetune-epochs 2
+
+Two phases share one checkpoint file (default ``OUT.ckpt``), written after every epoch: the
+selectors (KL to the original model's attention, no labels), then the backbone with ToSA in the
+loop. ``--resume CKPT`` continues whichever phase the checkpoint was in. Registered on the main
+app by importing this module (see the end of cli.py).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tokenopt.cli import (MODEL_HELP, ArchOpt, LeafOpt, TrustOpt, _console, _load, _load_recipe, _plan_warnings,
+                          _print_notes, _status, _user_errors, _warn, app)
+from tokenopt.errors import TokenoptError
+
+
+@app.command("train")
+@_user_errors
+def train_(
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The recipe YAML file (with a `pass: tosa` rule).")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
+    data: Annotated[str, typer.Option("--data", "-d", metavar="DATA",
+                                      help="Training images: digits | digits-clutter (built in) or an ImageFolder directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
+                                         help="Where to write the trained model (a tokenopt artifact).")],
+    selector_epochs: Annotated[int, typer.Option("--selector-epochs", min=0,
+                                                 help="Epochs of selector training (KL to the original's attention).")] = 3,
+    finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0,
+                                                 help="Epochs of backbone fine-tuning with ToSA in the loop.")] = 0,
+    resume: Annotated[Optional[Path], typer.Option("--resume", metavar="CKPT",
+                                                   help="Continue from a checkpoint of an earlier `tokenopt train`.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", metavar="CKPT",
+                                                       help="Checkpoint written after every epoch (default: OUT.ckpt, "
+                                                            "or the --resume file).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Learning rate of the selectors.")] = 1e-3,
+    finetune_lr: Annotated[float, typer.Option("--finetune-lr", min=0.0, help="Learning rate of fine-tuning.")] = 1e-4,
+    distill: Annotated[bool, typer.Option("--distill", help="Fine-tune on the original model's logits instead "
+                                                            "of the labels.")] = False,
+    eval_images: Annotated[int, typer.Option("--eval-images", min=0,
+                                             help="Test images for the KL and top-1 table (0: skip).")] = 256,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=2, help="Train on the first N images only.")] = None,
+    arch: ArchOpt = None,
+    trust_pickle: TrustOpt = False,
+    leaf: LeafOpt = None,
+) -> None:
+    """Train RECIPE's ToSA selectors on MODEL (and fine-tune it), then save the optimized model to OUT."""
+    from rich.table import Table
+
+    from tokenopt import artifact, io
+    from tokenopt.cli_measure import _batch, _dataset
+    from tokenopt.data import get_loader
+    from tokenopt.passes.tosa import UntrainedSelectorWarning, selectors
+    from tokenopt.pipeline import optimize
+    from tokenopt.train import evaluate
+    from tokenopt.train.checkpoint import ResumeError, load_checkpoint
+    from tokenopt.train.selector import finetune, held_out_kl, train_selectors
+
+    rec = _load_recipe(recipe)
+    if not any(r.pass_name == "tosa" for r in rec.rules):
+        raise TokenoptError(f"{recipe}: nothing to train: the recipe has no `pass: tosa` rule.")
+    io.check_output_path(output)
+    ckpt_path = checkpoint or resume or Path(f"{output}.ckpt")
+    io.check_output_path(ckpt_path)
+    fingerprint = hashlib.sha1("\n".join([rec.to_yaml(), model, str(arch), data, str(limit)]).encode()).hexdigest()[:16]
+    phase = "selectors"
+    if resume is not None:
+        found = load_checkpoint(resume)["fingerprint"]
+        phase = found.rpartition(":")[2]
+        if found not in (f"{fingerprint}:selectors", f"{fingerprint}:finetune"):
+            raise ResumeError(f"cannot resume from '{resume}': it was written by a run with another recipe, model or "
+                              "data. Use the same RECIPE, MODEL, --data and --limit, or start fresh.")
+
+    base_model, base = _load(model, arch, trust_pickle)
+    train_set = _dataset(data, base_model, "train", limit)
+    test_set = _dataset(data, base_model, "test", eval_images) if eval_images else None
+    leaves = list(leaf or [])
+    with _status("tracing and rewriting"), _plan_warnings():
+        gm = optimize(base_model, rec, _batch(train_set, 2), leaf_modules=leaves)
+    gm.tokenopt_base, gm.tokenopt_leaf_modules = base, leaves
+    out = _console()
+    _print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, _console(stderr=True))
+    original = copy.deepcopy(base_model).eval()   # gm shares base_model's weights; fine-tuning changes them
+    images = _batch(test_set, eval_images) if test_set is not None else None
+    loader = get_loader(test_set, 128, train=False) if test_set is not None else None
+    rows = []
+
+    def row(name: str, m, kl: bool = True) -> None:
+        if loader is None:
+            return
+        with _status(f"evaluating {name}"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UntrainedSelectorWarning)   # the table says so already
+            top1 = evaluate(m, loader)["top1"]
+            kls = held_out_kl(gm, original, images) if kl else None
+        rows.append((name, top1, None if kls is None else sum(kls.values()) / len(kls)))
+
+    row("original", original, kl=False)
+    common = dict(batch_size=batch_size, checkpoint=ckpt_path, fingerprint=fingerprint)
+    if phase == "selectors":
+        row("tosa, untrained selectors", gm)
+        if selector_epochs:
+            train_selectors(gm, original, train_set, epochs=selector_epochs, lr=lr, resume=resume,
+                            **{**common, "fingerprint": f"{fingerprint}:selectors"})
+            row(f"tosa, selectors trained ({selector_epochs} ep)", gm)
+        else:
+            _warn("--selector-epochs 0: the selectors stay untrained; the saved model will warn when used")
+        resume = None   # the fine-tuning phase starts fresh
+    if finetune_epochs:
+        finetune(gm, original, train_set, epochs=finetune_epochs, lr=finetune_lr, distill=distill, resume=resume,
+                 **{**common, "fingerprint": f"{fingerprint}:finetune"})
+        row(f"tosa, fine-tuned ({finetune_epochs} ep)", gm)
+    elif phase == "finetune":
+        raise TokenoptError(f"'{resume}' is a fine-tuning checkpoint: pass --finetune-epochs to continue it.")
+
+    if rows:
+        t = Table(title=f"{model} on {data} (test, {len(test_set)} images)")
+        for col in ("model", "top-1 %", "selector KL"):
+            t.add_column(col, justify="left" if col == "model" else "right")
+        for name, top1, kl in rows:
+            t.add_row(name, f"{100 * top1:.1f}", "" if kl is None else f"{kl:.4g}")
+        out.print(t)
+    r = gm.tokenopt_report
+    out.print(f"GFLOPs {r.flops_before / 1e9:.4f} -> {r.flops_after / 1e9:.4f} ({r.flops_ratio:.2f}x), "
+              f"{len(selectors(gm))} selectors")
+    with _status(f"saving {output}"):
+        gm.eval()
+        artifact.save(gm, output, base=base)
+    out.print(f"saved {output} ({output.stat().st_size / 1e6:.1f} MB); checkpoint {ckpt_path}")
