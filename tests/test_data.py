@@ -139,6 +139,10 @@ def test_imagefolder_picks_the_split_subfolder_and_integer_class_names(tmp_path)
     assert ds.class_to_idx == {"10": 10, "2": 2}  # numeric names are labels, not sort positions
     assert sorted(ds[i][1] for i in range(4)) == [2, 2, 10, 10]
     assert len(get_dataset(tmp_path / "data", "train", 16)) == 2
+    assert len(get_dataset(tmp_path / "data", "test", 16)) == 4  # ImageNet-style: val/ serves as test
+    (tmp_path / "data" / "val").rename(tmp_path / "data" / "holdout")
+    with pytest.raises(DataError, match="split folders train/ but none for split 'test'"):
+        get_dataset(tmp_path / "data", "test", 16)
 
 
 def test_imagefolder_errors_name_the_problem(tmp_path):

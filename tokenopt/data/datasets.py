@@ -28,8 +28,9 @@ def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int 
     """Build a data set for ``split`` (``train`` / ``test``; ``val`` means test for the built-ins).
 
     ``name_or_path``: a built-in name, ``imagefolder:PATH``, or a directory. A directory holding
-    ``train/`` / ``val/`` / ``test/`` subfolders is read at ``PATH/<split>``; otherwise ``PATH``
-    itself is used for any split. Built-in names win over a same-named directory (write ``./digits``).
+    ``train/`` / ``val/`` / ``test/`` subfolders is read at ``PATH/<split>`` (``test`` and ``val``
+    stand in for each other, as ImageNet ships only ``val/``); otherwise ``PATH`` itself is used
+    for any split. Built-in names win over a same-named directory (write ``./digits``).
     ``num_classes`` (default: the model's) is checked against the data's labels.
     ``options`` go to the built-in data set (e.g. ``digit_size``, ``variants`` for digits-clutter).
     ImageFolder only: ``augment`` uses timm's training transform; ``verify`` opens every file now.
@@ -46,11 +47,25 @@ def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int 
         if not root.exists():
             raise DataError(f"unknown data set '{name}': use one of {', '.join(BUILTIN)}, "
                             f"or the path of an ImageFolder directory (root/<class>/<image>)")
-        if (root / split).is_dir():
-            root = root / split
+        root = _split_folder(root, split)
         dataset = ImageFolderDataset(root, _timm_transform(cfg, augment), verify=verify)
     _check_classes(dataset, name, num_classes or model_num_classes(model))
     return dataset
+
+
+SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "validation"),
+                 "val": ("val", "validation", "test"), "validation": ("validation", "val", "test")}
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    for name in SPLIT_FOLDERS.get(split, (split,)):
+        if (root / name).is_dir():
+            return root / name
+    present = [n for n in ("train", "val", "validation", "test") if (root / n).is_dir()]
+    if present:  # without this, train/ and val/ would silently become two classes
+        raise DataError(f"'{root}' has split folders {', '.join(p + '/' for p in present)} but none for "
+                        f"split '{split}'; ask for one of {', '.join(present)}")
+    return root
 
 
 def _timm_transform(cfg: dict, augment: bool):
