@@ -83,6 +83,21 @@ def test_custom_loss_gets_the_output_and_the_batch():
     assert result.epoch_losses[1] < result.epoch_losses[0]
 
 
+def test_images_without_labels_train_with_a_custom_loss():
+    images = torch.stack([digits(64)[i][0] for i in range(64)])
+    model = tiny_vit()
+    teacher = tiny_vit(seed=1).eval()
+
+    def match_teacher(out, batch):
+        assert len(batch) == 1 and batch[0].shape == (32, 3, 16, 16)
+        with torch.no_grad():
+            target = teacher(batch[0])
+        return nn.functional.mse_loss(out, target)
+
+    result = train(model, images, epochs=2, batch_size=32, lr=3e-3, loss=match_teacher, quiet=True)
+    assert result.steps == 4 and result.epoch_losses[1] < result.epoch_losses[0]
+
+
 class Interrupt(Exception):
     pass
 

@@ -60,7 +60,8 @@ def train(model: nn.Module, data: Dataset | DataLoader, *, epochs: int, batch_si
           fingerprint: str = "", seed: int = 0, device: str | torch.device | None = None,
           num_workers: int = 0, quiet: bool = False, find_unused_parameters: bool = False,
           on_epoch_end: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
-    """Train ``model`` in place on ``data`` (a Dataset, or a DataLoader yielding (images, labels, ...)).
+    """Train ``model`` in place on ``data`` (a Dataset, or a DataLoader yielding (images, labels, ...)
+    or images alone; the model gets ``batch[0]``).
 
     ``loss(model_out, batch)`` replaces cross-entropy (e.g. KL to a teacher). ``checkpoint`` is
     written after every epoch; ``resume`` is a checkpoint path, or True for "``checkpoint`` if it
@@ -122,6 +123,8 @@ def train(model: nn.Module, data: Dataset | DataLoader, *, epochs: int, batch_si
             loss_sum, seen = 0.0, 0
             for batch in loader:
                 batch = _to_device(batch, device)
+                if isinstance(batch, torch.Tensor):  # images without labels (distillation data)
+                    batch = (batch,)
                 value = loss_fn(net(batch[0]), batch)
                 if not torch.isfinite(value):
                     raise TokenoptError(f"training diverged: loss is {value.item()} at epoch {epoch + 1}, "
