@@ -96,7 +96,7 @@ def test_bypassed_tokens_untouched_and_selected_run_the_block(kind, input):
         with torch.no_grad():
             expect = extract_block(reference.graph, reference.blocks[i])(gathered)
         got = y.gather(1, idx[..., None].expand(-1, -1, y.shape[-1]))
-        torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+        assert torch.equal(got, expect)
 
 
 def test_bypass_attention_sends_every_token_through_the_mlp():
@@ -309,3 +309,16 @@ def test_finetune_trains_the_backbone_not_the_selectors():
     assert not torch.equal(model.blocks[1].attn.qkv.weight, qkv)      # shared with gm: trained
     assert all(p.requires_grad for p in model.parameters())
     del teacher_before
+
+
+def test_finetune_can_keep_training_the_selectors():
+    from tokenopt.data import get_dataset
+    from tokenopt.train.selector import finetune
+
+    model = own_vit("softmax")
+    gm = tokenopt.optimize(model, recipe(input="pooled"))
+    sel = {k: v.clone() for k, v in gm.state_dict().items() if k.startswith("tosa_selectors")}
+    data = torch.utils.data.Subset(get_dataset("digits", "train", 32), range(64))
+    result = finetune(gm, model, data, epochs=1, batch_size=32, selector_weight=1.0, quiet=True)
+    assert result.steps == 2
+    assert not torch.equal(gm.state_dict()["tosa_selectors.1.conv2.weight"], sel["tosa_selectors.1.conv2.weight"])

@@ -48,6 +48,24 @@ def test_train_saves_trained_selectors_and_resumes(tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_resume_after_the_selector_phase_goes_on_to_fine_tuning(tmp_path):
+    recipe = tmp_path / "tosa.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "tosa.pt"
+    args = ("train", recipe, MODEL, "--data", "digits", "--limit", "64", "--batch-size", "32",
+            "--selector-epochs", "1", "--eval-images", "0")
+    assert run(*args, "-o", out).exit_code == 0
+    assert torch.load(f"{out}.ckpt", weights_only=True)["fingerprint"].endswith(":selectors")
+    res = run(*args, "-o", tmp_path / "tuned.pt", "--finetune-epochs", "1", "--resume", f"{out}.ckpt")
+    assert res.exit_code == 0, res.output
+    ckpt = torch.load(f"{out}.ckpt", weights_only=True)       # the resumed run keeps writing there
+    assert ckpt["fingerprint"].endswith(":finetune") and ckpt["epoch"] == 1
+    selected = tokenopt.load(out).state_dict()
+    tuned = tokenopt.load(tmp_path / "tuned.pt").state_dict()
+    assert all(torch.equal(selected[k], tuned[k]) for k in selected if k.startswith("tosa_selectors"))
+    assert not torch.equal(selected["blocks.1.attn.qkv.weight"], tuned["blocks.1.attn.qkv.weight"])
+
+
 def test_train_needs_a_tosa_rule(tmp_path):
     recipe = tmp_path / "tome.yaml"
     recipe.write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n")

@@ -20,7 +20,7 @@ import typer
 
 from tokenopt.cli import (MODEL_HELP, ArchOpt, LeafOpt, TrustOpt, _console, _load, _load_recipe, _plan_warnings,
                           _print_notes, _status, _user_errors, _warn, app)
-from tokenopt.errors import TokenoptError
+from tokenopt.errors import DataError, TokenoptError
 
 
 @app.command("train")
@@ -46,6 +46,9 @@ def train_(
     finetune_lr: Annotated[float, typer.Option("--finetune-lr", min=0.0, help="Learning rate of fine-tuning.")] = 1e-4,
     distill: Annotated[bool, typer.Option("--distill", help="Fine-tune on the original model's logits instead "
                                                             "of the labels.")] = False,
+    selector_weight: Annotated[float, typer.Option(
+        "--selector-weight", min=0.0, help="Keep training the selectors while fine-tuning, with this weight on their "
+                                           "KL (0: frozen).")] = 0.0,
     eval_images: Annotated[int, typer.Option("--eval-images", min=0,
                                              help="Test images for the KL and top-1 table (0: skip).")] = 256,
     limit: Annotated[Optional[int], typer.Option("--limit", min=2, help="Train on the first N images only.")] = None,
@@ -82,7 +85,12 @@ def train_(
 
     base_model, base = _load(model, arch, trust_pickle)
     train_set = _dataset(data, base_model, "train", limit)
-    test_set = _dataset(data, base_model, "test", eval_images) if eval_images else None
+    test_set = None
+    if eval_images:
+        try:
+            test_set = _dataset(data, base_model, "test", eval_images)
+        except DataError as e:   # a folder with train/ only: train anyway, without the table
+            _warn(f"no evaluation: {e}")
     leaves = list(leaf or [])
     with _status("tracing and rewriting"), _plan_warnings():
         gm = optimize(base_model, rec, _batch(train_set, 2), leaf_modules=leaves)
@@ -116,6 +124,7 @@ def train_(
         resume = None   # the fine-tuning phase starts fresh
     if finetune_epochs:
         finetune(gm, original, train_set, epochs=finetune_epochs, lr=finetune_lr, distill=distill, resume=resume,
+                 selector_weight=selector_weight,
                  **{**common, "fingerprint": f"{fingerprint}:finetune"})
         row(f"tosa, fine-tuned ({finetune_epochs} ep)", gm)
     elif phase == "finetune":

@@ -190,41 +190,48 @@ def held_out_kl(model: nn.Module, original: nn.Module, images: torch.Tensor, bat
 
 
 def finetune(model: nn.Module, original: nn.Module, data, *, epochs: int, distill: bool = False,
-             temperature: float = 1.0, batch_size: int = 64, lr: float = 1e-4, weight_decay: float = 0.05,
-             warmup_epochs: float = 0.5, checkpoint=None, resume=None, fingerprint: str = "", seed: int = 0,
-             quiet: bool = False, **train_kwargs) -> TrainResult:
-    """Train ``model``'s backbone with ToSA in the loop; its selectors stay as they are.
+             temperature: float = 1.0, selector_weight: float = 0.0, batch_size: int = 64, lr: float = 1e-4,
+             weight_decay: float = 0.05, warmup_epochs: float = 0.5, checkpoint=None, resume=None,
+             fingerprint: str = "", seed: int = 0, quiet: bool = False, **train_kwargs) -> TrainResult:
+    """Train ``model``'s backbone with ToSA in the loop.
 
     Loss: cross-entropy on the labels; with ``distill`` (or batches without labels), KL to the
-    logits of a frozen copy of ``original`` at ``temperature``. ``model`` shares its parameters
-    with ``original``, so fine-tuning changes ``original`` too: the teacher is copied first.
+    logits of a frozen copy of ``original`` at ``temperature``. The selectors stay as they are,
+    unless ``selector_weight`` > 0: then they train too, by that weight times their KL to the
+    frozen original's attention, following their inputs as the backbone changes. ``model`` shares
+    its parameters with ``original``, so fine-tuning changes ``original`` too: the teacher is
+    copied first.
     """
-    teacher = None
-    if distill or _unlabelled(data):
-        teacher = copy.deepcopy(original).eval()
-        for p in teacher.parameters():
+    soft = distill or _unlabelled(data)
+    frozen = None
+    if soft or selector_weight:
+        frozen = copy.deepcopy(original).eval()
+        for p in frozen.parameters():
             p.requires_grad_(False)
-    params = [p for n, p in model.named_parameters() if not n.startswith(SELECTOR_PREFIX + ".")]
+    sel = sorted(selectors(model)) if selector_weight else []
+    attention = _teacher_for(model, frozen) if sel else None
+    params = [p for n, p in model.named_parameters() if sel or not n.startswith(SELECTOR_PREFIX + ".")]
 
-    def loss(out, batch):
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        if teacher is None:
-            return F.cross_entropy(logits, batch[1])
-        with torch.no_grad():
-            t = teacher(batch[0])
-            t = t[0] if isinstance(t, (tuple, list)) else t
-        return F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(t / temperature, -1),
-                        reduction="batchmean") * temperature ** 2
+    # the hooks keep selector predictions; also no untrained-selector warning while training
+    with _capturing(model) as predictions, _keep_requires_grad(model, original):
+        def loss(out, batch):
+            logits = out[0] if isinstance(out, (tuple, list)) else out
+            with torch.no_grad():
+                t, att = attention(batch[0], sel) if attention is not None else \
+                    (frozen(batch[0]) if soft else None, {})
+            if soft:
+                t = t[0] if isinstance(t, (tuple, list)) else t
+                value = F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(t / temperature, -1),
+                                 reduction="batchmean") * temperature ** 2
+            else:
+                value = F.cross_entropy(logits, batch[1])
+            if sel:
+                value = value + selector_weight * torch.stack([selector_kl(predictions[i], att[i]) for i in sel]).mean()
+            return value
 
-    with _keep_requires_grad(model, original):
-        was = getattr(model, "tokenopt_training", False)
-        model.tokenopt_training = True   # fine-tuning untrained selectors is allowed, if unusual
-        try:
-            return train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         warmup_epochs=warmup_epochs, params=params, loss=loss, checkpoint=checkpoint,
-                         resume=resume, fingerprint=fingerprint, seed=seed, quiet=quiet, **train_kwargs)
-        finally:
-            model.tokenopt_training = was
+        return train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                     warmup_epochs=warmup_epochs, params=params, loss=loss, checkpoint=checkpoint,
+                     resume=resume, fingerprint=fingerprint, seed=seed, quiet=quiet, **train_kwargs)
 
 
 def _unlabelled(data) -> bool:
