@@ -20,7 +20,7 @@ from rich.table import Table
 
 import tokenopt
 from tokenopt.flops import count_flops
-from tokenopt.timing import interleaved_throughput
+from tokenopt.timing import compile_all, interleaved_throughput
 
 
 def main(argv=None):
@@ -65,13 +65,7 @@ def main(argv=None):
         cols.append(f"eager b{b}")
     if not args.no_compile:
         x = torch.randn(args.batch, *size, device=device)
-        compiled = {}
-        for k, m in models.items():
-            with console.status(f"torch.compile {k} (CPU compiles take minutes)"):
-                c = torch.compile(m)
-                with torch.inference_mode():
-                    c(x)
-                compiled[k] = c
+        compiled = compile_all(models, x, console.status)
         for k, v in interleaved_throughput(compiled, x, rounds=args.rounds).items():
             results[k][f"compiled b{args.batch}"] = v
         cols.insert(1, f"compiled b{args.batch}")

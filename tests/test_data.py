@@ -56,18 +56,18 @@ def test_clutter_is_deterministic_and_mostly_empty():
         assert torch.equal(a[i][0], b[i][0]) and a[i][1] == b[i][1]
     assert a[5][1] == a[1437 + 5][1]  # a variant is the same digit ...
     assert not torch.equal(a[5][0], a[1437 + 5][0])  # ... placed on other clutter
-    assert a.digit_size == 16
+    assert a.digit_size == 32  # half the canvas side
     canvas = a.render(3)
     top, left, bottom, right = a.box(3)
-    assert bottom - top == 16 and 0 <= top and bottom <= 64 and 0 <= left and right <= 64
+    assert bottom - top == 32 and 0 <= top and bottom <= 64 and 0 <= left and right <= 64
     # the digit is the brightest thing on the canvas; clutter stays at low contrast
     inside = canvas[top:bottom, left:right]
     outside = canvas.copy()
     outside[top:bottom, left:right] = 0
     assert inside.max() > 0.8 and outside.max() <= 0.5 + 1e-6
-    # most 8x8 patches hold none of the digit
+    # most 8x8 patches hold none of the digit: it touches 4x4 (aligned) to 5x5 of the 8x8 patches
     patches_with_digit = {(y // 8, x // 8) for y in range(top, bottom) for x in range(left, right)}
-    assert len(patches_with_digit) <= 9
+    assert 16 <= len(patches_with_digit) <= 25
     assert outside.mean() > 0.02  # there is clutter
 
 

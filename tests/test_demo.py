@@ -27,7 +27,7 @@ def test_arch_string_round_trips_and_rebuilds_the_model():
     assert model.patch_embed.img_size == (64, 64) and len(model.blocks) == 2 and model.num_prefix_tokens == 0
     with pytest.raises(ModelLoadError, match="timm:NAME"):
         demo.parse_arch("vit_small_patch16_224")
-    with pytest.raises(ModelLoadError, match="'depth' is not key=value"):
+    with pytest.raises(ModelLoadError, match="bad keyword argument 'depth'"):
         demo.parse_arch("timm:vit_small_patch16_224?depth")
 
 

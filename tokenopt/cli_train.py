@@ -82,6 +82,9 @@ def train_(
         if found not in (f"{fingerprint}:selectors", f"{fingerprint}:finetune"):
             raise ResumeError(f"cannot resume from '{resume}': it was written by a run with another recipe, model or "
                               "data. Use the same RECIPE, MODEL, --data and --limit, or start fresh.")
+        if phase == "finetune" and not finetune_epochs:
+            raise TokenoptError(f"'{resume}' is a fine-tuning checkpoint: pass the --finetune-epochs it was "
+                                "started with to continue it.")
 
     base_model, base = _load(model, arch, trust_pickle)
     train_set = _dataset(data, base_model, "train", limit)
@@ -127,8 +130,6 @@ def train_(
                  selector_weight=selector_weight,
                  **{**common, "fingerprint": f"{fingerprint}:finetune"})
         row(f"tosa, fine-tuned ({finetune_epochs} ep)", gm)
-    elif phase == "finetune":
-        raise TokenoptError(f"'{resume}' is a fine-tuning checkpoint: pass --finetune-epochs to continue it.")
 
     if rows:
         t = Table(title=f"{model} on {data} (test, {len(test_set)} images)")

@@ -5,8 +5,8 @@
     info["test"]   # {'top1': ..., 'top5': ..., 'n': 360}
 
 ``digits``: the 8x8 scans filling a 32 px image, one token per scan pixel (4 px patches, 64 tokens).
-``digits-clutter``: a 16 px digit somewhere on a 64 px cluttered canvas, 8 px patches, 64 tokens
-of which most show only clutter: the case token reduction is for.
+``digits-clutter``: a 32 px digit somewhere on a 64 px cluttered canvas, 8 px patches, 64 tokens
+of which 39-48 show only clutter: the case token reduction is for.
 
 Weights are cached as safetensors beside a json of what they are (``$TOKENOPT_CACHE``, else
 ``$XDG_CACHE_HOME/tokenopt``, else ``~/.cache/tokenopt``). The json records a hash of the recipe
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tokenopt import io
 from tokenopt.errors import ModelLoadError, TokenoptError
 
 # Both models use timm's default ViT preprocessing constants; the data sets normalise with them.
@@ -68,7 +69,8 @@ DEMOS: dict[str, DemoSpec] = {
         dataset="digits-clutter",
         timm_name="vit_small_patch16_224",
         timm_kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=4, num_classes=10),
-        # 6 placements of each training digit: a ViT has to learn translation invariance from data
+        # 6 placements of each training digit: a ViT has to learn translation invariance from data.
+        # Measured (2 CPU cores, about 4 min): 0.87 top-1 at seed 0, 0.83 at seed 1
         epochs=8, batch_size=64, lr=1e-3, warmup_epochs=0.5, train_options={"variants": 6}, min_top1=0.75,
     ),
 }
@@ -86,30 +88,20 @@ def default_cache_dir() -> Path:
 
 
 def format_arch(timm_name: str, kwargs: dict) -> str:
-    """``timm:NAME?k=v&...``: a one-line recipe for ``timm.create_model(NAME, pretrained=False, **kwargs)``."""
-    return f"timm:{timm_name}?" + "&".join(f"{k}={_fmt(v)}" for k, v in kwargs.items())
+    """``timm:NAME?k=v&...``: the model spec (as ``tokenopt.io`` reads it) that rebuilds a demo architecture."""
+    return io.base_to_spec({"kind": "timm", "name": timm_name, "kwargs": kwargs})
 
 
 def parse_arch(arch: str) -> tuple[str, dict]:
     """Inverse of :func:`format_arch`: (timm model name, create_model kwargs)."""
     if not arch.startswith("timm:"):
         raise ModelLoadError(f"architecture '{arch}' is not of the form timm:NAME?key=value&...")
-    name, _, query = arch[len("timm:"):].partition("?")
-    kwargs = {}
-    for item in filter(None, query.split("&")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ModelLoadError(f"architecture '{arch}': '{item}' is not key=value")
-        kwargs[key] = _parse(value)
-    return name, kwargs
+    return io.parse_query(arch[len("timm:"):])
 
 
 def build_arch(arch: str) -> nn.Module:
     """An untrained model of architecture ``arch`` (``timm:...``), never downloading weights."""
-    import timm
-
-    name, kwargs = parse_arch(arch)
-    return timm.create_model(name, pretrained=False, **kwargs)
+    return io.build_arch(arch)[0]
 
 
 def demo_model(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False,
@@ -210,23 +202,6 @@ def _describe(model: nn.Module, spec: DemoSpec) -> None:
                interpolation="bilinear", num_classes=int(spec.timm_kwargs["num_classes"]),
                url="", hf_hub_id=None, tag=f"tokenopt-demo-{spec.dataset}")
     model.pretrained_cfg = cfg
-
-
-def _fmt(v) -> str:
-    return str(v).lower() if isinstance(v, bool) else str(v)
-
-
-def _parse(text: str):
-    if text in ("true", "false"):
-        return text == "true"
-    if text == "None":
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _timm_version() -> str:

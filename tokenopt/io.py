@@ -94,7 +94,9 @@ def parse_query(spec: str) -> tuple[str, dict[str, Any]]:
 
 def _format_kwargs(kwargs: dict) -> str:
     def fmt(v):
-        return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+        if isinstance(v, (tuple, list)):
+            return ",".join(map(fmt, v))
+        return str(v).lower() if isinstance(v, bool) else str(v)  # parse_value reads true/false back
     return "&".join(f"{k}={fmt(v)}" for k, v in kwargs.items())
 
 

@@ -42,3 +42,22 @@ def interleaved_throughput(models: dict[str, Callable], x: torch.Tensor, rounds:
                 _sync(x.device)
                 times[k].append((time.perf_counter() - t) / reps[k])
     return {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
+
+
+def compile_all(models: dict[str, Callable], x: torch.Tensor,
+                status: Callable[[str], object] | None = None) -> dict[str, Callable]:
+    """``torch.compile`` every model and run it once on ``x``, so timing never includes the build.
+
+    ``status(message)`` may return a context manager (e.g. ``rich.console.Console.status``) shown
+    while each model compiles; CPU builds of a ViT take minutes.
+    """
+    import contextlib
+
+    compiled = {}
+    for k, m in models.items():
+        with (status(f"torch.compile {k} (CPU builds take minutes)") if status else contextlib.nullcontext()):
+            c = torch.compile(m)
+            with torch.inference_mode():
+                c(x)
+        compiled[k] = c
+    return compiled
