@@ -1,6 +1,10 @@
 """tokenopt train: selectors then fine-tuning, one checkpoint, resume, and its user errors."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 from typer.testing import CliRunner
 
@@ -66,8 +70,48 @@ def test_resume_after_the_selector_phase_goes_on_to_fine_tuning(tmp_path):
     assert not torch.equal(selected["blocks.1.attn.qkv.weight"], tuned["blocks.1.attn.qkv.weight"])
 
 
-def test_train_needs_a_tosa_rule(tmp_path):
+def test_a_recipe_without_selectors_needs_fine_tuning_epochs(tmp_path):
     recipe = tmp_path / "tome.yaml"
     recipe.write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n")
     res = run("train", recipe, MODEL, "--data", "digits", "-o", tmp_path / "x.pt")
-    assert res.exit_code == 2 and "no `pass: tosa` rule" in res.output
+    assert res.exit_code == 2 and "no `pass: tosa` rule" in res.output and "--finetune-epochs" in res.output
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_fine_tuning_with_tome_in_the_loop(tmp_path):
+    # the ToMe paper's "train with ToMe": the backbone trains with the merges in its forward pass
+    recipe = tmp_path / "tome.yaml"
+    recipe.write_text("version: 1\nrules:\n  - pass: tome\n    r: 8\n")
+    torch.manual_seed(0)
+    start = tokenopt.io.build_arch(MODEL)[0]
+    weights = tmp_path / "start.pt"
+    torch.save(start.state_dict(), weights)
+    out = tmp_path / "tome.pt"
+    res = run("train", recipe, weights, "--arch", MODEL, "--data", "digits", "-o", out, "--limit", "96",
+              "--batch-size", "32", "--finetune-epochs", "1", "--finetune-lr", "1e-3", "--eval-images", "32")
+    assert res.exit_code == 0, res.output
+    for line in ("original", "tome, training-free", "tome, fine-tuned (1 ep)"):
+        assert line in res.output
+    tuned = tokenopt.load(out)
+    assert [lp.tokens_out for lp in tuned.tokenopt_plan.layers] == [57, 49, 41]   # 64 patches + cls, r=8
+    before, after = start.state_dict(), tuned.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert {"blocks.0.attn.qkv.weight", "blocks.2.mlp.fc2.weight", "head.weight"} <= changed
+    assert torch.load(f"{out}.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_train_runs_under_torchrun_and_rank_0_saves(tmp_path):
+    recipe = tmp_path / "tosa.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "tosa.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tokenopt", "train", str(recipe), MODEL, "--data", "digits", "-o", str(out),
+                           "--limit", "64", "--batch-size", "16", "--selector-epochs", "1", "--eval-images", "32"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1 and "selectors trained (1 ep)" in proc.stdout
+    gm = tokenopt.load(out)
+    assert all(bool(m.trained) for m in selectors(gm).values())
+    ckpt = torch.load(f"{out}.ckpt", weights_only=True)
+    assert ckpt["settings"]["world_size"] == 2 and ckpt["step"] == 2   # 64 images / 2 ranks / 16 per batch

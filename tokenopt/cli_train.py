@@ -26,7 +26,7 @@ from tokenopt.errors import DataError, TokenoptError
 @app.command("train")
 @_user_errors
 def train_(
-    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The recipe YAML file (with a `pass: tosa` rule).")],
+    recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The recipe YAML file (ToSA selectors are trained; any recipe can be fine-tuned in).")],
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     data: Annotated[str, typer.Option("--data", "-d", metavar="DATA",
                                       help="Training images: digits | digits-clutter (built in) or an ImageFolder directory.")],
@@ -35,7 +35,7 @@ def train_(
     selector_epochs: Annotated[int, typer.Option("--selector-epochs", min=0,
                                                  help="Epochs of selector training (KL to the original's attention).")] = 3,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0,
-                                                 help="Epochs of backbone fine-tuning with ToSA in the loop.")] = 0,
+                                                 help="Epochs of backbone fine-tuning with the recipe in the loop.")] = 0,
     resume: Annotated[Optional[Path], typer.Option("--resume", metavar="CKPT",
                                                    help="Continue from a checkpoint of an earlier `tokenopt train`.")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", metavar="CKPT",
@@ -56,7 +56,11 @@ def train_(
     trust_pickle: TrustOpt = False,
     leaf: LeafOpt = None,
 ) -> None:
-    """Train RECIPE's ToSA selectors on MODEL (and fine-tune it), then save the optimized model to OUT."""
+    """Train RECIPE's ToSA selectors on MODEL and/or fine-tune MODEL with RECIPE in the loop; save the result to OUT.
+
+    Recipes without learned parameters (ToMe, ToFu) need --finetune-epochs: the backbone then
+    learns to work with fewer tokens (the ToMe paper's "train with ToMe").
+    """
     from rich.table import Table
 
     from tokenopt import artifact, io
@@ -69,8 +73,11 @@ def train_(
     from tokenopt.train.selector import finetune, held_out_kl, train_selectors
 
     rec = _load_recipe(recipe)
-    if not any(r.pass_name == "tosa" for r in rec.rules):
-        raise TokenoptError(f"{recipe}: nothing to train: the recipe has no `pass: tosa` rule.")
+    learned = any(r.pass_name == "tosa" for r in rec.rules)   # the only pass with parameters of its own
+    if not learned and not finetune_epochs:
+        raise TokenoptError(f"{recipe}: nothing to train: the recipe adds no parameters (no `pass: tosa` rule). "
+                            "Pass --finetune-epochs N to fine-tune MODEL with the recipe in the loop.")
+    label = "+".join(dict.fromkeys(r.pass_name for r in rec.rules))
     io.check_output_path(output)
     ckpt_path = checkpoint or resume or Path(f"{output}.ckpt")
     io.check_output_path(ckpt_path)
@@ -116,21 +123,28 @@ def train_(
 
     row("original", original, kl=False)
     common = dict(batch_size=batch_size, checkpoint=ckpt_path, fingerprint=fingerprint)
-    if phase == "selectors":
-        row("tosa, untrained selectors", gm)
+    if not learned:
+        row(f"{label}, training-free", gm, kl=False)
+    elif phase == "selectors":
+        row(f"{label}, untrained selectors", gm)
         if selector_epochs:
             train_selectors(gm, original, train_set, epochs=selector_epochs, lr=lr, resume=resume,
                             **{**common, "fingerprint": f"{fingerprint}:selectors"})
-            row(f"tosa, selectors trained ({selector_epochs} ep)", gm)
+            row(f"{label}, selectors trained ({selector_epochs} ep)", gm)
         else:
             _warn("--selector-epochs 0: the selectors stay untrained; the saved model will warn when used")
         resume = None   # the fine-tuning phase starts fresh
     if finetune_epochs:
+        # without selectors this is the ToMe paper's "train with ToMe": the backbone learns to
+        # work with the reduced tokens
         finetune(gm, original, train_set, epochs=finetune_epochs, lr=finetune_lr, distill=distill, resume=resume,
                  selector_weight=selector_weight,
                  **{**common, "fingerprint": f"{fingerprint}:finetune"})
-        row(f"tosa, fine-tuned ({finetune_epochs} ep)", gm)
+        row(f"{label}, fine-tuned ({finetune_epochs} ep)", gm, kl=learned)
 
+    from tokenopt.train.distributed import is_main
+    if not is_main():   # under torchrun every rank has the same weights: rank 0 reports and saves
+        return
     if rows:
         t = Table(title=f"{model} on {data} (test, {len(test_set)} images)")
         for col in ("model", "top-1 %", "selector KL"):
