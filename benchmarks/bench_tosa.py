@@ -107,7 +107,7 @@ def main(argv=None):
     gflops = lambda m: count_flops(m, one) / 1e9  # noqa: E731
     held_out = torch.stack([test_set[i][0] for i in range(256)])
     plain = tome_recipe(0)                       # r = 0 leaves the graph as it is: the original
-    rows, models, snapshots = [], {"original": model}, []
+    rows, models, snapshots, reports = [], {"original": model}, [], []
 
     def add(name, m, setting, recipe, flops=None, kl=None):
         """A table row; its weights are kept for the dense check."""
@@ -131,7 +131,8 @@ def main(argv=None):
     for keep in args.keeps:
         base = copy.deepcopy(model)          # fine-tuning changes the weights the rewritten model shares
         recipe = tosa_recipe(keep, args)
-        gm = tokenopt.optimize(base, recipe, one.repeat(2, 1, 1, 1), report=False)
+        gm = tokenopt.optimize(base, recipe, one.repeat(2, 1, 1, 1))
+        reports.append((keep, gm.tokenopt_report))   # per layer: GFLOPs and what the selector costs
         f = gflops(gm)
         add(f"tosa keep {keep}", gm, "untrained selectors", recipe, f, mean_kl(gm, base))
         with console.status(f"ToSA keep {keep}: training selectors"):
@@ -178,6 +179,10 @@ def main(argv=None):
             cells.append(f"{cspeed[name]:.0f} ({cspeed[name] / cspeed['original']:.2f}x)")
         t.add_row(*cells)
     console.print(t)
+    for keep, report in reports:
+        table = report.rich_table()
+        table.title = f"ToSA keep {keep}, per layer (selector {args.input}, hidden {args.hidden})"
+        console.print(table)
     console.print("selector KL: mean over selective layers of KL(real attention of the original || predicted), "
                   f"{len(held_out)} test images")
 

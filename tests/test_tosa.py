@@ -172,6 +172,12 @@ def test_selector_flops_are_counted():
     assert all(per_node[s] == conv for s in sel)
     row = gm.tokenopt_report.rows[1]
     assert row.flops_after > conv and row.flops_after < row.flops_before
+    # the report's selector column: the selector convolutions plus the logits q k^T it reads
+    # (embed 48 = 4 heads x 12); layer 1 ran on its 32 + 1 selected tokens only, so the map
+    # layer 2's selector reads costs 33 x 33; nothing in non-selective layers
+    report = gm.tokenopt_report
+    assert [r.selector_flops for r in report.rows] == [0, conv + 65 * 65 * 48, conv + 33 * 33 * 48]
+    assert "of which selector MFLOPs" in str(report)
 
 
 def test_one_graph_under_torch_compile():

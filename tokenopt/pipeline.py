@@ -79,6 +79,7 @@ def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> 
         _return_tokens(g, analysis)
     gm = g.finish()
     gm.tokenopt_inserted = dict(g.inserted)
+    gm.tokenopt_overhead = dict(g.overhead)
     gm.tokenopt_analysis = analysis
     return gm
 

@@ -20,6 +20,7 @@ class LayerRow:
     flops_before: int
     flops_after: int
     acted: str
+    selector_flops: int = 0                 # of flops_after: what choosing the tokens costs (ToSA)
 
 
 @dataclass
@@ -46,15 +47,19 @@ class Report:
     def rich_table(self):
         from rich.table import Table
         t = Table(title=f"tokenopt: {len(self.rows)} blocks, {self.prefix_tokens} prefix token(s), pooling {self.pooling}")
+        sel = any(r.selector_flops for r in self.rows)
         for col, just in (("layer", "right"), ("block", "left"), ("tokens in → out", "right"),
-                          ("GFLOPs before", "right"), ("GFLOPs after", "right"), ("rule", "left")):
+                          ("GFLOPs before", "right"), ("GFLOPs after", "right"),
+                          *((("of which selector MFLOPs", "right"),) if sel else ()), ("rule", "left")):
             t.add_column(col, justify=just)
         for r in self.rows:
             t.add_row(str(r.index), r.path, f"{r.tokens_in} → {r.tokens_out}", f"{r.flops_before / 1e9:.3f}",
-                      f"{r.flops_after / 1e9:.3f}", r.acted)
-        t.add_row("", "embed + head", "", f"{self.other_before / 1e9:.3f}", f"{self.other_after / 1e9:.3f}", "")
+                      f"{r.flops_after / 1e9:.3f}", *((f"{r.selector_flops / 1e6:.3f}",) if sel else ()), r.acted)
+        blank = ("",) if sel else ()
+        t.add_row("", "embed + head", "", f"{self.other_before / 1e9:.3f}", f"{self.other_after / 1e9:.3f}", *blank, "")
         t.add_section()
         t.add_row("", "total", "", f"{self.flops_before / 1e9:.3f}", f"{self.flops_after / 1e9:.3f}",
+                  *((f"{sum(r.selector_flops for r in self.rows) / 1e6:.3f}",) if sel else ()),
                   f"FLOPs ratio {self.flops_ratio:.2f}x (ideal speedup)")
         return t
 
@@ -91,8 +96,11 @@ def build_report(reference: fx.GraphModule, optimized: fx.GraphModule, analysis:
         after = flops_by_node(optimized, x)
     per_before, other_before = _per_block(reference, analysis, before)
     per_after, other_after = _per_block(optimized, analysis, after)
-    rows = [LayerRow(lp.block, lp.path, lp.tokens_in, lp.tokens_out, fb, fa, lp.acted)
-            for lp, fb, fa in zip(plan.layers, per_before, per_after)]
+    selector = [0] * len(per_after)
+    for name, block in getattr(optimized, "tokenopt_overhead", {}).items():
+        selector[block] += after.get(name, 0)
+    rows = [LayerRow(lp.block, lp.path, lp.tokens_in, lp.tokens_out, fb, fa, lp.acted, fs)
+            for lp, fb, fa, fs in zip(plan.layers, per_before, per_after, selector)]
     return Report(rows, sum(before.values()), sum(after.values()), other_before, other_after,
                   list(plan.warnings), list(plan.skipped), list(analysis.unmatched), analysis.prefix_tokens,
                   ", ".join(p.kind for p in analysis.pooling) or "none")

@@ -38,6 +38,9 @@ class GraphRewriter:
         self.state = TokenState()
         self.track_index = track_index
         self.inserted: dict[str, str] = {}   # node name -> short description, for reports and graphs
+        # inserted nodes that are a pass's own cost rather than the block's work (ToSA's selector
+        # path): node name -> the block they serve, so reports can show what a selection costs
+        self.overhead: dict[str, int] = {}
         self._by_name = {n.name: n for n in self.graph.nodes}
 
     # ---------------------------------------------------------------- lookup and insertion

@@ -122,12 +122,14 @@ class ToSA(Pass):
         if block.attention.heads and block.attention.heads != heads:
             raise PlanError(f"{block.path}: it has {block.attention.heads} attention heads and the layer before it "
                             f"{heads}; a ToSA selector predicts one layer's heads from the other's.")
+        before = set(g.inserted)
         features = _selector_input(g, prev, sel["input"], x, records.get(prev.index), prefix)
         name = g.add_module(f"{SELECTOR_PREFIX}.{block.index}", ops.SELECTORS[sel["input"]](
             heads, sel["hidden"], sel["kernel"], sel["residual"]))
         logp = g.call_module_after(features, name, features, label=f"ToSA selector ({sel['input']})")
         scores = g.insert_after(logp, ops.token_scores, logp, label="token scores")
         idx = g.insert_after(scores, ops.topk_tokens, scores, k, prefix, label=f"top-{k} tokens (+ prefix)")
+        g.overhead.update(dict.fromkeys(set(g.inserted) - before, block.index))  # logits/stats, selector, top-k
         xs = g.insert_after(idx, ops.gather_tokens, x, idx, label="selected tokens")
         end = g.node(block.output if bypass == "block" else block.merge_point)
         inside = _ancestors(end, stop=x) | {end}
