@@ -336,3 +336,21 @@ def test_resolve_layers_bad_syntax():
 
 def test_resolve_layers_no_blocks():
     assert "the model has no transformer blocks" in resolve_error("all", [])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("depth", [6, 12])
+def test_every_shipped_recipe_plans_on_shallow_and_deep_vits(path, depth):
+    # shipped recipes are what users try first: none may assume a depth (the demo models have 6 blocks)
+    import timm
+    import torch
+
+    from tokenopt.analysis import analyse
+    from tokenopt.plan import make_plan
+
+    model = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=4, depth=depth, embed_dim=48,
+                              num_heads=4, num_classes=10).eval()
+    analysis = analyse(model, torch.randn(2, 3, 32, 32))
+    plan = make_plan(load_recipe(path), analysis, {"linearity": [0.1 * (i % 3) for i in range(depth)]})
+    assert len(plan.layers) == depth
+    assert sum(lp.step is not None for lp in plan.layers) >= depth // 2
