@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 import tokenopt
 from tokenopt.cli import app
-from tokenopt.passes.tosa import selectors
+from tokenopt.passes.tosa import UntrainedSelectorWarning, selectors
 
 MODEL = "timm:vit_small_patch16_224?img_size=32&patch_size=4&depth=3&num_classes=10&embed_dim=48&num_heads=4"
 RECIPE = "version: 1\nrules:\n  - pass: tosa\n    layers: 1-2\n    keep: 0.5\n    selector: {input: pooled, hidden: 8}\n"
@@ -115,3 +116,19 @@ def test_train_runs_under_torchrun_and_rank_0_saves(tmp_path):
     assert all(bool(m.trained) for m in selectors(gm).values())
     ckpt = torch.load(f"{out}.ckpt", weights_only=True)
     assert ckpt["settings"]["world_size"] == 2 and ckpt["step"] == 2   # 64 images / 2 ranks / 16 per batch
+
+
+def test_untrained_selectors_warn_and_strict_refuses_from_the_cli(tmp_path):
+    recipe = tmp_path / "tosa.yaml"
+    recipe.write_text(RECIPE)
+    out = tmp_path / "tosa.pt"
+    res = run("apply", recipe, MODEL, "-o", out, "--strict")
+    assert res.exit_code == 2 and "never trained" in res.output and "strict" in res.output
+    assert "Traceback" not in res.output and not out.exists()
+    res = run("eval", MODEL, "--data", "digits", "--recipe", recipe, "--limit", "16", "--strict")
+    assert res.exit_code == 2 and "never trained" in res.output
+    res = run("apply", recipe, MODEL, "-o", out)   # without --strict: saved, with a warning on use
+    assert res.exit_code == 0, res.output
+    assert out.exists()
+    with pytest.warns(UntrainedSelectorWarning, match="never trained"):
+        tokenopt.load(out)(torch.randn(2, 3, 32, 32))

@@ -42,6 +42,9 @@ ArchOpt = Annotated[Optional[str], typer.Option(
     help="Architecture for a state dict: timm:<name>[?key=value&...] or package.module:factory[?key=value&...].")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow a checkpoint that is a pickled Python object (runs code from the file).")]
+StrictOpt = Annotated[bool, typer.Option(
+    "--strict", help="Treat the recipe as `strict: true`: a layer that cannot take its r, or a ToSA model whose "
+                     "selectors were never trained, is an error instead of a warning.")]
 InputSizeOpt = Annotated[Optional[str], typer.Option(
     "--input-size", metavar="C,H,W", help="Input size of the example batch (default: from the model's config).")]
 LeafOpt = Annotated[Optional[list[str]], typer.Option(
@@ -140,10 +143,12 @@ def _load(spec: str, arch: str | None, trust_pickle: bool):
         return io.load_model(spec, arch, trust_pickle)
 
 
-def _load_recipe(path: str):
+def _load_recipe(path: str, strict: bool = False):
     from tokenopt.recipe import load_recipe
 
-    return load_recipe(Path(path))
+    rec = load_recipe(Path(path))
+    rec.strict = rec.strict or strict
+    return rec
 
 
 @contextlib.contextmanager
@@ -173,6 +178,7 @@ def apply(
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
                                          help="Where to write the optimized model (a tokenopt artifact).")],
+    strict: StrictOpt = False,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
     check: Annotated[bool, typer.Option(
@@ -189,7 +195,7 @@ def apply(
     from tokenopt.pipeline import optimize
 
     size = _parse_input_size(input_size)
-    rec = _load_recipe(recipe)
+    rec = _load_recipe(recipe, strict)
     io.check_output_path(output)  # fail before the slow part, not after it
     base_model, base = _load(model, arch, trust_pickle)
     x = _example_input(base_model, size)
@@ -202,6 +208,9 @@ def apply(
         gm = optimize(base_model, rec, x, leaf_modules=leaves, calibration=calib)
     gm.tokenopt_base = base
     gm.tokenopt_leaf_modules = leaves
+    if rec.strict:   # refuse untrained ToSA selectors now, not when the saved model is first used
+        from tokenopt.passes.tosa import check_selectors_trained
+        check_selectors_trained(gm, ())
     out = _console()
     report = gm.tokenopt_report
     out.print(report.rich_table())
@@ -275,6 +284,7 @@ def validate(
     recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The recipe YAML file.")],
     model: Annotated[Optional[str], typer.Argument(
         metavar="MODEL", help="Also plan the recipe against this model (token counts per layer).")] = None,
+    strict: StrictOpt = False,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
     input_size: InputSizeOpt = None,
@@ -285,7 +295,7 @@ def validate(
     from tokenopt.plan import make_plan
 
     size = _parse_input_size(input_size)
-    rec = _load_recipe(recipe)
+    rec = _load_recipe(recipe, strict)
     out = _console()
     out.print(_rules_table(rec))
     if model is None:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli import (MODEL_HELP, ArchOpt, TrustOpt, _console, _load, _load_recipe, _plan_warnings,
+from tokenopt.cli import (MODEL_HELP, ArchOpt, StrictOpt, TrustOpt, _console, _load, _load_recipe, _plan_warnings,
                           _print_notes, _status, _user_errors, app)
 from tokenopt.errors import DataError, TokenoptError
 
@@ -58,6 +58,7 @@ def eval_(
                                                     help="The r values of a sweep (default: 0 to max).")] = None,
     csv_out: Annotated[Optional[Path], typer.Option("--csv", help="Write the sweep's rows as CSV.")] = None,
     plot_out: Annotated[Optional[Path], typer.Option("--plot", help="Write the sweep's accuracy-vs-GFLOPs PNG.")] = None,
+    strict: StrictOpt = False,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
     split: SplitOpt = "test",
@@ -87,7 +88,7 @@ def eval_(
             values = sorted({int(v) for v in r_values.split(",")})
         except ValueError:
             raise TokenoptError(f"--r {r_values!r}: write integers separated by commas, e.g. 0,4,8") from None
-    rec = _load_recipe(recipe) if recipe else None
+    rec = _load_recipe(recipe, strict) if recipe else None
     base_model, _ = _load(model, arch, trust_pickle)
     ds = _dataset(data, base_model, split, limit)
     loader = get_loader(ds, batch_size, train=False)
