@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ceiling.py              # ViT-S/16, r=13, eager batch 1 and 8
     python benchmarks/bench_ceiling.py --r 16 --batches 1 8 32
+    python benchmarks/bench_ceiling.py --compile    # also torch.compile'd at batch 8 (minutes)
 
 "slice" keeps the first N - r tokens of every layer instead of matching and merging: the same
 token counts as ToMe, at no cost. Its speedup is the ceiling of any reduction with that
@@ -22,7 +23,7 @@ from rich.table import Table
 import tokenopt
 from tokenopt.flops import count_flops
 from tokenopt.ops import tome as tome_ops
-from tokenopt.timing import interleaved_throughput
+from tokenopt.timing import compile_all, interleaved_throughput
 
 
 def free_drop(x, metric, size, index, r, prefix):
@@ -37,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--r", type=int, default=13)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models at batch 8")
     args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -64,9 +66,13 @@ def main(argv=None):
     for b in args.batches:
         t.add_column(f"b{b}", justify="right")
         results[b] = interleaved_throughput(models, torch.randn(b, *size), rounds=args.rounds)
+    if args.compile:
+        x = torch.randn(8, *size)
+        t.add_column("compiled b8", justify="right")
+        results["c"] = interleaved_throughput(compile_all(models, x, Console().status), x, rounds=args.rounds)
     for k in models:
         t.add_row(k, f"{gflops[k]:.2f}", *(f"{results[b][k]:.1f} ({results[b][k] / results[b]['original']:.2f}x)"
-                                           for b in args.batches))
+                                           for b in [*args.batches, *(["c"] if args.compile else [])]))
     Console().print(t)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 

@@ -6,6 +6,7 @@ CPU. Callers never need to call ``init_process_group`` themselves.
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -25,7 +26,16 @@ def init_if_launched() -> bool:
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")
+    # Left to interpreter teardown, gloo's worker threads can be destroyed while joinable and the
+    # process aborts ("terminate called without an active exception", SIGABRT) after a run that
+    # succeeded; the group we created is ours to destroy while Python is still alive.
+    atexit.register(_destroy_group)
     return True
+
+
+def _destroy_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:
