@@ -338,6 +338,7 @@ def test_resolve_layers_no_blocks():
     assert "the model has no transformer blocks" in resolve_error("all", [])
 
 
+@pytest.mark.filterwarnings("ignore:.*can merge")   # shallow tiny models run out of tokens: expected
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
 @pytest.mark.parametrize("depth", [6, 12])
 def test_every_shipped_recipe_plans_on_shallow_and_deep_vits(path, depth):
