@@ -98,8 +98,9 @@ def merge_weighted(x: Tensor, size: Tensor | None, m: Match) -> tuple[Tensor, Te
     if size is None:
         size = x.new_ones(bsz, n, 1)
     out = take(x, m.keep_rows)
-    new_size = _scatter_rows(take(size, m.keep_rows), m.dst_rows, take(size, m.src_rows), accumulate=True)
-    x_src, s_src = take(x, m.src_rows), take(size, m.src_rows)
+    s_src = take(size, m.src_rows)
+    new_size = _scatter_rows(take(size, m.keep_rows), m.dst_rows, s_src, accumulate=True)
+    x_src = take(x, m.src_rows)
     x_dst = take(out, m.dst_rows)
     s_new = take(new_size, m.dst_rows)
     return _scatter_rows(out, m.dst_rows, (x_src - x_dst) * (s_src / s_new), accumulate=True), new_size
