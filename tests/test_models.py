@@ -146,3 +146,23 @@ def test_attention_pool_head_reads_the_restored_grid():
     assert fast.tokenopt_report.flops_after < fast.tokenopt_report.flops_before
     with torch.no_grad():
         assert fast(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_a_hidden_grid_dependency_fails_once_with_the_place_named(tmp_path):
+    # GridConvViT reshapes its tokens to 4 x 4 after block 0; merging in block 0 cannot run
+    from typer.testing import CliRunner
+
+    from tokenopt.cli import app
+    from tokenopt.errors import PlanError
+    from vit_models import GridConvViT
+
+    recipe = {"version": 1, "rules": [{"pass": "tome", "r": 2}]}
+    with pytest.raises(PlanError, match=r"fails on the example batch at reshape.*\n.*Leave its blocks out"):
+        tokenopt.optimize(GridConvViT().eval(), recipe)
+    later = {"version": 1, "rules": [{"pass": "tome", "layers": "1-2", "r": 2}]}   # after the grid: fine
+    assert [lp.tokens_out for lp in tokenopt.optimize(GridConvViT().eval(), later).tokenopt_plan.layers] == [17, 15, 13]
+    (tmp_path / "r.yaml").write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n")
+    out = tmp_path / "out.pt"
+    res = CliRunner().invoke(app, ["apply", str(tmp_path / "r.yaml"), "vit_models:grid_conv_vit", "-o", str(out)])
+    assert res.exit_code == 2 and "fails on the example batch" in res.output and "Traceback" not in res.output
+    assert not out.exists()

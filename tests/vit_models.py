@@ -108,3 +108,26 @@ def explicit_vit():
 
 def mha_vit():
     return MHAViT()
+
+
+class GridConvViT(ExplicitViT):
+    """A conditional positional encoding (as in Twins/CPVT) after the first block: the tokens are
+    reshaped to a fixed 4 x 4 grid. Nothing in the attention says so; only running it tells."""
+
+    def __init__(self):
+        super().__init__(img=32, patch=8, dim=64, depth=3)
+        self.peg = nn.Conv2d(64, 64, 3, padding=1, groups=64)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i == 0:
+                cls, grid = x[:, :1], x[:, 1:].transpose(1, 2).reshape(x.shape[0], 64, 4, 4)
+                x = torch.cat([cls, grid.flatten(2).transpose(1, 2) + self.peg(grid).flatten(2).transpose(1, 2)], 1)
+        return self.fc(self.norm(x)[:, 0])
+
+
+def grid_conv_vit():
+    return GridConvViT()

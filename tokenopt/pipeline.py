@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from tokenopt.analysis import ModelAnalysis, analyse, example_input_for
-from tokenopt.errors import RecipeError
+from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import tome as tome_ops
 from tokenopt.passes import get_pass
 from tokenopt.plan import Plan, make_plan
@@ -55,6 +55,8 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     gm.tokenopt_leaf_modules = [m if isinstance(m, str) else m.__name__ for m in leaf_modules]
     gm.tokenopt_plan = plan
     gm.tokenopt_outputs = outputs
+    if plan.layers and any(lp.step is not None for lp in plan.layers):
+        verify_runs(gm, example_input)
     if report:
         from tokenopt.report import build_report
         reference = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens).graph
@@ -117,3 +119,44 @@ def _return_tokens(g: GraphRewriter, analysis: ModelAnalysis) -> None:
                             label="patch tokens")
     output = next(n for n in g.graph.nodes if n.op == "output")
     output.args = (tokens,)
+
+
+class _Tracked(fx.Interpreter):
+    """Runs a graph and remembers which node it was running, for the error message."""
+
+    current: fx.Node | None = None
+
+    def run_node(self, n: fx.Node):
+        self.current = n
+        return super().run_node(n)
+
+
+def verify_runs(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+    """Run the rewritten graph once on the example batch (eval mode, no grad).
+
+    Analysis refuses the block kinds it knows cannot lose tokens; a model that hides its grid
+    elsewhere (an attention module that takes the feature-map size, a reshape to H x W in a
+    leaf module) would otherwise fail at the user's first forward with a shape error deep in
+    its own code. Here it fails once, naming the node and the block.
+    """
+    was_training = gm.training
+    gm.eval()
+    runner = _Tracked(gm)
+    try:
+        with torch.no_grad():
+            runner.run(example_input)
+    except Exception as e:
+        n = runner.current
+        where = "?" if n is None else (f"{n.target}" if n.op == "call_module" else n.name)
+        stack = {} if n is None else n.meta.get("nn_module_stack", {})
+        block = next((path for path, _ in reversed(list(stack.values()))), None) if stack else None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise PlanError(
+            f"the rewritten model fails on the example batch at {where}"
+            f"{f' (in {block})' if block and block != where else ''}: {type(e).__name__}: {first}\n"
+            "  That part of the model depends on the number or layout of the tokens in a way tokenopt did not "
+            "detect (e.g. attention that takes the feature-map size). Leave its blocks out of the rule's "
+            "`layers:`, and please report the model.") from None
+    finally:
+        gm.train(was_training)
+
