@@ -166,3 +166,12 @@ def test_a_hidden_grid_dependency_fails_once_with_the_place_named(tmp_path):
     res = CliRunner().invoke(app, ["apply", str(tmp_path / "r.yaml"), "vit_models:grid_conv_vit", "-o", str(out)])
     assert res.exit_code == 2 and "fails on the example batch" in res.output and "Traceback" not in res.output
     assert not out.exists()
+
+
+def test_example_input_falls_back_when_the_config_size_does_not_run():
+    # timm keeps pretrained_cfg at 224 for a LeViT built at 64 px; the 224 batch cannot run
+    from tokenopt.analysis import example_input_for
+
+    model = timm.create_model("levit_128s", pretrained=False, img_size=64).eval()
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)
+    assert tuple(example_input_for(model).shape) == (2, 3, 64, 64)

@@ -112,9 +112,9 @@ class ModelAnalysis:
 def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
     """An input batch of the size the model expects.
 
-    From timm's config (patch_embed.img_size, pretrained_cfg) when there is one; otherwise the
-    candidates a plain ViT implies (its first conv's stride times the side of a square
-    position-embedding grid) and common sizes, each tried with one forward pass.
+    From ``patch_embed.img_size`` when the model has one; otherwise timm's pretrained_cfg, the
+    sizes a plain ViT implies (its first conv's stride times the side of a square
+    position-embedding grid) and common sizes, each tried with one forward pass until one runs.
     """
     p = next(iter(model.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
@@ -128,9 +128,11 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
     if img is not None:
         img = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
         candidates.append((chans, *img))
-    elif "input_size" in cfg:
-        candidates.append(tuple(cfg["input_size"]))
     else:
+        # timm leaves pretrained_cfg at the default size when a model is built with another
+        # img_size (LeViT, Hiera, GC ViT ...): the config is the first guess, not the answer
+        if "input_size" in cfg:
+            candidates.append(tuple(cfg["input_size"]))
         stride = conv.stride[0] if conv is not None else 16
         for name, t in model.named_parameters():
             if t.dim() == 3 and t.shape[0] == 1 and "pos" in name.lower():
