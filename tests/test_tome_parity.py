@@ -63,3 +63,16 @@ def test_r_zero_is_bit_identical(name):
     fast = tokenopt.optimize(model, _recipe(0), report=False)
     with torch.no_grad():
         assert torch.equal(fast(x), model(x))
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_matches_reference_without_prefix_tokens(prop_attn):
+    # no cls token, average pooling: nothing is protected and pooling is size-weighted
+    model = _model("vit_small_patch16_224", class_token=False, global_pool="avg")
+    assert model.num_prefix_tokens == 0
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    fast = tokenopt.optimize(model, _recipe(8, prop_attn), report=False)
+    with torch.no_grad():
+        got = fast(x)
+        assert (got - model(x)).abs().max().item() > 1e-3
+    assert (got - tome_reference(model, x, [8] * 4, prop_attn)).abs().max().item() < 1e-5
