@@ -116,12 +116,12 @@ def eval_(
         rows += [r for r in sweep_rows if not (r.method == "original" and rows)]
 
     t = Table(title=f"{model} on {data} ({split}, {rows[0].n} images)")
-    for col in ("model", "setting", "GFLOPs", "top-1 %", "top-5 %", "drop", "agreement %"):
+    for col in ("model", "setting", "GFLOPs", "top-1 %", "top-5 %", "drop (points)", "agreement %"):
         t.add_column(col, justify="left" if col in ("model", "setting") else "right")
     ref = rows[0].top1
     for r in rows:
         t.add_row(r.method, r.setting, f"{r.gflops:.3f}", _pct(r.top1), _pct(r.top5),
-                  "" if r.method == "original" else f"{100 * (ref - r.top1):+.1f}", _pct(r.agreement))
+                  "" if r.method == "original" else f"{100 * (ref - r.top1):.1f}", _pct(r.agreement))
     out.print(t)
     if sweep_rows:
         if csv_out:
@@ -261,10 +261,10 @@ def demo(
             speed = interleaved_throughput(variants, _batch(test, batch_size), rounds=5)
         t = Table(title=f"demo:{name} ({len(test)} test images, eager batch {batch_size})",
                   caption=info.get("arch", ""))
-        for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop"):
+        for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop (points)"):
             t.add_column(col, justify="left" if col == "recipe" else "right")
         ref_acc, ref_speed = acc["original"]["top1"], speed["original"]
         for k, m in variants.items():
             t.add_row(k, f"{count_flops(m, example[:1]) / 1e9:.4f}", f"{speed[k]:.0f}", f"{speed[k] / ref_speed:.2f}x",
-                      _pct(acc[k]["top1"]), "" if k == "original" else f"{100 * (ref_acc - acc[k]['top1']):+.1f}")
+                      _pct(acc[k]["top1"]), "" if k == "original" else f"{100 * (ref_acc - acc[k]['top1']):.1f}")
         out.print(t)
