@@ -128,6 +128,8 @@ def main(argv=None):
         with console.status("original: fine-tuning"):
             finetune(tuned, copy.deepcopy(model), train_set, epochs=args.finetune_epochs, quiet=True)
         add("original", tuned, f"+ fine-tuned {args.finetune_epochs} ep", plain)
+    # ToMe's GFLOPs for every r, once: each ToSA budget below picks the closest
+    tome_gflops = {r: gflops(tokenopt.optimize(model, tome_recipe(r), report=False)) for r in range(0, 33)}
     for keep in args.keeps:
         base = copy.deepcopy(model)          # fine-tuning changes the weights the rewritten model shares
         recipe = tosa_recipe(keep, args)
@@ -144,7 +146,7 @@ def main(argv=None):
             add(f"tosa keep {keep}", gm, f"+ fine-tuned {args.finetune_epochs} ep", recipe, f)
         models[f"tosa keep {keep}"] = gm
         # ToMe at the r whose GFLOPs are closest
-        r = min(range(0, 33), key=lambda r: abs(gflops(tokenopt.optimize(model, tome_recipe(r), report=False)) - f))
+        r = min(tome_gflops, key=lambda r: abs(tome_gflops[r] - f))
         tome = tokenopt.optimize(model, tome_recipe(r), report=False)
         add(f"tome r={r}", tome, "training-free", tome_recipe(r))
         models[f"tome r={r}"] = tome

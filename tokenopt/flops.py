@@ -28,6 +28,8 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from tokenopt.trace import NodeTaggingInterpreter
+
 aten = torch.ops.aten
 
 
@@ -103,7 +105,7 @@ def count_flops(module: torch.nn.Module, *inputs: Any) -> int:
     return _to_macs(counter.get_total_flops())
 
 
-class _PerNodeFlops(torch.fx.Interpreter):
+class _PerNodeFlops(NodeTaggingInterpreter):
     """Runs a graph inside one counter and charges each node the counter's increase.
 
     Reading the running total before and after each node (rather than a counter per node)

@@ -16,6 +16,7 @@ from tokenopt.passes import get_pass
 from tokenopt.plan import Plan, make_plan
 from tokenopt.recipe import Recipe, load_recipe
 from tokenopt.rewrite import GraphRewriter
+from tokenopt.trace import NodeTaggingInterpreter
 
 
 def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input: torch.Tensor | None = None,
@@ -55,12 +56,16 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     gm.tokenopt_leaf_modules = [m if isinstance(m, str) else m.__name__ for m in leaf_modules]
     gm.tokenopt_plan = plan
     gm.tokenopt_outputs = outputs
-    if plan.layers and any(lp.step is not None for lp in plan.layers):
-        verify_runs(gm, example_input)
-    if report:
+    if report:   # counting FLOPs runs the rewritten graph: that run is the verification too
         from tokenopt.report import build_report
         reference = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens).graph
-        gm.tokenopt_report = build_report(reference, gm, analysis, plan, example_input[:1])
+        try:
+            gm.tokenopt_report = build_report(reference, gm, analysis, plan, example_input[:1])
+        except Exception as e:
+            _raise_if_rewritten_graph_failed(gm, e)
+            raise
+    elif any(lp.step is not None for lp in plan.layers):
+        verify_runs(gm, example_input)
     return gm
 
 
@@ -121,16 +126,6 @@ def _return_tokens(g: GraphRewriter, analysis: ModelAnalysis) -> None:
     output.args = (tokens,)
 
 
-class _Tracked(fx.Interpreter):
-    """Runs a graph and remembers which node it was running, for the error message."""
-
-    current: fx.Node | None = None
-
-    def run_node(self, n: fx.Node):
-        self.current = n
-        return super().run_node(n)
-
-
 def verify_runs(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     """Run the rewritten graph once on the example batch (eval mode, no grad).
 
@@ -141,22 +136,28 @@ def verify_runs(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     """
     was_training = gm.training
     gm.eval()
-    runner = _Tracked(gm)
     try:
         with torch.no_grad():
-            runner.run(example_input)
+            NodeTaggingInterpreter(gm).run(example_input)
     except Exception as e:
-        n = runner.current
-        where = "?" if n is None else (f"{n.target}" if n.op == "call_module" else n.name)
-        stack = {} if n is None else n.meta.get("nn_module_stack", {})
-        block = next((path for path, _ in reversed(list(stack.values()))), None) if stack else None
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise PlanError(
-            f"the rewritten model fails on the example batch at {where}"
-            f"{f' (in {block})' if block and block != where else ''}: {type(e).__name__}: {first}\n"
-            "  That part of the model depends on the number or layout of the tokens in a way tokenopt did not "
-            "detect (e.g. attention that takes the feature-map size). Leave its blocks out of the rule's "
-            "`layers:`, and please report the model.") from None
+        _raise_if_rewritten_graph_failed(gm, e)
+        raise
     finally:
         gm.train(was_training)
 
+
+def _raise_if_rewritten_graph_failed(gm: fx.GraphModule, e: Exception) -> None:
+    """Turn an error raised at a node of ``gm`` into one PlanError that names the place."""
+    n = getattr(e, "tokenopt_node", None)
+    if n is None or n.graph is not gm.graph:
+        return
+    where = f"{n.target}" if n.op == "call_module" else n.name
+    stack = list(n.meta.get("nn_module_stack", {}).values())
+    block = stack[-1][0] if stack else None
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise PlanError(
+        f"the rewritten model fails on the example batch at {where}"
+        f"{f' (in {block})' if block and block != where else ''}: {type(e).__name__}: {first}\n"
+        "  That part of the model depends on the number or layout of the tokens in a way tokenopt did not "
+        "detect (e.g. attention that takes the feature-map size). Leave its blocks out of the rule's "
+        "`layers:`, and please report the model.") from None

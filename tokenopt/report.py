@@ -47,19 +47,24 @@ class Report:
     def rich_table(self):
         from rich.table import Table
         t = Table(title=f"tokenopt: {len(self.rows)} blocks, {self.prefix_tokens} prefix token(s), pooling {self.pooling}")
+        # the selector column exists only when some layer pays for choosing its tokens (ToSA)
         sel = any(r.selector_flops for r in self.rows)
+
+        def selector(text: str) -> tuple[str, ...]:
+            return (text,) if sel else ()
+
         for col, just in (("layer", "right"), ("block", "left"), ("tokens in → out", "right"),
                           ("GFLOPs before", "right"), ("GFLOPs after", "right"),
-                          *((("of which selector MFLOPs", "right"),) if sel else ()), ("rule", "left")):
+                          *selector(("of which selector MFLOPs", "right")), ("rule", "left")):
             t.add_column(col, justify=just)
         for r in self.rows:
             t.add_row(str(r.index), r.path, f"{r.tokens_in} → {r.tokens_out}", f"{r.flops_before / 1e9:.3f}",
-                      f"{r.flops_after / 1e9:.3f}", *((f"{r.selector_flops / 1e6:.3f}",) if sel else ()), r.acted)
-        blank = ("",) if sel else ()
-        t.add_row("", "embed + head", "", f"{self.other_before / 1e9:.3f}", f"{self.other_after / 1e9:.3f}", *blank, "")
+                      f"{r.flops_after / 1e9:.3f}", *selector(f"{r.selector_flops / 1e6:.3f}"), r.acted)
+        t.add_row("", "embed + head", "", f"{self.other_before / 1e9:.3f}", f"{self.other_after / 1e9:.3f}",
+                  *selector(""), "")
         t.add_section()
         t.add_row("", "total", "", f"{self.flops_before / 1e9:.3f}", f"{self.flops_after / 1e9:.3f}",
-                  *((f"{sum(r.selector_flops for r in self.rows) / 1e6:.3f}",) if sel else ()),
+                  *selector(f"{sum(r.selector_flops for r in self.rows) / 1e6:.3f}"),
                   f"FLOPs ratio {self.flops_ratio:.2f}x (ideal speedup)")
         return t
 

@@ -6,6 +6,7 @@ unmodified model measured in the same rounds.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Callable
@@ -51,8 +52,6 @@ def compile_all(models: dict[str, Callable], x: torch.Tensor,
     ``status(message)`` may return a context manager (e.g. ``rich.console.Console.status``) shown
     while each model compiles; CPU builds of a ViT take minutes.
     """
-    import contextlib
-
     compiled = {}
     for k, m in models.items():
         with (status(f"torch.compile {k} (CPU builds take minutes)") if status else contextlib.nullcontext()):

@@ -110,3 +110,17 @@ def _is_check(n: fx.Node) -> bool:
     import operator
     name = getattr(n.target, "__name__", "")
     return n.op == "call_function" and (name in ("_assert_is_none", "_assert") or n.target in (operator.eq, operator.ne))
+
+
+class NodeTaggingInterpreter(fx.Interpreter):
+    """An Interpreter whose errors say where they happened: the failing node is attached to the
+    exception as ``tokenopt_node``, so callers can name it without tracking the run themselves."""
+
+    def run_node(self, n: fx.Node):
+        try:
+            return super().run_node(n)
+        except Exception as e:
+            if getattr(e, "tokenopt_node", None) is None:
+                e.tokenopt_node = n
+            raise
+
