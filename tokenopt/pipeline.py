@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from tokenopt.analysis import ModelAnalysis, analyse, example_input_for
+from tokenopt.cleanup import drop_noop_calls
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import tome as tome_ops
 from tokenopt.passes import get_pass
@@ -66,6 +67,10 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
             raise
     elif any(lp.step is not None for lp in plan.layers):
         verify_runs(gm, example_input)
+    # last, because the analysis and the report name nodes that are about to go
+    if drop_noop_calls(gm):
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
     return gm
 
 

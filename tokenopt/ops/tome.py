@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokenopt.ops.matching import bipartite_match, merge_mlerp, merge_sum, merge_weighted, merged_positions, prune
+from tokenopt.ops import native
+from tokenopt.ops.matching import bipartite_match, max_reduction, merge_mlerp, merge_sum, merge_weighted, merged_positions, prune
 
 
 def keys_mean_over_heads(k: Tensor, tokens: Tensor) -> Tensor:
@@ -35,8 +36,14 @@ def mha_keys_mean_over_heads(x: Tensor, in_proj_weight: Tensor, in_proj_bias: Te
 
 
 def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int):
-    """Merge r tokens of x (B, N, C) into their most similar partners; returns (x, size, index)."""
+    """Merge r tokens of x (B, N, C) into their most similar partners; returns (x, size, index).
+
+    Eager CPU inference takes the native step (one C call, same result; see ops/native); the
+    PyTorch operators below define the method and serve autograd, torch.compile and GPUs.
+    """
     n = x.shape[1]
+    if r > 0 and native.usable(x, metric, size, index):
+        return native.tome_merge(x, metric, size, index, min(r, max_reduction(n, prefix)), prefix)
     m = bipartite_match(metric, r, prefix)
     x, size = merge_weighted(x, size, m)
     if index is not None:
