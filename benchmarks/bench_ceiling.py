@@ -22,6 +22,7 @@ from rich.table import Table
 
 import tokenopt
 from tokenopt.flops import count_flops
+from tokenopt.ops import native
 from tokenopt.ops import tome as tome_ops
 from tokenopt.timing import compile_all, interleaved_throughput
 
@@ -74,7 +75,7 @@ def main(argv=None):
         t.add_row(k, f"{gflops[k]:.2f}", *(f"{results[b][k]:.1f} ({results[b][k] / results[b]['original']:.2f}x)"
                                            for b in [*args.batches, *(["c"] if args.compile else [])]))
     Console().print(t)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; eager CPU ToMe step: {native.status()}")
 
 
 if __name__ == "__main__":

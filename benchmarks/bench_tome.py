@@ -7,6 +7,12 @@
 
 Prints GFLOPs, img/s and speedup over the original for r in --r at batch 8 (eager and
 torch.compile), and eager at batch 1 and 32; "ideal" is the FLOPs ratio.
+
+The row "r=0 (cleanup only)" is the rewritten graph without any merge: it shows how much of the
+eager speedup is tokenopt's graph cleanup (identity and p=0 dropout calls removed) rather than
+ToMe; torch.compile removes those calls itself, so it is not compiled. Eager ToMe on the CPU runs
+the native step when it could be built (the footer says); --pytorch-step times the PyTorch
+operators instead.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from rich.table import Table
 
 import tokenopt
 from tokenopt.flops import count_flops
+from tokenopt.ops import native
 from tokenopt.timing import compile_all, interleaved_throughput
 
 
@@ -34,7 +41,10 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--pytorch-step", action="store_true", help="time ToMe's PyTorch operators, not the native step")
     args = ap.parse_args(argv)
+    if args.pytorch_step:
+        native.set_enabled(False)
     warnings.simplefilter("ignore")
     console = Console()
     device = torch.device(args.device)
@@ -47,6 +57,9 @@ def main(argv=None):
         "tofu": lambda r: [{"pass": "tofu", "layers": "first-half", "r": r, "op": "prune"},
                            {"pass": "tofu", "layers": "second-half", "r": r, "op": "mlerp"}],
     }
+    cleanup_only = "r=0 (cleanup only)"
+    models[cleanup_only] = tokenopt.optimize(base, {"version": 1, "rules": [{"pass": "tome", "r": 0}]},
+                                             example_input=torch.randn(2, *size, device=device), report=False)
     for r in args.r:
         for method in args.methods:
             models[f"{method} r={r}"] = tokenopt.optimize(
@@ -65,7 +78,7 @@ def main(argv=None):
         cols.append(f"eager b{b}")
     if not args.no_compile:
         x = torch.randn(args.batch, *size, device=device)
-        compiled = compile_all(models, x, console.status)
+        compiled = compile_all({k: m for k, m in models.items() if k != cleanup_only}, x, console.status)
         for k, v in interleaved_throughput(compiled, x, rounds=args.rounds).items():
             results[k][f"compiled b{args.batch}"] = v
         cols.insert(1, f"compiled b{args.batch}")
@@ -79,11 +92,16 @@ def main(argv=None):
     for k in models:
         row = [k, f"{gflops[k]:.2f}", f"{gflops['original'] / gflops[k]:.2f}x"]
         for c in cols:
+            if c not in results[k]:
+                row.append("-")
+                continue
             v, ref = results[k][c], results["original"][c]
             row.append(f"{v:.1f} ({v / ref:.2f}x)")
         t.add_row(*row)
     console.print(t)
     console.print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, timm {timm.__version__}")
+    step = "PyTorch operators (--pytorch-step)" if args.pytorch_step else native.status()
+    console.print(f"eager CPU ToMe step: {step}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import torch
 
 import tokenopt
 from reference_tome import tome_reference
+from tokenopt.ops import native
 from tokenopt.passes.tome import expand_r
 
 TINY = dict(img_size=64, patch_size=8, depth=4, num_classes=10, embed_dim=96, num_heads=4)  # 64 patch tokens
@@ -24,6 +25,18 @@ def _model(name, **kw):
     return model
 
 
+@pytest.fixture(params=["native", "pytorch"])
+def step_path(request):
+    """Both implementations of the ToMe step (native C for eager CPU inference, PyTorch operators)."""
+    if request.param == "native":
+        if native.status().startswith("off"):
+            pytest.skip(f"native step {native.status()}")
+        yield
+    else:
+        with native.disabled():
+            yield
+
+
 def _recipe(r, prop_attn=True):
     return {"version": 1, "rules": [{"pass": "tome", "layers": "all", "r": r, "prop_attn": prop_attn}]}
 
@@ -32,7 +45,7 @@ def _recipe(r, prop_attn=True):
                                   "vit_medium_patch16_reg4_gap_256", "deit3_small_patch16_224"])
 @pytest.mark.parametrize("r", [6, [10, 8, 4, 2], {"start": 12, "end": 3}])
 @pytest.mark.parametrize("prop_attn", [True, False])
-def test_matches_reference(name, r, prop_attn):
+def test_matches_reference(name, r, prop_attn, step_path):
     model = _model(name)
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     fast = tokenopt.optimize(model, _recipe(r, prop_attn), report=False)
@@ -66,7 +79,7 @@ def test_r_zero_is_bit_identical(name):
 
 
 @pytest.mark.parametrize("prop_attn", [True, False])
-def test_matches_reference_without_prefix_tokens(prop_attn):
+def test_matches_reference_without_prefix_tokens(prop_attn, step_path):
     # no cls token, average pooling: nothing is protected and pooling is size-weighted
     model = _model("vit_small_patch16_224", class_token=False, global_pool="avg")
     assert model.num_prefix_tokens == 0

@@ -21,6 +21,7 @@ file. No compiler, or a failed build, means the PyTorch path; ``TOKENOPT_NATIVE=
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -38,6 +39,7 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
 
 _lib = None
 _status: str | None = None
+_enabled = True
 
 
 def _cpu_fingerprint() -> str:
@@ -123,6 +125,23 @@ def status() -> str:
     return _status
 
 
+def set_enabled(flag: bool) -> bool:
+    """Allow (True) or forbid (False) the native step in this process; returns the previous value."""
+    global _enabled
+    before, _enabled = _enabled, bool(flag)
+    return before
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this block every ToMe step takes the PyTorch path (tests, A/B timing)."""
+    before = set_enabled(False)
+    try:
+        yield
+    finally:
+        set_enabled(before)
+
+
 def _dispatch_modes_active() -> bool:
     try:
         return torch._C._len_torch_dispatch_stack() > 0
@@ -134,6 +153,8 @@ def usable(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None)
     """Whether this call can take the native path (see the module docstring)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False   # first: under dynamo this folds to a constant and the rest is never traced
+    if not _enabled:
+        return False
     floats = [x, metric] + ([size] if size is not None else [])
     tensors = floats + ([index] if index is not None else [])
     if any(type(t) is not torch.Tensor or t.device.type != "cpu" for t in tensors):

@@ -1,0 +1,112 @@
+"""The native ToMe step equals the PyTorch definition, and is only used where it may be."""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenopt
+from tokenopt.ops import native
+from tokenopt.ops import tome as tome_ops
+from tokenopt.ops.matching import bipartite_match, max_reduction, merge_weighted, merged_positions
+
+pytestmark = pytest.mark.skipif(native.status().startswith("off"), reason=f"native step {native.status()}")
+
+
+def _torch_step(x, metric, size, index, r, prefix):
+    m = bipartite_match(metric, r, prefix)
+    out, new_size = merge_weighted(x, size, m)
+    new_index = merged_positions(x.shape[1], m).gather(1, index) if index is not None else None
+    return out, new_size, new_index
+
+
+@pytest.mark.parametrize("batch", [1, 5])          # fewer images than threads, and more
+@pytest.mark.parametrize("n,c,d,prefix", [(65, 96, 24, 1), (64, 33, 5, 2), (17, 8, 8, 0), (30, 40, 64, 3)])
+@pytest.mark.parametrize("sized", [False, True])
+def test_native_step_equals_the_pytorch_step(batch, n, c, d, prefix, sized):
+    g = torch.Generator().manual_seed(n * 7 + batch)
+    x = torch.randn(batch, n, c, generator=g)
+    metric = torch.randn(batch, n, d, generator=g)
+    size = torch.randint(1, 5, (batch, n, 1), generator=g).float() if sized else None
+    index = torch.randint(0, n, (batch, 2 * n), generator=g)
+    for r in sorted({0, 1, max_reduction(n, prefix) // 2, max_reduction(n, prefix)}):
+        with torch.no_grad():
+            got = native.tome_merge(x, metric, size, index, r, prefix)
+            want = _torch_step(x, metric, size, index, r, prefix)
+        assert got[0].shape == (batch, n - r, c)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1] if want[1] is not None else torch.ones(batch, n - r, 1))
+        assert torch.equal(got[2], want[2])
+
+
+def test_size_weighted_average_by_hand():
+    # 5 tokens, prefix 1: A = {0 (prefix), 2, 4}, B = {1, 3}; token 4 is a copy of token 3's
+    # direction, token 2 is orthogonal to both B tokens' directions -> with r=1, 4 merges into 3
+    metric = torch.tensor([[[1., 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [2, 2, 0]]])
+    x = torch.arange(15.).reshape(1, 5, 3)
+    size = torch.tensor([[[1.], [1.], [1.], [3.], [1.]]])
+    with torch.no_grad():
+        out, new_size, _ = native.tome_merge(x, metric, size, None, 1, 1)
+    # output order: prefix, unmerged A (token 2), B tokens (1, 3)
+    assert torch.equal(new_size, torch.tensor([[[1.], [1.], [1.], [4.]]]))
+    torch.testing.assert_close(out[0, :3], x[0, [0, 2, 1]])
+    torch.testing.assert_close(out[0, 3], (3 * x[0, 3] + x[0, 4]) / 4)
+
+
+def test_pytorch_path_where_native_may_not_run():
+    x, metric = torch.randn(1, 9, 4), torch.randn(1, 9, 4)
+    assert native.usable(x, metric, None, None)
+    assert not native.usable(x.double(), metric.double(), None, None)
+    assert not native.usable(x, metric, None, torch.zeros(1, 9, dtype=torch.int32))
+    leaf = x.clone().requires_grad_()
+    assert not native.usable(leaf, metric, None, None)            # autograd needs the operators
+    with torch.no_grad():
+        assert native.usable(leaf, metric, None, None)
+    with FlopCounterMode(display=False):                           # counters see real operators
+        assert not native.usable(x, metric, None, None)
+    with native.disabled():
+        assert not native.usable(x, metric, None, None)
+    assert native.usable(x, metric, None, None)
+
+
+def test_gradients_flow_through_the_pytorch_path():
+    x = torch.randn(2, 9, 4, requires_grad=True)
+    out, size, _ = tome_ops.tome_merge(x, torch.randn(2, 9, 4), None, None, 3, 1)
+    out.sum().backward()
+    assert out.shape == (2, 6, 4) and x.grad is not None
+    # every input token contributes with weight 1/group size; the weights of a group sum to 1
+    assert torch.allclose(x.grad.sum(), torch.tensor(2 * 6 * 4.))
+
+
+def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("TOKENOPT_CACHE", str(tmp_path))
+    assert native.status().startswith("off: could not build")
+    x, metric = torch.randn(1, 9, 4), torch.randn(1, 9, 4)
+    with torch.no_grad():
+        out, size, _ = tome_ops.tome_merge(x, metric, None, None, 2, 1)
+    assert out.shape == (1, 7, 4) and size.sum() == 9
+
+
+def test_environment_switch_turns_it_off(monkeypatch):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setenv("TOKENOPT_NATIVE", "0")
+    assert native.status() == "off: TOKENOPT_NATIVE=0"
+    assert not native.usable(torch.randn(1, 9, 4), torch.randn(1, 9, 4), None, None)
+
+
+@pytest.mark.parametrize("outputs", ["logits", "tokens"])
+def test_optimized_vit_is_the_same_on_both_paths(outputs):
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", img_size=64, patch_size=8, depth=3,
+                              embed_dim=64, num_heads=2, num_classes=10).eval()
+    recipe = {"version": 1, "rules": [{"pass": "tome", "r": 12}]}
+    fast = tokenopt.optimize(model, recipe, outputs=outputs, report=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got = fast(x)
+        with native.disabled():
+            want = fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
