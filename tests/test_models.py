@@ -110,10 +110,28 @@ def test_dynamo_sees_one_graph(model):
 
 
 def test_compiled_matches_eager():
+    from tokenopt.ops import native
     fast = tokenopt.optimize(timm_model("vit_small_patch16_224"), tome(3), report=False)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(torch.compile(fast)(x), fast(x), atol=1e-4)
+        compiled = torch.compile(fast)(x)
+        with native.disabled():        # the definition: PyTorch operators, eager
+            assert torch.allclose(compiled, fast(x), atol=1e-4)
+
+
+def test_compiled_inference_calls_the_native_step_and_training_does_not():
+    from tokenopt.ops import native
+    if native.status().startswith("off"):
+        pytest.skip(f"native step {native.status()}")
+    fast = tokenopt.optimize(timm_model("vit_small_patch16_224"), tome(3), report=False)
+
+    def merge_targets(explained):
+        return [str(n.target) for g in explained.graphs for n in g.graph.nodes if "merge" in str(n.target)]
+    with torch.no_grad():
+        inference = merge_targets(torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32)))
+    assert inference and all(t.startswith("tokenopt.tome_merge") for t in inference)
+    training = merge_targets(torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32)))
+    assert not any(t.startswith("tokenopt.") for t in training)   # autograd needs the operators
 
 
 def test_cait_reduces_patch_blocks_and_keeps_class_attention():

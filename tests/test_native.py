@@ -77,8 +77,9 @@ def test_gradients_flow_through_the_pytorch_path():
 
 
 def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_fn", None)
     monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_available", False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("TOKENOPT_CACHE", str(tmp_path))
     assert native.status().startswith("off: could not build")
@@ -89,8 +90,9 @@ def test_without_a_compiler_the_pytorch_path_runs(monkeypatch, tmp_path):
 
 
 def test_environment_switch_turns_it_off(monkeypatch):
-    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_fn", None)
     monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_available", False)
     monkeypatch.setenv("TOKENOPT_NATIVE", "0")
     assert native.status() == "off: TOKENOPT_NATIVE=0"
     assert not native.usable(torch.randn(1, 9, 4), torch.randn(1, 9, 4), None, None)

@@ -12,6 +12,7 @@ from torch import nn
 from tokenopt.analysis import ModelAnalysis, analyse, example_input_for
 from tokenopt.cleanup import drop_noop_calls
 from tokenopt.errors import PlanError, RecipeError
+from tokenopt.ops import native
 from tokenopt.ops import tome as tome_ops
 from tokenopt.passes import get_pass
 from tokenopt.plan import Plan, make_plan
@@ -67,6 +68,8 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
             raise
     elif any(lp.step is not None for lp in plan.layers):
         verify_runs(gm, example_input)
+    if any(n.target is tome_ops.tome_merge for n in gm.graph.nodes):
+        native.prepare()   # built now, so a torch.compile of this module can call it too
     # last, because the analysis and the report name nodes that are about to go
     if drop_noop_calls(gm):
         gm.graph.eliminate_dead_code()

@@ -1,128 +1,47 @@
-"""A native (C) ToMe step for eager CPU inference, built on first use with the system compiler.
+"""A native (C) ToMe step for CPU inference: one call instead of ~35 small operators.
 
-Why: in eager mode a ToMe step written with PyTorch operators is ~35 small operators per layer;
-at batch 1 their fixed costs (dispatcher, thread pool) eat most of what the merge saves. One C
-call does the matching and the size-weighted merge on contiguous float32 buffers.
+Why: a ToMe step written with PyTorch operators pays each operator's fixed cost (dispatcher,
+thread pool); at batch 1 those costs eat a good part of what the merge saves. One C call
+(tome_merge.c) does the matching and the size-weighted merge on contiguous float32 buffers.
 
-When it is used (:func:`usable`): CPU float32 tensors, no autograd needed, not under
-``torch.compile``/``torch.jit`` tracing and no dispatch mode active (FLOP counters and fake
-tensors see the PyTorch operators). Everything else takes the PyTorch path in
+Where it runs (:func:`usable`): CPU float32 tensors when no autograd is needed, the native step
+is enabled and built. In eager mode it is called directly (no operator dispatch); inside
+``torch.compile`` it is the custom operator ``tokenopt::tome_merge``, which the compiled graph
+calls like any aten kernel. Calls under a dispatch mode (FLOP counters, fake tensors), under
+``torch.jit`` tracing, with autograd, on GPUs or in other dtypes take the PyTorch path in
 :mod:`tokenopt.ops.matching`, which defines the results; tests hold the two equal.
 
-Build: ``cc -O3 -march=native -shared -fPIC`` into ``<cache>/native/<digest>/`` (the digest covers
-the source, the flags and the CPU, so a shared home directory across machines stays safe). When
-torch runs on GNU OpenMP and the compiler is GCC, ``-fopenmp`` links the step against the
-``libgomp.so.1`` torch already loaded, so both share one thread pool (two OpenMP runtimes in one
-process would fight over the cores); otherwise the step is built single-threaded.
-The library is
-written to a temporary name and renamed, so concurrent processes (torchrun) never load half a
-file. No compiler, or a failed build, means the PyTorch path; ``TOKENOPT_NATIVE=0`` forces it.
-:func:`status` says which path is active and why.
+Built on first use (build.py); no compiler, or a failed build, means the PyTorch path.
+``TOKENOPT_NATIVE=0`` forces it; :func:`status` says which path is active and why.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("tome_merge.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
+from tokenopt.ops.native.build import load
 
-_lib = None
-_status: str | None = None
+_fn = None                      # the ctypes function once loaded
+_status: str | None = None      # None until the first load attempt
+_available = False              # a plain bool: torch.compile guards on it
 _enabled = True
 
 
-def _cpu_fingerprint() -> str:
-    """What -march=native depends on: the CPU model and its flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-        return "\n".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    from tokenopt.demo import default_cache_dir   # one cache root for everything tokenopt keeps
-    return default_cache_dir() / "native"
-
-
-def _torch_uses_gnu_openmp() -> bool:
-    """torch's intra-op pool is GNU OpenMP and libgomp is loaded in this process."""
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return False
-    try:
-        return "libgomp" in Path("/proc/self/maps").read_text()
-    except OSError:
-        return False
-
-
-def _is_gcc(compiler: str) -> bool:
-    try:
-        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "Free Software Foundation" in out and "clang" not in out
-
-
-def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    flags = FLAGS + (["-fopenmp"] if _torch_uses_gnu_openmp() and _is_gcc(compiler) else [])
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()
-                            + _cpu_fingerprint().encode()).hexdigest()[:16]
-    target = _cache_dir() / digest / "tome_merge.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
-                              capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
-def _load():
-    global _lib, _status
-    if _status is not None:
-        return _lib
-    if os.environ.get("TOKENOPT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        _status = "off: TOKENOPT_NATIVE=0"
-        return None
-    try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
-        fn = lib.tome_merge_f32
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 7 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
-        _lib, _status = fn, f"on: {path}"
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _status = f"off: could not build the native ToMe step ({e})"
-    return _lib
+def prepare() -> str:
+    """Build/load the native step now (optimize() does, so compiled graphs can use it)."""
+    global _fn, _status, _available
+    if _status is None:
+        _fn, _status = load()
+        _available = _fn is not None
+    return _status
 
 
 def status() -> str:
     """'on: <library>' or 'off: <why>' (builds on first call)."""
-    _load()
-    return _status
+    return prepare()
 
 
 def set_enabled(flag: bool) -> bool:
@@ -145,50 +64,71 @@ def disabled():
 def _dispatch_modes_active() -> bool:
     try:
         return torch._C._len_torch_dispatch_stack() > 0
-    except AttributeError:   # an older/newer torch without the helper: be safe, use PyTorch
+    except AttributeError:   # a torch without the helper: be safe, use PyTorch
         return True
 
 
-def usable(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None) -> bool:
-    """Whether this call can take the native path (see the module docstring)."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return False   # first: under dynamo this folds to a constant and the rest is never traced
-    if not _enabled:
-        return False
-    floats = [x, metric] + ([size] if size is not None else [])
+def _right_kind(floats: list[Tensor], index: Tensor | None) -> bool:
     tensors = floats + ([index] if index is not None else [])
-    if any(type(t) is not torch.Tensor or t.device.type != "cpu" for t in tensors):
+    if any(t.device.type != "cpu" for t in tensors):
         return False
     if any(t.dtype != torch.float32 for t in floats) or (index is not None and index.dtype != torch.int64):
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in floats):
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in floats))
+
+
+def usable(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None) -> bool:
+    """Whether this call can take the native step (see the module docstring)."""
+    floats = [x, metric] + ([size] if size is not None else [])
+    if torch.compiler.is_compiling():
+        # decided while tracing, from what dynamo guards on; never builds inside a trace
+        return _enabled and _available and _right_kind(floats, index)
+    if not _enabled or torch.jit.is_tracing() or torch.jit.is_scripting():
         return False
-    if _dispatch_modes_active():
+    if any(type(t) is not torch.Tensor for t in floats + ([index] if index is not None else [])):
+        return False   # subclasses (fake tensors, proxies) take the operators
+    if not _right_kind(floats, index) or _dispatch_modes_active():
         return False
-    return _load() is not None
+    return prepare().startswith("on")
+
+
+def _call(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int):
+    if _fn is None and not prepare().startswith("on"):
+        raise RuntimeError(f"the native ToMe step is {status()}")
+    bsz, n, c = x.shape
+    x, metric = x.contiguous(), metric.contiguous()
+    size = size.contiguous() if size is not None else None
+    index = index.contiguous() if index is not None else None
+    x_out = x.new_empty(bsz, n - r, c)
+    size_out = x.new_empty(bsz, n - r, 1)
+    index_out = torch.empty_like(index) if index is not None else None
+    failed = _fn(x.data_ptr(), metric.data_ptr(), size.data_ptr() if size is not None else None,
+                 index.data_ptr() if index is not None else None,
+                 bsz, n, c, metric.shape[-1], index.shape[1] if index is not None else 0, r, prefix,
+                 x_out.data_ptr(), size_out.data_ptr(), index_out.data_ptr() if index is not None else None,
+                 torch.get_num_threads())   # the size of torch's (shared) OpenMP pool
+    if failed:
+        raise MemoryError("native ToMe step: out of memory for its scratch buffers")
+    return x_out, size_out, index_out
+
+
+@torch.library.custom_op("tokenopt::tome_merge", mutates_args=(), device_types="cpu")
+def _tome_merge_op(x: Tensor, metric: Tensor, size: Optional[Tensor], index: Optional[Tensor], r: int,
+                   prefix: int) -> tuple[Tensor, Tensor, Tensor]:
+    out, new_size, new_index = _call(x, metric, size, index, r, prefix)
+    return out, new_size, new_index if new_index is not None else x.new_empty(0, dtype=torch.long)
+
+
+@_tome_merge_op.register_fake
+def _(x, metric, size, index, r, prefix):
+    bsz, n, c = x.shape
+    new_index = index.new_empty(index.shape) if index is not None else x.new_empty(0, dtype=torch.long)
+    return x.new_empty(bsz, n - r, c), x.new_empty(bsz, n - r, 1), new_index
 
 
 def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int):
     """ToMe step as :func:`tokenopt.ops.tome.tome_merge` (r already capped); call after :func:`usable`."""
-    fn = _lib if _lib is not None else _load()
-    if fn is None:
-        raise RuntimeError(f"the native ToMe step is {status()}")
-    bsz, n, c = x.shape
-    x = x.contiguous()
-    metric = metric.contiguous()
-    x_out = x.new_empty(bsz, n - r, c)
-    size_out = x.new_empty(bsz, n - r, 1)
-    if size is not None:
-        size = size.contiguous()
-    index_out = None
-    if index is not None:
-        index = index.contiguous()
-        index_out = torch.empty_like(index)
-    failed = fn(x.data_ptr(), metric.data_ptr(), size.data_ptr() if size is not None else None,
-                  index.data_ptr() if index is not None else None,
-                  bsz, n, c, metric.shape[-1], index.shape[1] if index is not None else 0, r, prefix,
-                  x_out.data_ptr(), size_out.data_ptr(), index_out.data_ptr() if index is not None else None,
-                torch.get_num_threads())   # the size of torch's (shared) OpenMP pool
-    if failed:
-        raise MemoryError("native ToMe step: out of memory for its scratch buffers")
-    return x_out, size_out, index_out
+    if torch.compiler.is_compiling():
+        out, new_size, new_index = _tome_merge_op(x, metric, size, index, r, prefix)
+        return out, new_size, new_index if index is not None else None
+    return _call(x, metric, size, index, r, prefix)
