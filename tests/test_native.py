@@ -112,3 +112,22 @@ def test_optimized_vit_is_the_same_on_both_paths(outputs):
         with native.disabled():
             want = fast(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("flat", [False, True])          # k as (B, H, N, d) or (B*H, N, d)
+def test_per_head_keys_are_averaged_in_place(batch, flat):
+    # the graph hands the matching a strided (B, N, H, d) view of the keys; both paths average
+    # the heads (the native one by summing while it normalises, without a copy)
+    g = torch.Generator().manual_seed(batch)
+    heads, n, d = 3, 41, 12
+    qkv = torch.randn(batch, n, 3, heads, d, generator=g).permute(2, 0, 3, 1, 4)   # timm's layout
+    k = qkv[1] if not flat else qkv[1].reshape(batch * heads, n, d)
+    x = torch.randn(batch, n, 20, generator=g)
+    metric = tome_ops.keys_per_token(k, x)
+    assert metric.shape == (batch, n, heads, d) and not metric.is_contiguous()
+    with torch.no_grad():
+        got = native.tome_merge(x, metric, None, None, 15, 1)
+        want = _torch_step(x, qkv[1].mean(1), None, None, 15, 1)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1])

@@ -137,7 +137,8 @@ class GraphRewriter:
             c.kwargs = {**c.kwargs, "key_padding_mask": mask}
 
     def keys_metric(self, block: BlockRecord, after: fx.Node) -> fx.Node:
-        """ToMe's matching metric for ``block``: its keys averaged over heads, (B, N, d)."""
+        """ToMe's matching metric for ``block``: its keys averaged over heads, as (B, N, d), or as
+        the per-head keys (B, N, H, d) whose mean the matching takes."""
         core = block.attention
         if core.kind == "mha":
             c = self.node(core.node)
@@ -146,8 +147,8 @@ class GraphRewriter:
             b = self.get_attr(f"{core.module}.in_proj_bias") if mod.in_proj_bias is not None else None
             return self.insert_after(after, tome_ops.mha_keys_mean_over_heads, c.args[0], w, b, mod.num_heads,
                                      label="metric: keys mean over heads")
-        return self.insert_after(after, tome_ops.keys_mean_over_heads, self.node(core.k), self.node(block.merge_point),
-                                 label="metric: keys mean over heads")
+        return self.insert_after(after, tome_ops.keys_per_token, self.node(core.k), self.node(block.merge_point),
+                                 label="metric: keys (mean over heads taken by the matching)")
 
     def ensure_index(self, block: BlockRecord) -> None:
         """Start tracking original token positions at the first reduction (needed to unmerge)."""

@@ -38,11 +38,18 @@ def max_reduction(tokens: int, prefix: int) -> int:
     return max((tokens - prefix) // 2, 0)
 
 
+def head_mean(metric: Tensor) -> Tensor:
+    """(B, N, H, d) per-head features -> their mean over heads (B, N, d); (B, N, d) unchanged."""
+    return metric.mean(2) if metric.dim() == 4 else metric
+
+
 def bipartite_match(metric: Tensor, r: int, prefix: int) -> Match:
     """Pair each A token with its most similar B token; choose the r best pairs.
 
-    metric: (B, N, d) per-token features (ToMe: keys averaged over heads).
+    metric: (B, N, d) per-token features, or (B, N, H, d) whose mean over heads is the feature
+    (ToMe: the keys).
     """
+    metric = head_mean(metric)
     bsz, n, _ = metric.shape
     r = min(r, max_reduction(n, prefix))
     pa, pb = (prefix + 1) // 2, prefix // 2          # prefix tokens in A (even) and B (odd)

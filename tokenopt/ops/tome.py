@@ -15,12 +15,17 @@ from tokenopt.ops import native
 from tokenopt.ops.matching import bipartite_match, max_reduction, merge_mlerp, merge_sum, merge_weighted, merged_positions, prune
 
 
-def keys_mean_over_heads(k: Tensor, tokens: Tensor) -> Tensor:
-    """ToMe's metric: keys averaged over heads, (B, N, d). k is (B, H, N, d) or (B*H, N, d);
-    ``tokens`` (B, N, C) is the token stream, which gives the batch size of a flattened k."""
-    if k.dim() == 4:
-        return k.mean(1)
-    return k.reshape(tokens.shape[0], -1, k.shape[-2], k.shape[-1]).mean(1)
+def keys_per_token(k: Tensor, tokens: Tensor) -> Tensor:
+    """ToMe's metric, the keys averaged over heads, handed on as the heads: (B, N, H, d).
+
+    k is (B, H, N, d) or (B*H, N, d); ``tokens`` (B, N, C) gives the batch size of a flattened k.
+    The result is a view (no copy); the matching takes the mean over H (matching.head_mean), and
+    the native step sums the heads while it normalises, so eager inference runs no separate
+    reduction for the metric.
+    """
+    if k.dim() == 3:
+        k = k.reshape(tokens.shape[0], -1, k.shape[-2], k.shape[-1])
+    return k.transpose(1, 2)
 
 
 def mha_keys_mean_over_heads(x: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, heads: int) -> Tensor:

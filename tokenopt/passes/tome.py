@@ -8,7 +8,7 @@ Before (one block)::
 After::
 
     h = x + attn(norm1(x), bias=log(size))          # proportional attention, from earlier merges
-    metric = keys_mean_over_heads(k)                # (B, N, d)
+    metric = keys_per_token(k)                      # (B, N, H, d); matching averages the heads
     h, size, index = tome_merge(h, metric, size, index, r, prefix)
     y = h + mlp(norm2(h))
 """

@@ -96,7 +96,12 @@ def _call(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, 
     if _fn is None and not prepare().startswith("on"):
         raise RuntimeError(f"the native ToMe step is {status()}")
     bsz, n, c = x.shape
-    x, metric = x.contiguous(), metric.contiguous()
+    x = x.contiguous()
+    if metric.dim() == 3:                     # (B, N, D): one "head"
+        metric = metric.unsqueeze(2)
+    if metric.stride(-1) != 1:                # (B, N, H, d): heads are read in place, rows must be dense
+        metric = metric.contiguous()
+    heads, d = metric.shape[2], metric.shape[3]
     size = size.contiguous() if size is not None else None
     index = index.contiguous() if index is not None else None
     x_out = x.new_empty(bsz, n - r, c)
@@ -104,7 +109,8 @@ def _call(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, 
     index_out = torch.empty_like(index) if index is not None else None
     failed = _fn(x.data_ptr(), metric.data_ptr(), size.data_ptr() if size is not None else None,
                  index.data_ptr() if index is not None else None,
-                 bsz, n, c, metric.shape[-1], index.shape[1] if index is not None else 0, r, prefix,
+                 bsz, n, c, d, index.shape[1] if index is not None else 0, r, prefix,
+                 heads, metric.stride(0), metric.stride(1), metric.stride(2),
                  x_out.data_ptr(), size_out.data_ptr(), index_out.data_ptr() if index is not None else None,
                  torch.get_num_threads())   # the size of torch's (shared) OpenMP pool
     if failed:

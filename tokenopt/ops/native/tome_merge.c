@@ -34,6 +34,7 @@ typedef struct {
 
 typedef struct {            /* one call: shapes and the derived sizes of the bipartite split */
     int64_t N, C, D, N0, r, prefix;
+    int64_t H, m_token, m_head;   /* metric: H heads of D contiguous floats, strides in floats */
     int64_t pa, pb, na, nb, n_unm, K, nap, nbp;
 } shape_t;
 
@@ -56,8 +57,8 @@ static int by_score_desc(const void *l, const void *r) {
 
 static v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v; }
 
-/* 1 / ||row||, with eight partial sums so the reduction vectorises without -ffast-math */
-static float inv_norm(const float *row, int64_t D) {
+/* sum of row[k]^2, with eight partial sums so the reduction vectorises without -ffast-math */
+static float sum_squares(const float *row, int64_t D) {
     v8 acc = {0};
     int64_t k = 0;
     for (; k + 8 <= D; k += 8) {
@@ -67,7 +68,7 @@ static float inv_norm(const float *row, int64_t D) {
     float ss = 0.f;
     for (int i = 0; i < 8; ++i) ss += acc[i];
     for (; k < D; ++k) ss += row[k] * row[k];
-    return 1.f / sqrtf(ss);
+    return ss;
 }
 
 /* Rows i0..i0+3 of S (nap x nbp) = A (nap x D) . Bt (D x nbp); nbp a multiple of 16, Bt 32-byte
@@ -111,8 +112,9 @@ static int64_t argmax_padded(const float *row, int64_t n_padded) {
     return arg;
 }
 
-static shape_t make_shape(int64_t N, int64_t C, int64_t D, int64_t N0, int64_t r, int64_t prefix) {
-    shape_t s = {N, C, D, N0, r, prefix, 0, 0, 0, 0, 0, 0, 0, 0};
+static shape_t make_shape(int64_t N, int64_t C, int64_t D, int64_t N0, int64_t r, int64_t prefix,
+                          int64_t H, int64_t m_token, int64_t m_head) {
+    shape_t s = {N, C, D, N0, r, prefix, H, m_token, m_head, 0, 0, 0, 0, 0, 0, 0, 0};
     s.pa = (prefix + 1) / 2;                 /* prefix tokens among A (even) and B (odd) */
     s.pb = prefix / 2;
     s.na = (N + 1) / 2 - s.pa;               /* matchable A, B tokens */
@@ -151,20 +153,32 @@ static int scratch_alloc(scratch_t *w, const shape_t *s) {
     return 0;
 }
 
+/* The metric of token p summed over heads (the mean up to a factor that cosine similarity
+ * ignores) into dst[0], dst[step], ..., then scaled to unit norm. Reading the heads in place
+ * spares the graph a separate mean-over-heads reduction. */
+static void head_sum_normalised(const shape_t *s, const float *mb, int64_t p, float *dst, int64_t step) {
+    const float *row = mb + p * s->m_token;
+    for (int64_t k = 0; k < s->D; ++k) dst[k * step] = row[k];
+    for (int64_t h = 1; h < s->H; ++h) {
+        const float *head = row + h * s->m_head;
+        for (int64_t k = 0; k < s->D; ++k) dst[k * step] += head[k];
+    }
+    float ss = 0.f;
+    if (step == 1)
+        ss = sum_squares(dst, s->D);
+    else
+        for (int64_t k = 0; k < s->D; ++k) ss += dst[k * step] * dst[k * step];
+    const float inv = 1.f / sqrtf(ss);
+    for (int64_t k = 0; k < s->D; ++k) dst[k * step] *= inv;
+}
+
 /* Normalised metric rows [t0, t1) of the N tokens into A rows or B^T columns. */
 static void normalise_rows(const shape_t *s, const float *mb, scratch_t *w, int64_t t0, int64_t t1) {
-    const int64_t D = s->D;
     for (int64_t p = t0; p < t1; ++p) {
-        const float *row = mb + p * D;
-        if (p % 2 == 0 && p / 2 >= s->pa) {
-            const float inv = inv_norm(row, D);
-            float *dst = w->a + (p / 2 - s->pa) * D;
-            for (int64_t k = 0; k < D; ++k) dst[k] = row[k] * inv;
-        } else if (p % 2 == 1 && p / 2 >= s->pb) {
-            const float inv = inv_norm(row, D);
-            const int64_t j = p / 2 - s->pb;
-            for (int64_t k = 0; k < D; ++k) w->bt[k * s->nbp + j] = row[k] * inv;
-        }
+        if (p % 2 == 0 && p / 2 >= s->pa)
+            head_sum_normalised(s, mb, p, w->a + (p / 2 - s->pa) * s->D, 1);
+        else if (p % 2 == 1 && p / 2 >= s->pb)
+            head_sum_normalised(s, mb, p, w->bt + (p / 2 - s->pb), s->nbp);
     }
 }
 
@@ -241,7 +255,8 @@ static void remap_index(const shape_t *s, const int64_t *ib, const scratch_t *w,
 
 /* Returns 0 on success, 1 if scratch memory could not be allocated.
  *
- * x      (B, N, C)  tokens            metric (B, N, D) matching features
+ * x      (B, N, C)  tokens            metric: per image, token and head D contiguous floats
+ *                                     (strides m_batch, m_token, m_head; H heads, averaged)
  * size   (B, N)     or NULL (all 1)   index  (B, N0)  or NULL: original token -> position now
  * x_out  (B, N-r, C)                  size_out (B, N-r)
  * index_out (B, N0) written when index is given; 0 <= r <= max_reduction(N, prefix)
@@ -249,8 +264,9 @@ static void remap_index(const shape_t *s, const int64_t *ib, const scratch_t *w,
  */
 int tome_merge_f32(const float *x, const float *metric, const float *size, const int64_t *index,
                    int64_t B, int64_t N, int64_t C, int64_t D, int64_t N0, int64_t r, int64_t prefix,
+                   int64_t H, int64_t m_batch, int64_t m_token, int64_t m_head,
                    float *x_out, float *size_out, int64_t *index_out, int64_t nthreads) {
-    const shape_t s = make_shape(N, C, D, N0, r, prefix);
+    const shape_t s = make_shape(N, C, D, N0, r, prefix, H, m_token, m_head);
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
     if (B >= nthreads) {                             /* a batch: one image per thread at a time */
@@ -259,7 +275,7 @@ int tome_merge_f32(const float *x, const float *metric, const float *size, const
             scratch_t w;
             if (scratch_alloc(&w, &s)) { failed = 1; continue; }
             const float *xb = x + bi * N * C, *sb = size ? size + bi * N : NULL;
-            normalise_rows(&s, metric + bi * N * D, &w, 0, N);
+            normalise_rows(&s, metric + bi * m_batch, &w, 0, N);
             for (int64_t i0 = 0; i0 < s.nap; i0 += 4) match_block(&s, &w, i0);
             place(&s, sb, &w, size_out + bi * s.K);
             write_channels(&s, xb, sb, &w, x_out + bi * s.K * C, 0, C);
@@ -271,7 +287,7 @@ int tome_merge_f32(const float *x, const float *metric, const float *size, const
     scratch_t w;                                     /* fewer images than threads: split each one */
     if (scratch_alloc(&w, &s)) return 1;
     for (int64_t bi = 0; bi < B; ++bi) {
-        const float *xb = x + bi * N * C, *mb = metric + bi * N * D, *sb = size ? size + bi * N : NULL;
+        const float *xb = x + bi * N * C, *mb = metric + bi * m_batch, *sb = size ? size + bi * N : NULL;
         float *ob = x_out + bi * s.K * C, *osb = size_out + bi * s.K;
         #pragma omp parallel num_threads(nthreads)
         {
