@@ -72,6 +72,9 @@ def test_apply_check_prints_table_and_writes_artifact(applied):
     assert "tokens in → out" in result.stdout and "17 → 15" in result.stdout and "15 → 13" in result.stdout
     assert "top-1 agreement" in result.stdout and "max |original - optimized|" in result.stdout
     assert f"saved {out}" in result.stdout
+    from tokenopt.ops import native
+    step = "native" if native.status().startswith("on") else "PyTorch operators"
+    assert f"merge step for eager CPU inference: {step}" in result.stdout
     payload = torch.load(out, weights_only=True)
     assert payload["format"] == "tokenopt-artifact"
     assert payload["manifest"]["base"]["name"] == "vit_small_patch16_224"

@@ -215,6 +215,11 @@ def apply(
     report = gm.tokenopt_report
     out.print(report.rich_table())
     _print_notes(report.skipped, report.warnings, _console(stderr=True))
+    from tokenopt.ops import native, tome as tome_ops
+    if any(n.target is tome_ops.tome_merge for n in gm.graph.nodes):
+        state = native.status()
+        out.print("merge step for eager CPU inference: " + ("native" if state.startswith("on") else
+                  f"PyTorch operators ({state.removeprefix('off: ')})"))
     if check:
         with _status("comparing the original and optimized model"):
             line = _check(base_model, gm, x, leaves)
