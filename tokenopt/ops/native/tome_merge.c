@@ -35,11 +35,11 @@ typedef struct {
 typedef struct {            /* one call: shapes and the derived sizes of the bipartite split */
     int64_t N, C, D, N0, r, prefix;
     int64_t H, m_token, m_head;   /* metric: H heads of D contiguous floats, strides in floats */
-    int64_t pa, pb, na, nb, n_unm, K, nap, nbp;
+    int64_t pa, pb, na, nb, n_unm, K, nap, nbp, a_floats;
 } shape_t;
 
 typedef struct {            /* per-image scratch */
-    float *a, *bt, *S;      /* normalised A rows, B^T, scores: one 32-byte aligned block */
+    float *a, *bt, *S;      /* normalised A rows, B^T, scores: one 64-byte aligned block */
     float *dst_size, *inv_new;
     edge_t *edges;
     int64_t *partner, *pos;
@@ -114,7 +114,7 @@ static int64_t argmax_padded(const float *row, int64_t n_padded) {
 
 static shape_t make_shape(int64_t N, int64_t C, int64_t D, int64_t N0, int64_t r, int64_t prefix,
                           int64_t H, int64_t m_token, int64_t m_head) {
-    shape_t s = {N, C, D, N0, r, prefix, H, m_token, m_head, 0, 0, 0, 0, 0, 0, 0, 0};
+    shape_t s = {N, C, D, N0, r, prefix, H, m_token, m_head, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     s.pa = (prefix + 1) / 2;                 /* prefix tokens among A (even) and B (odd) */
     s.pb = prefix / 2;
     s.na = (N + 1) / 2 - s.pa;               /* matchable A, B tokens */
@@ -123,6 +123,7 @@ static shape_t make_shape(int64_t N, int64_t C, int64_t D, int64_t N0, int64_t r
     s.K = N - r;
     s.nap = (s.na + 3) / 4 * 4;              /* padded for the kernels */
     s.nbp = (s.nb + 15) / 16 * 16;
+    s.a_floats = (s.nap * D + 15) / 16 * 16;  /* so that B^T starts on a 64-byte boundary */
     return s;
 }
 
@@ -133,9 +134,9 @@ static void scratch_free(scratch_t *w) {
 
 static int scratch_alloc(scratch_t *w, const shape_t *s) {
     const size_t na = (size_t)(s->na > 0 ? s->na : 1), K = (size_t)(s->K > 0 ? s->K : 1);
-    const size_t floats = (size_t)(s->nap * s->D + s->D * s->nbp + s->nap * s->nbp);
-    const size_t bytes = (sizeof(float) * floats + 31) / 32 * 32;   /* C11: a multiple of the alignment */
-    w->a = aligned_alloc(32, bytes);
+    const size_t floats = (size_t)(s->a_floats + s->D * s->nbp + s->nap * s->nbp);
+    const size_t bytes = (sizeof(float) * floats + 63) / 64 * 64;   /* C11: a multiple of the alignment */
+    w->a = aligned_alloc(64, bytes);   /* cache lines: B^T columns of one thread never share one */
     w->dst_size = malloc(sizeof(float) * K);
     w->inv_new = malloc(sizeof(float) * K);
     w->edges = malloc(sizeof(edge_t) * na);
@@ -147,29 +148,35 @@ static int scratch_alloc(scratch_t *w, const shape_t *s) {
         scratch_free(w);
         return 1;
     }
-    w->bt = w->a + s->nap * s->D;
+    w->bt = w->a + s->a_floats;
     w->S = w->bt + s->D * s->nbp;
-    memset(w->a, 0, sizeof(float) * (size_t)(s->nap * s->D + s->D * s->nbp));   /* padding stays 0 */
+    memset(w->a, 0, sizeof(float) * (size_t)(s->a_floats + s->D * s->nbp));   /* padding stays 0 */
     return 0;
 }
 
 /* The metric of token p summed over heads (the mean up to a factor that cosine similarity
- * ignores) into dst[0], dst[step], ..., then scaled to unit norm. Reading the heads in place
- * spares the graph a separate mean-over-heads reduction. */
+ * ignores), scaled to unit norm, into dst[0], dst[step], ... Reading the heads in place spares
+ * the graph a separate mean-over-heads reduction. The sum is formed in a contiguous buffer
+ * (vectorised) and written out once, since B's rows go to strided columns of B^T. */
 static void head_sum_normalised(const shape_t *s, const float *mb, int64_t p, float *dst, int64_t step) {
+    enum { LOCAL = 256 };
+    float local[LOCAL];
+    const int64_t D = s->D;
+    float *sum = (step == 1 || D > LOCAL) ? dst : local;   /* large D: accumulate in place */
+    const int64_t sstep = sum == dst ? step : 1;
     const float *row = mb + p * s->m_token;
-    for (int64_t k = 0; k < s->D; ++k) dst[k * step] = row[k];
+    for (int64_t k = 0; k < D; ++k) sum[k * sstep] = row[k];
     for (int64_t h = 1; h < s->H; ++h) {
         const float *head = row + h * s->m_head;
-        for (int64_t k = 0; k < s->D; ++k) dst[k * step] += head[k];
+        for (int64_t k = 0; k < D; ++k) sum[k * sstep] += head[k];
     }
     float ss = 0.f;
-    if (step == 1)
-        ss = sum_squares(dst, s->D);
+    if (sstep == 1)
+        ss = sum_squares(sum, D);
     else
-        for (int64_t k = 0; k < s->D; ++k) ss += dst[k * step] * dst[k * step];
+        for (int64_t k = 0; k < D; ++k) ss += sum[k * sstep] * sum[k * sstep];
     const float inv = 1.f / sqrtf(ss);
-    for (int64_t k = 0; k < s->D; ++k) dst[k * step] *= inv;
+    for (int64_t k = 0; k < D; ++k) dst[k * step] = sum[k * sstep] * inv;
 }
 
 /* Normalised metric rows [t0, t1) of the N tokens into A rows or B^T columns. */
@@ -292,7 +299,8 @@ int tome_merge_f32(const float *x, const float *metric, const float *size, const
         #pragma omp parallel num_threads(nthreads)
         {
             #pragma omp for schedule(static)
-            for (int64_t t0 = 0; t0 < N; t0 += 16) normalise_rows(&s, mb, &w, t0, t0 + 16 < N ? t0 + 16 : N);
+            for (int64_t t0 = 0; t0 < N; t0 += 32)   /* 16 B tokens: a whole cache line of each B^T row */
+                normalise_rows(&s, mb, &w, t0, t0 + 32 < N ? t0 + 32 : N);
             #pragma omp for schedule(static)
             for (int64_t i0 = 0; i0 < s.nap; i0 += 4) match_block(&s, &w, i0);
             #pragma omp single
