@@ -125,13 +125,13 @@ def test_compiled_inference_calls_the_native_step_and_training_does_not():
         pytest.skip(f"native step {native.status()}")
     fast = tokenopt.optimize(timm_model("vit_small_patch16_224"), tome(3), report=False)
 
-    def merge_targets(explained):
-        return [str(n.target) for g in explained.graphs for n in g.graph.nodes if "merge" in str(n.target)]
+    def our_ops(explained):
+        return [str(n.target) for g in explained.graphs for n in g.graph.nodes if str(n.target).startswith("tokenopt.")]
     with torch.no_grad():
-        inference = merge_targets(torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32)))
-    assert inference and all(t.startswith("tokenopt.tome_merge") for t in inference)
-    training = merge_targets(torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32)))
-    assert not any(t.startswith("tokenopt.") for t in training)   # autograd needs the operators
+        inference = our_ops(torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32)))
+    assert inference == ["tokenopt.bipartite_reduce.default"] * len(fast.tokenopt_plan.layers)
+    training = our_ops(torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32)))
+    assert training == []   # autograd needs the operators
 
 
 def test_cait_reduces_patch_blocks_and_keeps_class_attention():

@@ -6,14 +6,21 @@ from torch.utils.flop_counter import FlopCounterMode
 import tokenopt
 from tokenopt.ops import native
 from tokenopt.ops import tome as tome_ops
-from tokenopt.ops.matching import bipartite_match, max_reduction, merge_weighted, merged_positions
+from tokenopt.ops.matching import (bipartite_match, max_reduction, merge_mlerp, merge_sum, merge_weighted,
+                                   merged_positions, prune)
 
 pytestmark = pytest.mark.skipif(native.status().startswith("off"), reason=f"native step {native.status()}")
 
 
-def _torch_step(x, metric, size, index, r, prefix):
+def _torch_step(x, metric, size, index, r, prefix, op="merge"):
     m = bipartite_match(metric, r, prefix)
-    out, new_size = merge_weighted(x, size, m)
+    ones = x.new_ones(x.shape[0], x.shape[1], 1)
+    if op == "merge":
+        out, new_size = merge_weighted(x, size, m)
+    elif op == "prune":
+        out, new_size = prune(x, m), prune(size if size is not None else ones, m)
+    else:
+        out, new_size = merge_mlerp(x, m), merge_sum(size if size is not None else ones, m)
     new_index = merged_positions(x.shape[1], m).gather(1, index) if index is not None else None
     return out, new_size, new_index
 
@@ -21,7 +28,8 @@ def _torch_step(x, metric, size, index, r, prefix):
 @pytest.mark.parametrize("batch", [1, 5])          # fewer images than threads, and more
 @pytest.mark.parametrize("n,c,d,prefix", [(65, 96, 24, 1), (64, 33, 5, 2), (17, 8, 8, 0), (30, 40, 64, 3)])
 @pytest.mark.parametrize("sized", [False, True])
-def test_native_step_equals_the_pytorch_step(batch, n, c, d, prefix, sized):
+@pytest.mark.parametrize("op", ["merge", "prune", "mlerp"])
+def test_native_step_equals_the_pytorch_step(batch, n, c, d, prefix, sized, op):
     g = torch.Generator().manual_seed(n * 7 + batch)
     x = torch.randn(batch, n, c, generator=g)
     metric = torch.randn(batch, n, d, generator=g)
@@ -29,8 +37,8 @@ def test_native_step_equals_the_pytorch_step(batch, n, c, d, prefix, sized):
     index = torch.randint(0, n, (batch, 2 * n), generator=g)
     for r in sorted({0, 1, max_reduction(n, prefix) // 2, max_reduction(n, prefix)}):
         with torch.no_grad():
-            got = native.tome_merge(x, metric, size, index, r, prefix)
-            want = _torch_step(x, metric, size, index, r, prefix)
+            got = native.reduce(x, metric, size, index, r, prefix, op)
+            want = _torch_step(x, metric, size, index, r, prefix, op)
         assert got[0].shape == (batch, n - r, c)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1], want[1] if want[1] is not None else torch.ones(batch, n - r, 1))
@@ -44,7 +52,7 @@ def test_size_weighted_average_by_hand():
     x = torch.arange(15.).reshape(1, 5, 3)
     size = torch.tensor([[[1.], [1.], [1.], [3.], [1.]]])
     with torch.no_grad():
-        out, new_size, _ = native.tome_merge(x, metric, size, None, 1, 1)
+        out, new_size, _ = native.reduce(x, metric, size, None, 1, 1)
     # output order: prefix, unmerged A (token 2), B tokens (1, 3)
     assert torch.equal(new_size, torch.tensor([[[1.], [1.], [1.], [4.]]]))
     torch.testing.assert_close(out[0, :3], x[0, [0, 2, 1]])
@@ -98,13 +106,18 @@ def test_environment_switch_turns_it_off(monkeypatch):
     assert not native.usable(torch.randn(1, 9, 4), torch.randn(1, 9, 4), None, None)
 
 
+TOFU_FIXED = [{"pass": "tofu", "layers": "first-half", "r": 8, "op": "prune"},
+              {"pass": "tofu", "layers": "second-half", "r": 8, "op": "mlerp"}]
+
+
 @pytest.mark.parametrize("outputs", ["logits", "tokens"])
-def test_optimized_vit_is_the_same_on_both_paths(outputs):
+@pytest.mark.parametrize("rules", [[{"pass": "tome", "r": 12}], TOFU_FIXED], ids=["tome", "tofu"])
+def test_optimized_vit_is_the_same_on_both_paths(outputs, rules):
     import timm
     torch.manual_seed(0)
-    model = timm.create_model("vit_small_patch16_224", img_size=64, patch_size=8, depth=3,
+    model = timm.create_model("vit_small_patch16_224", img_size=64, patch_size=8, depth=4,
                               embed_dim=64, num_heads=2, num_classes=10).eval()
-    recipe = {"version": 1, "rules": [{"pass": "tome", "r": 12}]}
+    recipe = {"version": 1, "rules": rules}
     fast = tokenopt.optimize(model, recipe, outputs=outputs, report=False)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -127,7 +140,7 @@ def test_per_head_keys_are_averaged_in_place(batch, flat):
     metric = tome_ops.keys_per_token(k, x)
     assert metric.shape == (batch, n, heads, d) and not metric.is_contiguous()
     with torch.no_grad():
-        got = native.tome_merge(x, metric, None, None, 15, 1)
+        got = native.reduce(x, metric, None, None, 15, 1)
         want = _torch_step(x, qkv[1].mean(1), None, None, 15, 1)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1])

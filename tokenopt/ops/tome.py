@@ -48,7 +48,7 @@ def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | N
     """
     n = x.shape[1]
     if r > 0 and native.usable(x, metric, size, index):
-        return native.tome_merge(x, metric, size, index, min(r, max_reduction(n, prefix)), prefix)
+        return native.reduce(x, metric, size, index, min(r, max_reduction(n, prefix)), prefix)
     m = bipartite_match(metric, r, prefix)
     x, size = merge_weighted(x, size, m)
     if index is not None:
@@ -83,6 +83,8 @@ def tofu_reduce(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | 
     if op == "merge":
         return tome_merge(x, metric, size, index, r, prefix)
     n = x.shape[1]
+    if op in ("prune", "mlerp") and r > 0 and native.usable(x, metric, size, index):
+        return native.reduce(x, metric, size, index, min(r, max_reduction(n, prefix)), prefix, op)
     m = bipartite_match(metric, r, prefix)
     if size is None:
         size = x.new_ones(x.shape[0], n, 1)

@@ -1,12 +1,13 @@
-"""A native (C) ToMe step for CPU inference: one call instead of ~35 small operators.
+"""A native (C) ToMe/ToFu step for CPU inference: one call instead of ~35 small operators.
 
 Why: a ToMe step written with PyTorch operators pays each operator's fixed cost (dispatcher,
 thread pool); at batch 1 those costs eat a good part of what the merge saves. One C call
-(tome_merge.c) does the matching and the size-weighted merge on contiguous float32 buffers.
+(tome_merge.c) does the matching and the merge (ToMe's size-weighted average, or ToFu's prune or
+MLERP) on float32 buffers.
 
 Where it runs (:func:`usable`): CPU float32 tensors when no autograd is needed, the native step
 is enabled and built. In eager mode it is called directly (no operator dispatch); inside
-``torch.compile`` it is the custom operator ``tokenopt::tome_merge``, which the compiled graph
+``torch.compile`` it is the custom operator ``tokenopt::bipartite_reduce``, which the compiled graph
 calls like any aten kernel. Calls under a dispatch mode (FLOP counters, fake tensors), under
 ``torch.jit`` tracing, with autograd, on GPUs or in other dtypes take the PyTorch path in
 :mod:`tokenopt.ops.matching`, which defines the results; tests hold the two equal.
@@ -92,7 +93,10 @@ def usable(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None)
     return prepare().startswith("on")
 
 
-def _call(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int):
+OPS = {"merge": 0, "prune": 1, "mlerp": 2}   # tome_merge.c's OP_MERGE, OP_PRUNE, OP_MLERP
+
+
+def _call(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int, op: int):
     if _fn is None and not prepare().startswith("on"):
         raise RuntimeError(f"the native ToMe step is {status()}")
     bsz, n, c = x.shape
@@ -110,7 +114,7 @@ def _call(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, 
     failed = _fn(x.data_ptr(), metric.data_ptr(), size.data_ptr() if size is not None else None,
                  index.data_ptr() if index is not None else None,
                  bsz, n, c, d, index.shape[1] if index is not None else 0, r, prefix,
-                 heads, metric.stride(0), metric.stride(1), metric.stride(2),
+                 heads, metric.stride(0), metric.stride(1), metric.stride(2), op,
                  x_out.data_ptr(), size_out.data_ptr(), index_out.data_ptr() if index is not None else None,
                  torch.get_num_threads())   # the size of torch's (shared) OpenMP pool
     if failed:
@@ -118,23 +122,29 @@ def _call(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, 
     return x_out, size_out, index_out
 
 
-@torch.library.custom_op("tokenopt::tome_merge", mutates_args=(), device_types="cpu")
-def _tome_merge_op(x: Tensor, metric: Tensor, size: Optional[Tensor], index: Optional[Tensor], r: int,
-                   prefix: int) -> tuple[Tensor, Tensor, Tensor]:
-    out, new_size, new_index = _call(x, metric, size, index, r, prefix)
+@torch.library.custom_op("tokenopt::bipartite_reduce", mutates_args=(), device_types="cpu")
+def _reduce_op(x: Tensor, metric: Tensor, size: Optional[Tensor], index: Optional[Tensor], r: int,
+               prefix: int, op: int) -> tuple[Tensor, Tensor, Tensor]:
+    out, new_size, new_index = _call(x, metric, size, index, r, prefix, op)
     return out, new_size, new_index if new_index is not None else x.new_empty(0, dtype=torch.long)
 
 
-@_tome_merge_op.register_fake
-def _(x, metric, size, index, r, prefix):
+@_reduce_op.register_fake
+def _(x, metric, size, index, r, prefix, op):
     bsz, n, c = x.shape
     new_index = index.new_empty(index.shape) if index is not None else x.new_empty(0, dtype=torch.long)
     return x.new_empty(bsz, n - r, c), x.new_empty(bsz, n - r, 1), new_index
 
 
-def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int):
-    """ToMe step as :func:`tokenopt.ops.tome.tome_merge` (r already capped); call after :func:`usable`."""
+def reduce(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int,
+           op: str = "merge"):
+    """One reduction step as :mod:`tokenopt.ops.tome` defines it, returning (x, size, index).
+
+    op: "merge" (ToMe's size-weighted average), "prune" or "mlerp" (ToFu). r must already be
+    capped at :func:`tokenopt.ops.matching.max_reduction`; call after :func:`usable`.
+    """
+    code = OPS[op]
     if torch.compiler.is_compiling():
-        out, new_size, new_index = _tome_merge_op(x, metric, size, index, r, prefix)
+        out, new_size, new_index = _reduce_op(x, metric, size, index, r, prefix, code)
         return out, new_size, new_index if index is not None else None
-    return _call(x, metric, size, index, r, prefix)
+    return _call(x, metric, size, index, r, prefix, code)

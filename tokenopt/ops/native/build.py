@@ -92,5 +92,5 @@ def load():
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         return None, f"off: could not build the native ToMe step ({e})"
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 11 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 12 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     return fn, f"on: {path}"

@@ -1,4 +1,4 @@
-/* One ToMe step (bipartite soft matching + size-weighted merge) for float32 CPU tensors.
+/* One ToMe/ToFu step (bipartite soft matching + merge, prune or MLERP) for float32 CPU tensors.
  *
  * Why this exists: at batch 1 the PyTorch version of a ToMe step is ~35 small operators, each
  * paying the dispatcher and a thread-pool round trip; together they cost more than the token
@@ -32,9 +32,12 @@ typedef struct {
     int64_t a;
 } edge_t;
 
+enum { OP_MERGE = 0, OP_PRUNE = 1, OP_MLERP = 2 };   /* ToMe's merge; ToFu's prune and MLERP */
+
 typedef struct {            /* one call: shapes and the derived sizes of the bipartite split */
     int64_t N, C, D, N0, r, prefix;
     int64_t H, m_token, m_head;   /* metric: H heads of D contiguous floats, strides in floats */
+    int64_t op;                   /* OP_MERGE | OP_PRUNE | OP_MLERP */
     int64_t pa, pb, na, nb, n_unm, K, nap, nbp, a_floats;
 } shape_t;
 
@@ -113,8 +116,8 @@ static int64_t argmax_padded(const float *row, int64_t n_padded) {
 }
 
 static shape_t make_shape(int64_t N, int64_t C, int64_t D, int64_t N0, int64_t r, int64_t prefix,
-                          int64_t H, int64_t m_token, int64_t m_head) {
-    shape_t s = {N, C, D, N0, r, prefix, H, m_token, m_head, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+                          int64_t H, int64_t m_token, int64_t m_head, int64_t op) {
+    shape_t s = {N, C, D, N0, r, prefix, H, m_token, m_head, op, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     s.pa = (prefix + 1) / 2;                 /* prefix tokens among A (even) and B (odd) */
     s.pb = prefix / 2;
     s.na = (N + 1) / 2 - s.pa;               /* matchable A, B tokens */
@@ -202,9 +205,15 @@ static void match_block(const shape_t *s, scratch_t *w, int64_t i0) {
     }
 }
 
-/* The r best edges merge; where every input token goes; the groups' sizes. Serial, O(N log N). */
-static void place(const shape_t *s, const float *sb, scratch_t *w, float *osb) {
-    const int64_t prefix = s->prefix;
+/* The r best edges merge; where every input token goes; the groups' sizes and weights. Serial,
+ * O(N log N + r C).
+ *   merge: group = sum(size_i x_i) / sum(size_i), sizes add         (ToMe)
+ *   prune: matched A tokens dropped, partners and sizes unchanged    (ToFu)
+ *   mlerp: group = sum(x_i) / |sum(x_i)| * max_i |x_i|, sizes add    (ToFu's MLERP)
+ * Per group d: dst_size[d] weighs the partner's own row, inv_new[d] is the final factor (merge)
+ * or the largest member norm (mlerp, finished by rescale_groups once the sum exists). */
+static void place(const shape_t *s, const float *xb, const float *sb, scratch_t *w, float *osb) {
+    const int64_t prefix = s->prefix, C = s->C;
     qsort(w->edges, (size_t)s->na, sizeof(edge_t), by_score_desc);
     memset(w->merged, 0, (size_t)s->na);
     for (int64_t e = 0; e < s->r; ++e) w->merged[w->edges[e].a] = 1;
@@ -214,19 +223,29 @@ static void place(const shape_t *s, const float *sb, scratch_t *w, float *osb) {
     for (int64_t i = 0; i < s->na; ++i)
         w->pos[2 * (s->pa + i)] = w->merged[i] ? prefix + s->n_unm + w->partner[i] : next++;
     for (int64_t p = 0; p < s->N; ++p)
-        if (!(p >= prefix && p % 2 == 0 && w->merged[p / 2 - s->pa])) osb[w->pos[p]] = sb ? sb[p] : 1.f;
+        if (!(p >= prefix && p % 2 == 0 && w->merged[p / 2 - s->pa])) {
+            osb[w->pos[p]] = sb ? sb[p] : 1.f;
+            if (s->op == OP_MLERP) w->inv_new[w->pos[p]] = sqrtf(sum_squares(xb + p * C, C));
+        }
     memset(w->touched, 0, (size_t)s->K);
+    if (s->op == OP_PRUNE) return;
     for (int64_t i = 0; i < s->na; ++i) {
         if (!w->merged[i]) continue;
         const int64_t p = 2 * (s->pa + i), d = w->pos[p];
-        if (!w->touched[d]) { w->dst_size[d] = osb[d]; w->touched[d] = 1; }
+        if (!w->touched[d]) { w->dst_size[d] = s->op == OP_MERGE ? osb[d] : 1.f; w->touched[d] = 1; }
         osb[d] += sb ? sb[p] : 1.f;
+        if (s->op == OP_MLERP) {
+            const float norm = sqrtf(sum_squares(xb + p * C, C));
+            if (norm > w->inv_new[d]) w->inv_new[d] = norm;
+        }
     }
-    for (int64_t d = 0; d < s->K; ++d)
-        if (w->touched[d]) w->inv_new[d] = 1.f / osb[d];
+    if (s->op == OP_MERGE)
+        for (int64_t d = 0; d < s->K; ++d)
+            if (w->touched[d]) w->inv_new[d] = 1.f / osb[d];
 }
 
-/* Output channels [c0, c1): kept rows copied, each group sum(size_i x_i) / sum(size_i). */
+/* Output channels [c0, c1): kept rows copied; each group's (weighted) sum, and for merge its
+ * division by the group's size. */
 static void write_channels(const shape_t *s, const float *xb, const float *sb, const scratch_t *w, float *ob,
                            int64_t c0, int64_t c1) {
     const int64_t C = s->C, prefix = s->prefix;
@@ -240,19 +259,32 @@ static void write_channels(const shape_t *s, const float *xb, const float *sb, c
         const float *xd = xb + p * C;
         for (int64_t c = c0; c < c1; ++c) od[c] = sd * xd[c];
     }
+    if (s->op == OP_PRUNE) return;
     for (int64_t i = 0; i < s->na; ++i) {
         if (!w->merged[i]) continue;
         const int64_t p = 2 * (s->pa + i);
-        const float ss = sb ? sb[p] : 1.f;
+        const float ss = s->op == OP_MERGE && sb ? sb[p] : 1.f;
         float *od = ob + w->pos[p] * C;
         const float *xs = xb + p * C;
         for (int64_t c = c0; c < c1; ++c) od[c] += ss * xs[c];
     }
+    if (s->op != OP_MERGE) return;
     for (int64_t d = 0; d < s->K; ++d) {
         if (!w->touched[d]) continue;
         const float inv = w->inv_new[d];
         float *od = ob + d * C;
         for (int64_t c = c0; c < c1; ++c) od[c] *= inv;
+    }
+}
+
+/* MLERP, groups [d0, d1): the sum's direction at the norm of the group's largest member. */
+static void rescale_groups(const shape_t *s, const scratch_t *w, float *ob, int64_t d0, int64_t d1) {
+    const int64_t C = s->C;
+    for (int64_t d = d0; d < d1; ++d) {
+        if (!w->touched[d]) continue;
+        float *od = ob + d * C;
+        const float f = w->inv_new[d] / sqrtf(sum_squares(od, C));
+        for (int64_t c = 0; c < C; ++c) od[c] *= f;
     }
 }
 
@@ -267,13 +299,14 @@ static void remap_index(const shape_t *s, const int64_t *ib, const scratch_t *w,
  * size   (B, N)     or NULL (all 1)   index  (B, N0)  or NULL: original token -> position now
  * x_out  (B, N-r, C)                  size_out (B, N-r)
  * index_out (B, N0) written when index is given; 0 <= r <= max_reduction(N, prefix)
+ * op: OP_MERGE (ToMe), OP_PRUNE or OP_MLERP (ToFu); see place()
  * nthreads: torch.get_num_threads(), the size of the shared OpenMP pool
  */
 int tome_merge_f32(const float *x, const float *metric, const float *size, const int64_t *index,
                    int64_t B, int64_t N, int64_t C, int64_t D, int64_t N0, int64_t r, int64_t prefix,
-                   int64_t H, int64_t m_batch, int64_t m_token, int64_t m_head,
+                   int64_t H, int64_t m_batch, int64_t m_token, int64_t m_head, int64_t op,
                    float *x_out, float *size_out, int64_t *index_out, int64_t nthreads) {
-    const shape_t s = make_shape(N, C, D, N0, r, prefix, H, m_token, m_head);
+    const shape_t s = make_shape(N, C, D, N0, r, prefix, H, m_token, m_head, op);
     int failed = 0;
     if (nthreads < 1) nthreads = 1;
     if (B >= nthreads) {                             /* a batch: one image per thread at a time */
@@ -284,8 +317,9 @@ int tome_merge_f32(const float *x, const float *metric, const float *size, const
             const float *xb = x + bi * N * C, *sb = size ? size + bi * N : NULL;
             normalise_rows(&s, metric + bi * m_batch, &w, 0, N);
             for (int64_t i0 = 0; i0 < s.nap; i0 += 4) match_block(&s, &w, i0);
-            place(&s, sb, &w, size_out + bi * s.K);
+            place(&s, xb, sb, &w, size_out + bi * s.K);
             write_channels(&s, xb, sb, &w, x_out + bi * s.K * C, 0, C);
+            if (op == OP_MLERP) rescale_groups(&s, &w, x_out + bi * s.K * C, 0, s.K);
             if (index) remap_index(&s, index + bi * N0, &w, index_out + bi * N0);
             scratch_free(&w);
         }
@@ -304,9 +338,13 @@ int tome_merge_f32(const float *x, const float *metric, const float *size, const
             #pragma omp for schedule(static)
             for (int64_t i0 = 0; i0 < s.nap; i0 += 4) match_block(&s, &w, i0);
             #pragma omp single
-            place(&s, sb, &w, osb);
+            place(&s, xb, sb, &w, osb);
             #pragma omp for schedule(static)
             for (int64_t c0 = 0; c0 < C; c0 += 32) write_channels(&s, xb, sb, &w, ob, c0, c0 + 32 < C ? c0 + 32 : C);
+            if (op == OP_MLERP) {
+                #pragma omp for schedule(static)
+                for (int64_t d0 = 0; d0 < s.K; d0 += 16) rescale_groups(&s, &w, ob, d0, d0 + 16 < s.K ? d0 + 16 : s.K);
+            }
         }
         if (index) remap_index(&s, index + bi * N0, &w, index_out + bi * N0);
     }
