@@ -24,7 +24,7 @@ import tokenopt
 from tokenopt.flops import count_flops
 from tokenopt.ops import native
 from tokenopt.ops import tome as tome_ops
-from tokenopt.timing import compile_all, interleaved_throughput
+from tokenopt.timing import compile_all, measure_speed
 
 
 def free_drop(x, metric, size, index, r, prefix):
@@ -66,13 +66,13 @@ def main(argv=None):
     results = {}
     for b in args.batches:
         t.add_column(f"b{b}", justify="right")
-        results[b] = interleaved_throughput(models, torch.randn(b, *size), rounds=args.rounds)
+        results[b] = measure_speed(models, torch.randn(b, *size), rounds=args.rounds)
     if args.compile:
         x = torch.randn(8, *size)
         t.add_column("compiled b8", justify="right")
-        results["c"] = interleaved_throughput(compile_all(models, x, Console().status), x, rounds=args.rounds)
+        results["c"] = measure_speed(compile_all(models, x, Console().status), x, rounds=args.rounds)
     for k in models:
-        t.add_row(k, f"{gflops[k]:.2f}", *(f"{results[b][k]:.1f} ({results[b][k] / results[b]['original']:.2f}x)"
+        t.add_row(k, f"{gflops[k]:.2f}", *(f"{results[b][0][k]:.1f} ({results[b][1][k]:.2f}x)"
                                            for b in [*args.batches, *(["c"] if args.compile else [])]))
     Console().print(t)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; eager CPU ToMe step: {native.status()}")

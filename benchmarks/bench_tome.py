@@ -5,8 +5,9 @@
     python benchmarks/bench_tome.py --methods tome tofu --r 13   # ToFu next to ToMe at equal r
     python benchmarks/bench_tome.py --device cuda   # where a GPU exists
 
-Prints GFLOPs, img/s and speedup over the original for r in --r at batch 8 (eager and
-torch.compile), and eager at batch 1 and 32; "ideal" is the FLOPs ratio.
+Prints GFLOPs, img/s (median over interleaved rounds) and speedup over the original (median of
+the per-round ratios) for r in --r at batch 8 (eager and torch.compile), and eager at batch 1
+and 32; "ideal" is the FLOPs ratio.
 
 The row "r=0 (cleanup only)" is the rewritten graph without any merge: it shows how much of the
 eager speedup is tokenopt's graph cleanup (identity and p=0 dropout calls removed) rather than
@@ -27,7 +28,7 @@ from rich.table import Table
 import tokenopt
 from tokenopt.flops import count_flops
 from tokenopt.ops import native
-from tokenopt.timing import compile_all, interleaved_throughput
+from tokenopt.timing import compile_all, measure_speed
 
 
 def main(argv=None):
@@ -68,19 +69,22 @@ def main(argv=None):
     one = torch.randn(1, *size, device=device)
     gflops = {k: count_flops(m, one) / 1e9 for k, m in models.items()}
 
-    results: dict[str, dict[str, float]] = {k: {} for k in models}
+    results: dict[str, dict[str, tuple[float, float]]] = {k: {} for k in models}   # (img/s, speedup)
+
+    def measure(column, timed, x):
+        speed, speedup = measure_speed(timed, x, rounds=args.rounds)
+        for k in timed:
+            results[k][column] = (speed[k], speedup[k])
+
     cols = []
     for b in [args.batch] + [b for b in args.eager_batches if b != args.batch]:
-        x = torch.randn(b, *size, device=device)
         with console.status(f"eager, batch {b}"):
-            for k, v in interleaved_throughput(models, x, rounds=args.rounds).items():
-                results[k][f"eager b{b}"] = v
+            measure(f"eager b{b}", models, torch.randn(b, *size, device=device))
         cols.append(f"eager b{b}")
     if not args.no_compile:
         x = torch.randn(args.batch, *size, device=device)
         compiled = compile_all({k: m for k, m in models.items() if k != cleanup_only}, x, console.status)
-        for k, v in interleaved_throughput(compiled, x, rounds=args.rounds).items():
-            results[k][f"compiled b{args.batch}"] = v
+        measure(f"compiled b{args.batch}", compiled, x)
         cols.insert(1, f"compiled b{args.batch}")
 
     t = Table(title=f"{args.model} on {device.type}: img/s (speedup over original, same run)")
@@ -95,8 +99,8 @@ def main(argv=None):
             if c not in results[k]:
                 row.append("-")
                 continue
-            v, ref = results[k][c], results["original"][c]
-            row.append(f"{v:.1f} ({v / ref:.2f}x)")
+            v, speedup = results[k][c]
+            row.append(f"{v:.1f} ({speedup:.2f}x)")
         t.add_row(*row)
     console.print(t)
     console.print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, timm {timm.__version__}")

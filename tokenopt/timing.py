@@ -1,8 +1,8 @@
 """Throughput measurement shared by the benchmarks and the demo.
 
 Timings on a shared CPU are noisy, so configurations are measured *interleaved* (one round runs
-every model once, rounds repeat) and each reports its median; speedups are ratios to the
-unmodified model measured in the same rounds.
+every model once, rounds repeat) and each reports its median; speedups are medians of the
+per-round ratios to the unmodified model (:func:`per_round_speedup`).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_throughput(models: dict[str, Callable], x: torch.Tensor, rounds: int = 7, warmup: int = 2,
-                           min_seconds: float = 0.2) -> dict[str, float]:
-    """Images per second for each model, medians over ``rounds`` interleaved rounds."""
+def interleaved_times(models: dict[str, Callable], x: torch.Tensor, rounds: int = 7, warmup: int = 2,
+                      min_seconds: float = 0.2) -> dict[str, list[float]]:
+    """Seconds per call of each model, one value per interleaved round."""
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for f in models.values():
@@ -42,7 +42,30 @@ def interleaved_throughput(models: dict[str, Callable], x: torch.Tensor, rounds:
                     f(x)
                 _sync(x.device)
                 times[k].append((time.perf_counter() - t) / reps[k])
+    return times
+
+
+def interleaved_throughput(models: dict[str, Callable], x: torch.Tensor, rounds: int = 7, warmup: int = 2,
+                           min_seconds: float = 0.2) -> dict[str, float]:
+    """Images per second for each model, medians over ``rounds`` interleaved rounds."""
+    times = interleaved_times(models, x, rounds, warmup, min_seconds)
     return {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
+
+
+def per_round_speedup(times: dict[str, list[float]], reference: str) -> dict[str, float]:
+    """Speedup of every model over ``reference``: the median over rounds of the ratio of times
+    measured in the same round. A machine whose speed drifts during the run (a shared VM) shifts
+    both times of a round together, which this cancels and a ratio of medians does not."""
+    ref = times[reference]
+    return {k: statistics.median(r / t for r, t in zip(ref, v)) for k, v in times.items()}
+
+
+def measure_speed(models: dict[str, Callable], x: torch.Tensor, reference: str = "original",
+                  rounds: int = 7, min_seconds: float = 0.2) -> tuple[dict[str, float], dict[str, float]]:
+    """(images per second, speedup over ``reference``) for every model, interleaved rounds."""
+    times = interleaved_times(models, x, rounds, min_seconds=min_seconds)
+    return ({k: x.shape[0] / statistics.median(v) for k, v in times.items()},
+            per_round_speedup(times, reference))
 
 
 def compile_all(models: dict[str, Callable], x: torch.Tensor,
