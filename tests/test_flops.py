@@ -95,4 +95,3 @@ def test_vit_small_is_about_4_6_gflops():
     model = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
     flops = count_flops(model, torch.randn(1, 3, 224, 224))
     assert 4.5e9 < flops < 4.7e9
-
