@@ -1,7 +1,8 @@
 """Throughput measurement shared by the benchmarks and the demo.
 
 Timings on a shared CPU are noisy, so configurations are measured *interleaved* (one round runs
-every model once, rounds repeat) and each reports its median; speedups are medians of the
+every model once, in an order that rotates from round to round, rounds repeat) and each reports
+its median; speedups are medians of the
 per-round ratios to the unmodified model (:func:`per_round_speedup`).
 """
 from __future__ import annotations
@@ -34,8 +35,11 @@ def interleaved_times(models: dict[str, Callable], x: torch.Tensor, rounds: int 
             f(x)
             _sync(x.device)
             reps[k] = max(1, int(min_seconds / max(time.perf_counter() - t, 1e-6)))
-        for _ in range(rounds):
-            for k, f in models.items():
+        names = list(models)
+        for i in range(rounds):
+            # each round starts one model later, so no model always runs right after the same one
+            for k in names[i % len(names):] + names[:i % len(names)]:
+                f = models[k]
                 _sync(x.device)
                 t = time.perf_counter()
                 for _ in range(reps[k]):
