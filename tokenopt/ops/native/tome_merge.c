@@ -1,23 +1,21 @@
 /* One ToMe/ToFu step (bipartite soft matching + merge, prune or MLERP) for float32 CPU tensors.
  *
  * Why this exists: at batch 1 the PyTorch version of a ToMe step is ~35 small operators, each
- * paying the dispatcher and a thread-pool round trip; together they cost more than the token
- * reduction saves in the layer that follows. Here the whole step is one call.
+ * paying the dispatcher and a thread-pool round trip; together they cost a good part of what the
+ * token reduction saves in the layer that follows. Here the whole step is one call.
  *
  * The definition and conventions are those of tokenopt/ops/matching.py (the reference
  * implementation's): A = even positions, B = odd positions, prefix tokens never matched, the r
- * A tokens with the most similar B partner (cosine similarity) are merged into it, output order
- * [prefix, unmerged A in original order, B in original order], and every group becomes
- * sum(size_i x_i) / sum(size_i).
+ * A tokens with the most similar B partner (cosine similarity of the metric averaged over heads)
+ * are reduced into it, output order [prefix, unmerged A in original order, B in original order].
+ * How a group is reduced (ToMe's size-weighted average, ToFu's prune or MLERP): see place().
  *
  * Plain C11 with GCC/Clang vector extensions and OpenMP pragmas, no torch headers: it builds in
- * well under a second with the system compiler (tokenopt/ops/native/__init__.py) and is called
- * through ctypes on contiguous buffers. It is linked against the OpenMP runtime torch itself
- * loaded, so it shares torch's thread pool: right after a matrix multiply torch's worker threads
- * are still spinning, and work handed to them starts at once (a single-threaded step here runs
- * at half speed beside a spinning worker). Built without OpenMP, the pragmas are ignored and
- * the same code runs on one thread. Batches split by image; a single image splits its score
- * rows and its channels.
+ * well under a second with the system compiler (tokenopt/ops/native/build.py) and is called
+ * through ctypes on dense tokens and a strided view of the keys. It is linked against the
+ * OpenMP runtime torch itself loaded, so both share one thread pool (two runtimes would
+ * oversubscribe the cores). Built without OpenMP, the pragmas are ignored and the same code runs
+ * on one thread. Batches split by image; a single image splits its score rows and its channels.
  */
 #include <math.h>
 #include <stdint.h>
@@ -48,7 +46,6 @@ typedef struct {            /* per-image scratch */
     int64_t *partner, *pos;
     unsigned char *merged, *touched;
 } scratch_t;
-
 
 /* Most similar first; equal scores by A position, so the choice is deterministic. */
 static int by_score_desc(const void *l, const void *r) {
