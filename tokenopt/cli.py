@@ -192,7 +192,7 @@ def apply(
 ) -> None:
     """Rewrite MODEL as RECIPE asks and save the result to OUT."""
     from tokenopt import artifact, io
-    from tokenopt.pipeline import optimize
+    from tokenopt.pipeline import has_bipartite_step, optimize
 
     size = _parse_input_size(input_size)
     rec = _load_recipe(recipe, strict)
@@ -215,8 +215,8 @@ def apply(
     report = gm.tokenopt_report
     out.print(report.rich_table())
     _print_notes(report.skipped, report.warnings, _console(stderr=True))
-    from tokenopt.ops import native, tome as tome_ops
-    if any(n.target is tome_ops.tome_merge for n in gm.graph.nodes):
+    if has_bipartite_step(gm):
+        from tokenopt.ops import native
         state = native.status()
         out.print("merge step for eager CPU inference: " + ("native" if state.startswith("on") else
                   f"PyTorch operators ({state.removeprefix('off: ')})"))

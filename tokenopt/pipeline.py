@@ -68,13 +68,18 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
             raise
     elif any(lp.step is not None for lp in plan.layers):
         verify_runs(gm, example_input)
-    if any(n.target is tome_ops.tome_merge for n in gm.graph.nodes):
+    if has_bipartite_step(gm):
         native.prepare()   # built now, so a torch.compile of this module can call it too
     # last, because the analysis and the report name nodes that are about to go
     if drop_noop_calls(gm):
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return gm
+
+
+def has_bipartite_step(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` runs a ToMe or ToFu step (matching + merge), the work the native step does."""
+    return any(n.target in (tome_ops.tome_merge, tome_ops.tofu_reduce) for n in gm.graph.nodes)
 
 
 def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> fx.GraphModule:

@@ -2,8 +2,8 @@
 
 Timings on a shared CPU are noisy, so configurations are measured *interleaved* (one round runs
 every model once, in an order that rotates from round to round, rounds repeat) and each reports
-its median; speedups are medians of the
-per-round ratios to the unmodified model (:func:`per_round_speedup`).
+its median; speedups are medians of the per-round ratios to the unmodified model
+(:func:`per_round_speedup`).
 """
 from __future__ import annotations
 
@@ -52,8 +52,11 @@ def interleaved_times(models: dict[str, Callable], x: torch.Tensor, rounds: int 
 def interleaved_throughput(models: dict[str, Callable], x: torch.Tensor, rounds: int = 7, warmup: int = 2,
                            min_seconds: float = 0.2) -> dict[str, float]:
     """Images per second for each model, medians over ``rounds`` interleaved rounds."""
-    times = interleaved_times(models, x, rounds, warmup, min_seconds)
-    return {k: x.shape[0] / statistics.median(v) for k, v in times.items()}
+    return _images_per_second(interleaved_times(models, x, rounds, warmup, min_seconds), x.shape[0])
+
+
+def _images_per_second(times: dict[str, list[float]], batch: int) -> dict[str, float]:
+    return {k: batch / statistics.median(v) for k, v in times.items()}
 
 
 def per_round_speedup(times: dict[str, list[float]], reference: str) -> dict[str, float]:
@@ -68,8 +71,7 @@ def measure_speed(models: dict[str, Callable], x: torch.Tensor, reference: str =
                   rounds: int = 7, min_seconds: float = 0.2) -> tuple[dict[str, float], dict[str, float]]:
     """(images per second, speedup over ``reference``) for every model, interleaved rounds."""
     times = interleaved_times(models, x, rounds, min_seconds=min_seconds)
-    return ({k: x.shape[0] / statistics.median(v) for k, v in times.items()},
-            per_round_speedup(times, reference))
+    return _images_per_second(times, x.shape[0]), per_round_speedup(times, reference)
 
 
 def compile_all(models: dict[str, Callable], x: torch.Tensor,

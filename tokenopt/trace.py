@@ -123,4 +123,3 @@ class NodeTaggingInterpreter(fx.Interpreter):
             if getattr(e, "tokenopt_node", None) is None:
                 e.tokenopt_node = n
             raise
-

@@ -47,13 +47,22 @@ def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | N
     PyTorch operators below define the method and serve autograd, torch.compile and GPUs.
     """
     n = x.shape[1]
-    if r > 0 and native.usable(x, metric, size, index):
-        return native.reduce(x, metric, size, index, min(r, max_reduction(n, prefix)), prefix)
+    done = _native_step(x, metric, size, index, r, prefix, "merge")
+    if done is not None:
+        return done
     m = bipartite_match(metric, r, prefix)
     x, size = merge_weighted(x, size, m)
     if index is not None:
         index = merged_positions(n, m).gather(1, index)
     return x, size, index
+
+
+def _native_step(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int,
+                 op: str):
+    """(x, size, index) from the native step when this call may take it (see ops/native), else None."""
+    if r > 0 and op in native.OPS and native.usable(x, metric, size, index):
+        return native.reduce(x, metric, size, index, min(r, max_reduction(x.shape[1], prefix)), prefix, op)
+    return None
 
 
 def initial_index(x: Tensor) -> Tensor:
@@ -83,8 +92,9 @@ def tofu_reduce(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | 
     if op == "merge":
         return tome_merge(x, metric, size, index, r, prefix)
     n = x.shape[1]
-    if op in ("prune", "mlerp") and r > 0 and native.usable(x, metric, size, index):
-        return native.reduce(x, metric, size, index, min(r, max_reduction(n, prefix)), prefix, op)
+    done = _native_step(x, metric, size, index, r, prefix, op)
+    if done is not None:
+        return done
     m = bipartite_match(metric, r, prefix)
     if size is None:
         size = x.new_ones(x.shape[0], n, 1)

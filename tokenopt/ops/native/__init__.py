@@ -54,7 +54,7 @@ def set_enabled(flag: bool) -> bool:
 
 @contextlib.contextmanager
 def disabled():
-    """Within this block every ToMe step takes the PyTorch path (tests, A/B timing)."""
+    """Within this block every ToMe/ToFu step takes the PyTorch path (tests, A/B timing)."""
     before = set_enabled(False)
     try:
         yield
