@@ -93,7 +93,7 @@ def test_apply_auto_with_calibration_round_trips(tmp_path):
     assert res.exit_code == 0, res.output
     assert "linearity error" in res.output
     loaded = tokenopt.load(out)
-    ops = [lp.step.params["op"] for lp in loaded.tokenopt_plan.layers]
+    ops = [lp.step.params.op for lp in loaded.tokenopt_plan.layers]
     assert sorted(ops) == ["mlerp", "mlerp", "prune", "prune"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

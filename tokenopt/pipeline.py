@@ -1,4 +1,8 @@
-"""optimize(): load recipe -> analyse -> plan -> rewrite -> report. The library's front door."""
+"""optimize(): load recipe -> analyse -> calibrate -> plan -> rewrite -> verify -> report.
+
+The library's front door. It names no pass: each rule's pass is asked whether it needs
+calibration, measures on the analysis made here, and plans and rewrites its own layers.
+"""
 from __future__ import annotations
 
 import operator
@@ -44,10 +48,7 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     if example_input is None:
         example_input = example_input_for(model)
     analysis = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens)
-    context = dict(context or {})
-    if "linearity" not in context and calibration is not None and any(get_pass(r.pass_name)().needs_calibration(r.options) for r in recipe.rules):
-        from tokenopt.train.probe import linearity_profile
-        context["linearity"] = linearity_profile(model, calibration, leaf_modules=leaf_modules).errors
+    context = calibrate(recipe, model, analysis, calibration, context)
     plan = make_plan(recipe, analysis, context)
     gm = apply_plan(analysis, plan, outputs)
     gm.tokenopt_recipe = recipe
@@ -62,7 +63,7 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
         from tokenopt.report import build_report
         reference = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens).graph
         try:
-            gm.tokenopt_report = build_report(reference, gm, analysis, plan, example_input[:1])
+            gm.tokenopt_report = build_report(reference, gm, analysis, plan, example_input[:1], example_input)
         except Exception as e:
             _raise_if_rewritten_graph_failed(gm, e)
             raise
@@ -75,6 +76,23 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
         gm.graph.eliminate_dead_code()
         gm.recompile()
     return gm
+
+
+def calibrate(recipe: Recipe, model: nn.Module, analysis: ModelAnalysis, images: torch.Tensor | None,
+              context: dict | None = None) -> dict:
+    """Measurements for every rule whose pass asks for them, made on ``analysis``'s graph.
+
+    What ``context`` already holds (an artifact's replay, a probe's output) is kept, not measured
+    again. Without ``images`` nothing is measured; a pass that needed it says so when planning.
+    """
+    context = dict(context or {})
+    if images is None:
+        return context
+    for rule in recipe.rules:
+        p = get_pass(rule.pass_name)()
+        if p.needs_calibration(rule.options) and p.calibration_key not in context:
+            context.update(p.calibrate(model, analysis, images))
+    return context
 
 
 def has_bipartite_step(gm: fx.GraphModule) -> bool:
@@ -100,6 +118,7 @@ def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> 
     gm = g.finish()
     gm.tokenopt_inserted = dict(g.inserted)
     gm.tokenopt_overhead = dict(g.overhead)
+    gm.tokenopt_token_counts = dict(g.token_counts)
     gm.tokenopt_analysis = analysis
     return gm
 
@@ -115,7 +134,7 @@ def _restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
         last = g.node(carrier[-1].output)
         full = g.insert_after(last, tome_ops.unmerge, last, g.state.index, label="unmerge to the original grid")
         g.replace_uses(last, full)
-        g.state.extra["unmerged"] = True
+        g.state.unmerged = True
         return
     for p in analysis.pooling:
         if p.kind == "avg" and p.node is not None:
@@ -131,7 +150,7 @@ def _return_tokens(g: GraphRewriter, analysis: ModelAnalysis) -> None:
     """Make the graph return every patch token (prefix tokens dropped) in original order."""
     feats = g.node(analysis.features)
     out = feats
-    if g.state.index is not None and g.state.reduced and not g.state.extra.get("unmerged"):
+    if g.state.index is not None and g.state.reduced and not g.state.unmerged:
         out = g.insert_after(out, tome_ops.unmerge, out, g.state.index, label="unmerge to the original grid")
     tokens = g.insert_after(out, operator.getitem, out, (slice(None), slice(analysis.prefix_tokens, None)),
                             label="patch tokens")

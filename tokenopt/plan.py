@@ -2,7 +2,8 @@
 
 Rules apply in order and a later rule replaces an earlier one on the same block. Token counts are
 walked block by block so that a reduction too large for the tokens left is caught here, with the
-layer and the recipe line named, before any graph is touched.
+layer and the recipe line named, before any graph is touched. A count is a
+:class:`~tokenopt.tokens.TokenCount`: fixed for merges, "at most, about" for per-image gates.
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import warnings
 from dataclasses import dataclass, field
 
 from tokenopt.analysis import ModelAnalysis
-from tokenopt.errors import PlanError, RecipeError
+from tokenopt.errors import PlanError, RecipeError, TokenoptError
 from tokenopt.passes import get_pass
 from tokenopt.passes.base import LayerStep
 from tokenopt.recipe import Recipe, Rule, resolve_layers
+from tokenopt.tokens import TokenCount
 
 
 class TokenoptWarning(UserWarning):
@@ -24,10 +26,13 @@ class TokenoptWarning(UserWarning):
 class LayerPlan:
     block: int
     path: str
-    tokens_in: int
-    tokens_out: int
+    tokens_in: TokenCount          # per image; an int given here becomes a fixed count
+    tokens_out: TokenCount
     rule: Rule | None = None
     step: LayerStep | None = None
+
+    def __post_init__(self):
+        self.tokens_in, self.tokens_out = TokenCount.of(self.tokens_in), TokenCount.of(self.tokens_out)
 
     @property
     def acted(self) -> str:
@@ -45,23 +50,24 @@ class Plan:
 
 
 def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = None) -> Plan:
-    """``context`` carries measurements some passes need (e.g. {"linearity": [...]} for ToFu auto)."""
+    """``context`` carries what the passes' calibration measured (see :meth:`Pass.calibrate`)."""
     context = context or {}
     blocks = analysis.blocks
     paths = analysis.block_paths
-    chosen: dict[int, tuple[Rule, dict]] = {}
+    chosen: dict[int, tuple[Rule, object]] = {}
     skipped: list[tuple[str, str]] = []
     for rule in recipe.rules:
         where = rule.where(recipe.source)
         idx = resolve_layers(rule.layers, paths, where)
         p = get_pass(rule.pass_name)()
-        per_layer = p.resolve(p.layer_options(rule.options, len(idx), where), [blocks[i] for i in idx], context)
+        per_layer = p.resolve(rule.options, p.layer_options(rule.options, len(idx), where),
+                              [blocks[i] for i in idx], context, where)
         usable = []
-        for i, opts in zip(idx, per_layer):
+        for i, params in zip(idx, per_layer):
             why = p.refuse(blocks[i])
             if why is None:
                 usable.append(i)
-                chosen[i] = (rule, opts)
+                chosen[i] = (rule, params)
             else:
                 chosen.pop(i, None)
                 skipped.append((paths[i], why))
@@ -83,13 +89,16 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
                     f"  Select only layers after {b.path}.")
 
     layers, notes = [], []
-    tokens = blocks[0].tokens
+    tokens = TokenCount.fixed(blocks[0].tokens)
     prefix = analysis.prefix_tokens
     for b in blocks:
         lp = LayerPlan(b.index, b.path, tokens, tokens)
         if b.index in chosen:
-            rule, opts = chosen[b.index]
-            step = get_pass(rule.pass_name)().plan_layer(b, opts, tokens, prefix)
+            rule, params = chosen[b.index]
+            try:
+                step = get_pass(rule.pass_name)().plan_layer(b, params, tokens, prefix)
+            except TokenoptError as e:   # the pass names the layer; the recipe line is the planner's to add
+                raise type(e)(f"{rule.where(recipe.source)}: {e}") from None
             if step.shortfall:
                 msg = f"{rule.where(recipe.source)}: {b.path} ({b.index}): {step.shortfall}"
                 if recipe.strict:

@@ -1,4 +1,9 @@
-"""The per-layer report: tokens in -> out, FLOPs before/after, which rule acted, and why not."""
+"""The per-layer report: tokens in -> out, FLOPs before/after, which rule acted, and why not.
+
+Token counts are per image. Where a layer keeps a different number of tokens per image (a gate),
+the planned count reads "≤ max, ≈ expected" and the report adds the mean measured on the example
+batch, from the per-image count node the pass recorded in the graph.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -9,18 +14,30 @@ import torch.fx as fx
 from tokenopt.analysis import ModelAnalysis
 from tokenopt.flops import flops_by_node
 from tokenopt.plan import Plan
+from tokenopt.tokens import TokenCount
 
 
 @dataclass
 class LayerRow:
     index: int
     path: str
-    tokens_in: int
-    tokens_out: int
+    tokens_in: TokenCount
+    tokens_out: TokenCount
     flops_before: int
     flops_after: int
     acted: str
     selector_flops: int = 0                 # of flops_after: what choosing the tokens costs (ToSA)
+    measured_out: float | None = None       # varying counts: mean tokens out per image on the example batch
+
+    def __post_init__(self):
+        # manifests store a fixed count as an int and a varying one as {"max", "expected"}
+        self.tokens_in, self.tokens_out = (TokenCount(**t) if isinstance(t, dict) else TokenCount.of(t)
+                                           for t in (self.tokens_in, self.tokens_out))
+
+    @property
+    def tokens_text(self) -> str:
+        text = f"{self.tokens_in} → {self.tokens_out}"
+        return text if self.measured_out is None else f"{text} (measured {self.measured_out:.1f})"
 
 
 @dataclass
@@ -42,7 +59,10 @@ class Report:
         return self.flops_before / max(self.flops_after, 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for row, r in zip(d["rows"], self.rows):
+            row["tokens_in"], row["tokens_out"] = r.tokens_in.to_json(), r.tokens_out.to_json()
+        return d
 
     def rich_table(self):
         from rich.table import Table
@@ -58,7 +78,7 @@ class Report:
                           *selector(("of which selector MFLOPs", "right")), ("rule", "left")):
             t.add_column(col, justify=just)
         for r in self.rows:
-            t.add_row(str(r.index), r.path, f"{r.tokens_in} → {r.tokens_out}", f"{r.flops_before / 1e9:.3f}",
+            t.add_row(str(r.index), r.path, r.tokens_text, f"{r.flops_before / 1e9:.3f}",
                       f"{r.flops_after / 1e9:.3f}", *selector(f"{r.selector_flops / 1e6:.3f}"), r.acted)
         t.add_row("", "embed + head", "", f"{self.other_before / 1e9:.3f}", f"{self.other_after / 1e9:.3f}",
                   *selector(""), "")
@@ -94,17 +114,46 @@ def _per_block(gm: fx.GraphModule, analysis: ModelAnalysis, counts: dict[str, in
     return per, other
 
 
+def measured_token_counts(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, float]:
+    """Mean tokens per image after each layer that recorded a per-image count node, on ``batch``.
+
+    ``gm.tokenopt_token_counts`` maps a block index to the node holding its (B,) counts.
+    """
+    wanted = {name: block for block, name in getattr(gm, "tokenopt_token_counts", {}).items()}
+    if not wanted:
+        return {}
+    seen: dict[int, float] = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted:
+                seen[wanted[n.name]] = float(torch.as_tensor(out).float().mean())
+            return out
+
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            Capture(gm).run(batch)
+    finally:
+        gm.train(was_training)
+    return seen
+
+
 def build_report(reference: fx.GraphModule, optimized: fx.GraphModule, analysis: ModelAnalysis, plan: Plan,
-                 x: torch.Tensor) -> Report:
+                 x: torch.Tensor, batch: torch.Tensor | None = None) -> Report:
+    """FLOPs per block on ``x`` (one image); varying token counts measured on ``batch`` (default x)."""
     with torch.no_grad():
         before = flops_by_node(reference, x)
         after = flops_by_node(optimized, x)
+    measured = measured_token_counts(optimized, batch if batch is not None else x)
     per_before, other_before = _per_block(reference, analysis, before)
     per_after, other_after = _per_block(optimized, analysis, after)
     selector = [0] * len(per_after)
     for name, block in getattr(optimized, "tokenopt_overhead", {}).items():
         selector[block] += after.get(name, 0)
-    rows = [LayerRow(lp.block, lp.path, lp.tokens_in, lp.tokens_out, fb, fa, lp.acted, fs)
+    rows = [LayerRow(lp.block, lp.path, lp.tokens_in, lp.tokens_out, fb, fa, lp.acted, fs, measured.get(lp.block))
             for lp, fb, fa, fs in zip(plan.layers, per_before, per_after, selector)]
     return Report(rows, sum(before.values()), sum(after.values()), other_before, other_after,
                   list(plan.warnings), list(plan.skipped), list(analysis.unmatched), analysis.prefix_tokens,

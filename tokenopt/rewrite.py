@@ -9,6 +9,7 @@ submodules with :meth:`GraphRewriter.add_module`, so they appear in ``state_dict
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.fx as fx
@@ -17,6 +18,9 @@ from torch import nn
 from tokenopt.analysis import BlockRecord, ModelAnalysis, shape_of
 from tokenopt.ops import attention as attn_ops
 from tokenopt.ops import tome as tome_ops
+from tokenopt.tokens import Dense, Layout
+
+S = TypeVar("S")
 
 
 @dataclass
@@ -27,7 +31,8 @@ class TokenState:
     index: fx.Node | None = None         # (B, N0) position of every original token; None = untracked
     prop_attn: bool = False              # add log(size) to later attention logits
     reduced: bool = False                # token count changed since the input
-    extra: dict = field(default_factory=dict)  # room for later passes (e.g. packed lengths)
+    unmerged: bool = False               # the stream was put back on the original grid already
+    layout: Layout = field(default_factory=Dense)   # Dense (B, N, C) or Packed (per-image lengths, offsets)
 
 
 class GraphRewriter:
@@ -41,7 +46,21 @@ class GraphRewriter:
         # inserted nodes that are a pass's own cost rather than the block's work (ToSA's selector
         # path): node name -> the block they serve, so reports can show what a selection costs
         self.overhead: dict[str, int] = {}
+        # block index -> the node holding its (B,) tokens per image, where the count varies by image
+        self.token_counts: dict[int, str] = {}
+        self._pass_state: dict[type, object] = {}
         self._by_name = {n.name: n for n in self.graph.nodes}
+
+    def pass_state(self, kind: type[S]) -> S:
+        """The one instance of a pass's own bookkeeping dataclass ``kind`` for this rewrite
+        (created on first use): what a pass carries from one of its layers to the next."""
+        if kind not in self._pass_state:
+            self._pass_state[kind] = kind()
+        return self._pass_state[kind]
+
+    def record_token_count(self, block: BlockRecord, counts: fx.Node) -> None:
+        """``counts`` holds the (B,) tokens per image after ``block``; the report measures it."""
+        self.token_counts[block.index] = counts.name
 
     # ---------------------------------------------------------------- lookup and insertion
     def node(self, name: str) -> fx.Node:

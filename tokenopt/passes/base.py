@@ -1,14 +1,28 @@
-"""The pass interface and its registry.
+"""The pass interface and its registry: prepare -> calibrate -> convert, as torch.ao does it.
 
-A pass is a small class that says which blocks it refuses (and why) and how it rewrites an
-accepted block. Each method lives in its own module under ``tokenopt/passes`` and registers itself
-by name with :func:`register_pass`; recipes refer to passes by that name.
+A pass is a small class in its own module under ``tokenopt/passes``, registered by name with
+:func:`register_pass`; recipes refer to passes by that name. The planner and the pipeline call
+it in this order, and name no pass themselves::
+
+    per_layer = p.layer_options(options, n, where)         # prepare: one Params per selected layer
+    p.refuse(block)                                        #   ... or the reason it cannot
+    context |= p.calibrate(model, analysis, images)        # calibrate: only if p.needs_calibration
+    per_layer = p.resolve(options, per_layer, blocks, context, where)   # measurements -> choices
+    step = p.plan_layer(block, params, tokens_in, prefix)  # decide everything: a LayerStep
+    p.rewrite(g, block, step)                              # convert: carry the decision out
+
+``Params`` is a dataclass per pass (what one layer asks for, then what it will do), never a
+dict: the rewrite reads ``step.params.r``, and a typo is an AttributeError in the pass's own
+tests rather than a silent ``None``.
 """
 from __future__ import annotations
 
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from tokenopt.tokens import TokenCount
 
 
 class PassOptions(BaseModel):
@@ -20,6 +34,23 @@ class PassOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass
+class LayerStep:
+    """What a pass will do at one layer, decided before rewriting.
+
+    ``tokens_out`` is per image: fixed for merges, varying (``TokenCount(max, expected)``) for
+    gates whose selection depends on the image. ``params`` is the pass's own Params dataclass.
+    """
+
+    tokens_out: TokenCount
+    params: Any
+    describe: str = ""                            # shown in the report, e.g. "merge r=13"
+    shortfall: str = ""                           # non-empty: asked for more than the layer can give
+
+    def __post_init__(self):
+        self.tokens_out = TokenCount.of(self.tokens_out)
+
+
 class Pass:
     """Base class: one token-reduction method."""
 
@@ -27,27 +58,35 @@ class Pass:
     Options: ClassVar[type[PassOptions]] = PassOptions
     #: True when the pass changes the number of tokens that later blocks see.
     changes_token_count: ClassVar[bool] = False
+    #: The key of the measurement :meth:`calibrate` returns (None: the pass never calibrates).
+    #: A context that already holds it (e.g. replayed from a saved artifact) is not measured again.
+    calibration_key: ClassVar[str | None] = None
 
     def refuse(self, block) -> str | None:
         """None when the block can be rewritten, else the reason shown to the user."""
         return block.refusal
 
-    def layer_options(self, options: PassOptions, n_layers: int, where: str) -> list[dict]:
-        """Expand a rule's options into one dict per selected layer (schedules live here)."""
-        return [options.model_dump() for _ in range(n_layers)]
+    def layer_options(self, options: PassOptions, n_layers: int, where: str) -> list:
+        """Expand a rule's options into one Params per selected layer (schedules live here)."""
+        raise NotImplementedError
 
     def needs_calibration(self, options: PassOptions) -> bool:
-        """True when planning this rule needs calibration images (e.g. ToFu's op: auto)."""
+        """True when planning this rule needs measurements on real images (e.g. ToFu's op: auto)."""
         return False
 
-    def resolve(self, per_layer: list[dict], blocks: list, context: dict) -> list[dict]:
+    def calibrate(self, model, analysis, images) -> dict:
+        """Measure what :meth:`resolve` needs on calibration ``images`` (N, C, H, W), using the
+        ``analysis`` the pipeline already made (no second trace). Returns {calibration_key: value}."""
+        return {}
+
+    def resolve(self, options: PassOptions, per_layer: list, blocks: list, context: dict, where: str) -> list:
         """Fill in per-layer choices that depend on measurements in ``context`` (default: none)."""
         return per_layer
 
-    def plan_layer(self, block, opts: dict, tokens_in: int, prefix: int) -> "LayerStep":
+    def plan_layer(self, block, params, tokens_in: TokenCount, prefix: int) -> LayerStep:
         raise NotImplementedError
 
-    def rewrite(self, g, block, step: "LayerStep") -> None:
+    def rewrite(self, g, block, step: LayerStep) -> None:
         """Insert this pass's ops for ``block`` using the GraphRewriter ``g``."""
         raise NotImplementedError
 
@@ -67,29 +106,8 @@ def register_pass(name: str):
 
 
 def get_pass(name: str) -> type[Pass]:
-    _load_builtin_passes()
     return _REGISTRY[name]
 
 
 def available_passes() -> list[str]:
-    _load_builtin_passes()
     return sorted(_REGISTRY)
-
-
-def _load_builtin_passes() -> None:
-    # Importing the modules runs their @register_pass decorators.
-    from tokenopt.passes import tofu, tome  # noqa: F401
-    from tokenopt.passes import tosa  # noqa: F401
-
-
-from dataclasses import dataclass as _dataclass, field as _field
-
-
-@_dataclass
-class LayerStep:
-    """What a pass will do at one layer, decided before rewriting."""
-
-    tokens_out: int
-    params: dict = _field(default_factory=dict)   # what rewrite() needs, e.g. {"r": 13}
-    describe: str = ""                            # shown in the report, e.g. "merge r=13"
-    shortfall: str = ""                           # non-empty: asked for more than the layer can give

@@ -15,6 +15,7 @@ half), but chosen by measurement instead of by depth.
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 from pydantic import Field
@@ -22,7 +23,8 @@ from pydantic import Field
 from tokenopt.errors import RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.passes.base import LayerStep, register_pass
-from tokenopt.passes.tome import ToMe, ToMeOptions, expand_r
+from tokenopt.passes.linearity import linearity_profile
+from tokenopt.passes.tome import ToMe, ToMeOptions, ToMeParams, expand_r
 
 
 class ToFuOptions(ToMeOptions):
@@ -32,44 +34,60 @@ class ToFuOptions(ToMeOptions):
         None, ge=0, description="op: auto — layers with linearity error >= threshold prune (default: median)")
 
 
+@dataclass(frozen=True)
+class ToFuParams(ToMeParams):
+    """One layer: reduce ``r`` tokens by ``op``; ``linearity`` is the probe's error when op came from it."""
+
+    op: str = "mlerp"
+    linearity: Optional[float] = None
+
+
 @register_pass("tofu")
 class ToFu(ToMe):
     """ToMe's matching with prune, merge or MLERP chosen per layer."""
 
     Options = ToFuOptions
 
+    calibration_key = "linearity"
+
     def needs_calibration(self, options: ToFuOptions) -> bool:
         return options.op == "auto"
 
-    def layer_options(self, options: ToFuOptions, n_layers: int, where: str) -> list[dict]:
-        return [{"r": r, "prop_attn": options.prop_attn, "op": options.op, "threshold": options.threshold,
-                 "where": where} for r in expand_r(options.r, n_layers, where)]
+    def calibrate(self, model, analysis, images) -> dict:
+        """The per-block linearity errors of ``model`` on ``images``, measured on ``analysis``'s graph."""
+        return {self.calibration_key: linearity_profile(model, images, analysis=analysis).errors}
 
-    def resolve(self, per_layer: list[dict], blocks: list, context: dict) -> list[dict]:
+    def layer_options(self, options: ToFuOptions, n_layers: int, where: str) -> list[ToFuParams]:
+        return [ToFuParams(r, options.prop_attn, options.op) for r in expand_r(options.r, n_layers, where)]
+
+    def resolve(self, options: ToFuOptions, per_layer: list[ToFuParams], blocks: list, context: dict,
+                where: str) -> list[ToFuParams]:
         """op: auto -> prune or mlerp per layer, from the linearity profile in ``context``."""
-        if not per_layer or per_layer[0]["op"] != "auto":
+        if options.op != "auto" or not per_layer:
             return per_layer
-        profile = context.get("linearity")
+        profile = context.get(self.calibration_key)
         if profile is None:
             raise RecipeError(
-                f"{per_layer[0]['where']}: op: auto needs calibration images to measure each block's linearity.\n"
+                f"{where}: op: auto needs calibration images to measure each block's linearity.\n"
                 "  API: tokenopt.optimize(model, recipe, calibration=images); CLI: --calibration digits|DIR; "
                 "or run `tokenopt probe MODEL --data ...` and use the recipe it writes.")
-        errors = [profile[b.index] for b in blocks]
-        tau = per_layer[0]["threshold"]
+        if len(profile) <= max(b.index for b in blocks):
+            raise RecipeError(f"{where}: the linearity profile has {len(profile)} values but the model has more "
+                              "blocks; it was measured on another model. Measure it again on this one.")
+        errors = [float(profile[b.index]) for b in blocks]
+        tau = options.threshold
         if tau is None:
             tau = statistics.median(errors)
-        return [{**o, "op": "prune" if e >= tau else "mlerp", "linearity": e} for o, e in zip(per_layer, errors)]
+        # the less linear a block (the higher its error), the more an interpolated token misleads it
+        return [replace(p, op="prune" if e >= tau else "mlerp", linearity=e) for p, e in zip(per_layer, errors)]
 
-    def plan_layer(self, block, opts: dict, tokens_in: int, prefix: int) -> LayerStep:
-        step = super().plan_layer(block, opts, tokens_in, prefix)
-        step.params["op"] = opts["op"]
-        step.describe = f"{opts['op']} r={step.params['r']}"
-        if "linearity" in opts:
-            step.describe += f" (linearity error {opts['linearity']:.3f})"
-        return step
+    def describe(self, params: ToFuParams) -> str:
+        text = f"{params.op} r={params.r}"
+        if params.linearity is not None:
+            text += f" (linearity error {params.linearity:.3f})"
+        return text
 
     def insert_reduction(self, g, metric, h, r: int, step: LayerStep):
-        op = step.params["op"]
+        op = step.params.op
         return g.insert_after(metric, ops.tofu_reduce, h, metric, g.state.size, g.state.index, r,
                               g.analysis.prefix_tokens, op, label=f"ToFu {op} r={r}")

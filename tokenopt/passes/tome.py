@@ -15,6 +15,7 @@ After::
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, replace
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +24,7 @@ from tokenopt.errors import RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.ops.matching import max_reduction
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
+from tokenopt.tokens import TokenCount
 
 
 class DecreasingSchedule(BaseModel):
@@ -37,6 +39,14 @@ class ToMeOptions(PassOptions):
     r: Union[int, list[int], DecreasingSchedule] = Field(
         description="tokens merged per layer: an int, a per-layer list, or {start, end}")
     prop_attn: bool = Field(True, description="add log(size) to every later attention's logits")
+
+
+@dataclass(frozen=True)
+class ToMeParams:
+    """One layer: merge ``r`` tokens (asked by the recipe, then capped by the planner)."""
+
+    r: int
+    prop_attn: bool = True
 
 
 def expand_r(r, n_layers: int, where: str) -> list[int]:
@@ -64,20 +74,25 @@ class ToMe(Pass):
     Options = ToMeOptions
     changes_token_count = True
 
-    def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list[dict]:
-        return [{"r": r, "prop_attn": options.prop_attn} for r in expand_r(options.r, n_layers, where)]
+    def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list[ToMeParams]:
+        return [ToMeParams(r, options.prop_attn) for r in expand_r(options.r, n_layers, where)]
 
-    def plan_layer(self, block, opts: dict, tokens_in: int, prefix: int) -> LayerStep:
-        want = opts["r"]
-        cap = max_reduction(tokens_in, prefix)
+    def plan_layer(self, block, params: ToMeParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
+        want = params.r
+        # the matching splits the tokens an image has; with a varying count only the images at
+        # the maximum are guaranteed r merges, so the cap (and the shortfall) use the maximum
+        cap = max_reduction(tokens_in.max, prefix)
         r = min(want, cap)
         short = "" if r == want else (f"r={want} asked, but only {cap} of its {tokens_in} tokens can merge "
                                       f"({prefix} prefix token(s) are protected); it merges {r}")
-        return LayerStep(tokens_in - r, {"r": r, "prop_attn": opts["prop_attn"]}, f"merge r={r}", short)
+        return LayerStep(tokens_in.minus(r), replace(params, r=r), self.describe(replace(params, r=r)), short)
+
+    def describe(self, params: ToMeParams) -> str:
+        return f"merge r={params.r}"
 
     def rewrite(self, g, block, step: LayerStep) -> None:
-        r = step.params["r"]
-        g.state.prop_attn = step.params["prop_attn"]
+        r = step.params.r
+        g.state.prop_attn = step.params.prop_attn
         if r == 0:
             return  # r=0 leaves the graph untouched: output bit-identical to the original
         h = g.node(block.merge_point)

@@ -22,6 +22,7 @@ previous layer's attention alone.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field, replace
 from typing import Literal, Union
 
 import torch
@@ -32,6 +33,7 @@ from tokenopt.analysis import shape_of
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import selection as ops
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
+from tokenopt.tokens import TokenCount
 
 SELECTOR_PREFIX = "tosa_selectors"
 
@@ -76,6 +78,34 @@ class ToSAOptions(PassOptions):
         return v
 
 
+@dataclass(frozen=True)
+class ToSAParams:
+    """One layer: ``keep`` asked by the recipe; ``k`` tokens (besides the prefix) attend, decided by the plan."""
+
+    keep: Union[int, float]
+    bypass: str
+    selector: SelectorOptions
+    k: int = 0
+
+
+@dataclass
+class _Selected:
+    """A selective layer as the next one reads it: its selector's input node and kind, its top-k node."""
+
+    input: fx.Node
+    kind: str
+    idx: fx.Node
+
+
+@dataclass
+class ToSAGraphState:
+    """What ToSA carries through one rewrite: the selective layers so far, and whether the model
+    already has the hook that checks its selectors were trained."""
+
+    layers: dict[int, _Selected] = field(default_factory=dict)
+    hooked: bool = False
+
+
 @register_pass("tosa")
 class ToSA(Pass):
     """Attend among the tokens a learned selector picks; the rest bypass the layer unchanged."""
@@ -83,50 +113,50 @@ class ToSA(Pass):
     Options = ToSAOptions
     changes_token_count = False   # every token comes back, in place, after each selective layer
 
-    def layer_options(self, options: ToSAOptions, n_layers: int, where: str) -> list[dict]:
-        return [{**options.model_dump(), "where": where} for _ in range(n_layers)]
+    def layer_options(self, options: ToSAOptions, n_layers: int, where: str) -> list[ToSAParams]:
+        return [ToSAParams(options.keep, options.bypass, options.selector) for _ in range(n_layers)]
 
-    def resolve(self, per_layer: list[dict], blocks: list, context: dict) -> list[dict]:
-        for opts, b in zip(per_layer, blocks):
+    def resolve(self, options: ToSAOptions, per_layer: list[ToSAParams], blocks: list, context: dict,
+                where: str) -> list[ToSAParams]:
+        for b in blocks:
             if b.index == 0:
                 raise RecipeError(
-                    f"{opts['where']}: layer 0 ({b.path}) cannot be selective: its selector reads the attention "
+                    f"{where}: layer 0 ({b.path}) cannot be selective: its selector reads the attention "
                     "of the layer before it, and there is none.\n  Start the layers at 1 (e.g. \"1-11\") "
                     "or use second-half.")
         return per_layer
 
-    def plan_layer(self, block, opts: dict, tokens_in: int, prefix: int) -> LayerStep:
+    def plan_layer(self, block, params: ToSAParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
         if tokens_in != block.tokens:
-            raise RecipeError(f"{opts['where']}: {block.path} ({block.index}) gets {tokens_in} of its {block.tokens} "
-                              "tokens after an earlier merge; ToSA needs every token in place (its selector reads the "
-                              "full attention of the layer before).\n  Apply tosa to layers before the merging ones.")
-        free = tokens_in - prefix
-        keep = opts["keep"]
+            raise RecipeError(f"{block.path} ({block.index}) gets {tokens_in} of its {block.tokens} "
+                              "tokens after an earlier merge; ToSA needs every token in place (its selector reads "
+                              "the full attention of the layer before).\n  Apply tosa to layers before the merging ones.")
+        free = tokens_in.max - prefix
+        keep = params.keep
         if isinstance(keep, int) and keep > free:
-            raise RecipeError(f"{opts['where']}: keep={keep} at {block.path} ({block.index}), but it has only {free} "
+            raise RecipeError(f"keep={keep} at {block.path} ({block.index}), but it has only {free} "
                               f"tokens to select from ({tokens_in} with {prefix} prefix token(s), which always "
                               f"attend).\n  Use keep <= {free}, or a fraction such as 0.5.")
         k = keep if isinstance(keep, int) else max(1, round(keep * free))
-        sel = opts["selector"]
-        return LayerStep(tokens_in, {"k": k, "bypass": opts["bypass"], "selector": sel},
-                         f"attend {k}/{free}{f' + {prefix} prefix' if prefix else ''}, bypass {opts['bypass']}, "
-                         f"selector {sel['input']}")
+        return LayerStep(tokens_in, replace(params, k=k),
+                         f"attend {k}/{free}{f' + {prefix} prefix' if prefix else ''}, bypass {params.bypass}, "
+                         f"selector {params.selector.input}")
 
     def rewrite(self, g, block, step: LayerStep) -> None:
-        k, bypass, sel = step.params["k"], step.params["bypass"], step.params["selector"]
+        k, bypass, sel = step.params.k, step.params.bypass, step.params.selector
         prefix = g.analysis.prefix_tokens
         prev = g.analysis.blocks[block.index - 1]
-        records = g.state.extra.setdefault("tosa", {})
+        state = g.pass_state(ToSAGraphState)
         x = g.node(block.input)
         heads = _heads(g, prev)
         if block.attention.heads and block.attention.heads != heads:
             raise PlanError(f"{block.path}: it has {block.attention.heads} attention heads and the layer before it "
                             f"{heads}; a ToSA selector predicts one layer's heads from the other's.")
         before = set(g.inserted)
-        features = _selector_input(g, prev, sel["input"], x, records.get(prev.index), prefix)
-        name = g.add_module(f"{SELECTOR_PREFIX}.{block.index}", ops.SELECTORS[sel["input"]](
-            heads, sel["hidden"], sel["kernel"], sel["residual"]))
-        logp = g.call_module_after(features, name, features, label=f"ToSA selector ({sel['input']})")
+        features = _selector_input(g, prev, sel.input, x, state.layers.get(prev.index), prefix)
+        name = g.add_module(f"{SELECTOR_PREFIX}.{block.index}", ops.SELECTORS[sel.input](
+            heads, sel.hidden, sel.kernel, sel.residual))
+        logp = g.call_module_after(features, name, features, label=f"ToSA selector ({sel.input})")
         scores = g.insert_after(logp, ops.token_scores, logp, label="token scores")
         idx = g.insert_after(scores, ops.topk_tokens, scores, k, prefix, label=f"top-{k} tokens (+ prefix)")
         g.overhead.update(dict.fromkeys(set(g.inserted) - before, block.index))  # logits/stats, selector, top-k
@@ -137,10 +167,10 @@ class ToSA(Pass):
             if u in inside:
                 u.replace_input_with(x, xs)
         g.wrap(end, ops.restore_tokens, x, idx, label=f"restore: bypassed tokens skip the {bypass}")
-        records[block.index] = {"input": features, "kind": sel["input"], "idx": idx}
-        if not g.state.extra.get("tosa_hook"):
+        state.layers[block.index] = _Selected(features, sel.input, idx)
+        if not state.hooked:
             g.gm.register_forward_pre_hook(check_selectors_trained)
-            g.state.extra["tosa_hook"] = True
+            state.hooked = True
 
 
 def _heads(g, block) -> int:
@@ -153,7 +183,7 @@ def _heads(g, block) -> int:
                     "of the next layer)")
 
 
-def _selector_input(g, prev, kind: str, x: fx.Node, record: dict | None, prefix: int) -> fx.Node:
+def _selector_input(g, prev, kind: str, x: fx.Node, record: _Selected | None, prefix: int) -> fx.Node:
     """Layer ``prev``'s logits as the selector of the next layer reads them, inserted after ``x``.
 
     If ``prev`` was selective (``record``), its logits cover only its selected tokens; they are
@@ -167,7 +197,7 @@ def _selector_input(g, prev, kind: str, x: fx.Node, record: dict | None, prefix:
         w = g.get_attr(f"{core.module}.in_proj_weight")
         b = g.get_attr(f"{core.module}.in_proj_bias") if mod.in_proj_bias is not None else None
         src = mha.args[0]
-        if kind == "map" or (record is not None and record["kind"] == "map"):
+        if kind == "map" or (record is not None and record.kind == "map"):
             cur = g.insert_after(x, ops.mha_attention_logits, src, w, b, mod.num_heads, label=f"{prev.path} logits")
         else:
             cur = g.insert_after(x, ops.mha_logit_stats, src, w, b, mod.num_heads, prefix, label=f"{prev.path} logit stats")
@@ -180,19 +210,19 @@ def _selector_input(g, prev, kind: str, x: fx.Node, record: dict | None, prefix:
         if core.kind == "softmax":
             logits = g.node(core.logits)
             cur = g.insert_after(x, ops.heads_first, logits, x, label=f"{prev.path} logits")
-            if kind == "pooled" and (record is None or record["kind"] == "pooled"):
+            if kind == "pooled" and (record is None or record.kind == "pooled"):
                 cur = g.insert_after(cur, ops.stats_from_logits, cur, x, prefix, label=f"{prev.path} logit stats")
         else:
             sdpa = g.node(core.node)
             scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
-            if kind == "map" or (record is not None and record["kind"] == "map"):
+            if kind == "map" or (record is not None and record.kind == "map"):
                 cur = g.insert_after(x, ops.attention_logits, q, k, scale, x, label=f"{prev.path} logits q k^T")
             else:
                 cur = g.insert_after(x, ops.logit_stats, q, k, scale, x, prefix, label=f"{prev.path} logit stats")
     if record is None:
         return cur
-    if record["kind"] == "map":
-        cur = g.insert_after(cur, ops.fill_map, record["input"], cur, record["idx"],
+    if record.kind == "map":
+        cur = g.insert_after(cur, ops.fill_map, record.input, cur, record.idx,
                              label="logits of the selected tokens over the previous map")
         if kind == "pooled":
             cur = g.insert_after(cur, ops.stats_from_logits, cur, x, prefix, label=f"{prev.path} logit stats")
@@ -200,7 +230,7 @@ def _selector_input(g, prev, kind: str, x: fx.Node, record: dict | None, prefix:
     if kind == "map":
         raise PlanError(f"{where}: its selector read pooled statistics, so no full attention map exists for the "
                         "map selector after it.\n  Use the same selector input in consecutive tosa layers.")
-    return g.insert_after(cur, ops.fill_stats, record["input"], cur, record["idx"],
+    return g.insert_after(cur, ops.fill_stats, record.input, cur, record.idx,
                           label="logit stats of the selected tokens over the previous ones")
 
 
