@@ -5,7 +5,7 @@ gate (SPA) keeps a different number per image, known only when the model runs. B
 and reported with one type::
 
     TokenCount.fixed(197)            # "197"            every image, always
-    TokenCount(max=197, expected=98) # "≤ 197, ≈ 98"    at most 197; 98 on average (planned or measured)
+    TokenCount(max=197, expected=98) # "≤ 197, ≈ 98 expected": at most 197; 98 on average (planned or measured)
 
 The layout of the token stream inside a rewritten graph is either :class:`Dense` — a
 (B, N, C) tensor, every image N tokens — or :class:`Packed` — the selected tokens of the whole
@@ -90,7 +90,7 @@ class TokenCount:
     def __str__(self) -> str:
         if not self.varies:
             return str(self.max)
-        return f"≤ {self.max}, ≈ {self.expected:.0f}"
+        return f"≤ {self.max}, ≈ {self.expected:.0f} expected"
 
     def to_json(self) -> "int | dict":
         """A plain int when fixed (what manifests always held), else {"max": ..., "expected": ...}."""
