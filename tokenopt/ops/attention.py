@@ -1,6 +1,7 @@
 """Attention with an additive per-key bias: proportional attention (ToMe) adds log(size)."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -8,9 +9,15 @@ def key_log_size_mask(size: Tensor, dtype, existing: Tensor | None = None) -> Te
     """A float ``attn_mask`` for scaled_dot_product_attention: log(size) along the key axis.
 
     (B, N, 1) -> (B, 1, 1, N), broadcast over heads and queries, so the fused kernel stays in use.
+    The model's own mask, if any, is kept: a float mask adds; a boolean one (True = may attend,
+    SDPA's convention) becomes -inf where it forbids.
     """
     bias = size.log().to(dtype).transpose(1, 2).unsqueeze(1)
-    return bias if existing is None else existing + bias
+    if existing is None:
+        return bias
+    if existing.dtype == torch.bool:
+        return bias.masked_fill(~existing, float("-inf"))
+    return existing + bias
 
 
 def add_key_log_size(logits: Tensor, size: Tensor) -> Tensor:
@@ -23,10 +30,14 @@ def add_key_log_size(logits: Tensor, size: Tensor) -> Tensor:
 
 
 def mha_key_padding_bias(size: Tensor, dtype, existing: Tensor | None = None) -> Tensor:
-    """nn.MultiheadAttention adds a float key_padding_mask (B, N) to its logits: log(size)."""
+    """nn.MultiheadAttention adds a float key_padding_mask (B, N) to its logits: log(size) (B, N, 1) -> (B, N).
+
+    The model's own mask is kept: a float one adds; a boolean one (True = ignore this key, MHA's
+    convention, the opposite of SDPA's) becomes -inf where it is set.
+    """
     bias = size.log().to(dtype).squeeze(-1)
     if existing is None:
         return bias
-    if existing.dtype == bias.dtype.__class__ or existing.dtype.is_floating_point:
-        return existing + bias
-    return bias.masked_fill(existing, float("-inf"))
+    if existing.dtype == torch.bool:
+        return bias.masked_fill(existing, float("-inf"))
+    return existing + bias
