@@ -109,6 +109,7 @@ def test_dynamo_sees_one_graph(model):
     assert e.graph_count == 1 and e.graph_break_count == 0
 
 
+@pytest.mark.slow   # > 10 s on 2 cores: CI runs it with -m slow
 def test_compiled_matches_eager():
     from tokenopt.ops import native
     fast = tokenopt.optimize(timm_model("vit_small_patch16_224"), tome(3), report=False)

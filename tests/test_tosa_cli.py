@@ -101,6 +101,7 @@ def test_fine_tuning_with_tome_in_the_loop(tmp_path):
     assert torch.load(f"{out}.ckpt", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow   # > 10 s on 2 cores: CI runs it with -m slow
 def test_train_runs_under_torchrun_and_rank_0_saves(tmp_path):
     recipe = tmp_path / "tosa.yaml"
     recipe.write_text(RECIPE)

@@ -114,6 +114,7 @@ def crash_at(step):
     return loss
 
 
+@pytest.mark.slow   # > 10 s on 2 cores: CI runs it with -m slow
 def test_interrupted_and_resumed_run_ends_with_bit_identical_weights(tmp_path):
     # dropout makes the RNG state part of what must be restored
     kw = dict(drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1)
@@ -213,6 +214,7 @@ DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow   # > 10 s on 2 cores: CI runs it with -m slow
 def test_torchrun_two_processes_end_with_identical_weights(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
