@@ -40,6 +40,15 @@ def images(n=4, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def same(kind, got, want):
+    """Bit for bit, except where an nn.MultiheadAttention was written out so the selector of the
+    next layer reads its q and k (its fused kernel rounds differently): there to 1e-6."""
+    if kind == "mha":
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(got, want)
+
+
 def quiet(gm, x):
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", UntrainedSelectorWarning)
@@ -96,7 +105,7 @@ def test_bypassed_tokens_untouched_and_selected_run_the_block(kind, input):
         with torch.no_grad():
             expect = extract_block(reference.graph, reference.blocks[i])(gathered)
         got = y.gather(1, idx[..., None].expand(-1, -1, y.shape[-1]))
-        assert torch.equal(got, expect)
+        same(kind, got, expect)
 
 
 def test_bypass_attention_sends_every_token_through_the_mlp():
@@ -119,7 +128,7 @@ def test_keep_all_is_the_original(kind):
     gm = tokenopt.optimize(model, recipe(keep=1.0, layers="1-2"))
     x = images()
     with torch.no_grad():
-        assert torch.equal(quiet(gm, x), model(x))
+        same(kind, quiet(gm, x), model(x))
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.5])

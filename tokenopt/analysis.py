@@ -50,6 +50,8 @@ class AttentionCore:
     logits: str | None = None      # explicit path: the node feeding softmax (pre-softmax logits)
     heads: int | None = None
     module: str | None = None      # MHA: qualified module name
+    v: str | None = None           # values (sdpa, softmax); None for an MHA module
+    output: str | None = None      # the node holding the attention result: SDPA call, attn @ v, MHA call
 
 
 @dataclass
@@ -270,12 +272,14 @@ class _Analyser:
                 q, k = (n.args + (None, None))[:2]
                 q = q if q is not None else n.kwargs.get("query")
                 k = k if k is not None else n.kwargs.get("key")
+                v = n.args[2] if len(n.args) > 2 else n.kwargs.get("value")
                 sq = shape_of(q)
                 cores.append(AttentionCore("sdpa", n.name, q=q.name, k=k.name,
-                                           heads=sq[1] if sq and len(sq) == 4 else None))
+                                           heads=sq[1] if sq and len(sq) == 4 else None,
+                                           v=v.name if isinstance(v, fx.Node) else None, output=n.name))
             elif n.op == "call_module" and isinstance(self.gm.get_submodule(n.target), nn.MultiheadAttention):
                 mod = self.gm.get_submodule(n.target)
-                cores.append(AttentionCore("mha", n.name, heads=mod.num_heads, module=n.target))
+                cores.append(AttentionCore("mha", n.name, heads=mod.num_heads, module=n.target, output=n.name))
             elif is_softmax(n) or self._is_softmax_module(n):
                 core = self._explicit_core(n)
                 if isinstance(core, AttentionCore):
@@ -321,8 +325,10 @@ class _Analyser:
         if sk is None or sk[-2] != shape_of(logits)[-1]:
             return "cannot find the keys of the q @ k^T product"
         sl = shape_of(logits)
+        v = nxt.args[1] if len(nxt.args) > 1 and isinstance(nxt.args[1], fx.Node) else None
         return AttentionCore("softmax", sm.name, q=q.name, k=k.name, logits=logits.name,
-                             heads=sl[1] if len(sl) == 4 else None)
+                             heads=sl[1] if len(sl) == 4 else None, v=v.name if v is not None else None,
+                             output=nxt.name)
 
     # ------------------------------------------------------------------ blocks
     def run(self, input_shape) -> ModelAnalysis:

@@ -5,7 +5,6 @@ calibration, measures on the analysis made here, and plans and rewrites its own 
 """
 from __future__ import annotations
 
-import operator
 import os
 from typing import Iterable
 
@@ -22,6 +21,7 @@ from tokenopt.passes import get_pass
 from tokenopt.plan import Plan, make_plan
 from tokenopt.recipe import Recipe, load_recipe
 from tokenopt.rewrite import GraphRewriter
+from tokenopt.rewrite.outputs import restore_pooling, return_tokens
 from tokenopt.trace import NodeTaggingInterpreter
 
 
@@ -105,57 +105,19 @@ def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> 
     needs_index = outputs == "tokens" or any(p.kind == "tokens" for p in analysis.pooling)
     g = GraphRewriter(analysis, track_index=needs_index)
     for block, layer in zip(analysis.blocks, plan.layers):
-        if g.state.size is not None and g.state.prop_attn and block.refusal is None:
-            # refused blocks that still run after a reduction are class-attention blocks; they
-            # read the unmerged grid when the model needs all tokens (see _restore_pooling)
-            g.add_key_bias(block)
+        g.begin_block(block)
         if layer.step is not None:
             get_pass(layer.rule.pass_name)().rewrite(g, block, layer.step)
     if g.state.reduced:
-        _restore_pooling(g, analysis)
+        restore_pooling(g, analysis)
     if outputs == "tokens":
-        _return_tokens(g, analysis)
+        return_tokens(g, analysis)
     gm = g.finish()
     gm.tokenopt_inserted = dict(g.inserted)
     gm.tokenopt_overhead = dict(g.overhead)
     gm.tokenopt_token_counts = dict(g.token_counts)
     gm.tokenopt_analysis = analysis
     return gm
-
-
-def _restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
-    """After merges: dense consumers get tokens put back; average pooling becomes size-weighted."""
-    if g.state.index is not None and any(p.kind == "tokens" for p in analysis.pooling):
-        # unmerged tokens repeat each merged token once per patch it stands for, so every
-        # consumer (average pooling included) sees exactly what a size-weighted version would.
-        # after the last block that carries the token stream (CaiT's class-attention blocks that
-        # follow it read the restored grid, where duplicates weigh each token by its size)
-        carrier = [b for b in analysis.blocks if b.refusal is None] or analysis.blocks
-        last = g.node(carrier[-1].output)
-        full = g.insert_after(last, tome_ops.unmerge, last, g.state.index, label="unmerge to the original grid")
-        g.replace_uses(last, full)
-        g.state.unmerged = True
-        return
-    for p in analysis.pooling:
-        if p.kind == "avg" and p.node is not None:
-            n = g.node(p.node)
-            if n.target not in ("mean", torch.mean):
-                continue  # a sum over tokens already weights each token once per token
-            w = g.insert_after(n, tome_ops.size_weighted_mean, n.args[0], g.state.size, p.start,
-                               label="size-weighted average pooling")
-            g.replace_uses(n, w)
-
-
-def _return_tokens(g: GraphRewriter, analysis: ModelAnalysis) -> None:
-    """Make the graph return every patch token (prefix tokens dropped) in original order."""
-    feats = g.node(analysis.features)
-    out = feats
-    if g.state.index is not None and g.state.reduced and not g.state.unmerged:
-        out = g.insert_after(out, tome_ops.unmerge, out, g.state.index, label="unmerge to the original grid")
-    tokens = g.insert_after(out, operator.getitem, out, (slice(None), slice(analysis.prefix_tokens, None)),
-                            label="patch tokens")
-    output = next(n for n in g.graph.nodes if n.op == "output")
-    output.args = (tokens,)
 
 
 def verify_runs(gm: fx.GraphModule, example_input: torch.Tensor) -> None:

@@ -60,6 +60,12 @@ class TokenCount:
             return not self.varies and self.max == other
         return NotImplemented
 
+    def __sub__(self, r):
+        """``count - r``: every image has r tokens fewer (see :meth:`minus`)."""
+        if isinstance(r, int) and not isinstance(r, bool):
+            return self.minus(r)
+        return NotImplemented
+
     # ordered by the maximum: "tokens_out < 64" holds when no image can keep 64 or more
     def _bound(self, other):
         if isinstance(other, TokenCount):

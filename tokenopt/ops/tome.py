@@ -28,16 +28,9 @@ def keys_per_token(k: Tensor, tokens: Tensor) -> Tensor:
     return k.transpose(1, 2)
 
 
-def mha_keys_mean_over_heads(x: Tensor, in_proj_weight: Tensor, in_proj_bias: Tensor | None, heads: int) -> Tensor:
-    """The same metric for ``nn.MultiheadAttention``, whose keys are not visible in the graph.
-
-    The mean over heads is linear, so it is taken on the key projection's weights first: one
-    (C -> C/heads) projection instead of recomputing all keys.
-    """
-    c = x.shape[-1]
-    w = in_proj_weight[c:2 * c].reshape(heads, c // heads, c).mean(0)
-    b = in_proj_bias[c:2 * c].reshape(heads, c // heads).mean(0) if in_proj_bias is not None else None
-    return torch.nn.functional.linear(x, w, b)
+def key_log_size(size: Tensor) -> Tensor:
+    """Proportional attention's bias per key: log of the patches each token stands for, (B, N, 1) -> (B, N)."""
+    return size.log().squeeze(-1)
 
 
 def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int):

@@ -96,8 +96,8 @@ class ToMe(Pass):
         if r == 0:
             return  # r=0 leaves the graph untouched: output bit-identical to the original
         h = g.node(block.merge_point)
-        metric = g.keys_metric(block, after=h)
-        g.ensure_index(block)
+        metric = keys_metric(g, block, after=h)
+        ensure_index(g)
         merged = self.insert_reduction(g, metric, h, r, step)
         x = g.insert_after(merged, operator.getitem, merged, 0, label="merged tokens")
         size = g.insert_after(x, operator.getitem, merged, 1, label="token sizes")
@@ -110,3 +110,19 @@ class ToMe(Pass):
         """The node that reduces tokens h by r given the matching metric; returns (x, size, index)."""
         return g.insert_after(metric, ops.tome_merge, h, metric, g.state.size, g.state.index, r,
                               g.analysis.prefix_tokens, label=f"ToMe merge r={r}")
+
+
+def keys_metric(g, block, after):
+    """ToMe's matching metric for ``block``, inserted after ``after``: its keys per head (B, N, H, d),
+    whose mean over heads the matching takes. An nn.MultiheadAttention is written out first, so
+    its keys are the ones the attention computes (no second projection)."""
+    _, k, _ = g.attention_qkv(block)
+    return g.insert_after(after, ops.keys_per_token, k, g.node(block.merge_point),
+                          label="metric: keys (mean over heads taken by the matching)")
+
+
+def ensure_index(g) -> None:
+    """Start tracking original token positions at the first reduction (needed to unmerge)."""
+    if g.track_index and g.state.index is None:
+        x_in = g.node(g.analysis.blocks[0].input)
+        g.state.index = g.insert_after(x_in, ops.initial_index, x_in, label="token index map")

@@ -162,10 +162,7 @@ class ToSA(Pass):
         g.overhead.update(dict.fromkeys(set(g.inserted) - before, block.index))  # logits/stats, selector, top-k
         xs = g.insert_after(idx, ops.gather_tokens, x, idx, label="selected tokens")
         end = g.node(block.output if bypass == "block" else block.merge_point)
-        inside = _ancestors(end, stop=x) | {end}
-        for u in list(x.users):
-            if u in inside:
-                u.replace_input_with(x, xs)
+        g.reroute(x, xs, g.region(x, end))
         g.wrap(end, ops.restore_tokens, x, idx, label=f"restore: bypassed tokens skip the {bypass}")
         state.layers[block.index] = _Selected(features, sel.input, idx)
         if not state.hooked:
@@ -174,11 +171,8 @@ class ToSA(Pass):
 
 
 def _heads(g, block) -> int:
-    core = block.attention
-    if core.heads:
-        return core.heads
-    if core.kind == "mha":
-        return g.gm.get_submodule(core.module).num_heads
+    if block.attention.heads:
+        return block.attention.heads
     raise PlanError(f"{block.path}: cannot tell how many heads its attention has (needed by the ToSA selector "
                     "of the next layer)")
 
@@ -189,36 +183,24 @@ def _selector_input(g, prev, kind: str, x: fx.Node, record: _Selected | None, pr
     If ``prev`` was selective (``record``), its logits cover only its selected tokens; they are
     written over the input its own selector read, so the result always spans all N tokens.
     """
-    core = prev.attention
     where = f"{prev.path} (the layer before a tosa layer)"
-    if core.kind == "mha":
-        mha = g.node(core.node)
-        mod = g.gm.get_submodule(core.module)
-        w = g.get_attr(f"{core.module}.in_proj_weight")
-        b = g.get_attr(f"{core.module}.in_proj_bias") if mod.in_proj_bias is not None else None
-        src = mha.args[0]
-        if kind == "map" or (record is not None and record.kind == "map"):
-            cur = g.insert_after(x, ops.mha_attention_logits, src, w, b, mod.num_heads, label=f"{prev.path} logits")
-        else:
-            cur = g.insert_after(x, ops.mha_logit_stats, src, w, b, mod.num_heads, prefix, label=f"{prev.path} logit stats")
+    q, k, _ = g.attention_qkv(prev)          # an nn.MultiheadAttention is written out first
+    core = prev.attention
+    sq = shape_of(q)
+    if sq is not None and sq[0] != shape_of(x)[0] and len(sq) == 4:
+        raise PlanError(f"{where}: its attention runs in windows, so it has no attention map over all tokens "
+                        f"({prev.refusal or 'windowed attention'}).")
+    if core.kind == "softmax":
+        logits = g.node(core.logits)
+        cur = g.insert_after(x, ops.heads_first, logits, x, label=f"{prev.path} logits")
+        if kind == "pooled" and (record is None or record.kind == "pooled"):
+            cur = g.insert_after(cur, ops.stats_from_logits, cur, x, prefix, label=f"{prev.path} logit stats")
     else:
-        q, k = g.node(core.q), g.node(core.k)
-        sq = shape_of(q)
-        if sq is not None and sq[0] != shape_of(x)[0] and len(sq) == 4:
-            raise PlanError(f"{where}: its attention runs in windows, so it has no attention map over all tokens "
-                            f"({prev.refusal or 'windowed attention'}).")
-        if core.kind == "softmax":
-            logits = g.node(core.logits)
-            cur = g.insert_after(x, ops.heads_first, logits, x, label=f"{prev.path} logits")
-            if kind == "pooled" and (record is None or record.kind == "pooled"):
-                cur = g.insert_after(cur, ops.stats_from_logits, cur, x, prefix, label=f"{prev.path} logit stats")
+        scale = g.attention_scale(prev)
+        if kind == "map" or (record is not None and record.kind == "map"):
+            cur = g.insert_after(x, ops.attention_logits, q, k, scale, x, label=f"{prev.path} logits q k^T")
         else:
-            sdpa = g.node(core.node)
-            scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
-            if kind == "map" or (record is not None and record.kind == "map"):
-                cur = g.insert_after(x, ops.attention_logits, q, k, scale, x, label=f"{prev.path} logits q k^T")
-            else:
-                cur = g.insert_after(x, ops.logit_stats, q, k, scale, x, prefix, label=f"{prev.path} logit stats")
+            cur = g.insert_after(x, ops.logit_stats, q, k, scale, x, prefix, label=f"{prev.path} logit stats")
     if record is None:
         return cur
     if record.kind == "map":
@@ -232,18 +214,6 @@ def _selector_input(g, prev, kind: str, x: fx.Node, record: _Selected | None, pr
                         "map selector after it.\n  Use the same selector input in consecutive tosa layers.")
     return g.insert_after(cur, ops.fill_stats, record.input, cur, record.idx,
                           label="logit stats of the selected tokens over the previous ones")
-
-
-def _ancestors(node: fx.Node, stop: fx.Node) -> set[fx.Node]:
-    """Nodes ``node`` is computed from, not looking past ``stop`` (the block's input)."""
-    seen, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        for a in n.all_input_nodes:
-            if a is not stop and a not in seen:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 def selectors(module: torch.nn.Module) -> dict[int, ops.TokenSelector]:

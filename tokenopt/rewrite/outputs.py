@@ -1,0 +1,49 @@
+"""After the blocks: what reads the token stream must see what it expects once tokens merged.
+
+Average pooling becomes size-weighted; consumers that need every token (dense heads, attention
+pooling, CaiT's class-attention blocks) get the merged tokens put back on the original grid; and
+``outputs="tokens"`` makes the graph return every patch token in its original position.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from tokenopt.analysis import ModelAnalysis
+from tokenopt.ops import tome as tome_ops
+from tokenopt.rewrite.rewriter import GraphRewriter
+
+
+def restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
+    """After merges: dense consumers get tokens put back; average pooling becomes size-weighted."""
+    if g.state.index is not None and any(p.kind == "tokens" for p in analysis.pooling):
+        # unmerged tokens repeat each merged token once per patch it stands for, so every
+        # consumer (average pooling included) sees exactly what a size-weighted version would.
+        # after the last block that carries the token stream (CaiT's class-attention blocks that
+        # follow it read the restored grid, where duplicates weigh each token by its size)
+        carrier = [b for b in analysis.blocks if b.refusal is None] or analysis.blocks
+        last = g.node(carrier[-1].output)
+        full = g.insert_after(last, tome_ops.unmerge, last, g.state.index, label="unmerge to the original grid")
+        g.replace_uses(last, full)
+        g.state.unmerged = True
+        return
+    for p in analysis.pooling:
+        if p.kind == "avg" and p.node is not None:
+            n = g.node(p.node)
+            if n.target not in ("mean", torch.mean):
+                continue  # a sum over tokens already weights each token once per token
+            w = g.insert_after(n, tome_ops.size_weighted_mean, n.args[0], g.state.size, p.start,
+                               label="size-weighted average pooling")
+            g.replace_uses(n, w)
+
+
+def return_tokens(g: GraphRewriter, analysis: ModelAnalysis) -> None:
+    """Make the graph return every patch token (prefix tokens dropped) in original order."""
+    feats = g.node(analysis.features)
+    out = feats
+    if g.state.index is not None and g.state.reduced and not g.state.unmerged:
+        out = g.insert_after(out, tome_ops.unmerge, out, g.state.index, label="unmerge to the original grid")
+    tokens = g.insert_after(out, operator.getitem, out, (slice(None), slice(analysis.prefix_tokens, None)),
+                            label="patch tokens")
+    g.set_output(tokens)

@@ -1,0 +1,374 @@
+"""GraphRewriter: the small API passes rewrite graphs with. Passes never walk fx nodes themselves.
+
+A pass asks the rewriter for the nodes a block record names (:meth:`node`), inserts calls to
+``tokenopt.ops`` after them (:meth:`insert_after`, :meth:`wrap`), redirects consumers
+(:meth:`replace_uses`, :meth:`reroute`) and changes attention through the primitives below, which
+know the three attention kinds the analysis finds::
+
+    sdpa     F.scaled_dot_product_attention(q, k, v, attn_mask=...)
+    softmax  softmax(q @ k^T * scale [+ ...]) @ v           (explicit, as research code writes it)
+    mha      nn.MultiheadAttention(x, x, x)                  (a module: q, k, v are not in the graph)
+
+    add_attention_bias(block, fn, *args)   every key j gets fn(*args)[:, j] added to its logits
+    attention_qkv(block)                   q, k, v as nodes (an MHA is decomposed first, once)
+    replace_attention(block, fn)           the core becomes fn(q, k, v, attn_mask=, scale=, ...)
+    decompose_mha(block)                   in-projection -> SDPA (or softmax when its weights
+                                           are used) -> out-projection, outputs equal to 1e-6
+
+Everything a pass carries from one of its layers to the next is a dataclass of its own,
+:meth:`pass_state`; what every pass may read is the :class:`TokenState`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from typing import Callable, TypeVar
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from tokenopt.analysis import AttentionCore, BlockRecord, ModelAnalysis, is_matmul, is_softmax
+from tokenopt.errors import PlanError
+from tokenopt.ops import attention as attn_ops
+from tokenopt.ops import tome as tome_ops
+from tokenopt.rewrite.state import TokenState
+
+S = TypeVar("S")
+_SDPA_KWARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class GraphRewriter:
+    def __init__(self, analysis: ModelAnalysis, track_index: bool = False):
+        self.analysis = analysis
+        self.gm = analysis.graph
+        self.graph = self.gm.graph
+        self.state = TokenState()
+        self.track_index = track_index
+        self.inserted: dict[str, str] = {}   # node name -> short description, for reports and graphs
+        # inserted nodes that are a pass's own cost rather than the block's work (ToSA's selector
+        # path): node name -> the block they serve, so reports can show what a selection costs
+        self.overhead: dict[str, int] = {}
+        # block index -> the node holding its (B,) tokens per image, where the count varies by image
+        self.token_counts: dict[int, str] = {}
+        self._pass_state: dict[type, object] = {}
+        self._by_name = {n.name: n for n in self.graph.nodes}
+
+    # ---------------------------------------------------------------- state
+    def pass_state(self, kind: type[S]) -> S:
+        """The one instance of a pass's own bookkeeping dataclass ``kind`` for this rewrite
+        (created on first use): what a pass carries from one of its layers to the next."""
+        if kind not in self._pass_state:
+            self._pass_state[kind] = kind()
+        return self._pass_state[kind]
+
+    def record_token_count(self, block: BlockRecord, counts: fx.Node) -> None:
+        """``counts`` holds the (B,) tokens per image after ``block``; the report measures it."""
+        self.token_counts[block.index] = counts.name
+
+    # ---------------------------------------------------------------- lookup and insertion
+    def node(self, name: str) -> fx.Node:
+        return self._by_name[name]
+
+    def _track(self, new: fx.Node, anchor: fx.Node, label: str | None) -> fx.Node:
+        new.meta["nn_module_stack"] = dict(anchor.meta.get("nn_module_stack", {}))
+        self._by_name[new.name] = new
+        if label is not None:
+            self.inserted[new.name] = label
+        return new
+
+    def insert_after(self, anchor: fx.Node, fn, *args, label: str = "", **kwargs) -> fx.Node:
+        """A new node computing ``fn(*args, **kwargs)``, placed right after ``anchor``."""
+        with self.graph.inserting_after(anchor):
+            new = self.graph.call_function(fn, args=args, kwargs=kwargs)
+        return self._track(new, anchor, label or fn.__name__)
+
+    def insert_before(self, anchor: fx.Node, fn, *args, label: str = "", **kwargs) -> fx.Node:
+        """A new node computing ``fn(*args, **kwargs)``, placed right before ``anchor``."""
+        with self.graph.inserting_before(anchor):
+            new = self.graph.call_function(fn, args=args, kwargs=kwargs)
+        return self._track(new, anchor, label or fn.__name__)
+
+    def getitem(self, node: fx.Node, i: int, label: str = "") -> fx.Node:
+        return self.insert_after(node, operator.getitem, node, i, label=label or f"{node.name}[{i}]")
+
+    def get_attr(self, target: str) -> fx.Node:
+        """A node reading the parameter, buffer or submodule ``target`` (placed at the top)."""
+        first = next(n for n in self.graph.nodes if n.op != "placeholder")
+        with self.graph.inserting_before(first):
+            n = self.graph.get_attr(target)
+        self._by_name[n.name] = n
+        return n
+
+    def add_module(self, name: str, module: nn.Module) -> str:
+        """Register a new (e.g. trained) submodule; it becomes part of state_dict."""
+        self.gm.add_submodule(name, module)
+        return name
+
+    def call_module_after(self, anchor: fx.Node, target: str, *args, label: str = "") -> fx.Node:
+        """Insert a call of the submodule ``target`` (see :meth:`add_module`) after ``anchor``."""
+        with self.graph.inserting_after(anchor):
+            new = self.graph.call_module(target, args=args)
+        return self._track(new, anchor, label or target)
+
+    def wrap(self, node: fx.Node, fn, *args, label: str = "") -> fx.Node:
+        """Make ``node`` compute ``fn(*args, value)``, where value is what it computed before.
+
+        The old computation moves to a new node just before it, which is returned. ``node`` keeps
+        its name and its users, so block records naming it (a block's output, the next block's
+        input, the features) keep meaning the token stream after the rewrite.
+        """
+        with self.graph.inserting_before(node):
+            inner = self.graph.create_node(node.op, node.target, node.args, node.kwargs)
+        inner.meta = {k: v for k, v in node.meta.items() if k != "tensor_meta"}
+        node.op, node.target, node.kwargs = "call_function", fn, {}
+        node.args = (*args, inner)
+        self._by_name[inner.name] = inner
+        self.inserted[node.name] = label or fn.__name__
+        return inner
+
+    def replace_uses(self, old: fx.Node, new: fx.Node, keep: tuple[fx.Node, ...] = ()) -> None:
+        """Make every consumer of ``old`` read ``new``, except ``keep`` (the nodes computing ``new``)."""
+        skip = set(keep) | {new}
+        old.replace_all_uses_with(new, delete_user_cb=lambda u: u not in skip)
+
+    def region(self, start: fx.Node, end: fx.Node) -> set[fx.Node]:
+        """The nodes ``end`` is computed from, back to (not including) ``start``, plus ``end``:
+        e.g. a block's body from its input to its output."""
+        seen, todo = {end}, [end]
+        while todo:
+            for a in todo.pop().all_input_nodes:
+                if a is not start and a not in seen:
+                    seen.add(a)
+                    todo.append(a)
+        return seen
+
+    def reroute(self, old: fx.Node, new: fx.Node, region: set[fx.Node]) -> int:
+        """Make the consumers of ``old`` inside ``region`` read ``new`` instead; those outside keep
+        ``old``. Returns how many consumers moved (0 means the region never read ``old``)."""
+        moved = 0
+        for u in list(old.users):
+            if u in region and u is not new:
+                u.replace_input_with(old, new)
+                moved += 1
+        return moved
+
+    # ---------------------------------------------------------------- attention
+    def begin_block(self, block: BlockRecord) -> None:
+        """Before ``block`` is rewritten: what the token state asks of every attention after a
+        merge. With proportional attention each key j adds log(size_j), so a token that stands for
+        s patches weighs as much as its s copies would (ToMe, Bolya et al. 2023). Refused blocks
+        that still run after a reduction are class-attention blocks; they read the unmerged grid."""
+        if self.state.size is not None and self.state.prop_attn and block.refusal is None:
+            self.add_attention_bias(block, tome_ops.key_log_size, self.state.size,
+                                    label="proportional attention log(size)")
+
+    def add_attention_bias(self, block: BlockRecord, fn: Callable, *args, label: str = "") -> fx.Node:
+        """Add ``fn(*args)``, a (B, N) bias per key, to the logits of ``block``'s attention.
+
+        sdpa: merged into ``attn_mask`` (float, broadcast over heads and queries; a boolean mask
+        of the model's is kept); softmax: added to the logits before the softmax; mha: merged
+        into ``key_padding_mask``. Returns the node computing the bias.
+        """
+        core = block.attention
+        c = self.node(core.node)
+        label = label or f"attention bias {fn.__name__}"
+        if core.kind == "sdpa":
+            bias = self.insert_before(c, fn, *args, label=label)
+            existing = _sdpa_arg(c, "attn_mask", 3)
+            mask = self.insert_before(c, attn_ops.sdpa_mask_with_key_bias, bias, self.node(core.q), existing,
+                                      label=f"{label}: attn_mask")
+            _set_sdpa_arg(c, "attn_mask", 3, mask)
+        elif core.kind == "softmax":
+            logits = self.node(core.logits)
+            bias = self.insert_after(logits, fn, *args, label=label)
+            biased = self.insert_after(bias, attn_ops.logits_with_key_bias, logits, bias, label=f"{label}: logits")
+            self.replace_uses(logits, biased, keep=(bias,))
+            block.attention = dataclasses.replace(core, logits=biased.name)
+        elif core.kind == "mha":
+            bias = self.insert_before(c, fn, *args, label=label)
+            existing = c.kwargs.get("key_padding_mask", c.args[3] if len(c.args) > 3 else None)
+            mask = self.insert_before(c, attn_ops.mha_padding_with_key_bias, bias, existing,
+                                      label=f"{label}: key_padding_mask")
+            if len(c.args) > 3:
+                c.args = (*c.args[:3], mask, *c.args[4:])
+            else:
+                c.kwargs = {**c.kwargs, "key_padding_mask": mask}
+        else:
+            raise PlanError(f"{block.path}: no attention bias for attention of kind {core.kind!r}")
+        return bias
+
+    def attention_qkv(self, block: BlockRecord) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+        """The query, key and value nodes of ``block``'s attention (an MHA is decomposed first).
+
+        Layouts are the model's own: (B, H, N, d) or (B*H, N, d); v may be None for an explicit
+        chain whose value operand the analysis did not name.
+        """
+        if block.attention.kind == "mha":
+            self.decompose_mha(block)
+        core = block.attention
+        v = getattr(core, "v", None)
+        return self.node(core.q), self.node(core.k), self.node(v) if v else None
+
+    def attention_scale(self, block: BlockRecord) -> float | None:
+        """The factor on q @ k^T: SDPA's ``scale`` (None: 1/sqrt(d)); for an explicit chain, the
+        constants multiplied (or divided) between the product and the softmax, 1.0 if none."""
+        core = block.attention
+        if core.kind == "mha":
+            self.decompose_mha(block)
+            core = block.attention
+        c = self.node(core.node)
+        if core.kind == "sdpa":
+            return _sdpa_arg(c, "scale", 6)
+        scale, n = 1.0, self.node(core.logits)
+        while not is_matmul(n):
+            num = [a for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            if n.target in (operator.mul, torch.mul, "mul") and num:
+                scale *= float(num[0])
+            elif n.target in (operator.truediv, torch.div, "div") and len(n.args) > 1 and \
+                    isinstance(n.args[1], (int, float)) and not isinstance(n.args[1], bool):
+                scale /= float(n.args[1])
+            elif n.target not in ("transpose", "permute", "contiguous", "float", "to", "type_as"):
+                raise PlanError(f"{block.path}: its attention logits pass through {n.target} between q @ k^T and "
+                                "the softmax; tokenopt can only read a constant scale there.")
+            n = next(a for a in n.all_input_nodes if not (a.op == "get_attr"))
+        return scale
+
+    def replace_attention(self, block: BlockRecord, fn: Callable, label: str = "", **extra) -> fx.Node:
+        """The attention core of ``block`` becomes ``fn(q, k, v, attn_mask=, scale=, ..., **extra)``.
+
+        ``fn`` takes SDPA's arguments and returns what the core returned: (B, H, N, d) or
+        (B*H, N, d) like q. sdpa: the call itself is retargeted (its keyword arguments kept);
+        softmax: the product with v is, and the logits/softmax chain goes if nothing else reads
+        it; mha: decomposed first. Returns the new core node.
+        """
+        q, k, v = self.attention_qkv(block)
+        core = block.attention
+        if v is None:
+            raise PlanError(f"{block.path}: cannot find the values of its attention (softmax(...) @ v)")
+        if core.kind == "sdpa":
+            c = self.node(core.node)
+            kwargs = {name: _sdpa_arg(c, name, i) for i, name in enumerate(_SDPA_KWARGS, start=3)}
+            kwargs = {n: a for n, a in kwargs.items() if a is not None}
+            c.target, c.args, c.kwargs = fn, (q, k, v), {**kwargs, **extra}
+            new = c
+        else:
+            out = self.node(core.output)
+            new = self.insert_before(out, fn, q, k, v, attn_mask=None, scale=self.attention_scale(block), **extra,
+                                     label=label or fn.__name__)
+            self.replace_uses(out, new)
+        self.inserted[new.name] = label or fn.__name__
+        block.attention = dataclasses.replace(core, kind="sdpa", node=new.name, output=new.name, logits=None)
+        return new
+
+    def decompose_mha(self, block: BlockRecord) -> None:
+        """Write ``block``'s ``nn.MultiheadAttention`` out as graph nodes, so its q, k, v cost nothing extra::
+
+            q, k, v = mha_in_projection(x, in_proj_weight, in_proj_bias, heads)
+            a = scaled_dot_product_attention(q, k, v, attn_mask=mha_float_mask(...), dropout_p=...)
+            out = linear(merge_heads(a), out_proj.weight, out_proj.bias)        # (B, N, C)
+
+        When the call's attention weights are read (``need_weights`` and ``[1]`` used), the core is
+        an explicit softmax instead, and the weights come from it, averaged over heads as asked.
+        The analysis refuses batch_first=False and cross-attention before this is reached.
+        """
+        core = block.attention
+        if core.kind != "mha":
+            return
+        c = self.node(core.node)
+        mod = self.gm.get_submodule(core.module)
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn:
+            raise PlanError(f"{block.path}: nn.MultiheadAttention with kdim/vdim, add_bias_kv or add_zero_attn "
+                            "cannot be written out; leave this block out of the rule's layers.")
+        call = _mha_call(c)
+        x = call["query"]
+        weights_used = any(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 1
+                           for u in c.users) and call["need_weights"]
+        w = self.get_attr(f"{core.module}.in_proj_weight")
+        b = self.get_attr(f"{core.module}.in_proj_bias") if mod.in_proj_bias is not None else None
+        module = self.get_attr(core.module)
+        label = f"{core.module} written out"
+        qkv = self.insert_before(c, attn_ops.mha_in_projection, x, w, b, mod.num_heads, label=f"{label}: in-projection")
+        q, k, v = (self.insert_before(c, operator.getitem, qkv, i, label=f"{label}: {n}") for i, n in enumerate("qkv"))
+        mask = self.insert_before(c, attn_ops.mha_float_mask, q, call["key_padding_mask"], call["attn_mask"],
+                                  label=f"{label}: masks")
+        drop = self.insert_before(c, attn_ops.attention_dropout, module, label=f"{label}: dropout p")
+        weights = None
+        if weights_used:
+            kt = self.insert_before(c, torch.transpose, k, -2, -1, label=f"{label}: k^T")
+            prod = self.insert_before(c, operator.matmul, q, kt, label=f"{label}: q @ k^T")
+            logits = self.insert_before(c, operator.mul, prod, (mod.head_dim ** -0.5), label=f"{label}: scale")
+            masked = self.insert_before(c, _add_optional, logits, mask, label=f"{label}: + mask")
+            p = self.insert_before(c, torch.softmax, masked, -1, label=f"{label}: softmax")
+            pd = self.insert_before(c, F.dropout, p, drop, label=f"{label}: dropout")
+            a = self.insert_before(c, operator.matmul, pd, v, label=f"{label}: @ v")
+            weights = self.insert_before(c, attn_ops.head_weights, p, call["average_attn_weights"],
+                                         label=f"{label}: weights")
+            new_core = AttentionCore("softmax", p.name, q=q.name, k=k.name, logits=masked.name,
+                                     heads=mod.num_heads, module=core.module)
+            new_core = _with_value(new_core, v.name, a.name)
+        else:
+            a = self.insert_before(c, F.scaled_dot_product_attention, q, k, v, attn_mask=mask, dropout_p=drop,
+                                   label=f"{label}: attention")
+            new_core = _with_value(AttentionCore("sdpa", a.name, q=q.name, k=k.name, heads=mod.num_heads,
+                                                 module=core.module), v.name, a.name)
+        merged = self.insert_before(c, attn_ops.merge_heads, a, label=f"{label}: merge heads")
+        ow, ob = self.get_attr(f"{core.module}.out_proj.weight"), (
+            self.get_attr(f"{core.module}.out_proj.bias") if mod.out_proj.bias is not None else None)
+        out = self.insert_before(c, F.linear, merged, ow, ob, label=f"{label}: out-projection")
+        result = self.insert_before(c, attn_ops.with_weights, out, weights, label=f"{label}: (output, weights)")
+        self.replace_uses(c, result)
+        self.graph.erase_node(c)
+        del self._by_name[c.name]
+        block.attention = new_core
+
+    def set_output(self, node: fx.Node) -> None:
+        """Make the graph return ``node``."""
+        out = next(n for n in self.graph.nodes if n.op == "output")
+        out.args = (node,)
+
+    # ---------------------------------------------------------------- end
+    def finish(self) -> fx.GraphModule:
+        self.graph.eliminate_dead_code()
+        self.graph.lint()
+        self.gm.recompile()
+        return self.gm
+
+
+def _with_value(core: AttentionCore, v: str, output: str) -> AttentionCore:
+    """``core`` with its value and output nodes named (fields the analysis records, when it has them)."""
+    names = {f.name for f in dataclasses.fields(core)}
+    return dataclasses.replace(core, **{k: val for k, val in (("v", v), ("output", output)) if k in names})
+
+
+def _add_optional(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    return x if y is None else x + y
+
+
+def _sdpa_arg(c: fx.Node, name: str, position: int):
+    return c.kwargs.get(name, c.args[position] if len(c.args) > position else None)
+
+
+def _set_sdpa_arg(c: fx.Node, name: str, position: int, value) -> None:
+    if len(c.args) > position:
+        c.args = (*c.args[:position], value, *c.args[position + 1:])
+    else:
+        c.kwargs = {**c.kwargs, name: value}
+
+
+_MHA_PARAMS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights",
+               "is_causal")
+_MHA_DEFAULTS = {"key_padding_mask": None, "need_weights": True, "attn_mask": None, "average_attn_weights": True,
+                 "is_causal": False}
+
+
+def _mha_call(c: fx.Node) -> dict:
+    """The arguments of an ``nn.MultiheadAttention`` call node by name, defaults filled in."""
+    call = dict(_MHA_DEFAULTS)
+    call.update(zip(_MHA_PARAMS, c.args))
+    call.update(c.kwargs)
+    if call.get("is_causal"):
+        raise PlanError("nn.MultiheadAttention called with is_causal=True is not a vision block tokenopt rewrites")
+    return call
