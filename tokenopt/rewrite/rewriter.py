@@ -212,9 +212,11 @@ class GraphRewriter:
         v = getattr(core, "v", None)
         return self.node(core.q), self.node(core.k), self.node(v) if v else None
 
-    def attention_scale(self, block: BlockRecord) -> float | None:
+    def attention_scale(self, block: BlockRecord) -> float | fx.Node | None:
         """The factor on q @ k^T: SDPA's ``scale`` (None: 1/sqrt(d)); for an explicit chain, the
-        constants multiplied (or divided) between the product and the softmax, 1.0 if none."""
+        factors multiplied (or divided) between the product and the softmax, 1.0 if none. A factor
+        the model computes from shapes (``c ** -0.5`` with c from ``x.shape``) is a graph node; then
+        the result is a node too (its value, a number, exists when the model runs)."""
         core = block.attention
         if core.kind == "mha":
             self.decompose_mha(block)
@@ -222,19 +224,26 @@ class GraphRewriter:
         c = self.node(core.node)
         if core.kind == "sdpa":
             return _sdpa_arg(c, "scale", 6)
-        scale, n = 1.0, self.node(core.logits)
+        factors: list = []            # (value, exponent): value a number or a scalar node
+        n = self.node(core.logits)
         while not is_matmul(n):
-            num = [a for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
-            if n.target in (operator.mul, torch.mul, "mul") and num:
-                scale *= float(num[0])
-            elif n.target in (operator.truediv, torch.div, "div") and len(n.args) > 1 and \
-                    isinstance(n.args[1], (int, float)) and not isinstance(n.args[1], bool):
-                scale /= float(n.args[1])
+            tensors = [a for a in n.all_input_nodes if _is_tensor(a)]
+            scalars = [a for a in n.args if a not in tensors and _is_scalar(a)]
+            if len(tensors) != 1:
+                raise PlanError(f"{block.path}: its attention logits pass through {n.target} between q @ k^T and "
+                                "the softmax; tokenopt can only read a constant scale there.")
+            if n.target in (operator.mul, torch.mul, "mul") and len(scalars) == 1:
+                factors.append((scalars[0], 1))
+            elif n.target in (operator.truediv, torch.div, "div") and len(scalars) == 1 and n.args[1] is scalars[0]:
+                factors.append((scalars[0], -1))
             elif n.target not in ("transpose", "permute", "contiguous", "float", "to", "type_as"):
                 raise PlanError(f"{block.path}: its attention logits pass through {n.target} between q @ k^T and "
                                 "the softmax; tokenopt can only read a constant scale there.")
-            n = next(a for a in n.all_input_nodes if not (a.op == "get_attr"))
-        return scale
+            n = tensors[0]
+        if all(not isinstance(f, fx.Node) for f, _ in factors):
+            return math.prod(float(f) ** e for f, e in factors)
+        return self.insert_before(self.node(core.logits), _scale_product, [f for f, _ in factors],
+                                  [e for _, e in factors], label=f"{block.path} attention scale")
 
     def replace_attention(self, block: BlockRecord, fn: Callable, label: str = "", **extra) -> fx.Node:
         """The attention core of ``block`` becomes ``fn(q, k, v, attn_mask=, scale=, ..., **extra)``.
@@ -341,6 +350,23 @@ def _with_value(core: AttentionCore, v: str, output: str) -> AttentionCore:
     """``core`` with its value and output nodes named (fields the analysis records, when it has them)."""
     names = {f.name for f in dataclasses.fields(core)}
     return dataclasses.replace(core, **{k: val for k, val in (("v", v), ("output", output)) if k in names})
+
+
+def _is_tensor(a) -> bool:
+    """A node holding a tensor (the analysis recorded its shape) or a parameter."""
+    return isinstance(a, fx.Node) and (a.op == "get_attr" or "tensor_meta" in a.meta)
+
+
+def _is_scalar(a) -> bool:
+    """A Python number, or a node computing one from shapes (no tensor behind it)."""
+    if isinstance(a, bool):
+        return False
+    return isinstance(a, (int, float)) or (isinstance(a, fx.Node) and not _is_tensor(a))
+
+
+def _scale_product(values: list, exponents: list) -> float:
+    """The product of scale factors computed at run time: prod(v ** e)."""
+    return math.prod(float(v) ** e for v, e in zip(values, exponents))
 
 
 def _add_optional(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
