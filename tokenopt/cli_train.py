@@ -142,7 +142,7 @@ def train_(
                  **{**common, "fingerprint": f"{fingerprint}:finetune"})
         row(f"{label}, fine-tuned ({finetune_epochs} ep)", gm, kl=learned)
 
-    from tokenopt.train.distributed import is_main
+    from tokenopt.distributed import is_main
     if not is_main():   # under torchrun every rank has the same weights: rank 0 reports and saves
         return
     if rows:
