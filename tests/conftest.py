@@ -95,3 +95,20 @@ def tiny_vit_spec() -> str:
 @pytest.fixture(scope="session")
 def tome_recipe() -> dict:
     return dict(TOME_RECIPE)
+
+
+@pytest.fixture(scope="session")
+def trained_demo():
+    """``trained_demo("digits")`` -> ``"demo:digits"``, trained first if the cache lacks it.
+
+    Loading a ``demo:`` spec never trains (it asks the user to run ``tokenopt demo``), so a test
+    that names one trains it here, through the demo module: on a fresh machine (CI's empty
+    $TOKENOPT_CACHE) that is a few CPU minutes per model, once.
+    """
+    from tokenopt.demo import demo_model
+
+    def ensure(name: str) -> str:
+        demo_model(name, quiet=True)
+        return f"demo:{name}"
+
+    return ensure

@@ -5,8 +5,7 @@
     tokenopt.save(fast, "model.tokenopt.pt"); tokenopt.load("model.tokenopt.pt")
 """
 from tokenopt.errors import TokenoptError
-
-__version__ = "0.1.0"
+from tokenopt.version import __version__
 
 
 def optimize(model, recipe, example_input=None, **kwargs):

@@ -26,6 +26,7 @@ from torch import nn
 
 from tokenopt import io
 from tokenopt.errors import ModelLoadError, TokenoptError
+from tokenopt.version import __version__
 
 FORMAT = "tokenopt-artifact"
 FORMAT_VERSION = 1
@@ -34,8 +35,6 @@ FORMAT_VERSION = 1
 def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
     """The manifest of an optimized module (see the module docstring)."""
     import timm
-
-    import tokenopt
 
     if base is None:
         base = getattr(module, "tokenopt_base", None)
@@ -52,7 +51,7 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
     report = getattr(module, "tokenopt_report", None)
     leaves = [m if isinstance(m, str) else m.__name__ for m in getattr(module, "tokenopt_leaf_modules", ()) or ()]
     return {
-        "tokenopt": str(tokenopt.__version__),
+        "tokenopt": str(__version__),
         "torch": str(torch.__version__),
         "timm": str(timm.__version__),
         "base": _plain(dict(base)),
@@ -104,7 +103,7 @@ def validate_payload(payload, path: str | os.PathLike) -> dict:
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelLoadError(f"{path} is a tokenopt artifact of format version {version!r}; this tokenopt "
-                             f"({_version()}) reads version {FORMAT_VERSION} and older. Upgrade tokenopt.")
+                             f"({__version__}) reads version {FORMAT_VERSION} and older. Upgrade tokenopt.")
     for key in ("state_dict", "recipe", "manifest"):
         if not isinstance(payload.get(key), dict):
             raise ModelLoadError(f"{path}: the artifact has no valid {key!r}; the file is damaged. Save it again.")
@@ -203,8 +202,3 @@ def _plain(obj):
             return t(obj)
     return str(obj)
 
-
-def _version() -> str:
-    import tokenopt
-
-    return tokenopt.__version__

@@ -8,83 +8,29 @@
 ``digits-clutter``: a 32 px digit somewhere on a 64 px cluttered canvas, 8 px patches, 64 tokens
 of which 39-48 show only clutter: the case token reduction is for.
 
-Weights are cached as safetensors beside a json of what they are (``$TOKENOPT_CACHE``, else
-``$XDG_CACHE_HOME/tokenopt``, else ``~/.cache/tokenopt``). The json records a hash of the recipe
-that trained them, so changing a spec here retrains rather than reusing stale weights.
+What each model is (architecture, data, training recipe) is data in :mod:`tokenopt.demo_specs`;
+this module trains them. Weights are cached as safetensors beside a json of what they are
+(``$TOKENOPT_CACHE``, else ``$XDG_CACHE_HOME/tokenopt``, else ``~/.cache/tokenopt``, see
+:mod:`tokenopt.paths`). The json records a hash of the spec that trained them, so changing a spec
+retrains rather than reusing stale weights. Loading ``demo:NAME`` (:mod:`tokenopt.io`) only reads
+this cache: training happens here, through ``tokenopt demo``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from tokenopt import io
+from tokenopt.demo_specs import DEMOS, FORMAT_VERSION, MEAN, STD, DemoSpec, demo_files, demo_names, describe
 from tokenopt.errors import ModelLoadError, TokenoptError
+from tokenopt.paths import cache_root as default_cache_dir
 
-# Both models use timm's default ViT preprocessing constants; the data sets normalise with them.
-MEAN = (0.5, 0.5, 0.5)
-STD = (0.5, 0.5, 0.5)
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class DemoSpec:
-    """How a demo model is built and trained: everything that determines its weights."""
-
-    dataset: str
-    timm_name: str
-    timm_kwargs: dict
-    epochs: int
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    train_options: dict = field(default_factory=dict)  # data set options for the training split only
-    seed: int = 0
-    min_top1: float = 0.0  # the accuracy the test suite expects on the test split
-
-    @property
-    def image_size(self) -> int:
-        return int(self.timm_kwargs["img_size"])
-
-    def digest(self) -> str:
-        text = json.dumps({"v": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-DEMOS: dict[str, DemoSpec] = {
-    "digits": DemoSpec(
-        dataset="digits",
-        timm_name="vit_small_patch16_224",
-        timm_kwargs=dict(img_size=32, patch_size=4, embed_dim=64, depth=6, num_heads=4, num_classes=10),
-        epochs=30, batch_size=32, lr=1e-3, warmup_epochs=2.0, min_top1=0.95,
-    ),
-    "digits-clutter": DemoSpec(
-        dataset="digits-clutter",
-        timm_name="vit_small_patch16_224",
-        timm_kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=4, num_classes=10),
-        # 6 placements of each training digit: a ViT has to learn translation invariance from data.
-        # Measured (2 CPU cores, about 4 min): 0.87 top-1 at seed 0, 0.83 at seed 1
-        epochs=8, batch_size=64, lr=1e-3, warmup_epochs=0.5, train_options={"variants": 6}, min_top1=0.75,
-    ),
-}
-
-
-def demo_names() -> list[str]:
-    return list(DEMOS)
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get("TOKENOPT_CACHE"):
-        return Path(os.environ["TOKENOPT_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "tokenopt"
+__all__ = ["DEMOS", "FORMAT_VERSION", "MEAN", "STD", "DemoSpec", "build_arch", "default_cache_dir", "demo_model",
+           "demo_names", "format_arch", "parse_arch"]
 
 
 def format_arch(timm_name: str, kwargs: dict) -> str:
@@ -109,17 +55,17 @@ def demo_model(name: str, cache_dir: str | os.PathLike | None = None, force: boo
     """The trained demo model ``name`` (in eval mode) and its info dict; trains it on first use.
 
     ``force`` retrains even if a cached copy exists. Training is deterministic for a given
-    torch build and thread count, and takes a few minutes on 2 CPU cores.
+    torch build and thread count, and takes a few minutes on 2 CPU cores. (Loading ``demo:NAME``
+    through :func:`tokenopt.io.load_model` only reads the cache this fills.)
     """
     if name not in DEMOS:
         raise TokenoptError(f"unknown demo model '{name}': choose one of {', '.join(DEMOS)}")
     spec = DEMOS[name]
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    weights, meta = folder / "demos" / f"{name}.safetensors", folder / "demos" / f"{name}.json"
     if not force:
-        cached = _load_cached(spec, weights, meta)
+        cached = io.cached_demo(name, cache_dir)
         if cached is not None:
             return cached
+    weights, meta = demo_files(name, cache_dir)
     model, info = _train_demo(name, spec, quiet)
     _save(model, info, weights, meta)
     info["weights"] = str(weights)
@@ -139,7 +85,7 @@ def _train_demo(name: str, spec: DemoSpec, quiet: bool) -> tuple[nn.Module, dict
                    weight_decay=spec.weight_decay, warmup_epochs=spec.warmup_epochs, seed=spec.seed,
                    train_all=True, quiet=quiet)
     test = evaluate(model, get_loader(test_set, 256, train=False))
-    _describe(model, spec)
+    describe(model, spec)
     info = {
         "name": name,
         "arch": format_arch(spec.timm_name, spec.timm_kwargs),
@@ -162,25 +108,6 @@ def _train_demo(name: str, spec: DemoSpec, quiet: bool) -> tuple[nn.Module, dict
     return model, info
 
 
-def _load_cached(spec: DemoSpec, weights: Path, meta: Path) -> tuple[nn.Module, dict] | None:
-    """The cached model if it exists and was trained from this very spec; else None (retrain)."""
-    if not (weights.is_file() and meta.is_file()):
-        return None
-    try:
-        info = json.loads(meta.read_text())
-        if info.get("spec_digest") != spec.digest():
-            return None
-        from safetensors.torch import load_file
-
-        model = build_arch(info["arch"])
-        model.load_state_dict(load_file(weights))
-    except Exception:  # a damaged or foreign cache entry is rebuilt rather than trusted
-        return None
-    _describe(model, spec)
-    info["weights"] = str(weights)
-    return model.eval(), info
-
-
 def _save(model: nn.Module, info: dict, weights: Path, meta: Path) -> None:
     from safetensors.torch import save_file
 
@@ -193,15 +120,6 @@ def _save(model: nn.Module, info: dict, weights: Path, meta: Path) -> None:
     tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, meta)
-
-
-def _describe(model: nn.Module, spec: DemoSpec) -> None:
-    """Make timm's data config tell the truth: built with img_size=32, pretrained_cfg still says 224."""
-    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    cfg.update(input_size=(3, spec.image_size, spec.image_size), mean=MEAN, std=STD, crop_pct=1.0,
-               interpolation="bilinear", num_classes=int(spec.timm_kwargs["num_classes"]),
-               url="", hf_hub_id=None, tag=f"tokenopt-demo-{spec.dataset}")
-    model.pretrained_cfg = cfg
 
 
 def _timm_version() -> str:

@@ -7,6 +7,7 @@ A model is named by a *spec*::
     model.pt / model.pth / model.bin                   a state dict or checkpoint, plus ``arch``
     model.safetensors                                  a safetensors state dict, plus ``arch``
     whole_model.pt                                     a pickled nn.Module, only with ``trust_pickle``
+    demo:digits-clutter                                a trained demo ViT from the cache (``tokenopt demo`` trains it)
 
 :func:`load_model` returns the model in eval mode and a *base* dict that says how to rebuild the
 architecture (artifacts store it; the weights travel separately)::
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib
+import json
 import os
 import pickle
 import re
@@ -39,6 +41,7 @@ from urllib.parse import unquote
 import torch
 from torch import nn
 
+from tokenopt.demo_specs import DEMOS, demo_files, describe
 from tokenopt.errors import ModelLoadError, TokenoptError
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
@@ -149,9 +152,46 @@ def build_base(base: dict) -> nn.Module:
 
 
 def load_demo(name: str) -> nn.Module:
-    """A trained demo model (``demo:digits``, ``demo:digits-clutter``); trains and caches it on first use."""
-    from tokenopt.demo import demo_model
-    return demo_model(name)[0]
+    """A trained demo model (``demo:digits``, ``demo:digits-clutter``) from the cache; never trains.
+
+    Training is ``tokenopt demo`` (or :func:`tokenopt.demo.demo_model`): loading a model must not
+    start minutes of work, and a model that is missing or stale is a user error that says so.
+    """
+    if name not in DEMOS:
+        raise ModelLoadError(f"unknown demo model '{name}': choose one of {', '.join(DEMOS)}")
+    found = cached_demo(name)
+    if found is None:
+        weights, _ = demo_files(name)
+        raise ModelLoadError(
+            f"demo:{name} is not trained yet (no up-to-date weights at {weights}).\n"
+            f"  Run `tokenopt demo --model {name}` first: it trains the demo model once (a few CPU minutes) "
+            "and caches it under $TOKENOPT_CACHE (default ~/.cache/tokenopt).")
+    return found[0]
+
+
+def cached_demo(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[nn.Module, dict] | None:
+    """The cached demo model ``name`` (eval mode) and its info dict, if it was trained from its current spec.
+
+    None when there is no cache entry, when it was trained from another spec, or when it cannot
+    be read: a damaged or foreign entry is retrained (by ``tokenopt demo``) rather than trusted.
+    """
+    spec = DEMOS[name]
+    weights, meta = demo_files(name, cache_dir)
+    if not (weights.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        if info.get("spec_digest") != spec.digest():
+            return None
+        from safetensors.torch import load_file
+
+        model = build_arch(info["arch"])[0]
+        model.load_state_dict(load_file(weights))
+    except Exception:
+        return None
+    describe(model, spec)
+    info["weights"] = str(weights)
+    return model.eval(), info
 
 
 def build_timm(name: str, kwargs: dict) -> nn.Module:

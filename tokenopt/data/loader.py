@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-from tokenopt.train.distributed import init_if_launched, rank_and_world
+from tokenopt.distributed import init_if_launched, rank_and_world
 
 
 class ShardSampler(Sampler[int]):

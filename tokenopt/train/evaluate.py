@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tokenopt.train import distributed as D
+from tokenopt import distributed as D
 
 
 @torch.no_grad()

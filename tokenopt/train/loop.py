@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tokenopt import distributed as D
+from tokenopt.data.loader import get_loader
 from tokenopt.errors import TokenoptError
-from tokenopt.train import distributed as D
 from tokenopt.train.checkpoint import FORMAT, VERSION, ResumeError, capture_rng, load_checkpoint, restore_rng, save_atomic
 from tokenopt.train.params import select_trainable, weight_decay_groups
 from tokenopt.train.progress import Progress
@@ -153,8 +154,6 @@ def train(model: nn.Module, data: Dataset | DataLoader, *, epochs: int, batch_si
 
 
 def _loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int) -> DataLoader:
-    from tokenopt.data.loader import get_loader  # data imports train.distributed; import late
-
     return get_loader(dataset, batch_size, train=True, seed=seed, num_workers=num_workers)
 
 

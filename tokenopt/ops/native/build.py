@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from tokenopt.paths import native_build_dir
+
 SOURCE = Path(__file__).with_name("tome_merge.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c11"]
 
@@ -32,11 +34,6 @@ def _cpu_fingerprint() -> str:
         return "\n".join(sorted(set(lines)))
     except OSError:
         return platform.processor() or platform.machine()
-
-
-def _cache_dir() -> Path:
-    from tokenopt.demo import default_cache_dir   # one cache root for everything tokenopt keeps
-    return default_cache_dir() / "native"
 
 
 def _torch_uses_gnu_openmp() -> bool:
@@ -64,7 +61,7 @@ def _build() -> Path:
     flags = FLAGS + (["-fopenmp"] if _torch_uses_gnu_openmp() and _is_gcc(compiler) else [])
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags]).encode()
                             + _cpu_fingerprint().encode()).hexdigest()[:16]
-    target = _cache_dir() / digest / "tome_merge.so"
+    target = native_build_dir() / digest / "tome_merge.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

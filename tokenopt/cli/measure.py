@@ -1,7 +1,6 @@
-"""Commands that measure on data: ``tokenopt eval`` (accuracy next to GFLOPs, sweeps) and
-``tokenopt probe`` (ToFu's per-block linearity, written out as a recipe).
-
-Registered on the main ``tokenopt`` app by importing this module (see the end of cli.py).
+"""Commands that measure on data: ``tokenopt eval`` (accuracy next to GFLOPs, sweeps), ``tokenopt probe``
+(ToFu's per-block linearity, written out as a recipe) and ``tokenopt demo`` (trains the demo ViTs
+once, then compares the shipped recipes on them).
 """
 from __future__ import annotations
 
@@ -10,9 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli import (MODEL_HELP, ArchOpt, StrictOpt, TrustOpt, _console, _load, _load_recipe, _plan_warnings,
-                          _print_notes, _status, _user_errors, app)
-from tokenopt.errors import DataError, TokenoptError
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, StrictOpt, TrustOpt, console, first_images, load_model,
+                                 load_recipe, open_dataset, print_notes, quiet_plan_warnings, status, user_errors)
+from tokenopt.errors import TokenoptError
 
 DataOpt = Annotated[str, typer.Option(
     "--data", "-d", metavar="DATA", help="digits | digits-clutter (built in) or an ImageFolder directory.")]
@@ -21,30 +20,11 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images
 LimitOpt = Annotated[Optional[int], typer.Option("--limit", min=2, help="Use only the first N images.")]
 
 
-def _dataset(data: str, model, split: str, limit: int | None):
-    import torch
-
-    from tokenopt.data import get_dataset
-
-    ds = get_dataset(data, split, model=model)
-    if len(ds) == 0:
-        raise DataError(f"data set '{data}' ({split}) has no images")
-    if limit is not None and limit < len(ds):
-        ds = torch.utils.data.Subset(ds, range(limit))
-    return ds
-
-
-def _batch(ds, n: int):
-    import torch
-    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
-
-
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
-@app.command("eval")
-@_user_errors
+@user_errors
 def eval_(
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     data: DataOpt,
@@ -88,21 +68,21 @@ def eval_(
             values = sorted({int(v) for v in r_values.split(",")})
         except ValueError:
             raise TokenoptError(f"--r {r_values!r}: write integers separated by commas, e.g. 0,4,8") from None
-    rec = _load_recipe(recipe, strict) if recipe else None
-    base_model, _ = _load(model, arch, trust_pickle)
-    ds = _dataset(data, base_model, split, limit)
+    rec = load_recipe(recipe, strict) if recipe else None
+    base_model, _ = load_model(model, arch, trust_pickle)
+    ds = open_dataset(data, base_model, split, limit)
     loader = get_loader(ds, batch_size, train=False)
-    example = _batch(ds, 16)
-    out = _console()
-    calibration = _batch(ds, 32) if "tofu-auto" in methods or (rec and _needs_calibration(rec)) else None
+    example = first_images(ds, 16)
+    out = console()
+    calibration = first_images(ds, 32) if "tofu-auto" in methods or (rec and _needs_calibration(rec)) else None
 
     rows = []
     if rec is not None:
         from tokenopt.pipeline import optimize
-        with _status("rewriting"), _plan_warnings():
+        with status("rewriting"), quiet_plan_warnings():
             gm = optimize(base_model, rec, example[:2], calibration=calibration)
-        _print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, _console(stderr=True))
-        with _status(f"evaluating on {len(ds)} images"):
+        print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, console(stderr=True))
+        with status(f"evaluating on {len(ds)} images"):
             res = ev.evaluate_many({"original": base_model, "optimized": gm}, loader)
         one = example[:1]
         rows += [ev.EvalRow("original", "", count_flops(base_model, one) / 1e9, res["original"]["top1"],
@@ -111,7 +91,7 @@ def eval_(
                             res["optimized"]["top5"], res["optimized"]["agreement"], res["optimized"]["n"])]
     sweep_rows = []
     if methods:
-        with _status("sweeping") as _:
+        with status("sweeping") as _:
             sweep_rows = ev.sweep(base_model, methods, loader, example, values, calibration)
         rows += [r for r in sweep_rows if not (r.method == "original" and rows)]
 
@@ -137,8 +117,7 @@ def _needs_calibration(rec) -> bool:
     return any(get_pass(r.pass_name)().needs_calibration(r.options) for r in rec.rules)
 
 
-@app.command()
-@_user_errors
+@user_errors
 def probe(
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     data: DataOpt,
@@ -163,12 +142,12 @@ def probe(
     if output is not None:
         from tokenopt.io import check_output_path
         check_output_path(output)
-    base_model, _ = _load(model, arch, trust_pickle)
-    ds = _dataset(data, base_model, split, None)
-    batch = _batch(ds, images)
-    with _status("tracing"):
+    base_model, _ = load_model(model, arch, trust_pickle)
+    ds = open_dataset(data, base_model, split, None)
+    batch = first_images(ds, images)
+    with status("tracing"):
         analysis = analyse(base_model, batch[:2])
-    with _status(f"probing {len(analysis.blocks)} blocks on {len(batch)} images"):
+    with status(f"probing {len(analysis.blocks)} blocks on {len(batch)} images"):
         prof = linearity_profile(base_model, batch, analysis=analysis)
     tau = threshold if threshold is not None else statistics.median(prof.errors)
     ops = ["prune" if e >= tau else "mlerp" for e in prof.errors]
@@ -179,7 +158,7 @@ def probe(
         t.add_column(col, justify="right" if col in ("layer", "error") else "left")
     for i, (path, e, op) in enumerate(zip(prof.paths, prof.errors, ops)):
         t.add_row(str(i), path, f"{e:.4f}", op)
-    out = _console()
+    out = console()
     out.print(t)
     out.print(f"threshold {tau:.4f} ({'given' if threshold is not None else 'median'}): blocks at or above it prune")
     if output is not None:
@@ -202,8 +181,7 @@ def probe(
 DEMO_RECIPES = ("tome-r8", "tome-r13", "tome-decreasing", "tofu-r8", "tofu-r13", "tofu-auto-r8")
 
 
-@app.command()
-@_user_errors
+@user_errors
 def demo(
     cache_dir: Annotated[Optional[Path], typer.Option(
         "--cache-dir", help="Where trained demo weights are kept (default: $TOKENOPT_CACHE or ~/.cache/tokenopt).")] = None,
@@ -227,6 +205,7 @@ def demo(
     from tokenopt.data import get_dataset, get_loader
     from tokenopt.demo import demo_model, demo_names
     from tokenopt.flops import count_flops
+    from tokenopt.paths import SHIPPED_RECIPES
     from tokenopt.pipeline import optimize
     from tokenopt.recipe import load_recipe
     from tokenopt.timing import interleaved_throughput
@@ -235,30 +214,30 @@ def demo(
     bad = [n for n in names if n not in demo_names()]
     if bad:
         raise TokenoptError(f"unknown demo model {bad[0]!r}: choose from {', '.join(demo_names())}")
-    shipped = Path(__file__).resolve().parent / "recipes"
+    shipped = SHIPPED_RECIPES
     paths = [Path(r) if Path(r).exists() else shipped / f"{r}.yaml" for r in (recipes or DEMO_RECIPES)]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise TokenoptError(f"recipe not found: {missing[0]}  (shipped: "
                             f"{', '.join(sorted(p.stem for p in shipped.glob('*.yaml')))})")
     loaded = [(p.stem, load_recipe(p)) for p in paths]
-    out = _console()
+    out = console()
     for name in names:
         model, info = demo_model(name, cache_dir=cache_dir, force=retrain)
         test = get_dataset(info.get("dataset", name), "test", model=model)
         train = get_dataset(info.get("dataset", name), "train", model=model)
         loader = get_loader(test, 256, train=False)
-        example = _batch(test, 2)
-        calib = _batch(train, 64)
+        example = first_images(test, 2)
+        calib = first_images(train, 64)
         variants = {"original": model}
-        with _status(f"{name}: applying {len(loaded)} recipes"), warnings.catch_warnings():
+        with status(f"{name}: applying {len(loaded)} recipes"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for stem, rec in loaded:
                 variants[stem] = optimize(model, rec, example, calibration=calib, report=False)
-        with _status(f"{name}: evaluating on {len(test)} test images"):
+        with status(f"{name}: evaluating on {len(test)} test images"):
             acc = ev.evaluate_many(variants, loader)
-        with _status(f"{name}: timing (batch {batch_size}, eager)"):
-            speed = interleaved_throughput(variants, _batch(test, batch_size), rounds=5)
+        with status(f"{name}: timing (batch {batch_size}, eager)"):
+            speed = interleaved_throughput(variants, first_images(test, batch_size), rounds=5)
         t = Table(title=f"demo:{name} ({len(test)} test images, eager batch {batch_size})",
                   caption=info.get("arch", ""))
         for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop (points)"):

@@ -3,6 +3,9 @@
 torchrun sets WORLD_SIZE/RANK/LOCAL_RANK/MASTER_ADDR; when they say more than one process and no
 process group exists yet, we create one: nccl when CUDA is there (one GPU per local rank), gloo on
 CPU. Callers never need to call ``init_process_group`` themselves.
+
+It sits below both ``tokenopt.data`` (loaders that shard per rank) and ``tokenopt.train`` (the
+loop, evaluation), so the data side never imports the training side.
 """
 from __future__ import annotations
 

@@ -5,8 +5,7 @@
 
 Two phases share one checkpoint file (default ``OUT.ckpt``), written after every epoch: the
 selectors (KL to the original model's attention, no labels), then the backbone with ToSA in the
-loop. ``--resume CKPT`` continues whichever phase the checkpoint was in. Registered on the main
-app by importing this module (see the end of cli.py).
+loop. ``--resume CKPT`` continues whichever phase the checkpoint was in.
 """
 from __future__ import annotations
 
@@ -18,13 +17,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli import (MODEL_HELP, ArchOpt, LeafOpt, TrustOpt, _console, _load, _load_recipe, _plan_warnings,
-                          _print_notes, _status, _user_errors, _warn, app)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, LeafOpt, TrustOpt, console, first_images, load_model,
+                                 load_recipe, open_dataset, print_notes, quiet_plan_warnings, status, user_errors,
+                                 warn)
 from tokenopt.errors import DataError, TokenoptError
 
 
-@app.command("train")
-@_user_errors
+@user_errors
 def train_(
     recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The recipe YAML file (ToSA selectors are trained; any recipe can be fine-tuned in).")],
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
@@ -64,7 +63,6 @@ def train_(
     from rich.table import Table
 
     from tokenopt import artifact, io
-    from tokenopt.cli_measure import _batch, _dataset
     from tokenopt.data import get_loader
     from tokenopt.passes.tosa import UntrainedSelectorWarning, selectors
     from tokenopt.pipeline import optimize
@@ -72,7 +70,7 @@ def train_(
     from tokenopt.train.checkpoint import ResumeError, load_checkpoint
     from tokenopt.train.selector import finetune, held_out_kl, train_selectors
 
-    rec = _load_recipe(recipe)
+    rec = load_recipe(recipe)
     learned = any(r.pass_name == "tosa" for r in rec.rules)   # the only pass with parameters of its own
     if not learned and not finetune_epochs:
         raise TokenoptError(f"{recipe}: nothing to train: the recipe adds no parameters (no `pass: tosa` rule). "
@@ -93,29 +91,29 @@ def train_(
             raise TokenoptError(f"'{resume}' is a fine-tuning checkpoint: pass the --finetune-epochs it was "
                                 "started with to continue it.")
 
-    base_model, base = _load(model, arch, trust_pickle)
-    train_set = _dataset(data, base_model, "train", limit)
+    base_model, base = load_model(model, arch, trust_pickle)
+    train_set = open_dataset(data, base_model, "train", limit)
     test_set = None
     if eval_images:
         try:
-            test_set = _dataset(data, base_model, "test", eval_images)
+            test_set = open_dataset(data, base_model, "test", eval_images)
         except DataError as e:   # a folder with train/ only: train anyway, without the table
-            _warn(f"no evaluation: {e}")
+            warn(f"no evaluation: {e}")
     leaves = list(leaf or [])
-    with _status("tracing and rewriting"), _plan_warnings():
-        gm = optimize(base_model, rec, _batch(train_set, 2), leaf_modules=leaves)
+    with status("tracing and rewriting"), quiet_plan_warnings():
+        gm = optimize(base_model, rec, first_images(train_set, 2), leaf_modules=leaves)
     gm.tokenopt_base, gm.tokenopt_leaf_modules = base, leaves
-    out = _console()
-    _print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, _console(stderr=True))
+    out = console()
+    print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, console(stderr=True))
     original = copy.deepcopy(base_model).eval()   # gm shares base_model's weights; fine-tuning changes them
-    images = _batch(test_set, eval_images) if test_set is not None else None
+    images = first_images(test_set, eval_images) if test_set is not None else None
     loader = get_loader(test_set, 128, train=False) if test_set is not None else None
     rows = []
 
     def row(name: str, m, kl: bool = True) -> None:
         if loader is None:
             return
-        with _status(f"evaluating {name}"), warnings.catch_warnings():
+        with status(f"evaluating {name}"), warnings.catch_warnings():
             warnings.simplefilter("ignore", UntrainedSelectorWarning)   # the table says so already
             top1 = evaluate(m, loader)["top1"]
             kls = held_out_kl(gm, original, images) if kl else None
@@ -132,7 +130,7 @@ def train_(
                             **{**common, "fingerprint": f"{fingerprint}:selectors"})
             row(f"{label}, selectors trained ({selector_epochs} ep)", gm)
         else:
-            _warn("--selector-epochs 0: the selectors stay untrained; the saved model will warn when used")
+            warn("--selector-epochs 0: the selectors stay untrained; the saved model will warn when used")
         resume = None   # the fine-tuning phase starts fresh
     if finetune_epochs:
         # without selectors this is the ToMe paper's "train with ToMe": the backbone learns to
@@ -142,7 +140,7 @@ def train_(
                  **{**common, "fingerprint": f"{fingerprint}:finetune"})
         row(f"{label}, fine-tuned ({finetune_epochs} ep)", gm, kl=learned)
 
-    from tokenopt.train.distributed import is_main
+    from tokenopt.distributed import is_main
     if not is_main():   # under torchrun every rank has the same weights: rank 0 reports and saves
         return
     if rows:
@@ -155,7 +153,7 @@ def train_(
     r = gm.tokenopt_report
     out.print(f"GFLOPs {r.flops_before / 1e9:.4f} -> {r.flops_after / 1e9:.4f} ({r.flops_ratio:.2f}x), "
               f"{len(selectors(gm))} selectors")
-    with _status(f"saving {output}"):
+    with status(f"saving {output}"):
         gm.eval()
         artifact.save(gm, output, base=base)
     out.print(f"saved {output} ({output.stat().st_size / 1e6:.1f} MB); checkpoint {ckpt_path}")

@@ -1,0 +1,167 @@
+"""What every verb of the command line shares: the options, the console, loading models, recipes and images.
+
+Verb modules (apply, inspect, measure, train) import from here and never from each other;
+``tokenopt.cli`` (the package ``__init__``) assembles them into one Typer app.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tokenopt.errors import DataError, TokenoptError
+
+MODEL_HELP = ("timm:<name>[?key=value&...] (random weights), demo:digits | demo:digits-clutter (demo ViTs "
+              "trained by `tokenopt demo`), package.module:factory[?key=value], a state dict "
+              "(.pt/.pth/.bin/.safetensors, with --arch) or a pickled model (with --trust-pickle).")
+ArchOpt = Annotated[Optional[str], typer.Option(
+    "--arch", "-a", metavar="ARCH",
+    help="Architecture for a state dict: timm:<name>[?key=value&...] or package.module:factory[?key=value&...].")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-pickle", help="Allow a checkpoint that is a pickled Python object (runs code from the file).")]
+StrictOpt = Annotated[bool, typer.Option(
+    "--strict", help="Treat the recipe as `strict: true`: a layer that cannot take its r, or a ToSA model whose "
+                     "selectors were never trained, is an error instead of a warning.")]
+InputSizeOpt = Annotated[Optional[str], typer.Option(
+    "--input-size", metavar="C,H,W", help="Input size of the example batch (default: from the model's config).")]
+LeafOpt = Annotated[Optional[list[str]], typer.Option(
+    "--leaf", metavar="NAME", help="Module class name or path to keep whole when tracing (repeatable).")]
+
+
+# ----------------------------------------------------------------------------------------------
+# output
+
+def console(stderr: bool = False):
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    # Piped or captured output gets a fixed, wide layout instead of rich's 80-column default.
+    return Console(file=stream, stderr=stderr, width=None if tty else 120, highlight=False)
+
+
+def error(message: str) -> None:
+    from rich.text import Text
+
+    console(stderr=True).print(Text(f"error: {message}", style="red"), soft_wrap=True)
+
+
+def warn(message: str, out=None) -> None:
+    from rich.text import Text
+
+    (out or console(stderr=True)).print(Text(f"warning: {message}", style="yellow"), soft_wrap=True)
+
+
+@contextlib.contextmanager
+def status(message: str):
+    """A spinner on stderr while something slow runs (only on a terminal: logs stay clean)."""
+    if sys.stderr.isatty():
+        with console(stderr=True).status(message):
+            yield
+    else:
+        yield
+
+
+def user_errors(fn):
+    """Turn a TokenoptError raised by a command into ``error: ...`` on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TokenoptError as e:
+            error(str(e))
+            raise typer.Exit(getattr(e, "exit_code", 2)) from None
+
+    return wrapper
+
+
+def print_notes(skipped, notes, out) -> None:
+    for path, why in skipped:
+        warn(f"{path} left unchanged: {why}", out)
+    for n in notes:
+        warn(n, out)
+
+
+@contextlib.contextmanager
+def quiet_plan_warnings():
+    """Plan warnings come back in the plan/report and are printed from there, once."""
+    from tokenopt.plan import TokenoptWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TokenoptWarning)
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# inputs: models, recipes, images
+
+def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
+    """``3,224,224`` (or ``3x224x224``), ``224,160`` (3 channels) or ``224`` (square, 3 channels)."""
+    if text is None:
+        return None
+    parts = re.split(r"[,x]", text.strip().lower())
+    dims = tuple(int(p) for p in parts) if all(p.strip().isdigit() for p in parts) else ()
+    if len(dims) == 1:
+        dims = (3, dims[0], dims[0])
+    elif len(dims) == 2:
+        dims = (3, *dims)
+    if len(dims) != 3 or min(dims) <= 0:
+        raise typer.BadParameter(f"{text!r}: write C,H,W (e.g. 3,224,224), H,W or a single size.",
+                                 param_hint="--input-size")
+    return dims  # type: ignore[return-value]
+
+
+def example_input(model, size: tuple[int, int, int] | None):
+    import torch
+
+    from tokenopt.analysis import example_input_for
+
+    if size is None:
+        return example_input_for(model)
+    p = next(iter(model.parameters()), None)
+    x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    return x.to(p.device, p.dtype) if p is not None and p.is_floating_point() else x
+
+
+def load_model(spec: str, arch: str | None, trust_pickle: bool):
+    """``(model, base)`` for the MODEL argument (see :func:`tokenopt.io.load_model`)."""
+    from tokenopt import io
+
+    with status(f"loading {spec}"):
+        return io.load_model(spec, arch, trust_pickle)
+
+
+def load_recipe(path: str, strict: bool = False):
+    from tokenopt.recipe import load_recipe as _load_recipe
+
+    rec = _load_recipe(Path(path))
+    rec.strict = rec.strict or strict
+    return rec
+
+
+def open_dataset(data: str, model, split: str, limit: int | None):
+    """The DATA argument (digits, digits-clutter, an ImageFolder) preprocessed for ``model``; the first ``limit`` images."""
+    import torch
+
+    from tokenopt.data import get_dataset
+
+    ds = get_dataset(data, split, model=model)
+    if len(ds) == 0:
+        raise DataError(f"data set '{data}' ({split}) has no images")
+    if limit is not None and limit < len(ds):
+        ds = torch.utils.data.Subset(ds, range(limit))
+    return ds
+
+
+def first_images(ds, n: int):
+    """The first ``n`` images of ``ds`` stacked into one batch."""
+    import torch
+
+    return torch.stack([ds[i][0] for i in range(min(n, len(ds)))])
