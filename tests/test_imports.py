@@ -16,7 +16,6 @@ import importlib
 import pkgutil
 from pathlib import Path
 
-import pytest
 
 import tokenopt
 
@@ -24,7 +23,7 @@ import tokenopt
 # rank sit beside each other and import neither way. A name matches itself and its submodules
 # (the root package ``tokenopt`` matches only itself).
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
-    (0, "base", ("tokenopt.errors", "tokenopt.version", "tokenopt.paths", "tokenopt.distributed",
+    (0, "base", ("tokenopt.errors", "tokenopt.version", "tokenopt.paths", "tokenopt.distributed", "tokenopt.tokens",
                  "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export")),
     (1, "ops", ("tokenopt.ops",)),
     (1, "load", ("tokenopt.io", "tokenopt.demo_specs")),    # models from specs and files; never trains
@@ -37,18 +36,6 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (6, "train", ("tokenopt.train", "tokenopt.demo")),      # demo trains the demo models
     (7, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
 ]
-
-# Imports that are known to be wrong and are being fixed on other branches (issue 9, item 2). Each
-# is also an xfail(strict) test below: when the import is gone that test passes unexpectedly and
-# fails the suite, so the entry is removed here rather than forgotten.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("tokenopt.passes.base", "tokenopt.passes.tofu"): "passes/base.py imports its plug-ins (registry imports "
-                                                      "move to passes/__init__)",
-    ("tokenopt.passes.base", "tokenopt.passes.tome"): "passes/base.py imports its plug-ins",
-    ("tokenopt.passes.base", "tokenopt.passes.tosa"): "passes/base.py imports its plug-ins",
-    ("tokenopt.pipeline", "tokenopt.train.probe"): "the pipeline calls ToFu's probe by name (moves behind "
-                                                   "Pass.calibrate)",
-}
 
 PACKAGE_DIR = Path(tokenopt.__file__).resolve().parent
 
@@ -190,10 +177,6 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
     return bad
 
 
-def _without_known(graph):
-    return {a: {b for b in bs if (a, b) not in KNOWN_EXCEPTIONS} for a, bs in graph.items()}
-
-
 # ----------------------------------------------------------------------------------------------
 
 def test_every_module_imports():
@@ -233,7 +216,7 @@ def test_the_graph_is_read_from_the_source():
 
 
 def test_there_is_no_import_circle():
-    circles = find_circles(_without_known(import_graph()))
+    circles = find_circles(import_graph())
     assert not circles, "import circles:\n" + "\n".join("  " + " -> ".join(c) for c in circles)
 
 
@@ -243,16 +226,9 @@ def test_every_module_has_a_layer():
 
 
 def test_no_layer_imports_one_above_it():
-    bad = layer_violations(_without_known(import_graph()))
+    bad = layer_violations(import_graph())
     assert not bad, ("imports that point up or sideways (the code is in the wrong place):\n  "
                      + "\n  ".join(bad))
-
-
-@pytest.mark.parametrize("edge", [pytest.param(e, marks=pytest.mark.xfail(reason=why, strict=True), id=" -> ".join(e))
-                                  for e, why in KNOWN_EXCEPTIONS.items()])
-def test_known_exception_is_gone(edge):
-    a, b = edge
-    assert b not in import_graph()[a], f"{a} still imports {b}"
 
 
 def test_a_planted_circle_is_named():

@@ -137,7 +137,7 @@ def probe(
     from rich.table import Table
 
     from tokenopt.analysis import analyse
-    from tokenopt.train.probe import linearity_profile
+    from tokenopt.passes.linearity import linearity_profile
 
     if output is not None:
         from tokenopt.io import check_output_path

@@ -7,7 +7,7 @@ it is close to linear, merge, with MLERP so merged tokens keep their norms::
     h, size, index = tofu_reduce(h, metric, size, index, r, prefix, op)   # op: prune | merge | mlerp
 
 ``op: auto`` picks prune or mlerp per layer from a measured linearity profile
-(tokenopt.train.probe) of calibration images: the layers whose relative linearity error is at or
+(tokenopt.passes.linearity, run by ToFu.calibrate) of calibration images: the layers whose relative linearity error is at or
 above ``threshold`` prune, the others merge with MLERP. Without a threshold the median of the
 selected layers is used, the same prune/merge split as the usual fixed rule (prune the first
 half), but chosen by measurement instead of by depth.
