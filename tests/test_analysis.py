@@ -373,3 +373,32 @@ def test_an_input_of_the_wrong_size_names_its_shape():
     gm = fx.symbolic_trace(ExplicitViT().eval())
     with pytest.raises(AnalysisError, match="--input-size"):
         record_shapes(gm, torch.randn(1, 3, 40, 40), "ExplicitViT")
+
+
+def test_imports_inside_the_package_point_one_way():
+    """records/nodes/index <- example/cores <- blocks <- refusals <- prefix/pooling <- __init__, and
+    nothing from the layers above the analysis."""
+    import ast
+    import pathlib
+
+    import tokenopt.analysis as pkg
+    layer = {"records": 0, "nodes": 0, "index": 1, "example": 1, "cores": 2, "blocks": 3, "refusals": 4,
+             "prefix": 5, "pooling": 5, "__init__": 6}
+    above = ("tokenopt.rewrite", "tokenopt.passes", "tokenopt.plan", "tokenopt.pipeline", "tokenopt.cli",
+             "tokenopt.report", "tokenopt.recipe", "tokenopt.io", "tokenopt.demo")
+    folder = pathlib.Path(pkg.__file__).parent
+    assert {p.stem for p in folder.glob("*.py")} == set(layer)
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for t in ast.walk(tree) if isinstance(t, ast.If) and ast.unparse(t.test) == "TYPE_CHECKING"
+                       for n in ast.walk(t)}          # annotations only, never imported at run time
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                assert not name.startswith(above), f"{path.name} imports {name}"
+                if name.startswith("tokenopt.analysis."):
+                    dep = name.split(".")[2]
+                    assert layer[dep] < layer[path.stem], f"{path.name} imports {name}, which is not below it"
