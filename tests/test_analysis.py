@@ -76,8 +76,11 @@ def test_index_lookup_order_and_reachability():
         idx.node("nope")
     assert not idx.stale
     with gm.graph.inserting_after(n["relu"]):
-        gm.graph.call_function(torch.neg, (n["relu"],))
-    assert idx.stale and GraphIndex(gm).node("neg").op == "call_function"
+        neg = gm.graph.call_function(torch.neg, (n["relu"],))
+    n["add_1"].replace_input_with(n["relu"], neg)
+    assert idx.stale and GraphIndex(gm).node("neg") is neg
+    assert idx.ancestors("add_1", stop="add") == {neg, n["mul"], n["relu"], n["x"]}   # walks with stop: live
+    assert neg not in idx.ancestors("add_1")                                          # cached: the snapshot
 
 
 def test_analysis_carries_its_index():

@@ -9,8 +9,10 @@
     index.between(a, b)              # nodes on some path a -> b
     index.digraph                    # networkx view, for dominators and the like
 
-It is a snapshot of the graph as it was when built. Rewrites add nodes; after that, build a new
-index (one pass over the nodes) — :attr:`stale` says when the node count no longer matches.
+Names, positions and the cached ancestor/descendant sets are a snapshot of the graph when the
+index was built; :attr:`stale` says when nodes were added or removed since (build a new index:
+one pass over the nodes). Walks with ``stop`` are not cached and follow the graph's edges as
+they are now, so a pass can ask for the nodes of a block it is rewriting.
 """
 from __future__ import annotations
 
