@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from tokenopt.analysis import BlockRecord
+from tokenopt.analysis import BlockRecord, GraphIndex
 from tokenopt.errors import AnalysisError
 
 
-def extract_block(gm: fx.GraphModule, block: BlockRecord) -> fx.GraphModule:
-    nodes = list(gm.graph.nodes)
-    order = {n: i for i, n in enumerate(nodes)}
-    by_name = {n.name: n for n in nodes}
-    start, end = by_name[block.input], by_name[block.output]
+def extract_block(gm: fx.GraphModule, block: BlockRecord, index: GraphIndex | None = None) -> fx.GraphModule:
+    """``block`` of ``gm`` as its own GraphModule ``x -> output``. ``index``: a GraphIndex of
+    ``gm.graph`` to reuse (e.g. ``ModelAnalysis.index`` while the graph is unchanged)."""
+    if index is None or index.graph is not gm.graph or index.stale:
+        index = GraphIndex(gm.graph)
+    start, end = index.node(block.input), index.node(block.output)
+    on_the_way = index.ancestors(end)     # skips dead side branches (e.g. asserts)
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {start: g.placeholder("x")}
 
@@ -28,23 +30,11 @@ def extract_block(gm: fx.GraphModule, block: BlockRecord) -> fx.GraphModule:
         raise AnalysisError(f"{block.path}: the block reads {n.name}, computed outside it; "
                             "it cannot be run on its own")
 
-    for n in nodes[order[start] + 1: order[end] + 1]:
+    for n in index.nodes[index.position(start) + 1: index.position(end) + 1]:
         if n.op in ("placeholder", "output"):
             continue
-        if end not in _users_closure(n, end, order) and n is not end:
-            continue                      # not on the way to the block output (e.g. asserts)
+        if n is not end and n not in on_the_way:
+            continue
         env[n] = g.node_copy(n, lookup)
     g.output(env[end])
     return fx.GraphModule(gm, g, class_name=f"Block{block.index}")
-
-
-def _users_closure(n: fx.Node, end: fx.Node, order) -> set:
-    """Nodes reachable from n (bounded by ``end``'s position), to skip dead side branches."""
-    seen, stack = set(), [n]
-    while stack:
-        m = stack.pop()
-        for u in m.users:
-            if u not in seen and order.get(u, 1 << 30) <= order[end]:
-                seen.add(u)
-                stack.append(u)
-    return seen

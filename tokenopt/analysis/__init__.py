@@ -1,0 +1,94 @@
+"""Analysis: find the transformer blocks, the token stream, the prefix tokens and the pooling.
+
+Data in, data out: :func:`analyse` traces the model, records shapes on an example batch and
+returns a :class:`ModelAnalysis` of plain records that name graph nodes. It never mutates the
+model. Every attention core that does not become a reducible block carries a written reason.
+
+    trace ─ example.record_shapes ─ index.GraphIndex ─ cores.find_cores ─ blocks.block_for
+          ─ prefix.find_prefix_tokens ─ refusals (named checks, first one refuses) ─ pooling.find_pooling
+
+One module per question, imports pointing one way (each imports only from those before it):
+
+    records    the dataclasses (AttentionCore, BlockRecord, Pooling, ModelAnalysis) and NoMatch
+    nodes      predicates on one node (is_add, is_softmax, shape_of, module_path ...)
+    index      GraphIndex: lookup by name, graph order, ancestors/descendants, built once
+    example    the example batch and the shape recorder
+    cores      attention cores: fused SDPA, explicit softmax(q @ k^T) @ v, nn.MultiheadAttention
+    blocks     residual adds, merge point and MLP around each core
+    refusals   the named checks that keep a block on its original token grid
+    prefix     cls / distillation / register tokens
+    pooling    what consumes the tokens after the last block, and the features node
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tokenopt.analysis.blocks import block_for
+from tokenopt.analysis.cores import explicit_core, find_cores, mha_core, sdpa_core
+from tokenopt.analysis.example import ShapeRecorder, example_input_for, record_shapes
+from tokenopt.analysis.index import GraphIndex
+from tokenopt.analysis.nodes import (common_module_prefix, is_add, is_core_node, is_matmul, is_sdpa, is_softmax,
+                                     module_path, shape_of, tensor_args)
+from tokenopt.analysis.pooling import find_pooling
+from tokenopt.analysis.prefix import find_prefix_tokens
+from tokenopt.analysis.records import CLASS_ATTENTION, AttentionCore, BlockRecord, ModelAnalysis, NoMatch, Pooling
+from tokenopt.analysis.refusals import CHECKS, Check, CheckContext, check, first_refusal
+from tokenopt.errors import AnalysisError
+from tokenopt.trace import trace
+
+__all__ = [
+    "AnalysisError", "analyse_graph", "AttentionCore", "BlockRecord", "CHECKS", "CLASS_ATTENTION", "Check", "CheckContext",
+    "GraphIndex", "ModelAnalysis", "NoMatch", "Pooling", "ShapeRecorder", "analyse", "block_for", "check",
+    "common_module_prefix", "example_input_for", "explicit_core", "find_cores", "first_refusal", "is_add",
+    "find_pooling", "find_prefix_tokens", "is_core_node", "is_matmul", "is_sdpa", "is_softmax", "mha_core",
+    "module_path",
+    "record_shapes", "sdpa_core", "shape_of", "tensor_args",
+]
+
+_NO_ATTENTION = "no attention (SDPA, softmax(q@k^T)@v or nn.MultiheadAttention) in the graph"
+
+
+def analyse(model: nn.Module, example_input: torch.Tensor | None = None, leaf_modules=(),
+            prefix_tokens: int | None = None) -> ModelAnalysis:
+    """Trace ``model`` and describe its blocks. Raises AnalysisError when there are none."""
+    gm = trace(model, leaf_modules)
+    if example_input is None:
+        example_input = example_input_for(model)
+    record_shapes(gm, example_input, type(model).__name__)
+    return analyse_graph(gm, model, tuple(example_input.shape), prefix_tokens)
+
+
+def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, ...] = (),
+                  prefix_tokens: int | None = None) -> ModelAnalysis:
+    """Describe the blocks of a graph already captured, whose nodes carry their shapes
+    (``node.meta["tensor_meta"]``, e.g. from :class:`ShapeRecorder`), such as a graph with
+    more inputs than the image. ``model`` is what was captured (read for ``num_prefix_tokens``)."""
+    index = GraphIndex(gm.graph)
+    cores, no_matches = find_cores(gm, index)
+    blocks: list[BlockRecord] = []
+    for core in cores:
+        rec = block_for(core, len(blocks), gm, index)
+        if rec:
+            blocks.append(rec)
+        else:
+            no_matches.append(rec)
+    unmatched = [(m.where, m.reason) for m in no_matches if m.near_miss]
+    if not blocks:
+        why = "; ".join(f"{w}: {r}" for w, r in unmatched) or _NO_ATTENTION
+        raise AnalysisError(
+            f"{type(model).__name__} has no transformer blocks tokenopt can find ({why}).\n"
+            "  tokenopt rewrites Vision Transformers: blocks of the form x + attn(norm(x)), then + mlp(norm(x)). "
+            "If your attention lives in a module fx cannot see into, do not mark it as a leaf.")
+    prefix, source = find_prefix_tokens(model, blocks, index, prefix_tokens)
+    ctx = CheckContext(gm, index, prefix)
+    for b in blocks:
+        refused = first_refusal(b, ctx)
+        if refused is not None:
+            b.refused_by, why = refused
+            b.refusal = str(why)
+    pools, features = find_pooling(blocks[-1], gm, index)
+    return ModelAnalysis(gm, blocks, unmatched, prefix, source, pools, tuple(input_shape), features,
+                         no_matches=no_matches, index=index)
+

@@ -1,0 +1,94 @@
+"""Blocks: from an attention core out to its residual adds, the merge point and the MLP.
+
+    pre-norm (ViT, DeiT)                       post-norm
+    x ──┬─ norm ─ attn ─┐                      x ──┬─ attn ─┐
+        └───────────── add  r1 = merge point       └───── add  r1
+    h ──┬─ norm ─ mlp ──┐                               norm       merge point (on r1's chain)
+        └───────────── add  r2 = output        h ──┬─ mlp ──┐
+                                                   └───── add  r2 = output
+
+1. the *attention residual* r1: the first add after the core whose other operand is an ancestor
+   of the core, which is therefore the block input x;
+2. the *MLP residual* r2: the first later add that sums a node on the direct chain from r1 (r1
+   itself, or its norm in post-norm blocks) with something computed from it, with no attention in
+   between. That chain node is the *merge point*: ToMe and ToFu reduce tokens there, between
+   attention and MLP. A block without an MLP ends at r1.
+
+No r1 means the core is not inside a transformer block: :class:`NoMatch`, with the reason.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.fx as fx
+
+from tokenopt.analysis.index import GraphIndex
+from tokenopt.analysis.nodes import common_module_prefix, is_add, is_core_node, module_path, shape_of
+from tokenopt.analysis.records import AttentionCore, BlockRecord, NoMatch
+
+NO_RESIDUAL = "no residual add around the attention (x + attn(x))"
+
+
+def where_of(core: AttentionCore, index: GraphIndex) -> str:
+    """How reports name a core: its module path, else its node."""
+    return module_path(index.node(core.node)) or core.node
+
+
+def block_for(core: AttentionCore, number: int, gm: fx.GraphModule, index: GraphIndex) -> BlockRecord | NoMatch:
+    """The block around ``core`` (numbered ``number``), refusal not yet decided."""
+    c = index.node(core.node)
+    after_core = index.descendants(c) | {c}
+    before_core = index.ancestors(c)
+    r1 = skip = None
+    for n in index.after(c):
+        if not is_add(n) or n not in after_core:
+            continue
+        ops = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+        if len(ops) != 2:
+            continue
+        a, b = ops
+        if a in before_core and b in after_core:
+            r1, skip = n, a
+            break
+        if b in before_core and a in after_core:
+            r1, skip = n, b
+            break
+    if r1 is None:
+        return NoMatch(NO_RESIDUAL, where=where_of(core, index))
+    chain = _direct_chain(r1)
+    r2 = merge = None
+    for n in index.after(r1):
+        if not is_add(n):
+            continue
+        ops = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+        if len(ops) != 2:
+            continue
+        for s, o in (ops, ops[::-1]):
+            if s in chain and o in index.descendants(s):
+                r2, merge = n, s
+                break
+        if r2 is not None:
+            break
+        if n in index.descendants(r1) and any(
+                is_core_node(m, gm) for m in index.ancestors(n) - index.ancestors(r1) - {r1}):
+            break  # reached the next block's attention: this block has no MLP
+    if r2 is not None and any(is_core_node(m, gm) for m in index.between(merge, r2)):
+        r2 = None
+    if r2 is None:
+        merge, r2 = chain[-1], chain[-1]
+    path = common_module_prefix([module_path(n) for n in (c, r1, r2)]) or f"block{number}"
+    x_shape = shape_of(skip)
+    tokens = x_shape[1] if x_shape and len(x_shape) == 3 else (math.prod(x_shape[1:-1]) if x_shape else 0)
+    dim = x_shape[-1] if x_shape else 0
+    return BlockRecord(number, path, skip.name, core, r1.name, merge.name, r2.name, tokens, dim)
+
+
+def _direct_chain(r1: fx.Node) -> list[fx.Node]:
+    """r1, then its single-user non-add successors of the same shape (post-norm puts a norm here)."""
+    chain = [r1]
+    while len(chain[-1].users) == 1:
+        u = next(iter(chain[-1].users))
+        if is_add(u) or shape_of(u) != shape_of(r1):
+            break
+        chain.append(u)
+    return chain

@@ -1,0 +1,95 @@
+"""Questions about one fx node: its recorded shape, which op it is, which module it came from.
+
+The patterns in this package are built from these predicates. An op is recognised in every
+spelling fx records for it::
+
+    x + y          call_function operator.add      |  x.add(y)       call_method "add"
+    a @ b          call_function operator.matmul   |  torch.bmm(a, b), torch.einsum("...", a, b)
+    a.softmax(-1)  call_method "softmax"           |  F.softmax(a, -1), nn.Softmax leaf
+    F.scaled_dot_product_attention(q, k, v)        |  nn.MultiheadAttention leaf (call_module)
+
+Shapes come from ``node.meta["tensor_meta"]``, written when the analysis ran the graph on the
+example batch (see :mod:`tokenopt.analysis.example`).
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+SDPA_FN = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+SOFTMAX_FN = {torch.softmax, F.softmax, torch.Tensor.softmax}
+MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm, torch.einsum}
+ADD_FN = {operator.add, torch.add, operator.iadd}
+
+
+def shape_of(node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def is_add(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in ADD_FN) or (n.op == "call_method" and n.target in ("add", "add_"))
+
+
+def is_matmul(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in MATMUL_FN) or (n.op == "call_method" and n.target in ("matmul", "bmm"))
+
+
+def is_softmax(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in SOFTMAX_FN) or (n.op == "call_method" and n.target == "softmax")
+
+
+def is_sdpa(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in SDPA_FN
+
+
+def is_module(n: fx.Node, gm: fx.GraphModule, cls: type) -> bool:
+    return n.op == "call_module" and isinstance(gm.get_submodule(n.target), cls)
+
+
+def is_core_node(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """Any node that may be an attention core: SDPA, a softmax (function, method or module), MHA."""
+    return is_sdpa(n) or is_softmax(n) or is_module(n, gm, nn.Softmax) or is_module(n, gm, nn.MultiheadAttention)
+
+
+def matmul_operands(n: fx.Node) -> tuple | None:
+    """The two tensor operands of a matmul node (einsum: after its equation), or None."""
+    args = n.args
+    if args and isinstance(args[0], str):                 # torch.einsum("...", a, b) or ("...", [a, b])
+        args = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    return tuple(args[:2]) if len(args) >= 2 else None
+
+
+def tensor_args(n: fx.Node) -> list[fx.Node]:
+    return [a for a in n.all_input_nodes if shape_of(a) is not None or a.op == "get_attr"]
+
+
+def module_path(n: fx.Node) -> str:
+    stack = n.meta.get("nn_module_stack") or {}
+    if stack:
+        key = list(stack.keys())[-1]
+        val = stack[key]
+        # fx stores {key: (qualname, type)} in recent torch; older versions {qualname: type}
+        return val[0] if isinstance(val, tuple) else key
+    if n.op == "call_module":
+        return n.target
+    if n.op == "get_attr":
+        return n.target.rsplit(".", 1)[0] if "." in n.target else ""
+    return ""
+
+
+def common_module_prefix(paths: list[str]) -> str:
+    split = [p.split(".") for p in paths if p is not None]
+    if not split:
+        return ""
+    out = []
+    for parts in zip(*split):
+        if all(p == parts[0] for p in parts):
+            out.append(parts[0])
+        else:
+            break
+    return ".".join(out)
