@@ -41,7 +41,7 @@ class UntrainedSelectorWarning(UserWarning):
 
 
 class SelectorOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     input: Literal["map", "pooled"] = Field(
         "map", description="map: the full N x N logits (the paper) | pooled: two logit rows per head, O(N d)")
     hidden: int = Field(64, ge=1, description="channels between the two convolutions")
