@@ -129,8 +129,8 @@ GOOD = {
     "keep": st.floats(0.001, 1.0) | st.integers(1, 20) | big,
     "bypass": st.sampled_from(["block", "attention"]),
     "selector": st.fixed_dictionaries({}, optional={
-        "input": st.sampled_from(["map", "pooled"]), "hidden": st.integers(1, 64) | big,
-        "kernel": st.sampled_from([1, 3, 5, 99]), "residual": st.booleans()}),
+        "input": st.sampled_from(["map", "pooled"]), "hidden": st.integers(1, 64) | st.just(4096),
+        "kernel": st.sampled_from([1, 3, 5, 99, 1023]), "residual": st.booleans()}),
 }
 BAD = {
     "r": st.one_of(st.integers(max_value=-1), st.booleans(), st.sampled_from(["5", 5.0, 5.5, [], [True], [-1]]),
@@ -158,7 +158,7 @@ WRONG = {
     "bypass": ["mlp", "Block", "", None, True],
     "selector": [{"input": "mean"}, {"hidden": 0}, {"hidden": True}, {"hidden": 1.5}, {"hidden": "8"}, {"kernel": 2},
                  {"kernel": True}, {"kernel": 3.0}, {"residual": "no"}, {"residual": 1}, {"hiden": 3}, "map", None,
-                 [], True],
+                 [], True, {"hidden": 10 ** 30}, {"kernel": 10 ** 30 + 1}],     # too big to build: TypeError
 }
 OPTION_VALUES = {k: mostly(GOOD[k], BAD[k]) for k in GOOD}
 OPTION_VALUES["strict"] = st.booleans()      # not an option of any pass: the recipe's top level has it
@@ -278,6 +278,8 @@ def check_error(e: TokenoptError, source: str | None = None) -> str:
     assert "Traceback" not in msg
     if source is not None and not msg.startswith(("recipe file not found", "recipe path is a directory")):
         assert source in msg, f"the message does not name {source!r}: {msg}"
+    if "could not parse YAML" in msg and "nested too deeply" not in msg:
+        assert ", line " in msg, f"a YAML error without its line: {msg}"
     return msg
 
 
@@ -415,6 +417,8 @@ LAUGHS = RULE.format(r=2, layers="[&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".joi
 @example(text="version: !!bool maybe\nrules:\n- pass: tome\n  r: 0", as_file=False)   # KeyError
 @example(text="version: 1\nrules:\n - pass: tome\n   r: !!timestamp x", as_file=False)  # AttributeError
 @example(text="version: 1\nrules:\n - pass: tome\n   r: !!int", as_file=False)          # IndexError
+@example(text="!!map x", as_file=False)                                     # ValueError (unpacking)
+@example(text="- !!map x", as_file=False)                                   # ValueError (unpacking)
 @example(text="[" * 5000 + "]" * 5000, as_file=False)                      # RecursionError
 @example(text="a: " + "{a: " * 3000 + "1" + "}" * 3000, as_file=True)      # RecursionError
 @example(text="r" * 5000 + ".yaml", as_file=False)                         # OSError: file name too long
@@ -425,6 +429,7 @@ LAUGHS = RULE.format(r=2, layers="[&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1], " + ", ".joi
 @example(text=RULE.format(r=2, layers="'0-999999999999'"), as_file=False)  # MemoryError: the range was listed
 @example(text=RULE.format(r="&r {a: *r}", layers="all"), as_file=False)    # recursive mapping
 @example(text=LAUGHS, as_file=False)                                        # exponential repr in the message
+@example(text="version: 1\nrules:\n  - pass: to\x89me\n", as_file=True)      # no line for a control character
 def test_yaml_text_loads_or_says_what_is_wrong(text, as_file, tmp_path_factory):
     if as_file:
         path = tmp_path_factory.mktemp("fuzz") / "recipe.yaml"

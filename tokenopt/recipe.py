@@ -111,6 +111,9 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode):
+    if not isinstance(node, yaml.MappingNode):  # `!!map x`
+        raise yaml.constructor.ConstructorError(None, None, f"expected a mapping, but found a {node.id}",
+                                                node.start_mark)
     data = _Mapping()
     data.line = node.start_mark.line + 1
     data.key_lines = {}
@@ -192,11 +195,21 @@ def _parse_yaml(text: str, source: str):
         hint = "" if isinstance(e, yaml.constructor.ConstructorError) else \
             "\n  Check the indentation and quoting near that line."
         raise RecipeError(f"{loc}: could not parse YAML: {problem}.{hint}") from None
+    except yaml.reader.ReaderError as e:  # a control character; the position is an offset in the text
+        if not isinstance(e.character, int):
+            raise RecipeError(f"{source}: could not parse YAML: {e}") from None
+        before = text[:e.position]
+        line, column = before.count("\n") + 1, e.position - before.rfind("\n")
+        raise RecipeError(f"{source}, line {line}, column {column}: could not parse YAML: the character "
+                          f"{chr(e.character)!r} (#x{e.character:04x}) is not allowed in YAML.\n"
+                          "  Remove it, or write it as an escape in a double-quoted string.") from None
     except yaml.YAMLError as e:  # no position known
         raise RecipeError(f"{source}: could not parse YAML: {e}") from None
     except RecursionError:  # PyYAML composes and constructs nested nodes recursively
         raise RecipeError(f"{source}: could not parse YAML: brackets or indentation nested too deeply.\n"
                           "  A recipe needs only a few levels (rules, a rule, an option).") from None
+    except Exception as e:  # noqa: BLE001 - a constructor failed outside _construct_object: no line known
+        raise RecipeError(f"{source}: could not parse YAML: {type(e).__name__}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +312,8 @@ def _check_values(data, source: str) -> None:
 def _from_data(data, source: str) -> Recipe:
     _check_values(data, source)
     if not isinstance(data, dict):
-        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        kind = type(data).__name__
+        got = "an empty document" if data is None else f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
         raise RecipeError(f"{source}: a recipe must be a mapping with 'version' and 'rules', got {got}.\n"
                           "  Start the file with `version: 1` and a `rules:` list.")
 
