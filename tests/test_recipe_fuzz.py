@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import math
 import os
-import re
 import warnings
 
 import pytest
