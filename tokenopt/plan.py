@@ -54,6 +54,11 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
     context = context or {}
     blocks = analysis.blocks
     paths = analysis.block_paths
+    if analysis.prefix_tokens >= blocks[0].tokens:
+        raise PlanError(f"{recipe.source}: prefix_tokens is {analysis.prefix_tokens} ({analysis.prefix_source}), but "
+                        f"{paths[0]}, the first block, sees only {blocks[0].tokens} tokens: no patch token would be "
+                        "left to reduce.\n  Set prefix_tokens to the number of cls/distillation/register tokens, "
+                        "or leave it out to detect it.")
     chosen: dict[int, tuple[Rule, object]] = {}
     skipped: list[tuple[str, str]] = []
     for rule in recipe.rules:

@@ -111,6 +111,9 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode):
+    if not isinstance(node, yaml.MappingNode):  # `!!map x`
+        raise yaml.constructor.ConstructorError(None, None, f"expected a mapping, but found a {node.id}",
+                                                node.start_mark)
     data = _Mapping()
     data.line = node.start_mark.line + 1
     data.key_lines = {}
@@ -138,6 +141,29 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode):
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _construct_object(loader: _LineLoader, node, deep=False):
+    """PyYAML's constructors fail with plain Python errors (ValueError, KeyError, IndexError,
+    AttributeError) on values such as ``2001-13-45`` (a timestamp), ``!!int abc``, ``!!bool maybe``,
+    ``!!timestamp x``, ``!!int`` or an integer of more than 4300 digits; give them the node's line."""
+    try:
+        return yaml.SafeLoader.construct_object(loader, node, deep)
+    except (yaml.YAMLError, RecursionError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure to build a value is a mistake in the YAML
+        kind = node.tag.rsplit(":", 1)[-1]
+        value = node.value if isinstance(node.value, str) else ""
+        shown = repr(value if len(value) <= 40 else value[:37] + "...")
+        # Python's own reason helps for numbers and dates ("month must be in 1..12"), not elsewhere
+        why = f" ({_lower(str(e).split(';')[0])})" if isinstance(e, (ValueError, OverflowError)) and value \
+            and kind in ("int", "float", "timestamp") else ""
+        raise yaml.constructor.ConstructorError(
+            None, None, f"cannot read {shown} as {'an' if kind[:1] in 'aeiou' else 'a'} {kind}{why}; "
+            f"write a valid {kind}, or quote it to keep it as text", node.start_mark) from None
+
+
+_LineLoader.construct_object = _construct_object
 
 
 def _line_of(mapping, key=None) -> int | None:
@@ -169,8 +195,21 @@ def _parse_yaml(text: str, source: str):
         hint = "" if isinstance(e, yaml.constructor.ConstructorError) else \
             "\n  Check the indentation and quoting near that line."
         raise RecipeError(f"{loc}: could not parse YAML: {problem}.{hint}") from None
+    except yaml.reader.ReaderError as e:  # a control character; the position is an offset in the text
+        if not isinstance(e.character, int):
+            raise RecipeError(f"{source}: could not parse YAML: {e}") from None
+        before = text[:e.position]
+        line, column = before.count("\n") + 1, e.position - before.rfind("\n")
+        raise RecipeError(f"{source}, line {line}, column {column}: could not parse YAML: the character "
+                          f"{chr(e.character)!r} (#x{e.character:04x}) is not allowed in YAML.\n"
+                          "  Remove it, or write it as an escape in a double-quoted string.") from None
     except yaml.YAMLError as e:  # no position known
         raise RecipeError(f"{source}: could not parse YAML: {e}") from None
+    except RecursionError:  # PyYAML composes and constructs nested nodes recursively
+        raise RecipeError(f"{source}: could not parse YAML: brackets or indentation nested too deeply.\n"
+                          "  A recipe needs only a few levels (rules, a rule, an option).") from None
+    except Exception as e:  # noqa: BLE001 - a constructor failed outside _construct_object: no line known
+        raise RecipeError(f"{source}: could not parse YAML: {type(e).__name__}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,8 +227,8 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
         return recipe
     if isinstance(recipe, dict):
         return _from_data(recipe, "<dict>")
-    if isinstance(recipe, os.PathLike) or (
-            isinstance(recipe, str) and (recipe.endswith((".yaml", ".yml")) or _is_file(recipe))):
+    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and (
+            ("\n" not in recipe and recipe.endswith((".yaml", ".yml"))) or _is_file(recipe))):
         return _from_file(Path(recipe))
     if isinstance(recipe, str):
         data = _parse_yaml(recipe, "<string>")
@@ -211,11 +250,17 @@ def _is_file(s: str) -> bool:
 
 
 def _from_file(path: Path) -> Recipe:
-    if not path.exists():
+    try:
+        exists, is_dir = path.exists(), path.is_dir()
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte
+        name = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
+        raise RecipeError(f"cannot read recipe file {name}: {getattr(e, 'strerror', None) or e}.\n"
+                          "  Check the path, or pass the recipe as YAML text or a dict.") from None
+    if not exists:
         raise RecipeError(f"recipe file not found: {path}"
                           + ("" if path.is_absolute() else f" (relative to {Path.cwd()})")
                           + "\n  Check the spelling of the path, or pass the recipe as YAML text or a dict.")
-    if path.is_dir():
+    if is_dir:
         raise RecipeError(f"recipe path is a directory, not a file: {path}\n"
                           "  Name the .yaml file inside it.")
     try:
@@ -225,9 +270,50 @@ def _from_file(path: Path) -> Recipe:
     return _from_data(_parse_yaml(text, str(path)), str(path))
 
 
+#: Limits of what a recipe can hold; real recipes stay far below them. Past them, messages that
+#: quote a value, and the checks themselves, would take a traceback (RecursionError, an int too
+#: long to print) or exponential time (YAML aliases of aliases expand like a "billion laughs").
+MAX_DEPTH, MAX_VALUES, MAX_INT_BITS = 32, 100_000, 10_000    # 10_000 bits: about 3000 digits
+
+
+def _check_values(data, source: str) -> None:
+    """Refuse data no recipe needs: nested too deep (or containing itself), too many values once
+    YAML aliases are expanded, or integers too long to print."""
+    def huge(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > MAX_INT_BITS
+
+    def where(line, path: tuple) -> str:    # path: dict keys, and [i] for list items
+        shown = "".join(p if isinstance(p, str) and p.startswith("[") else "." + ("<number>" if huge(p) else str(p))
+                        for p in path).lstrip(".")
+        return _at(source, line) + (f" (at {shown})" if shown else "")
+
+    count = 0
+    todo = [(data, 0, None, ())]      # (value, depth, line of the nearest key, path)
+    while todo:
+        value, depth, line, path = todo.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise RecipeError(f"{source}: the recipe holds more than {MAX_VALUES} values once its YAML aliases "
+                              "(*name) are expanded.\n  Write the rules out without nesting aliases.")
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{where(line, path)}: values nested more than {MAX_DEPTH} levels deep "
+                              "(or a YAML alias inside its own anchor).\n  A recipe needs only a few levels.")
+        if huge(value):
+            raise RecipeError(f"{where(line, path)}: a whole number of about {int(value.bit_length() * 0.30103)} "
+                              "digits; no recipe value is that large.")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                below = (_line_of(value, k) or line, (*path, k))
+                todo.extend([(v, depth + 1, *below), (k, depth + 1, *below)])
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            todo.extend((v, depth + 1, line, (*path, f"[{i}]")) for i, v in enumerate(value))
+
+
 def _from_data(data, source: str) -> Recipe:
+    _check_values(data, source)
     if not isinstance(data, dict):
-        got = "an empty document" if data is None else f"a {type(data).__name__}"
+        kind = type(data).__name__
+        got = "an empty document" if data is None else f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
         raise RecipeError(f"{source}: a recipe must be a mapping with 'version' and 'rules', got {got}.\n"
                           "  Start the file with `version: 1` and a `rules:` list.")
 
@@ -355,7 +441,10 @@ def _check_selector(selector, where: str) -> None:
 
 
 def _parse(selector, where: str, top: bool):
-    """A selector as ("all",) | ("indices", [..]) | ("glob", pat) | ("re", compiled) | ("any", [..])."""
+    """A selector as ("all",) | ("indices", [range, ..]) | ("glob", pat) | ("re", compiled) | ("any", [..]).
+
+    Index ranges stay ``range`` objects: "0-999999999999" must not become a list before the model
+    says how many blocks there are."""
     bad = f"{where}: invalid layers selector {selector!r}"
     forms = ('  Use all, first-half, second-half, an index (5), a range ("4-11"), a list ("0-3,8" or [0, 2, 5]), '
              'a glob on block paths ("blocks.1*"), or "re:<regex>".')
@@ -364,7 +453,7 @@ def _parse(selector, where: str, top: bool):
     if isinstance(selector, int):
         if selector < 0:
             raise RecipeError(f"{bad}: layer indices start at 0.\n{forms}")
-        return ("indices", [selector])
+        return ("indices", [range(selector, selector + 1)])
     if isinstance(selector, list):
         if not top or not selector:
             raise RecipeError(f"{bad}: {'an empty list' if not selector else 'lists cannot nest'}.\n{forms}")
@@ -380,8 +469,9 @@ def _parse(selector, where: str, top: bool):
     if s.startswith("re:"):
         try:
             return ("re", re.compile(s[3:]))
-        except re.error as e:
-            raise RecipeError(f"{bad}: not a valid regular expression ({e}).") from None
+        except (re.error, OverflowError, RecursionError) as e:
+            why = "groups nested too deeply" if isinstance(e, RecursionError) else e
+            raise RecipeError(f"{bad}: not a valid regular expression ({why}).") from None
     # Digits, dashes and commas only can never be a block path glob, so they must be ranges.
     if _RANGE_CHARS.fullmatch(s):
         if not _RANGES.fullmatch(s):
@@ -389,10 +479,14 @@ def _parse(selector, where: str, top: bool):
         indices = []
         for part in s.split(","):
             lo, _, hi = part.partition("-")
-            lo, hi = int(lo), int(hi or lo)
+            try:
+                lo, hi = int(lo), int(hi or lo)
+            except ValueError:  # more digits than Python converts (4300)
+                raise RecipeError(f"{where}: invalid layers selector: a layer index of {len(s)} digits.\n"
+                                  f"{forms}") from None
             if hi < lo:
                 raise RecipeError(f"{bad}: range {part.strip()!r} runs backwards; write it as {hi}-{lo}.")
-            indices.extend(range(lo, hi + 1))
+            indices.append(range(lo, hi + 1))
         return ("indices", indices)
     return ("glob", s)
 
@@ -422,10 +516,10 @@ def resolve_layers(selector, block_paths: list[str], where: str) -> list[int]:
         if kind == "any":
             return set().union(*(pick(p) for p in parsed[1]))
         if kind == "indices":
-            out = [i for i in parsed[1] if i >= n]
+            out = [max(r.start, n) for r in parsed[1] if r.stop > n]   # the first index past the last block
             if out:
                 raise RecipeError(f"{where}: layers {selector!r}: index {out[0]} is out of range; {available}.")
-            return set(parsed[1])
+            return {i for r in parsed[1] for i in r}
         if kind == "glob":
             hits = {i for i, p in enumerate(block_paths) if fnmatch.fnmatchcase(p, parsed[1])}
             what = f"glob {parsed[1]!r}"

@@ -28,10 +28,12 @@ from tokenopt.tokens import TokenCount
 class PassOptions(BaseModel):
     """Options shared by every pass; a pass extends this with its own fields.
 
-    ``extra="forbid"`` makes an unknown key in a recipe rule an error rather than a silent no-op.
+    ``extra="forbid"`` makes an unknown key in a recipe rule an error rather than a silent no-op;
+    ``strict=True`` refuses a value of another type instead of converting it (``r: yes`` is not 1,
+    ``prop_attn: 1`` is not true, ``r: "5"`` and ``r: 5.0`` are not 5); an int is still a float.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 @dataclass

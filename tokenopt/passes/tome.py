@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, replace
-from typing import Union
+from fractions import Fraction
+from typing import Annotated, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
 from tokenopt.errors import RecipeError
 from tokenopt.ops import tome as ops
@@ -30,13 +31,13 @@ from tokenopt.tokens import TokenCount
 class DecreasingSchedule(BaseModel):
     """r falls linearly from ``start`` at the first selected layer to ``end`` at the last."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     start: int = Field(ge=0)
     end: int = Field(ge=0)
 
 
 class ToMeOptions(PassOptions):
-    r: Union[int, list[int], DecreasingSchedule] = Field(
+    r: Union[NonNegativeInt, Annotated[list[NonNegativeInt], Field(min_length=1)], DecreasingSchedule] = Field(
         description="tokens merged per layer: an int, a per-layer list, or {start, end}")
     prop_attn: bool = Field(True, description="add log(size) to every later attention's logits")
 
@@ -64,7 +65,8 @@ def expand_r(r, n_layers: int, where: str) -> list[int]:
         return list(r)
     if n_layers == 1:
         return [r.start]
-    return [round(r.start + (r.end - r.start) * i / (n_layers - 1)) for i in range(n_layers)]
+    # exact arithmetic: a float overflows on an absurd start, and the planner caps r per layer anyway
+    return [round(r.start + Fraction((r.end - r.start) * i, n_layers - 1)) for i in range(n_layers)]
 
 
 @register_pass("tome")

@@ -43,11 +43,12 @@ class UntrainedSelectorWarning(UserWarning):
 
 
 class SelectorOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     input: Literal["map", "pooled"] = Field(
         "map", description="map: the full N x N logits (the paper) | pooled: two logit rows per head, O(N d)")
-    hidden: int = Field(64, ge=1, description="channels between the two convolutions")
-    kernel: int = Field(3, ge=1, description="odd convolution width along the keys")
+    # upper bounds: past them building the selector fails (an int64 overflow in torch), not the recipe check
+    hidden: int = Field(64, ge=1, le=4096, description="channels between the two convolutions")
+    kernel: int = Field(3, ge=1, le=1023, description="odd convolution width along the keys")
     residual: bool = Field(True, description="add the input logits to the prediction (untrained = previous layer)")
 
     @field_validator("kernel")
