@@ -379,9 +379,9 @@ def check_plan(p: Plan, recipe: Recipe, analysis) -> None:
         step = lp.step
         assert step is not None and step.tokens_out == lp.tokens_out and step.describe
         if lp.rule.pass_name in ("tome", "tofu"):
-            assert step.params["r"] == lp.tokens_in - lp.tokens_out >= 0
+            assert lp.tokens_in - step.params.r == lp.tokens_out and step.params.r >= 0
         else:
-            assert lp.tokens_out == lp.tokens_in and 1 <= step.params["k"] <= lp.tokens_in - prefix
+            assert lp.tokens_out == lp.tokens_in and 1 <= step.params.k <= lp.tokens_in.max - prefix
     if recipe.strict:
         assert not p.warnings
 
