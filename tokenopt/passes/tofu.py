@@ -42,8 +42,8 @@ class ToFu(ToMe):
         return options.op == "auto"
 
     def layer_options(self, options: ToFuOptions, n_layers: int, where: str) -> list[dict]:
-        return [{"r": r, "prop_attn": options.prop_attn, "op": options.op, "threshold": options.threshold,
-                 "where": where} for r in expand_r(options.r, n_layers, where)]
+        return [{"r": r, "prop_attn": options.prop_attn, "order": options.order, "op": options.op,
+                 "threshold": options.threshold, "where": where} for r in expand_r(options.r, n_layers, where)]
 
     def resolve(self, per_layer: list[dict], blocks: list, context: dict) -> list[dict]:
         """op: auto -> prune or mlerp per layer, from the linearity profile in ``context``."""
@@ -72,4 +72,4 @@ class ToFu(ToMe):
     def insert_reduction(self, g, metric, h, r: int, step: LayerStep):
         op = step.params["op"]
         return g.insert_after(metric, ops.tofu_reduce, h, metric, g.state.size, g.state.index, r,
-                              g.analysis.prefix_tokens, op, label=f"ToFu {op} r={r}")
+                              g.analysis.prefix_tokens, op, order=step.params["order"], label=f"ToFu {op} r={r}")

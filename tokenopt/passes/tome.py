@@ -15,7 +15,7 @@ After::
 from __future__ import annotations
 
 import operator
-from typing import Union
+from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,9 @@ class ToMeOptions(PassOptions):
     r: Union[int, list[int], DecreasingSchedule] = Field(
         description="tokens merged per layer: an int, a per-layer list, or {start, end}")
     prop_attn: bool = Field(True, description="add log(size) to every later attention's logits")
+    order: Literal["original", "rank"] = Field(
+        "original", description="unmerged tokens in their original order, or in rank order (most similar "
+                                "first) as the reference implementation leaves them in models without a class token")
 
 
 def expand_r(r, n_layers: int, where: str) -> list[int]:
@@ -65,7 +68,8 @@ class ToMe(Pass):
     changes_token_count = True
 
     def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list[dict]:
-        return [{"r": r, "prop_attn": options.prop_attn} for r in expand_r(options.r, n_layers, where)]
+        return [{"r": r, "prop_attn": options.prop_attn, "order": options.order}
+                for r in expand_r(options.r, n_layers, where)]
 
     def plan_layer(self, block, opts: dict, tokens_in: int, prefix: int) -> LayerStep:
         want = opts["r"]
@@ -73,7 +77,8 @@ class ToMe(Pass):
         r = min(want, cap)
         short = "" if r == want else (f"r={want} asked, but only {cap} of its {tokens_in} tokens can merge "
                                       f"({prefix} prefix token(s) are protected); it merges {r}")
-        return LayerStep(tokens_in - r, {"r": r, "prop_attn": opts["prop_attn"]}, f"merge r={r}", short)
+        return LayerStep(tokens_in - r, {"r": r, "prop_attn": opts["prop_attn"], "order": opts["order"]},
+                         f"merge r={r}", short)
 
     def rewrite(self, g, block, step: LayerStep) -> None:
         r = step.params["r"]
@@ -94,4 +99,4 @@ class ToMe(Pass):
     def insert_reduction(self, g, metric, h, r: int, step: LayerStep):
         """The node that reduces tokens h by r given the matching metric; returns (x, size, index)."""
         return g.insert_after(metric, ops.tome_merge, h, metric, g.state.size, g.state.index, r,
-                              g.analysis.prefix_tokens, label=f"ToMe merge r={r}")
+                              g.analysis.prefix_tokens, order=step.params["order"], label=f"ToMe merge r={r}")
