@@ -44,7 +44,8 @@ def test_round_trip_is_bit_exact(optimized, saved):
 def test_file_is_plain_data(saved, tiny_vit_spec):
     payload = torch.load(saved, weights_only=True)
     assert payload["format"] == "tokenopt-artifact" and payload["format_version"] == 1
-    assert payload["recipe"]["rules"] == [{"pass": "tome", "layers": "all", "r": 2, "prop_attn": True}]
+    assert payload["recipe"]["rules"] == [{"pass": "tome", "layers": "all", "r": 2, "prop_attn": True,
+                                          "order": "original"}]
     m = payload["manifest"]
     assert m["tokenopt"] == tokenopt.__version__ and m["torch"] == str(torch.__version__)
     assert io.base_to_spec(m["base"]) == tiny_vit_spec

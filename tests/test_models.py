@@ -6,6 +6,7 @@ import torch
 import tokenopt
 from tokenopt.analysis import analyse
 from tokenopt.errors import AnalysisError, RecipeError
+from reference_tome import tome_reference, unit_gain_model
 from vit_models import ExplicitViT, MHAViT, SmallCNN
 
 SMALL = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
@@ -36,8 +37,8 @@ def test_timm_vits_are_found(name, prefix, pooling):
 
 
 def test_layerscale_is_preserved():
-    """deit3's LayerScale sits on the residual branch; with r=0 nothing changes, with r>0 the
-    branch still scales (output differs from a model without it)."""
+    """deit3's LayerScale sits on both residual branches; with r=0 nothing changes, with r>0 the
+    merged model equals the per-image reference, which applies ls1 before the merge and ls2 after."""
     m = timm_model("deit3_small_patch16_224")
     with torch.no_grad():
         m.blocks[0].ls1.gamma.fill_(3.0)
@@ -45,6 +46,18 @@ def test_layerscale_is_preserved():
     fast = tokenopt.optimize(m, tome(0), report=False)
     with torch.no_grad():
         assert torch.equal(fast(x), m(x))
+
+    m = unit_gain_model("deit3_small_patch16_224", **SMALL)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():        # per-channel scales far from 1 (and from deit3's 1e-6 init)
+        for blk in m.blocks:
+            for ls in (blk.ls1, blk.ls2):
+                ls.gamma.copy_(torch.empty(ls.gamma.shape).uniform_(0.3, 3.0, generator=g))
+    fast = tokenopt.optimize(m, tome(4), report=False)
+    with torch.no_grad():
+        got = fast(x)
+    assert [lp.tokens_out for lp in fast.tokenopt_plan.layers] == [13, 9]
+    assert (got - tome_reference(m, x, [4, 4])).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("name,kw,reason", [

@@ -97,8 +97,9 @@ def test_round_trip_through_dict_and_yaml():
     assert d == {
         "version": 1, "strict": True, "prefix_tokens": 2, "outputs": "tokens",
         "rules": [
-            {"pass": "tome", "layers": "all", "r": 8, "prop_attn": True},
-            {"pass": "tome", "layers": "4-11", "r": {"start": 13, "end": 3}, "prop_attn": False},
+            {"pass": "tome", "layers": "all", "r": 8, "prop_attn": True, "order": "original"},
+            {"pass": "tome", "layers": "4-11", "r": {"start": 13, "end": 3}, "prop_attn": False,
+             "order": "original"},
         ],
     }
     assert load_recipe(d).to_dict() == d
@@ -221,7 +222,7 @@ def test_unknown_option_lists_valid_keys():
     msg = error(rules_yaml("- pass: tome\n  r: 1\n  prop_atn: false\n"))
     assert msg.startswith("<string>, line 5 (rule 1, pass tome): unknown option 'prop_atn' "
                           "(did you mean 'prop_attn'?)")
-    assert "Options of tome: pass, layers, r, prop_attn." in msg
+    assert "Options of tome: pass, layers, r, prop_attn, order." in msg
 
 
 def test_unknown_option_from_dict_has_no_line():

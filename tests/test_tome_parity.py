@@ -1,10 +1,9 @@
 """ToMe pass vs a reference written from the paper's definition (tests/reference_tome.py)."""
 import pytest
-import timm
 import torch
 
 import tokenopt
-from reference_tome import tome_reference
+from reference_tome import tome_reference, unit_gain_model
 from tokenopt.ops import native
 from tokenopt.passes.tome import expand_r
 
@@ -12,17 +11,7 @@ TINY = dict(img_size=64, patch_size=8, depth=4, num_classes=10, embed_dim=96, nu
 
 
 def _model(name, **kw):
-    """A tiny timm model with weights at unit gain: timm's 0.02-std init makes blocks near-identity,
-    under which merging barely changes the output and a parity test would prove little."""
-    torch.manual_seed(0)
-    model = timm.create_model(name, **{**TINY, **kw}).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, p[0].numel() ** -0.5)
-            elif p.dim() == 1 or p.dim() == 0:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return unit_gain_model(name, **{**TINY, **kw})
 
 
 @pytest.fixture(params=["native", "pytorch"])
@@ -37,8 +26,8 @@ def step_path(request):
             yield
 
 
-def _recipe(r, prop_attn=True):
-    return {"version": 1, "rules": [{"pass": "tome", "layers": "all", "r": r, "prop_attn": prop_attn}]}
+def _recipe(r, prop_attn=True, **options):
+    return {"version": 1, "rules": [{"pass": "tome", "layers": "all", "r": r, "prop_attn": prop_attn, **options}]}
 
 
 @pytest.mark.parametrize("name", ["vit_small_patch16_224", "deit_small_distilled_patch16_224",
@@ -89,3 +78,53 @@ def test_matches_reference_without_prefix_tokens(prop_attn, step_path):
         got = fast(x)
         assert (got - model(x)).abs().max().item() > 1e-3
     assert (got - tome_reference(model, x, [8] * 4, prop_attn)).abs().max().item() < 1e-5
+
+
+def _diff(a, b):
+    return (a - b).abs().max().item()
+
+
+def test_rank_order_matches_the_reference_without_prefix_tokens():
+    """``order: rank`` reproduces the reference implementation on a model without prefix tokens,
+    where it leaves unmerged tokens in rank order; what differs is shown: the order decides the
+    next layer's A/B split, and tokenopt weights average pooling by size on purpose. (No
+    step_path: the native step writes only the original order, so both paths run PyTorch.)"""
+    model = _model("vit_small_patch16_224", class_token=False, global_pool="avg")
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    fast = tokenopt.optimize(model, _recipe(8, order="rank"), report=False)
+    with torch.no_grad():
+        got = fast(x)
+    assert _diff(got, tome_reference(model, x, [8] * 4, order="rank")) < 1e-5
+    assert _diff(got, tome_reference(model, x, [8] * 4, order="original")) > 1e-3
+    assert _diff(got, tome_reference(model, x, [8] * 4, order="rank", pool="plain")) > 1e-3
+
+
+def test_rank_order_with_prefix_tokens():
+    """With prefix tokens (here one in A and one in B), rank order keeps them in front in their
+    original order (the reference sorts such models back to the original order, tokenopt's default)."""
+    model = _model("deit_small_distilled_patch16_224", depth=3)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    fast = tokenopt.optimize(model, _recipe([12, 8, 4], order="rank"), report=False)
+    with torch.no_grad():
+        got = fast(x)
+    assert _diff(got, tome_reference(model, x, [12, 8, 4], order="rank")) < 1e-5
+    assert _diff(got, tome_reference(model, x, [12, 8, 4], order="original")) > 1e-3
+
+
+def test_tofu_takes_the_order_too():
+    """ToFu shares the matching, so ``order`` must reach its step too (not be accepted and ignored)."""
+    model = _model("vit_small_patch16_224", class_token=False, global_pool="avg", depth=2)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    outs = {}
+    for order in ("original", "rank"):
+        recipe = {"version": 1, "rules": [{"pass": "tofu", "r": 8, "op": "mlerp", "order": order}]}
+        fast = tokenopt.optimize(model, recipe, report=False)
+        with torch.no_grad():
+            outs[order] = fast(x)
+    assert _diff(outs["original"], outs["rank"]) > 1e-3
+
+
+def test_unknown_order_is_an_error():
+    from tokenopt.ops.matching import bipartite_match
+    with pytest.raises(ValueError, match="order must be one of"):
+        bipartite_match(torch.randn(1, 9, 4), 2, 1, order="sorted")

@@ -7,7 +7,9 @@ Conventions are the reference implementation's, so that published numbers reprod
   -inf; here they are sliced out of the score matrix, which selects the same pairs for less work;
 * the r A tokens with the most similar B partner are reduced into that partner;
 * output order: prefix tokens first in their original order, then the unmerged A tokens in their
-  original order, then the B tokens.
+  original order, then the B tokens. ``order="rank"`` leaves the unmerged A tokens in rank order
+  (most similar first), as the reference does for models without a class token; with no prefix
+  token to anchor it, the next layer's alternate A/B split, and so every later result, depends on it.
 
 A :class:`Match` is computed once per layer and reused by every reduction (size-weighted sum for
 ToMe, prune and MLERP for ToFu), so the project has one implementation of the matching. It is
@@ -43,12 +45,17 @@ def head_mean(metric: Tensor) -> Tensor:
     return metric.mean(2) if metric.dim() == 4 else metric
 
 
-def bipartite_match(metric: Tensor, r: int, prefix: int) -> Match:
+ORDERS = ("original", "rank")
+
+
+def bipartite_match(metric: Tensor, r: int, prefix: int, order: str = "original") -> Match:
     """Pair each A token with its most similar B token; choose the r best pairs.
 
     metric: (B, N, d) per-token features, or (B, N, H, d) whose mean over heads is the feature
-    (ToMe: the keys).
+    (ToMe: the keys). order: where the unmerged A tokens go, "original" or "rank" (module docstring).
     """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     metric = head_mean(metric)
     bsz, n, _ = metric.shape
     r = min(r, max_reduction(n, prefix))
@@ -59,7 +66,7 @@ def bipartite_match(metric: Tensor, r: int, prefix: int) -> Match:
     node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_a = edge_idx[:, :r]                            # in non-prefix A coordinates
-    unm_a = edge_idx[:, r:].sort(dim=-1).values
+    unm_a = edge_idx[:, r:] if order == "rank" else edge_idx[:, r:].sort(dim=-1).values
     dev = metric.device
     n_unm = na - pa - r
     keep = torch.cat([

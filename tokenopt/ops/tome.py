@@ -33,17 +33,19 @@ def key_log_size(size: Tensor) -> Tensor:
     return size.log().squeeze(-1)
 
 
-def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int):
+def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int,
+               order: str = "original"):
     """Merge r tokens of x (B, N, C) into their most similar partners; returns (x, size, index).
 
     Eager CPU inference takes the native step (one C call, same result; see ops/native); the
     PyTorch operators below define the method and serve autograd, torch.compile and GPUs.
+    ``order="rank"`` (unmerged tokens in rank order, see ops/matching) exists only in PyTorch.
     """
     n = x.shape[1]
-    done = _native_step(x, metric, size, index, r, prefix, "merge")
+    done = _native_step(x, metric, size, index, r, prefix, "merge", order)
     if done is not None:
         return done
-    m = bipartite_match(metric, r, prefix)
+    m = bipartite_match(metric, r, prefix, order)
     x, size = merge_weighted(x, size, m)
     if index is not None:
         index = merged_positions(n, m).gather(1, index)
@@ -51,9 +53,10 @@ def tome_merge(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | N
 
 
 def _native_step(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int,
-                 op: str):
+                 op: str, order: str):
     """(x, size, index) from the native step when this call may take it (see ops/native), else None."""
-    if r > 0 and op in native.OPS and native.usable(x, metric, size, index):
+    # the C step writes the original order only
+    if r > 0 and op in native.OPS and order == "original" and native.usable(x, metric, size, index):
         return native.reduce(x, metric, size, index, min(r, max_reduction(x.shape[1], prefix)), prefix, op)
     return None
 
@@ -75,7 +78,7 @@ def size_weighted_mean(x: Tensor, size: Tensor, start: int) -> Tensor:
 
 
 def tofu_reduce(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | None, r: int, prefix: int,
-                op: str):
+                op: str, order: str = "original"):
     """ToFu's reduction step: ToMe's matching, then ``op`` = prune | merge | mlerp.
 
     prune drops the matched A tokens (their partners keep their size: a pruned token adds no
@@ -83,12 +86,12 @@ def tofu_reduce(x: Tensor, metric: Tensor, size: Tensor | None, index: Tensor | 
     sizes add up as in ToMe.
     """
     if op == "merge":
-        return tome_merge(x, metric, size, index, r, prefix)
+        return tome_merge(x, metric, size, index, r, prefix, order)
     n = x.shape[1]
-    done = _native_step(x, metric, size, index, r, prefix, op)
+    done = _native_step(x, metric, size, index, r, prefix, op, order)
     if done is not None:
         return done
-    m = bipartite_match(metric, r, prefix)
+    m = bipartite_match(metric, r, prefix, order)
     if size is None:
         size = x.new_ones(x.shape[0], n, 1)
     if op == "prune":

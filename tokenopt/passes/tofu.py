@@ -23,7 +23,7 @@ from pydantic import Field
 from tokenopt.errors import RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.passes.base import LayerStep, register_pass
-from tokenopt.passes.linearity import linearity_profile
+from tokenopt.passes import linearity
 from tokenopt.passes.tome import ToMe, ToMeOptions, ToMeParams, expand_r
 
 
@@ -55,10 +55,11 @@ class ToFu(ToMe):
 
     def calibrate(self, model, analysis, images) -> dict:
         """The per-block linearity errors of ``model`` on ``images``, measured on ``analysis``'s graph."""
-        return {self.calibration_key: linearity_profile(model, images, analysis=analysis).errors}
+        return {self.calibration_key: linearity.linearity_profile(model, images, analysis=analysis).errors}
 
     def layer_options(self, options: ToFuOptions, n_layers: int, where: str) -> list[ToFuParams]:
-        return [ToFuParams(r, options.prop_attn, options.op) for r in expand_r(options.r, n_layers, where)]
+        return [ToFuParams(r, options.prop_attn, options.order, options.op)
+                for r in expand_r(options.r, n_layers, where)]
 
     def resolve(self, options: ToFuOptions, per_layer: list[ToFuParams], blocks: list, context: dict,
                 where: str) -> list[ToFuParams]:
@@ -90,4 +91,4 @@ class ToFu(ToMe):
     def insert_reduction(self, g, metric, h, r: int, step: LayerStep):
         op = step.params.op
         return g.insert_after(metric, ops.tofu_reduce, h, metric, g.state.size, g.state.index, r,
-                              g.analysis.prefix_tokens, op, label=f"ToFu {op} r={r}")
+                              g.analysis.prefix_tokens, op, order=step.params.order, label=f"ToFu {op} r={r}")

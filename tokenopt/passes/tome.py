@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from typing import Annotated, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
@@ -40,6 +40,9 @@ class ToMeOptions(PassOptions):
     r: Union[NonNegativeInt, Annotated[list[NonNegativeInt], Field(min_length=1)], DecreasingSchedule] = Field(
         description="tokens merged per layer: an int, a per-layer list, or {start, end}")
     prop_attn: bool = Field(True, description="add log(size) to every later attention's logits")
+    order: Literal["original", "rank"] = Field(
+        "original", description="unmerged tokens in their original order, or in rank order (most similar "
+                                "first) as the reference implementation leaves them in models without a class token")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ToMeParams:
 
     r: int
     prop_attn: bool = True
+    order: str = "original"          # unmerged tokens: "original" order or "rank" (the reference's, no prefix)
 
 
 def expand_r(r, n_layers: int, where: str) -> list[int]:
@@ -77,7 +81,7 @@ class ToMe(Pass):
     changes_token_count = True
 
     def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list[ToMeParams]:
-        return [ToMeParams(r, options.prop_attn) for r in expand_r(options.r, n_layers, where)]
+        return [ToMeParams(r, options.prop_attn, options.order) for r in expand_r(options.r, n_layers, where)]
 
     def plan_layer(self, block, params: ToMeParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
         want = params.r
@@ -111,7 +115,7 @@ class ToMe(Pass):
     def insert_reduction(self, g, metric, h, r: int, step: LayerStep):
         """The node that reduces tokens h by r given the matching metric; returns (x, size, index)."""
         return g.insert_after(metric, ops.tome_merge, h, metric, g.state.size, g.state.index, r,
-                              g.analysis.prefix_tokens, label=f"ToMe merge r={r}")
+                              g.analysis.prefix_tokens, order=step.params.order, label=f"ToMe merge r={r}")
 
 
 def keys_metric(g, block, after):
