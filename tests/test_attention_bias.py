@@ -8,7 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenopt.ops.attention import add_key_log_size, key_log_size_mask, mha_key_padding_bias
+from tokenopt.ops.attention import logits_with_key_bias, mha_padding_with_key_bias, sdpa_mask_with_key_bias
+from tokenopt.ops.tome import key_log_size
+
+
+def key_log_size_mask(size, dtype, existing=None):
+    return sdpa_mask_with_key_bias(key_log_size(size), torch.empty(0, dtype=dtype), existing)
+
+
+def add_key_log_size(logits, size):
+    return logits_with_key_bias(logits, key_log_size(size))
+
+
+def mha_key_padding_bias(size, dtype, existing=None):
+    return mha_padding_with_key_bias(key_log_size(size).to(dtype), existing)
 
 B, H, N, D = 2, 3, 5, 4
 
