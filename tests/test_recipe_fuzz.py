@@ -124,6 +124,7 @@ GOOD = {
                    st.fixed_dictionaries({"start": small | big, "end": small})),
     "prop_attn": st.booleans(),
     "op": st.sampled_from(["prune", "merge", "mlerp", "auto"]),
+    "order": st.sampled_from(["original", "rank"]),
     "threshold": st.none() | st.floats(0, 2) | st.just(math.inf),
     "keep": st.floats(0.001, 1.0) | st.integers(1, 20) | big,
     "bypass": st.sampled_from(["block", "attention"]),
@@ -138,6 +139,7 @@ BAD = {
                    st.lists(st.one_of(small, junk), min_size=1, max_size=4), huge_ints, junk),
     "prop_attn": st.sampled_from(["yes", "no", 2, None]) | junk,
     "op": st.sampled_from(["Prune", "avg", "", "auto "]) | junk,
+    "order": st.sampled_from(["Rank", "sorted", ""]) | junk,
     "threshold": st.sampled_from([math.nan, -1.0, -math.inf, "0.5"]) | junk,
     "keep": st.sampled_from([0, -1, 0.0, 1.5, math.nan, math.inf, True, "0.5"]) | junk,
     "bypass": st.sampled_from(["mlp", "Block", ""]) | junk,
@@ -152,6 +154,7 @@ WRONG = {
           {"start": -1, "end": 0}, {"start": 1, "end": 2, "step": 1}, {"start": 1.0, "end": 0}],
     "prop_attn": ["yes", "no", "true", 1, 0, 2, None, [True]],
     "op": ["Prune", "avg", "", "auto ", None, 1, True],
+    "order": ["Rank", "sorted", "", None, 1, True],
     "threshold": [math.nan, -1.0, -math.inf, "0.5", True, [0.5]],
     "keep": [0, -1, 0.0, 1.5, math.nan, math.inf, -math.inf, True, "0.5", None, [0.5], {"k": 1}],
     "bypass": ["mlp", "Block", "", None, True],
@@ -212,7 +215,7 @@ def recipe_dicts(junk_values: bool = True):
 # --------------------------------------------------------------------------------------------
 # Strategies: YAML text
 
-YAML_KEYS = TOP_LEVEL_KEYS + ("rule", "Version", "prefix-tokens", "pass", "layers", "r", "prop_attn", "op",
+YAML_KEYS = TOP_LEVEL_KEYS + ("rule", "Version", "prefix-tokens", "pass", "layers", "r", "prop_attn", "order", "op",
                               "threshold", "keep", "bypass", "selector", "input", "hidden", "kernel", "start",
                               "end", "<<", "? [a]", "? {a: 1}", "1", "null", "'quoted key'", "&k pass", "*k")
 YAML_SCALARS = (

@@ -20,6 +20,7 @@ from tokenopt.ops import tome as tome_ops
 from tokenopt.passes import get_pass
 from tokenopt.plan import Plan, make_plan
 from tokenopt.recipe import Recipe, load_recipe
+from tokenopt.report import block_flops, build_report
 from tokenopt.rewrite import GraphRewriter
 from tokenopt.rewrite.outputs import restore_pooling, return_tokens
 from tokenopt.trace import NodeTaggingInterpreter
@@ -48,6 +49,8 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     if example_input is None:
         example_input = example_input_for(model)
     analysis = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens)
+    # the original's FLOPs, counted on the analysis's graph while it is still the original's
+    before = block_flops(analysis.graph, analysis, example_input[:1]) if report else None
     context = calibrate(recipe, model, analysis, calibration, context)
     plan = make_plan(recipe, analysis, context)
     gm = apply_plan(analysis, plan, outputs)
@@ -60,10 +63,8 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     gm.tokenopt_plan = plan
     gm.tokenopt_outputs = outputs
     if report:   # counting FLOPs runs the rewritten graph: that run is the verification too
-        from tokenopt.report import build_report
-        reference = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens).graph
         try:
-            gm.tokenopt_report = build_report(reference, gm, analysis, plan, example_input[:1], example_input)
+            gm.tokenopt_report = build_report(before, gm, analysis, plan, example_input[:1], example_input)
         except Exception as e:
             _raise_if_rewritten_graph_failed(gm, e)
             raise

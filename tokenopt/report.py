@@ -141,20 +141,39 @@ def measured_token_counts(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, 
     return seen
 
 
-def build_report(reference: fx.GraphModule, optimized: fx.GraphModule, analysis: ModelAnalysis, plan: Plan,
-                 x: torch.Tensor, batch: torch.Tensor | None = None) -> Report:
-    """FLOPs per block on ``x`` (one image); varying token counts measured on ``batch`` (default x)."""
+@dataclass
+class BlockFlops:
+    """Multiply-accumulates of one run, per block (``per``) and outside the blocks (``other``)."""
+
+    per: list[int]
+    other: int
+    by_node: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_node.values())
+
+
+def block_flops(gm: fx.GraphModule, analysis: ModelAnalysis, x: torch.Tensor) -> BlockFlops:
+    """Count ``gm``'s FLOPs on ``x`` per block of ``analysis``. On the unrewritten graph, call it
+    before the passes run: the analysis's graph is then the original (no second trace needed)."""
     with torch.no_grad():
-        before = flops_by_node(reference, x)
-        after = flops_by_node(optimized, x)
+        by_node = flops_by_node(gm, x)
+    per, other = _per_block(gm, analysis, by_node)
+    return BlockFlops(per, other, by_node)
+
+
+def build_report(before: BlockFlops, optimized: fx.GraphModule, analysis: ModelAnalysis, plan: Plan,
+                 x: torch.Tensor, batch: torch.Tensor | None = None) -> Report:
+    """FLOPs per block on ``x`` (one image) against ``before`` (the original, counted by
+    :func:`block_flops` before rewriting); varying token counts measured on ``batch`` (default x)."""
+    after = block_flops(optimized, analysis, x)
     measured = measured_token_counts(optimized, batch if batch is not None else x)
-    per_before, other_before = _per_block(reference, analysis, before)
-    per_after, other_after = _per_block(optimized, analysis, after)
-    selector = [0] * len(per_after)
+    selector = [0] * len(after.per)
     for name, block in getattr(optimized, "tokenopt_overhead", {}).items():
-        selector[block] += after.get(name, 0)
+        selector[block] += after.by_node.get(name, 0)
     rows = [LayerRow(lp.block, lp.path, lp.tokens_in, lp.tokens_out, fb, fa, lp.acted, fs, measured.get(lp.block))
-            for lp, fb, fa, fs in zip(plan.layers, per_before, per_after, selector)]
-    return Report(rows, sum(before.values()), sum(after.values()), other_before, other_after,
+            for lp, fb, fa, fs in zip(plan.layers, before.per, after.per, selector)]
+    return Report(rows, before.total, after.total, before.other, after.other,
                   list(plan.warnings), list(plan.skipped), list(analysis.unmatched), analysis.prefix_tokens,
                   ", ".join(p.kind for p in analysis.pooling) or "none")
