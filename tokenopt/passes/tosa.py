@@ -153,6 +153,7 @@ class ToSA(Pass):
         if block.attention.heads and block.attention.heads != heads:
             raise PlanError(f"{block.path}: it has {block.attention.heads} attention heads and the layer before it "
                             f"{heads}; a ToSA selector predicts one layer's heads from the other's.")
+        g.attention_qkv(prev)   # an MHA written out is the previous block's own work, not selector cost
         before = set(g.inserted)
         features = _selector_input(g, prev, sel.input, x, state.layers.get(prev.index), prefix)
         name = g.add_module(f"{SELECTOR_PREFIX}.{block.index}", ops.SELECTORS[sel.input](
