@@ -115,7 +115,10 @@ def results(work: Path, area: dict) -> dict[str, str]:
         if not any(fnmatch.fnmatch(rel, p) for p in area["mutate"]):
             continue
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
-            out[name] = STATUS.get(code, "suspicious")
+            # a test process killed by a signal (SIGSEGV, SIGABRT: the native step handed a bad
+            # pointer or shape) noticed the mutant as surely as a failing assertion
+            crashed = isinstance(code, int) and code < 0 and code not in (-24,)
+            out[name] = STATUS.get(code, "segfault" if crashed else "suspicious")
     return out
 
 
