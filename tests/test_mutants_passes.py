@@ -672,3 +672,115 @@ def test_pass_registry():
     finally:
         passes_base._REGISTRY.clear()
         passes_base._REGISTRY.update(saved)
+
+
+# ------------------------------------------------------------------------------------------------
+# ToFu's linearity probe (tokenopt.passes.linearity) and its use in planning
+
+
+def block_inputs_by_hand(model, x):
+    """The input of every block of a ``ViT`` above, by running its modules in order."""
+    t = model.embed(x).flatten(2).transpose(1, 2)
+    if model.cls is not None:
+        t = torch.cat([model.cls.expand(t.shape[0], -1, -1), t], dim=1)
+    t = t + model.pos
+    inputs = []
+    for blk in model.blocks:
+        inputs.append(t)
+        t = blk(t)
+    return inputs
+
+
+def linearity_by_hand(model, x, alphas):
+    errors = []
+    with torch.no_grad():
+        for blk, t in zip(model.blocks, block_inputs_by_hand(model, x)):
+            half = t.shape[0] // 2
+            x1, x2 = t[:half], t[half:2 * half]
+            total = 0.0
+            for a in alphas:
+                lin = a * blk(x1) + (1 - a) * blk(x2)
+                total += float((blk(a * x1 + (1 - a) * x2) - lin).norm() / max(float(lin.norm()), 1e-12))
+            errors.append(total / len(alphas))
+    return errors
+
+
+def test_linearity_profile_by_hand():
+    from tokenopt.passes.linearity import linearity_profile
+    model = vit("sdpa")
+    x = images(5, seed=3)                          # odd: pairs are images (0, 2) and (1, 3); the 5th is unused
+    prof = linearity_profile(model, x)
+    assert prof.paths == ["blocks.0", "blocks.1", "blocks.2"] and prof.images == 5
+    assert prof.alphas == (0.25, 0.5, 0.75)
+    assert prof.errors == pytest.approx(linearity_by_hand(model, x, (0.25, 0.5, 0.75)), rel=1e-4)
+    assert min(prof.errors) > 0
+    prof = linearity_profile(model, x[:2], alphas=[0.1])
+    assert prof.alphas == (0.1,) and prof.images == 2
+    assert prof.errors == pytest.approx(linearity_by_hand(model, x[:2], (0.1,)), rel=1e-4)
+    with pytest.raises(tokenopt.errors.AnalysisError) as e:
+        linearity_profile(model, x[:1])
+    assert str(e.value) == "the linearity probe needs at least 2 calibration images (it interpolates pairs)"
+
+
+def test_linearity_profile_of_small_outputs():
+    """Block outputs with a norm below 1: the error is divided by that norm, not by a floor."""
+    from tokenopt.passes.linearity import linearity_profile
+    model = vit("sdpa", cls=False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1e-3)
+    x = images(2, seed=4) * 1e-3
+    prof = linearity_profile(model, x, alphas=(0.5,))
+    with torch.no_grad():
+        for blk, t in zip(model.blocks, block_inputs_by_hand(model, x)):
+            assert float((0.5 * blk(t[:1]) + 0.5 * blk(t[1:])).norm()) < 1
+    assert prof.errors == pytest.approx(linearity_by_hand(model, x, (0.5,)), rel=1e-3)
+
+
+class BranchyMLP(nn.Module):
+    """Python control flow on a tensor value: fx traces the model only with this as a leaf."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.fc(x) if bool(x.sum() > -1e9) else x
+
+
+def test_calibration_measures_on_the_analysed_graph():
+    """ToFu's calibrate probes the model as optimize analysed it (its leaf modules included)."""
+    model = vit("sdpa")
+    for blk in model.blocks:
+        blk.mlp = BranchyMLP(16)
+    x = images(4, seed=5)
+    from tokenopt.analysis import analyse
+    from tokenopt.passes.linearity import linearity_profile
+    analysis = analyse(model, x[:2], leaf_modules=[BranchyMLP])
+    got = ToFu().calibrate(model, analysis, x)
+    assert list(got) == ["linearity"]
+    assert got["linearity"] == pytest.approx(linearity_by_hand(model, x, (0.25, 0.5, 0.75)), rel=1e-4)
+    assert linearity_profile(model, x, leaf_modules=[BranchyMLP]).errors == pytest.approx(got["linearity"])
+    gm = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "tofu", "r": 2, "op": "auto"}]},
+                           leaf_modules=[BranchyMLP], calibration=x, report=False)
+    assert gm.tokenopt_context["linearity"] == pytest.approx(got["linearity"])
+
+
+def test_a_profile_shorter_than_the_model_is_refused():
+    tofu = ToFu()
+    opts = ToFuOptions(r=1, op="auto")
+    per = tofu.layer_options(opts, 2, "w")
+    assert [o.op for o in tofu.resolve(opts, per, [block(1), block(3)], {"linearity": [0, 1, 0, 2]}, "w")] \
+        == ["mlerp", "prune"]
+    for short in ([0, 1, 0], [0.5]):
+        with pytest.raises(RecipeError) as e:
+            tofu.resolve(opts, per, [block(1), block(3)], {"linearity": short}, "w")
+        assert str(e.value) == (f"w: the linearity profile has {len(short)} values but the model has more blocks; it "
+                                "was measured on another model. Measure it again on this one.")
+
+
+def test_tome_metric_node_is_labelled():
+    gm = tokenopt.optimize(vit("sdpa"), {"version": 1, "rules": [{"pass": "tome", "r": 2}]}, report=False)
+    metrics = [n for n in gm.graph.nodes if n.target is tome_ops.keys_per_token]
+    assert len(metrics) == 3
+    assert {gm.tokenopt_inserted[n.name] for n in metrics} == {"metric: keys (mean over heads taken by the matching)"}
