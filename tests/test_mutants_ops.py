@@ -471,6 +471,86 @@ def test_mha_padding_with_key_bias_by_hand():
 # ToSA (tokenopt.ops.selection)
 
 
+def mha_written_out(mha, x, key_padding_mask=None, attn_mask=None, average=True):
+    """nn.MultiheadAttention (self-attention, batch_first) from the ops the rewriter inserts for it."""
+    q, k, v = attn_ops.mha_in_projection(x, mha.in_proj_weight, mha.in_proj_bias, mha.num_heads)
+    mask = attn_ops.mha_float_mask(q, key_padding_mask, attn_mask)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    p = (logits if mask is None else logits + mask).softmax(-1)
+    out = mha.out_proj(attn_ops.merge_heads(p @ v))
+    return attn_ops.with_weights(out, attn_ops.head_weights(p, average))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mha_written_out_equals_nn_multiheadattention(dtype):
+    torch.manual_seed(3)
+    mha = torch.nn.MultiheadAttention(12, 3, batch_first=True).to(dtype).eval()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+    b, n = 2, 5
+    x = torch.randn(b, n, 12, dtype=dtype)
+    kp_bool = torch.tensor([[False, True, False, False, True], [False, False, False, True, False]])
+    kp_float = torch.randn(b, n, dtype=dtype)
+    am_bool = torch.rand(n, n) > 0.7
+    am_bool[:, 0] = False                                   # every query may attend somewhere
+    am_float = torch.randn(n, n, dtype=dtype)
+    am3_bool = torch.rand(b * 3, n, n) > 0.7
+    am3_bool[..., 0] = False
+    am3_float = torch.randn(b * 3, n, n, dtype=dtype)
+    cases = [(None, None), (kp_bool, None), (kp_float, None), (None, am_bool), (None, am_float),
+             (None, am3_bool), (None, am3_float), (kp_bool, am_bool), (kp_float, am_float), (kp_float, am3_float)]
+    with torch.no_grad():
+        for kp, am in cases:
+            for average in (True, False):
+                want, want_w = mha(x, x, x, key_padding_mask=kp, attn_mask=am, need_weights=True,
+                                   average_attn_weights=average)
+                got, got_w = mha_written_out(mha, x, kp, am, average)
+                assert got.dtype == dtype and got_w.shape == want_w.shape
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5)
+    assert attn_ops.mha_float_mask(torch.empty(b, 3, n, 4), None, None) is None
+    mask = attn_ops.mha_float_mask(torch.empty(b, 3, n, 4, dtype=dtype), kp_bool, None)
+    assert mask.shape == (b, 1, 1, n) and mask.dtype == dtype
+    assert mask[0, 0, 0].tolist() == [0, float("-inf"), 0, 0, float("-inf")]
+    mask = attn_ops.mha_float_mask(torch.empty(b, 3, n, 4, dtype=dtype), None, am3_float)
+    assert mask.shape == (b, 3, n, n) and torch.equal(mask[1, 2], am3_float[5])
+    q64 = torch.empty(b, 3, n, 4, dtype=torch.float64)            # masks of other dtypes take the queries'
+    for kp, am in ((kp_float.float(), None), (None, am_bool), (None, am_float.float()), (kp_bool, None)):
+        assert attn_ops.mha_float_mask(q64, kp, am).dtype == torch.float64
+
+
+def test_mha_in_projection_and_dropout():
+    torch.manual_seed(4)
+    mha = torch.nn.MultiheadAttention(8, 2, dropout=0.25, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+    x = torch.randn(3, 4, 8)
+    q, k, v = attn_ops.mha_in_projection(x, mha.in_proj_weight, mha.in_proj_bias, 2)
+    for i, t in enumerate((q, k, v)):
+        proj = x @ mha.in_proj_weight[8 * i:8 * i + 8].T + mha.in_proj_bias[8 * i:8 * i + 8]
+        assert t.shape == (3, 2, 4, 4)
+        torch.testing.assert_close(t, proj.reshape(3, 4, 2, 4).transpose(1, 2))
+    assert attn_ops.attention_dropout(mha.train()) == 0.25
+    assert attn_ops.attention_dropout(mha.eval()) == 0.0
+    p = torch.rand(2, 3, 4, 5)
+    torch.testing.assert_close(attn_ops.head_weights(p, True), (p[:, 0] + p[:, 1] + p[:, 2]) / 3)
+    assert attn_ops.head_weights(p, False) is p
+    a = torch.randn(2, 3, 4, 5)
+    assert torch.equal(attn_ops.merge_heads(a)[1, 2], torch.cat([a[1, 0, 2], a[1, 1, 2], a[1, 2, 2]]))
+    out = torch.zeros(1)
+    assert attn_ops.with_weights(out, None) == (out, None)
+
+
+def test_mha_masks_stay_on_the_querys_device():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 5, 4, device="cuda")
+        kp = torch.zeros(2, 5, dtype=torch.bool, device="cuda")
+        am = torch.zeros(5, 5, dtype=torch.bool, device="cuda")
+        mask = attn_ops.mha_float_mask(q, kp, am)
+        assert mask.device.type == "cuda" and mask.shape == (2, 1, 5, 5)
+
+
 def test_attention_logits_and_heads_first_by_hand():
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(2, 3, 4, 5, generator=g), torch.randn(2, 3, 4, 5, generator=g)

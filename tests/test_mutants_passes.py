@@ -784,3 +784,14 @@ def test_tome_metric_node_is_labelled():
     metrics = [n for n in gm.graph.nodes if n.target is tome_ops.keys_per_token]
     assert len(metrics) == 3
     assert {gm.tokenopt_inserted[n.name] for n in metrics} == {"metric: keys (mean over heads taken by the matching)"}
+
+
+def test_linearity_profile_analyses_the_calibration_images():
+    """A model that runs only on 8 x 16 images (no input size tokenopt could guess) is probed on
+    the images given, not on a guessed example batch."""
+    from tokenopt.passes.linearity import linearity_profile
+    model = vit("sdpa")
+    model.pos = nn.Parameter(torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(6)) * 0.5)
+    x = torch.randn(4, 3, 8, 16, generator=torch.Generator().manual_seed(7))
+    prof = linearity_profile(model, x)
+    assert prof.errors == pytest.approx(linearity_by_hand(model, x, (0.25, 0.5, 0.75)), rel=1e-4)

@@ -215,3 +215,27 @@ def test_tofu_auto_reads_the_linearity_from_the_context():
         make_plan(rec, analysis(3))
     plan = make_plan(rec, analysis(3), {"linearity": [0.7, 0.1, 0.5]})
     assert [lp.step.params.op for lp in plan.layers] == ["prune", "mlerp", "prune"]
+
+
+def test_prefix_tokens_must_leave_patch_tokens():
+    an = analysis(2, prefix=17, token_counts=[17, 20])
+    an.prefix_source = "set in the recipe"
+    with pytest.raises(PlanError) as e:
+        make_plan(recipe({"pass": "tome", "r": 1}), an)
+    assert str(e.value) == ("<dict>: prefix_tokens is 17 (set in the recipe), but blocks.0, the first block, sees only 17 "
+                            "tokens: no patch token would be left to reduce.\n  Set prefix_tokens to the number of "
+                            "cls/distillation/register tokens, or leave it out to detect it.")
+    with pytest.warns(TokenoptWarning, match="it merges 0"):
+        plan = make_plan(recipe({"pass": "tome", "r": 1}), analysis(2, prefix=16, token_counts=[17, 16]))
+    assert [(lp.tokens_in, lp.tokens_out) for lp in plan.layers] == [(17, 17), (17, 17)]   # nothing to merge
+
+
+def test_errors_of_the_passes_name_the_recipe_line():
+    with pytest.raises(RecipeError) as e:
+        make_plan(recipe({"pass": "tome", "r": [1, 2]}), analysis(4))
+    assert str(e.value) == ("<dict> (rule 1, pass tome): r lists 2 values but the rule selects 4 layers; give one "
+                            "value per selected layer")
+    rec = load_recipe("version: 1\nrules:\n  - pass: tosa\n    layers: 2\n    keep: 20\n")
+    with pytest.raises(RecipeError, match=r"^<string>, line 3 \(rule 1, pass tosa\): keep=20 at blocks\.2 \(2\), but "
+                                          r"it has only 16 tokens"):
+        make_plan(rec, analysis(4))

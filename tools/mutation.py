@@ -48,16 +48,26 @@ def settings() -> tuple[dict, dict]:
     return data["tool"]["mutmut"], data["tool"]["tokenopt"]["mutation"]
 
 
-def equivalent() -> dict[str, tuple[str, str]]:
-    """mutant name -> (kind, why) from tools/mutation-equivalent.txt; kind is "equivalent" (no result
-    can change) or "tool" (killed by a test that cannot run under mutmut)."""
-    out = {}
+def equivalent() -> dict[str, tuple[str, str, str]]:
+    """mutant name -> (kind, why, changed line) from tools/mutation-equivalent.txt; kind is
+    "equivalent" (no result can change) or "tool" (killed by a test that cannot run under mutmut).
+    Each entry is ``NAME KIND: WHY`` followed by an indented ``+ LINE``, the line as the mutant
+    changed it: mutmut renumbers a function's mutants when the function changes, so an entry
+    counts only while the mutant of that name still makes that change."""
+    out: dict[str, tuple[str, str, str]] = {}
+    last = None
     if EQUIVALENT.exists():
         for line in EQUIVALENT.read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                name, _, rest = line.partition(" ")
-                kind, _, why = rest.partition(":")
-                out[name] = (kind.strip(), why.strip())
+            if not line.strip() or line.startswith("#"):
+                continue
+            if line[:1].isspace() and line.strip().startswith("+") and last:
+                kind, why, _ = out[last]
+                out[last] = (kind, why, line.strip()[1:].strip())
+                continue
+            name, _, rest = line.partition(" ")
+            kind, _, why = rest.partition(":")
+            out[name] = (kind.strip(), why.strip(), "")
+            last = name
     return out
 
 
@@ -138,13 +148,22 @@ def diff(work: Path, name: str) -> list[str]:
             if ln[:1] in "+-" and not ln.startswith(("---", "+++"))]
 
 
-def report(area_name: str, work: Path, area: dict, equiv: dict[str, tuple[str, str]], show: bool) -> dict:
+def report(area_name: str, work: Path, area: dict, equiv: dict[str, tuple[str, str, str]], show: bool) -> dict:
     res = results(work, area)
     counts = Counter(res.values())
     survivors = sorted(n for n, s in res.items() if s == "survived")
-    eq = [n for n in survivors if equiv.get(n, ("",))[0] == "equivalent"]
-    tool = [n for n in survivors if equiv.get(n, ("",))[0] == "tool"]
-    real = [n for n in survivors if n not in equiv]
+
+    def listed(n: str) -> str:
+        """The entry's kind if it describes this mutant's change, else ""."""
+        if n not in equiv:
+            return ""
+        kind, _, changed = equiv[n]
+        plus = [d[1:].strip() for d in diff(work, n) if d.startswith("+")]
+        return kind if changed and changed in plus else ""
+
+    eq = [n for n in survivors if listed(n) == "equivalent"]
+    tool = [n for n in survivors if listed(n) == "tool"]
+    real = [n for n in survivors if not listed(n)]
     line = {"area": area_name, "generated": len(res), "killed": counts["killed"], "survived": len(survivors),
             "equivalent": len(eq), "untestable_under_mutmut": len(tool), "not_equivalent": len(real),
             "timeout": counts["timeout"], "no_tests": counts["no tests"], "segfault": counts["segfault"],
@@ -154,9 +173,11 @@ def report(area_name: str, work: Path, area: dict, equiv: dict[str, tuple[str, s
           f"survived {line['survived']:4d} (equivalent {len(eq)}, killed outside mutmut {len(tool)}, "
           f"other {len(real)})  timeout {line['timeout']}  crashed {line['segfault']}  "
           f"no tests {line['no_tests']}  other {line['other']}")
-    stale = [n for n in equiv if n in res and res[n] != "survived"]
+    prefix = tuple("tokenopt." + p.split("*")[0].removesuffix(".py").rstrip("/").replace("/", ".")
+                   for p in area["mutate"])
+    stale = [n for n in equiv if n.startswith(prefix) and (n not in res or res[n] != "survived" or not listed(n))]
     if stale:
-        print(f"  listed in {EQUIVALENT.name} but not surviving: {', '.join(stale)}")
+        print(f"  stale entries in {EQUIVALENT.name} (gone, killed, or now another change): {', '.join(stale)}")
     if show:
         for n in real + [n for n, s in res.items() if s in RECHECK - {"survived"}]:
             print(f"  {res[n]:9s} {n}")
