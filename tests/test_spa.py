@@ -370,6 +370,16 @@ def test_spa_after_a_merge_is_refused(tmp_path):
         tokenopt.optimize(tiny_timm(), path)
 
 
+def test_a_merge_after_spa_prune_is_refused():
+    rules = [{"pass": "spa", "layers": "1", "mode": "prune"}, {"pass": "tome", "layers": "2", "r": 2}]
+    with pytest.raises(RecipeError, match=r"(?s)rule 2, pass tome\): blocks.2 \(2\) gets ≤ 65, ≈ 33 expected tokens "
+                                          r"per image after SPA pruned them.*use spa mode: bypass"):
+        tokenopt.optimize(tiny_timm(), {"version": 1, "rules": rules})
+    # bypass leaves every token in place: merging afterwards is fine
+    rules[0]["mode"] = "bypass"
+    tokenopt.optimize(tiny_timm(), {"version": 1, "rules": rules}, report=False)
+
+
 MODEL = "timm:vit_small_patch16_224?img_size=32&patch_size=4&depth=3&num_classes=10&embed_dim=48&num_heads=4"
 
 
