@@ -44,6 +44,12 @@ def images(n=4, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
+def optimize(model, rec, **kw):
+    """tokenopt.optimize without the FLOPs report (it runs the model three more times), unless asked."""
+    kw.setdefault("report", False)
+    return tokenopt.optimize(model, rec, **kw)
+
+
 def trained(gm):
     for g in gates_of(gm).values():
         g.trained.fill_(True)
@@ -73,7 +79,7 @@ def run_capturing(gm, x):
 @pytest.mark.parametrize("mode", ["bypass", "prune"])
 def test_a_gate_keeping_everything_is_the_original(kind, mode):
     model = MODELS[kind]()
-    gm = trained(tokenopt.optimize(model, recipe(threshold=0.0, mode=mode)))
+    gm = trained(optimize(model, recipe(threshold=0.0, mode=mode)))
     x = images()
     with torch.no_grad():
         got, want = gm(x), model(x)
@@ -83,11 +89,11 @@ def test_a_gate_keeping_everything_is_the_original(kind, mode):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", list(MODELS))
-@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("kind, layout", [(k, "packed") for k in MODELS] + [("sdpa", "padded")] + [
+    pytest.param(k, "padded", marks=pytest.mark.slow) for k in ("softmax", "mha")])
 def test_bypass_block_equals_a_per_image_loop_on_the_kept_tokens(kind, layout):
     model = MODELS[kind]()
-    gm = trained(tokenopt.optimize(model, recipe(layout=layout)))
+    gm = trained(optimize(model, recipe(layout=layout)))
     reference = analyse(model, images(2))
     _, v, seen = run_capturing(gm, images())
     assert sorted(seen) == [1, 2]
@@ -127,11 +133,12 @@ def prune_reference(model, gm, x, seen, head):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("pool", ["token", "avg"])
-@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("pool, layout", [("token", "packed"), ("avg", "padded"),
+                                          pytest.param("avg", "packed", marks=pytest.mark.slow),
+                                          pytest.param("token", "padded", marks=pytest.mark.slow)])
 def test_prune_equals_a_per_image_loop_and_pools_the_kept_tokens(pool, layout):
     model = tiny_timm(depth=4, global_pool=pool)
-    gm = trained(tokenopt.optimize(model, recipe(layers="1-2", mode="prune", layout=layout)))
+    gm = trained(optimize(model, recipe(layers="1-2", mode="prune", layout=layout)))
     x = images()
     out, _, seen = run_capturing(gm, x)
     assert (seen[2].valid.sum(1) < seen[1].valid.sum(1)).all()       # layer 1 pruned for good
@@ -140,10 +147,11 @@ def test_prune_equals_a_per_image_loop_and_pools_the_kept_tokens(pool, layout):
     torch.testing.assert_close(out, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["softmax", "mha"])
 def test_prune_with_explicit_and_mha_attention(kind):
     model = MODELS[kind]()
-    gm = trained(tokenopt.optimize(model, recipe(layers="1-2", mode="prune")))
+    gm = trained(optimize(model, recipe(layers="1-2", mode="prune")))
     x = images()
     out, _, seen = run_capturing(gm, x)
     if kind == "softmax":
@@ -157,8 +165,8 @@ def test_prune_with_explicit_and_mha_attention(kind):
 def test_padded_layout_equals_packed(mode):
     model = tiny_timm()
     x = images(5)
-    packed = trained(tokenopt.optimize(model, recipe(mode=mode, layout="packed", max_keep=0.75)))
-    padded = trained(tokenopt.optimize(model, recipe(mode=mode, layout="padded", max_keep=0.75)))
+    packed = trained(optimize(model, recipe(mode=mode, layout="packed", max_keep=0.75)))
+    padded = trained(optimize(model, recipe(mode=mode, layout="padded", max_keep=0.75)))
     padded.load_state_dict(packed.state_dict())        # the same gates
     with torch.no_grad():
         torch.testing.assert_close(padded(x), packed(x), rtol=0, atol=1e-5)
@@ -166,12 +174,13 @@ def test_padded_layout_equals_packed(mode):
     assert (seen[1].keep[:, 1:].sum(1) <= 48).all()      # max_keep 0.75 of 64: the padded capacity
 
 
+@pytest.mark.slow    # each strategy against the per-image reference is in test_spa_ops (fast)
 @pytest.mark.parametrize("strategy", ["loop", "padded", "blockdiag", "containers"])
 def test_every_attention_strategy_gives_the_same_model(strategy):
     model = tiny_timm()
     x = images()
-    base = trained(tokenopt.optimize(model, recipe(mode="prune")))
-    other = trained(tokenopt.optimize(model, recipe(mode="prune", attention=strategy)))
+    base = trained(optimize(model, recipe(mode="prune")))
+    other = trained(optimize(model, recipe(mode="prune", attention=strategy)))
     other.load_state_dict(base.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(other(x), base(x), rtol=0, atol=1e-5)
@@ -179,7 +188,7 @@ def test_every_attention_strategy_gives_the_same_model(strategy):
 
 def test_one_compiled_graph_in_padded_mode():
     model = tiny_timm(depth=2)
-    gm = trained(tokenopt.optimize(model, recipe(layers="1", mode="prune")))      # layout auto
+    gm = trained(optimize(model, recipe(layers="1", mode="prune")))      # layout auto
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gm)(images())
     assert explained.graph_count == 1 and explained.graph_break_count == 0
@@ -188,7 +197,7 @@ def test_one_compiled_graph_in_padded_mode():
 @pytest.mark.slow
 def test_compiled_padded_model_equals_eager():
     model = tiny_timm(depth=2)
-    gm = trained(tokenopt.optimize(model, recipe(layers="1", mode="prune")))
+    gm = trained(optimize(model, recipe(layers="1", mode="prune")))
     x = images()
     torch._dynamo.reset()
     compiled = torch.compile(gm)
@@ -202,10 +211,10 @@ def test_compiled_padded_model_equals_eager():
 # training, capture, forcing
 
 
-@pytest.mark.parametrize("mode", ["bypass", "prune"])
-def test_task_loss_reaches_the_gates_through_the_packed_path(mode):
+@pytest.mark.parametrize("mode, layout", [("bypass", "packed"), ("prune", "packed"), ("prune", "padded")])
+def test_task_loss_reaches_the_gates_through_the_packed_path(mode, layout):
     model = tiny_timm()
-    gm = tokenopt.optimize(model, recipe(mode=mode, layout="packed"))
+    gm = optimize(model, recipe(mode=mode, layout=layout))
     gm.train()
     torch.manual_seed(3)
     with capture_gate_outputs(gm) as seen:
@@ -228,7 +237,7 @@ def test_training_forward_equals_the_hard_selection():
     """The straight-through term is zero in value: a training forward gives what eval gives for the
     same decisions."""
     model = tiny_timm()
-    gm = trained(tokenopt.optimize(model, recipe(mode="prune")))
+    gm = trained(optimize(model, recipe(mode="prune")))
     x = images()
     gm.train()
     torch.manual_seed(4)
@@ -255,7 +264,7 @@ def test_training_forward_equals_the_hard_selection():
 
 def test_force_keep_keeps_half_of_each_images_tokens():
     model = tiny_timm()
-    gm = tokenopt.optimize(model, recipe(mode="prune"))
+    gm = optimize(model, recipe(mode="prune"))
     with force_keep(gm, 0.5, seed=0), warnings.catch_warnings():
         warnings.simplefilter("error")          # forced gates: no untrained warning
         _, _, seen = run_capturing(gm, images())
@@ -270,7 +279,7 @@ def test_force_keep_keeps_half_of_each_images_tokens():
 
 def test_gates_are_in_the_state_dict_and_artifacts_round_trip(tmp_path):
     model = tiny_timm()
-    gm = trained(tokenopt.optimize(model, recipe(gate={"hidden": 8})))
+    gm = trained(optimize(model, recipe(gate={"hidden": 8})))
     keys = [k for k in gm.state_dict() if k.startswith("spa_gates.")]
     assert "spa_gates.1.score.0.weight" in keys and "spa_gates.2.trained" in keys
     with torch.no_grad():
@@ -287,13 +296,13 @@ def test_gates_are_in_the_state_dict_and_artifacts_round_trip(tmp_path):
 
 def test_untrained_gates_warn_once_and_strict_refuses():
     model = tiny_timm()
-    gm = tokenopt.optimize(model, recipe())
+    gm = optimize(model, recipe())
     with pytest.warns(UntrainedGateWarning, match=r"layer\(s\) 1, 2 were never trained"):
         gm(images())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gm(images())
-    strict = tokenopt.optimize(model, recipe(strict=True))
+    strict = optimize(model, recipe(strict=True))
     with pytest.raises(PlanError, match="strict: true"):
         strict(images())
     trained(strict)(images())
@@ -302,8 +311,8 @@ def test_untrained_gates_warn_once_and_strict_refuses():
 def test_bypass_returns_every_patch_token_in_place():
     model = tiny_timm()
     x = images()
-    gm = trained(tokenopt.optimize(model, recipe(outputs="tokens")))
-    full = tokenopt.optimize(model, {"version": 1, "outputs": "tokens", "rules": [{"pass": "tome", "r": 0}]})
+    gm = trained(optimize(model, recipe(outputs="tokens")))
+    full = optimize(model, {"version": 1, "outputs": "tokens", "rules": [{"pass": "tome", "r": 0}]})
     out, v, seen = run_capturing(gm, x)
     assert out.shape == (4, 64, 48)
     last = gm.tokenopt_analysis.blocks[2]
@@ -311,19 +320,19 @@ def test_bypass_returns_every_patch_token_in_place():
     norm = model.norm(v[last.input])
     assert skipped.any()      # tokens the last layer skipped are the final norm of its input, in place
     torch.testing.assert_close(out[skipped[:, 1:]], norm[:, 1:][skipped[:, 1:]], rtol=0, atol=1e-6)
-    everything = trained(tokenopt.optimize(model, recipe(outputs="tokens", threshold=0.0)))
+    everything = trained(optimize(model, recipe(outputs="tokens", threshold=0.0)))
     with torch.no_grad():
         assert torch.equal(everything(x), full(x))
 
 
 def test_prune_refuses_token_outputs():
     with pytest.raises(PlanError, match="(?s)mode: prune drops tokens for good.*Use mode: bypass"):
-        tokenopt.optimize(tiny_timm(), recipe(mode="prune", outputs="tokens"))
+        optimize(tiny_timm(), recipe(mode="prune", outputs="tokens"))
 
 
 def test_report_gives_expected_and_maximum_tokens_and_the_gate_cost():
     model = tiny_timm()
-    gm = tokenopt.optimize(model, recipe(mode="prune", max_keep=0.5, threshold=0.5, min_keep=4))
+    gm = optimize(model, recipe(mode="prune", max_keep=0.5, threshold=0.5, min_keep=4), report=True)
     rows = gm.tokenopt_report.rows
     assert rows[1].tokens_out.max == 1 + 32 and rows[1].tokens_out.varies
     assert rows[2].tokens_out.max == 1 + 16
@@ -350,7 +359,7 @@ def test_bad_options_name_the_line(tmp_path, option, says):
     path = tmp_path / "r.yaml"
     path.write_text(f"version: 1\nrules:\n  - pass: spa\n    layers: 1-2\n    {option}\n")
     with pytest.raises(RecipeError, match=r"r\.yaml, line 3") as e:
-        tokenopt.optimize(tiny_timm(), path)
+        optimize(tiny_timm(), path)
     assert says in str(e.value)
 
 
@@ -359,7 +368,7 @@ def test_min_keep_count_above_max_keep_fraction_names_the_layer(tmp_path):
     path.write_text("version: 1\nrules:\n  - pass: spa\n    layers: 1-2\n    min_keep: 40\n    max_keep: 0.5\n")
     with pytest.raises(RecipeError, match=r"line 3 .*min_keep=40 is 40 tokens at blocks.1 \(1\) but max_keep=0.5 "
                                           r"is 32"):
-        tokenopt.optimize(tiny_timm(), path)
+        optimize(tiny_timm(), path)
 
 
 def test_spa_after_a_merge_is_refused(tmp_path):
@@ -367,17 +376,17 @@ def test_spa_after_a_merge_is_refused(tmp_path):
     path.write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n  - pass: spa\n    layers: 2\n")
     with pytest.raises(RecipeError, match=r"(?s)line 5 .*blocks.2 \(2\) gets 61 of its 65 tokens after an earlier "
                                           r"merge.*Apply spa to layers before"):
-        tokenopt.optimize(tiny_timm(), path)
+        optimize(tiny_timm(), path)
 
 
 def test_a_merge_after_spa_prune_is_refused():
     rules = [{"pass": "spa", "layers": "1", "mode": "prune"}, {"pass": "tome", "layers": "2", "r": 2}]
     with pytest.raises(RecipeError, match=r"(?s)rule 2, pass tome\): blocks.2 \(2\) gets ≤ 65, ≈ 33 expected tokens "
                                           r"per image after SPA pruned them.*use spa mode: bypass"):
-        tokenopt.optimize(tiny_timm(), {"version": 1, "rules": rules})
+        optimize(tiny_timm(), {"version": 1, "rules": rules})
     # bypass leaves every token in place: merging afterwards is fine
     rules[0]["mode"] = "bypass"
-    tokenopt.optimize(tiny_timm(), {"version": 1, "rules": rules}, report=False)
+    optimize(tiny_timm(), {"version": 1, "rules": rules}, report=False)
 
 
 MODEL = "timm:vit_small_patch16_224?img_size=32&patch_size=4&depth=3&num_classes=10&embed_dim=48&num_heads=4"

@@ -253,9 +253,9 @@ def attention_containers(q: Tensor, k: Tensor, v: Tensor, lengths: Tensor, dropo
         out[container_t, slot_t] = t[0].transpose(0, 1)
         return out.transpose(1, 2)                                               # (K, H, size, d)
 
-    # same image, and no empty slot as a key; an empty slot's own query row sees itself (no NaN)
-    mask = (owner_grid[:, :, None] == owner_grid[:, None, :]) & (owner_grid[:, None, :] >= 0)
-    mask = mask | torch.eye(size, dtype=torch.bool, device=dev)
+    # same image; empty slots (owner -1) see only each other, so no real token attends to them and
+    # their own rows (discarded) are not all-masked (no NaN)
+    mask = owner_grid[:, :, None] == owner_grid[:, None, :]
     a = F.scaled_dot_product_attention(fill(q), fill(k), fill(v), attn_mask=mask[:, None], dropout_p=dropout_p,
                                        scale=scale)
     return a.transpose(1, 2)[container_t, slot_t].transpose(0, 1).unsqueeze(0)
