@@ -3,6 +3,7 @@
     python benchmarks/bench_spa_attention.py                      # B=8, N=197, 6 heads, keep 0.5, CPU
     python benchmarks/bench_spa_attention.py --keep 0.25 --batch 32
     python benchmarks/bench_spa_attention.py --device cuda --dtype float16   # adds varlen
+    python benchmarks/bench_spa_attention.py --threads 1          # a machine shared with other jobs
 
 One attention call (ViT-S/16 shape: 6 heads of 64) on the tokens each image keeps (a random
 fraction ``--keep`` of its 196 patch tokens plus the class token, so images keep different
@@ -35,7 +36,12 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default). On a loaded "
+                    "machine 1 thread avoids OpenMP barriers waiting on descheduled threads, which penalise "
+                    "strategies made of many small calls")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     g = torch.Generator().manual_seed(args.seed)
     b, n, h, d = args.batch, args.tokens, args.heads, args.head_dim

@@ -207,6 +207,16 @@ def test_compiled_padded_model_equals_eager():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.slow
+def test_exported_model_runs_padded_and_equals_eager():
+    model = tiny_timm()
+    gm = trained(optimize(model, recipe(mode="prune")))
+    ep = torch.export.export(gm, (images(),), strict=False)
+    other = images(4, seed=7)                             # other images keep other counts
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(other), gm(other), rtol=0, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # training, capture, forcing
 

@@ -307,8 +307,8 @@ def check_gates_trained(module, args) -> None:
         module._spa_checked = True
         return
     recipe = getattr(module, "tokenopt_recipe", None)
-    msg = (f"SPA gates of layer(s) {', '.join(map(str, untrained))} were never trained: they select tokens at "
-           "random, which loses accuracy.\n  Train them: `tokenopt train RECIPE MODEL --data ...`.")
+    msg = (f"SPA gates of layer(s) {', '.join(map(str, untrained))} were never trained: an untrained linear layer "
+           "picks the tokens, which loses accuracy.\n  Train them: `tokenopt train RECIPE MODEL --data ...`.")
     if recipe is not None and recipe.strict:
         raise PlanError(msg + " (refused because the recipe sets strict: true)")
     warnings.warn(msg, UntrainedGateWarning, stacklevel=7)
