@@ -186,9 +186,10 @@ def test_every_attention_strategy_gives_the_same_model(strategy):
         torch.testing.assert_close(other(x), base(x), rtol=0, atol=1e-5)
 
 
-def test_one_compiled_graph_in_padded_mode():
+@pytest.mark.parametrize("mode", ["bypass", "prune"])
+def test_one_compiled_graph_in_padded_mode(mode):
     model = tiny_timm(depth=2)
-    gm = trained(optimize(model, recipe(layers="1", mode="prune")))      # layout auto
+    gm = trained(optimize(model, recipe(layers="1", mode=mode)))      # layout auto: padded while compiling
     torch._dynamo.reset()
     explained = torch._dynamo.explain(gm)(images())
     assert explained.graph_count == 1 and explained.graph_break_count == 0
