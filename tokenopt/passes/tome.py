@@ -84,11 +84,6 @@ class ToMe(Pass):
         return [ToMeParams(r, options.prop_attn, options.order) for r in expand_r(options.r, n_layers, where)]
 
     def plan_layer(self, block, params: ToMeParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
-        if tokens_in.varies:
-            # only SPA's prune mode leaves images with different counts: a packed stream, no (B, N, C)
-            raise RecipeError(f"{block.path} ({block.index}) gets {tokens_in} tokens per image after SPA pruned "
-                              f"them; {self.name} matches tokens within (B, N, C) batches, not a packed stream.\n"
-                              f"  Apply {self.name} to layers before the spa ones, or use spa mode: bypass.")
         want = params.r
         # the matching splits the tokens an image has; with a varying count only the images at
         # the maximum are guaranteed r merges, so the cap (and the shortfall) use the maximum
@@ -104,6 +99,7 @@ class ToMe(Pass):
     def rewrite(self, g, block, step: LayerStep) -> None:
         r = step.params.r
         if not isinstance(g.state.layout, Dense):
+            # a varying count alone is fine (merges cap by the maximum); a packed stream is not (B, N, C)
             raise PlanError(f"{block.path}: {self.name} cannot merge a packed token stream (SPA mode: prune before "
                             f"it).\n  Apply {self.name} to layers before the spa ones, or use spa mode: bypass.")
         g.state.prop_attn = step.params.prop_attn
