@@ -293,6 +293,7 @@ def test_gates_are_in_the_state_dict_and_artifacts_round_trip(tmp_path):
     gm = trained(optimize(model, recipe(gate={"hidden": 8})))
     keys = [k for k in gm.state_dict() if k.startswith("spa_gates.")]
     assert "spa_gates.1.score.0.weight" in keys and "spa_gates.2.trained" in keys
+    assert sorted(gates_of(gm)) == sorted(gates_of(torch.nn.Sequential(gm))) == [1, 2]   # e.g. inside DDP
     with torch.no_grad():
         for g in gates_of(gm).values():
             g.score[2].bias.add_(0.3)          # something training would have changed

@@ -258,9 +258,10 @@ def _check_prune(g, block) -> None:
 
 
 def gates_of(model: torch.nn.Module) -> dict[int, TokenGate]:
-    """The SPA gates of a rewritten model, by the index of their layer."""
+    """The SPA gates of a rewritten model, by the index of their layer (also inside a wrapper such as
+    DistributedDataParallel, whose names start with ``module.``)."""
     return {int(name.rsplit(".", 1)[1]): m for name, m in model.named_modules()
-            if isinstance(m, TokenGate) and name.startswith(GATE_PREFIX + ".")}
+            if isinstance(m, TokenGate) and name.split(".")[-2:-1] == [GATE_PREFIX]}
 
 
 @contextlib.contextmanager
