@@ -131,6 +131,7 @@ def test_imagefolder_mask_of_another_size_or_missing_is_named(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # attention labels
 
+@torch.no_grad()
 def _attention_by_hand(model, x, layer) -> torch.Tensor:
     """(B, H, N, N) softmax(q k^T / sqrt(d)) of timm block ``layer``, from its weights and its input."""
     seen = {}
