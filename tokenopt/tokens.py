@@ -113,13 +113,22 @@ class Packed:
     """The kept tokens of the whole batch in one (1, T, C) sequence.
 
     ``lengths`` and ``offsets`` name the graph nodes holding the (B,) tokens per image and the
-    (B,) start of each image in the packed sequence; ``capacity`` is the static upper bound of T
-    when the layout is padded for ``torch.compile``/export (None: data-dependent T).
+    (B,) start of each image in the packed sequence; ``capacity`` is the static upper bound of
+    tokens per image when the layout is padded for ``torch.compile``/export (None: data-dependent T).
+    ``layout`` says which runs: "packed" (1, T, C), "padded" (B, capacity, C) with each image's
+    tokens first, or "auto" (packed in eager runs, padded while torch.compile/export traces).
+    ``positions`` names the node with every row's flat position ``b * N0 + n`` on the original
+    grid (-1: an empty padded slot) and ``valid`` the (B, N0) mask of tokens still present;
+    ``strategy`` is the packed attention's implementation (ops.packing.STRATEGIES or "auto").
     """
 
     lengths: str
     offsets: str
     capacity: int | None = None
+    layout: str = "packed"
+    positions: str | None = None
+    valid: str | None = None
+    strategy: str = "auto"
 
 
 Layout = Union[Dense, Packed]

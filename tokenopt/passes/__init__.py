@@ -4,6 +4,6 @@ Importing this package registers the built-in passes (each module's ``@register_
 import); a pass of one's own registers the same way, by importing its module.
 """
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, available_passes, get_pass, register_pass
-from tokenopt.passes import tome, tofu, tosa  # noqa: E402,F401  (registration)
+from tokenopt.passes import tome, tofu, tosa, spa  # noqa: E402,F401  (registration)
 
 __all__ = ["LayerStep", "Pass", "PassOptions", "available_passes", "get_pass", "register_pass"]

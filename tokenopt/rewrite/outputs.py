@@ -11,12 +11,19 @@ import operator
 import torch
 
 from tokenopt.analysis import ModelAnalysis
+from tokenopt.errors import PlanError
+from tokenopt.ops import gates as gate_ops
 from tokenopt.ops import tome as tome_ops
 from tokenopt.rewrite.rewriter import GraphRewriter
+from tokenopt.tokens import Packed
 
 
 def restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
-    """After merges: dense consumers get tokens put back; average pooling becomes size-weighted."""
+    """After merges: dense consumers get tokens put back; average pooling becomes size-weighted.
+    After a packed stream (SPA prune): pooling reads each image's kept tokens."""
+    if isinstance(g.state.layout, Packed):
+        pool_packed(g, analysis, g.state.layout)
+        return
     if g.state.index is not None and any(p.kind == "tokens" for p in analysis.pooling):
         # unmerged tokens repeat each merged token once per patch it stands for, so every
         # consumer (average pooling included) sees exactly what a size-weighted version would.
@@ -36,6 +43,28 @@ def restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
             w = g.insert_after(n, tome_ops.size_weighted_mean, n.args[0], g.state.size, p.start,
                                label="size-weighted average pooling")
             g.replace_uses(n, w)
+
+
+def pool_packed(g: GraphRewriter, analysis: ModelAnalysis, layout: Packed) -> None:
+    """The stream ends packed, (1, T, C) (or padded (B, cap, C)): class-token pooling takes each
+    image's prefix token, average pooling averages each image's kept tokens. The pass refused
+    other kinds of pooling before rewriting."""
+    lengths = g.node(layout.lengths)
+    for p in analysis.pooling:
+        n = g.node(p.node)
+        if p.kind == "cls":
+            src, i = n.args[0], n.args[1][1]
+            new = g.insert_after(n, gate_ops.stream_token, src, lengths, i, layout.layout,
+                                 label=f"token {i} of each image (packed stream)")
+        elif p.kind == "avg":
+            src = n.args[0]
+            if src.op == "call_function" and src.target is operator.getitem:   # x[:, start:]
+                src = src.args[0]
+            new = g.insert_after(n, gate_ops.stream_mean, src, lengths, p.start, layout.layout,
+                                 label="average of each image's kept tokens")
+        else:
+            raise PlanError(f"pooling of kind {p.kind!r} cannot read a packed token stream")
+        g.replace_uses(n, new)
 
 
 def return_tokens(g: GraphRewriter, analysis: ModelAnalysis) -> None:

@@ -12,6 +12,7 @@ know the three attention kinds the analysis finds::
     add_attention_bias(block, fn, *args)   every key j gets fn(*args)[:, j] added to its logits
     attention_qkv(block)                   q, k, v as nodes (an MHA is decomposed first, once)
     replace_attention(block, fn)           the core becomes fn(q, k, v, attn_mask=, scale=, ...)
+    isolate_attention(block, lengths, ..)  attention over a packed batch, per image (SPA)
     decompose_mha(block)                   in-projection -> SDPA (or softmax when its weights
                                            are used) -> out-projection, outputs equal to 1e-6
 
@@ -33,8 +34,10 @@ from torch import nn
 from tokenopt.analysis import AttentionCore, BlockRecord, ModelAnalysis, is_matmul, is_softmax
 from tokenopt.errors import PlanError
 from tokenopt.ops import attention as attn_ops
+from tokenopt.ops import packing as packing_ops
 from tokenopt.ops import tome as tome_ops
 from tokenopt.rewrite.state import TokenState
+from tokenopt.tokens import Packed
 
 S = TypeVar("S")
 _SDPA_KWARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -164,6 +167,14 @@ class GraphRewriter:
         if self.state.size is not None and self.state.prop_attn and block.refusal is None:
             self.add_attention_bias(block, tome_ops.key_log_size, self.state.size,
                                     label="proportional attention log(size)")
+        layout = self.state.layout
+        if isinstance(layout, Packed):
+            # the stream is packed (SPA prune): every later block attends within each image
+            if block.refusal is not None:
+                raise PlanError(f"{block.path} runs after tokens were pruned per image (SPA mode: prune) but "
+                                f"cannot attend over a packed batch ({block.refusal}).\n  Use mode: bypass, or "
+                                "prune only in layers after it.")
+            self.isolate_attention(block, self.node(layout.lengths), layout)
 
     def add_attention_bias(self, block: BlockRecord, fn: Callable, *args, label: str = "") -> fx.Node:
         """Add ``fn(*args)``, a (B, N) bias per key, to the logits of ``block``'s attention.
@@ -271,6 +282,24 @@ class GraphRewriter:
         self.inserted[new.name] = label or fn.__name__
         block.attention = dataclasses.replace(core, kind="sdpa", node=new.name, output=new.name, logits=None)
         return new
+
+    def isolate_attention(self, block: BlockRecord, lengths: fx.Node, layout: Packed) -> fx.Node:
+        """``block``'s attention runs over a packed batch, each token attending only to tokens of
+        its own image: the core becomes :func:`ops.packing.isolated_attention` with ``lengths``
+        (the (B,) node of tokens per image) and the layout's capacity, layout and strategy. A core
+        isolated already (an earlier layout) gets the new lengths. Returns the core node."""
+        options = dict(lengths=lengths, capacity=layout.capacity, layout=layout.layout, strategy=layout.strategy)
+        if block.attention.kind == "sdpa":
+            c = self.node(block.attention.node)
+            if c.target is packing_ops.isolated_attention:
+                c.kwargs = {**c.kwargs, **options}
+                return c
+            existing = _sdpa_arg(c, "attn_mask", 3)
+            if existing is not None or _sdpa_arg(c, "is_causal", 5):
+                raise PlanError(f"{block.path}: its attention has a mask of its own; packed attention over "
+                                "per-image token sets cannot keep it. Leave this block out of the rule's layers.")
+        return self.replace_attention(block, packing_ops.isolated_attention, label="attention isolated per image",
+                                      **options)
 
     def decompose_mha(self, block: BlockRecord) -> None:
         """Write ``block``'s ``nn.MultiheadAttention`` out as graph nodes, so its q, k, v cost nothing extra::

@@ -1,0 +1,307 @@
+"""SPA: context-aware token selection and packing (Zhang et al., 2024, arXiv 2410.23608).
+
+A cheap gate scores every token; each image keeps the tokens its gate selects, so images keep
+different numbers of tokens. The kept tokens of the whole batch are packed into one sequence, the
+block's token-wise layers run on it, attention is isolated per image, and (bypass) unpack puts
+the results back in place. Before (layer i)::
+
+    y = block_i(x)                                    # x (B, N, C)
+
+After, ``mode: bypass``::
+
+    keep_rows, keep, ste = spa_gates.i(x)             # gate + per-image selection (prefix always kept)
+    xs, lengths, ... = spa_pack(x, keep_rows, keep, ...)   # (1, T, C); padded: (B, max_keep, C)
+    h = block_i(xs)                                   # attention: isolated_attention(q, k, v, lengths=)
+    y = spa_unpack(xs, ..., into=x, h)                # (B, N, C): unselected tokens skipped the block
+
+``mode: prune``: no unpack; the stream stays packed to the end (every later block attends per
+image, the next SPA layer selects among the tokens left) and pooling reads the kept tokens only.
+
+The gates are submodules of the rewritten model (``spa_gates.<layer>``), in its state_dict and
+artifacts; until trained (a ``trained`` buffer) using the model warns (``strict: true``:
+refuses). In training the selection is sampled (Gumbel-sigmoid) with a straight-through weight on
+the kept tokens' update, so the task loss reaches the gate through the packed path.
+:func:`capture_gate_outputs` exposes the gates' probabilities for their supervision.
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Literal, Union
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from tokenopt.errors import PlanError, RecipeError
+from tokenopt.ops import gates as ops
+from tokenopt.ops.gates import GateOutput, TokenGate
+from tokenopt.ops.packing import STRATEGIES
+from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
+from tokenopt.tokens import Packed, TokenCount
+
+GATE_PREFIX = "spa_gates"
+
+__all__ = ["SPA", "GateOutput", "capture_gate_outputs", "gates_of", "force_keep", "UntrainedGateWarning"]
+
+
+class UntrainedGateWarning(UserWarning):
+    """An SPA model runs with gates that were never trained."""
+
+
+class GateOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    hidden: int = Field(0, ge=0, le=4096, description="0: one linear layer on the tokens (the paper); >0: an MLP "
+                                                      "with this many hidden units")
+
+
+def _fraction_or_count(name: str, v, allow_zero: bool):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{name} must be a fraction in [0, 1] of the patch tokens or a whole number of them, "
+                         f"got {v!r}")
+    if isinstance(v, float) and not (0.0 <= v <= 1.0) or (isinstance(v, float) and v == 0.0 and not allow_zero):
+        raise ValueError(f"{name} must be a fraction in {'[0' if allow_zero else '(0'}, 1] (e.g. 0.5) or a whole "
+                         f"number of tokens, got {v}")
+    if isinstance(v, int) and v < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be at least {0 if allow_zero else 1} token(s) (or a fraction), got {v}")
+    return v
+
+
+class SPAOptions(PassOptions):
+    gate: GateOptions = Field(default_factory=GateOptions)
+    threshold: float = Field(0.5, description="keep a token when its gate probability is at least this, in [0, 1]")
+    min_keep: Union[int, float] = Field(
+        0.1, description="per image, never fewer than this fraction of the patch tokens (or this many)")
+    max_keep: Union[int, float] = Field(
+        1.0, description="per image, never more than this fraction (or count): the capacity of the padded layout")
+    mode: Literal["bypass", "prune"] = Field(
+        "bypass", description="bypass: unselected tokens skip the block and come back in place | prune: they "
+                              "leave for good")
+    layout: Literal["auto", "packed", "padded"] = Field(
+        "auto", description="packed: (1, T, C) | padded: (B, max_keep, C), static shapes | auto: packed in eager "
+                            "runs, padded under torch.compile/export")
+    attention: Literal["auto", "loop", "padded", "blockdiag", "containers", "varlen"] = Field(
+        "auto", description="attention over the packed batch; auto: the fastest measured on the device")
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"threshold must be a probability in [0, 1] (a token is kept when its gate "
+                             f"probability is at least this), got {v!r}; e.g. threshold: 0.5")
+        return float(v)
+
+    @field_validator("min_keep", mode="before")
+    @classmethod
+    def _min_keep(cls, v):
+        return _fraction_or_count("min_keep", v, allow_zero=True)
+
+    @field_validator("max_keep", mode="before")
+    @classmethod
+    def _max_keep(cls, v):
+        return _fraction_or_count("max_keep", v, allow_zero=False)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        lo, hi = self.min_keep, self.max_keep
+        if type(lo) is type(hi) and lo > hi:
+            raise ValueError(f"min_keep ({lo}) is above max_keep ({hi}): no count satisfies both. Lower min_keep "
+                             f"or raise max_keep")
+        if self.attention == "varlen" and self.layout == "padded":
+            raise ValueError("attention: varlen runs on the packed layout; use layout: packed or auto")
+        return self
+
+
+@dataclass(frozen=True)
+class SPAParams:
+    """One layer: the recipe's options; ``lo``/``hi`` tokens (besides the prefix) per image, by the plan."""
+
+    hidden: int
+    threshold: float
+    min_keep: Union[int, float]
+    max_keep: Union[int, float]
+    mode: str
+    layout: str
+    attention: str
+    lo: int = 0
+    hi: int = 0
+
+
+@dataclass
+class SPAGraphState:
+    hooked: bool = False
+    layers: list[int] = field(default_factory=list)
+
+
+@register_pass("spa")
+class SPA(Pass):
+    """Keep the tokens a gate selects, per image; pack them; attend per image; unpack (or prune)."""
+
+    Options = SPAOptions
+    changes_token_count = True      # mode: prune does; later grid-bound blocks are refused either way
+
+    def layer_options(self, options: SPAOptions, n_layers: int, where: str) -> list[SPAParams]:
+        p = SPAParams(options.gate.hidden, options.threshold, options.min_keep, options.max_keep, options.mode,
+                      options.layout, options.attention)
+        return [p] * n_layers
+
+    def plan_layer(self, block, params: SPAParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
+        if not tokens_in.varies and tokens_in.max != block.tokens:
+            raise RecipeError(f"{block.path} ({block.index}) gets {tokens_in} of its {block.tokens} tokens after an "
+                              "earlier merge; SPA's gate selects among whole tokens of the original grid (a merged "
+                              "token stands for several).\n  Apply spa to layers before the merging ones, or merge "
+                              "only after the last spa layer.")
+        free = tokens_in.max - prefix
+        lo = ops.count_from_fraction(params.min_keep, free)
+        hi = ops.count_from_fraction(params.max_keep, free)
+        if lo > hi:
+            raise RecipeError(f"min_keep={params.min_keep} is {lo} tokens at {block.path} ({block.index}) but "
+                              f"max_keep={params.max_keep} is {hi}: min_keep is above max_keep.\n  Lower min_keep "
+                              "or raise max_keep (both count the patch tokens of the layer).")
+        if prefix == 0:
+            lo = max(lo, 1)         # an image with no token left would have nothing to attend to
+            hi = max(hi, lo)
+        # expected: a calibrated gate keeps the tokens it is at least `threshold` sure of; with no
+        # measurement, a uniform prior keeps 1 - threshold of them (the report measures the real mean)
+        exp_free = max(0.0, tokens_in.expected - prefix)
+        expected = prefix + min(float(hi), max(float(lo), (1.0 - params.threshold) * exp_free))
+        runs = TokenCount(prefix + hi, min(expected, prefix + hi))
+        out = runs if params.mode == "prune" else tokens_in
+        step = replace(params, lo=lo, hi=hi)
+        return LayerStep(out, step, f"gate: block runs on {runs} ({lo}..{hi} of {free} patch tokens"
+                                    f"{f' + {prefix} prefix' if prefix else ''}), {params.mode}")
+
+    def rewrite(self, g, block, step: LayerStep) -> None:
+        p: SPAParams = step.params
+        prefix = g.analysis.prefix_tokens
+        state = g.pass_state(SPAGraphState)
+        if p.mode == "prune":
+            _check_prune(g, block)
+        x = g.node(block.input)
+        end = g.node(block.output)
+        body = g.region(x, end)               # the block's own nodes, before anything is inserted
+        layout = g.state.layout if isinstance(g.state.layout, Packed) else None
+        pos = g.node(layout.positions) if layout else None
+        valid = g.node(layout.valid) if layout else None
+        capacity = prefix + p.hi
+        before = set(g.inserted)
+        name = g.add_module(f"{GATE_PREFIX}.{block.index}", TokenGate(
+            block.dim, p.hidden, p.threshold, prefix, p.lo, p.hi, block.index))
+        sel = g.call_module_after(x, name, x, pos, valid, label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
+        keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept rows", "kept tokens (B, N0)", "straight-through weight"))
+        g.overhead.update(dict.fromkeys(set(g.inserted) - before, block.index))
+        packed = g.insert_after(ste, ops.spa_pack, x, keep_rows, keep, pos, ste, capacity, p.layout,
+                                label="pack the kept tokens")
+        xs, lengths, pos_s, ste_s, rows, filled = _unpack_tuple(g, packed, tuple(
+            f"packed {w}" for w in ("tokens", "lengths", "positions", "straight-through", "rows", "filled")))
+        offs = g.insert_after(filled, _offsets, lengths, label="packed offsets")
+        g.reroute(x, xs, body)
+        new_layout = Packed(lengths.name, offs.name, capacity, p.layout, pos_s.name, keep.name, p.attention)
+        g.isolate_attention(block, lengths, new_layout)
+        g.record_token_count(block, lengths)
+        if p.mode == "bypass":
+            g.wrap(end, ops.spa_unpack, xs, ste_s, keep_rows, rows, filled, x,
+                   label="unpack: unselected tokens skip the block")
+        else:
+            g.wrap(end, ops.straight_through, xs, ste_s, label="stream stays packed (prune)")
+            g.state.layout = new_layout
+            g.state.reduced = True
+        state.layers.append(block.index)
+        if not state.hooked:
+            g.gm.register_forward_pre_hook(check_gates_trained)
+            state.hooked = True
+
+
+def _unpack_tuple(g, node, labels: tuple[str, ...]) -> list:
+    """getitem nodes for each element of the tuple ``node`` computes, in order after it."""
+    out, prev = [], node
+    for i, label in enumerate(labels):
+        prev = g.insert_after(prev, operator.getitem, node, i, label=label)
+        out.append(prev)
+    return out
+
+
+def _offsets(lengths):
+    """(B,) start of each image in the packed sequence."""
+    return torch.cumsum(lengths, 0) - lengths
+
+
+def _check_prune(g, block) -> None:
+    """Prune keeps the stream packed to the end: every later block must attend per image, and what
+    reads the tokens after the blocks must pool them (class token or average)."""
+    if g.track_index:
+        raise PlanError(f"{block.path}: mode: prune drops tokens for good, but the model's output needs every "
+                        "token in place (outputs: tokens, or a head that reads all tokens).\n  Use mode: bypass.")
+    kinds = {p.kind for p in g.analysis.pooling}
+    if not kinds or not kinds <= {"cls", "avg"}:
+        raise PlanError(f"{block.path}: mode: prune pools over the kept tokens only, which tokenopt does for class-"
+                        f"token and average pooling; this model pools by {', '.join(sorted(kinds)) or 'nothing found'}."
+                        "\n  Use mode: bypass.")
+    for later in g.analysis.blocks[block.index + 1:]:
+        if later.refusal is not None:
+            raise PlanError(f"{block.path}: mode: prune keeps the stream packed to the end, but {later.path} cannot "
+                            f"attend over a packed batch ({later.refusal}).\n  Use mode: bypass.")
+
+
+# ----------------------------------------------------------------------------------------------
+# the API for training and benchmarks
+
+
+def gates_of(model: torch.nn.Module) -> dict[int, TokenGate]:
+    """The SPA gates of a rewritten model, by the index of their layer."""
+    return {int(name.rsplit(".", 1)[1]): m for name, m in model.named_modules()
+            if isinstance(m, TokenGate) and name.startswith(GATE_PREFIX + ".")}
+
+
+@contextlib.contextmanager
+def capture_gate_outputs(model: torch.nn.Module) -> Iterator[dict[int, GateOutput]]:
+    """A dict that every forward pass of ``model`` inside the block fills: layer index ->
+    :class:`GateOutput` (prob, valid, keep on the original (B, N) grid; prob keeps its graph)."""
+    seen: dict[int, GateOutput] = {}
+    gates = gates_of(model)
+    for m in gates.values():
+        m.capture = seen
+    try:
+        yield seen
+    finally:
+        for m in gates.values():
+            m.capture = None
+
+
+@contextlib.contextmanager
+def force_keep(model: torch.nn.Module, fraction: float, seed: int = 0) -> Iterator[None]:
+    """Inside the block every gate keeps a random ``fraction`` of each image's patch tokens (within
+    its max_keep), whatever it scores: benchmarks measure speed at a known keep rate."""
+    gen = torch.Generator().manual_seed(seed)
+    gates = gates_of(model)
+    for m in gates.values():
+        m.forced = (fraction, gen)
+    try:
+        yield
+    finally:
+        for m in gates.values():
+            m.forced = None
+
+
+def check_gates_trained(module, args) -> None:
+    """Forward pre-hook of an SPA model: warn once (``strict: true``: refuse) if a gate is untrained.
+    Skipped while torch.compile traces, while tokenopt trains and while gates are forced."""
+    if torch.compiler.is_compiling() or getattr(module, "_spa_checked", False) \
+            or getattr(module, "tokenopt_training", False):
+        return
+    gates = gates_of(module)
+    if any(m.forced is not None for m in gates.values()):
+        return
+    untrained = [i for i, m in gates.items() if not bool(m.trained)]
+    if not untrained:
+        module._spa_checked = True
+        return
+    recipe = getattr(module, "tokenopt_recipe", None)
+    msg = (f"SPA gates of layer(s) {', '.join(map(str, untrained))} were never trained: they select tokens at "
+           "random, which loses accuracy.\n  Train them: `tokenopt train RECIPE MODEL --data ...`.")
+    if recipe is not None and recipe.strict:
+        raise PlanError(msg + " (refused because the recipe sets strict: true)")
+    warnings.warn(msg, UntrainedGateWarning, stacklevel=7)
+    module._spa_checked = True
+
