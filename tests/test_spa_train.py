@@ -216,3 +216,93 @@ def test_gate_bce_is_the_mean_over_present_patch_tokens():
     p = prob.clone().requires_grad_(True)
     gate_bce(p, valid, labels, prefix=1).backward()
     assert torch.all(p.grad[:, 0] == 0) and p.grad[0, 3] == 0 and p.grad[1, 4] == 0 and p.grad[0, 1] != 0
+
+
+# ------------------------------------------------------------------------------------------------
+# training on the shared loop
+
+SPA_RULE = {"pass": "spa", "layers": "second-half", "threshold": 0.5, "min_keep": 0.1}
+
+
+def _tiny_spa(mode: str = "bypass"):
+    import tokenopt
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", **TINY_KW).eval()
+    data = torch.utils.data.Subset(get_dataset("digits-clutter", "train", 32, masks="box"), range(96))
+    example = torch.stack([data[i][0] for i in range(2)])
+    gm = tokenopt.optimize(model, {"version": 1, "rules": [{**SPA_RULE, "mode": mode}]}, example, report=False)
+    return model, gm, data
+
+
+def _held_out_bce(gm, data, prefix=1) -> float:
+    from tokenopt.passes.spa import capture_gate_outputs
+    from tokenopt.train.gate import gate_bce
+
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    labels = mask_labels(torch.stack([data[i][2] for i in range(len(data))]), 16)
+    gm.eval()
+    with torch.no_grad(), capture_gate_outputs(gm) as out:
+        gm(x)
+        return sum(gate_bce(o.prob, o.valid, labels, prefix).item() for o in out.values()) / len(out)
+
+
+def test_gate_training_lowers_the_gate_loss_and_reports_the_kept_fraction():
+    from tokenopt.passes.spa import gates_of
+    from tokenopt.train.gate import train_gates
+
+    model, gm, data = _tiny_spa()
+    held_out = torch.utils.data.Subset(get_dataset("digits-clutter", "test", 32, masks="box"), range(64))
+    gates = gates_of(gm)
+    assert sorted(gates) == [2, 3] and not any(bool(g.trained) for g in gates.values())
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _held_out_bce(gm, held_out)
+    # what the gates kept in every training forward, seen from outside the training code
+    seen = {i: [] for i in gates}
+    hooks = [g.register_forward_hook(lambda m, a, out, i=i: seen[i].append(out[1].detach().clone()))
+             for i, g in gates.items()]
+    result = train_gates(gm, model, data, "masks", epochs=3, batch_size=32, lr=1e-2, quiet=True)
+    for h in hooks:
+        h.remove()
+    after = _held_out_bce(gm, held_out)
+    assert after < before - 0.05, (before, after)
+    assert result.epoch_losses[-1] < result.epoch_losses[0]
+    assert all(bool(g.trained) for g in gates.values())
+    for k, v in model.state_dict().items():       # gates alone: the backbone is untouched
+        assert torch.equal(v, frozen[k]), k
+    # the report: per epoch, per layer, the mean over steps of the kept share of patch tokens
+    assert len(result.kept) == 3
+    assert len(seen[2]) == 9, [k.shape for k in seen[2]]
+    steps = len(seen[2]) // 3
+    for epoch in range(3):
+        for i in gates:
+            per_step = [k[:, 1:].sum().item() / (k.shape[0] * 16) for k in seen[i][epoch * steps:(epoch + 1) * steps]]
+            assert result.kept[epoch][i] == pytest.approx(sum(per_step) / len(per_step), abs=1e-9)
+
+
+def test_the_task_loss_reaches_the_gate_through_the_packed_path():
+    import torch.nn.functional as F
+
+    from tokenopt.passes.spa import gates_of
+
+    for mode in ("bypass", "prune"):
+        _, gm, data = _tiny_spa(mode)
+        x = torch.stack([data[i][0] for i in range(8)])
+        y = torch.tensor([data[i][1] for i in range(8)])
+        gm.train()
+        torch.manual_seed(1)
+        F.cross_entropy(gm(x), y).backward()          # the task loss alone: no BCE on the probabilities
+        for i, g in gates_of(gm).items():
+            grad = g.score.weight.grad
+            assert grad is not None and grad.abs().sum() > 0, (mode, i)
+
+
+def test_the_kept_note_names_every_layer():
+    from tokenopt.train.gate import KeptMeter
+
+    meter = KeptMeter([4, 2])
+    assert meter.note() == ""
+    meter.add({2: 0.5, 4: 0.25})
+    meter.add({2: 0.3, 4: 0.125})
+    assert meter.note() == "kept L2 30% L4 12%"
+    assert meter.epoch_mean("cpu") == {2: pytest.approx(0.4), 4: pytest.approx(0.1875)}

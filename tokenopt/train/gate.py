@@ -23,6 +23,7 @@ shown as training goes (progress bar, epoch log lines) and returned per epoch in
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -89,6 +90,17 @@ class KeptMeter:
         return {i: s / steps for i, s in zip(self.layers, sums)}
 
 
+@contextlib.contextmanager
+def _training(model: nn.Module):
+    """No untrained-gate warning while the gates train."""
+    was = getattr(model, "tokenopt_training", False)
+    model.tokenopt_training = True
+    try:
+        yield
+    finally:
+        model.tokenopt_training = was
+
+
 def _prefix_of(model: nn.Module) -> int:
     analysis = getattr(model, "tokenopt_analysis", None)
     if analysis is None:
@@ -128,7 +140,7 @@ def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "mask
     meter = KeptMeter(layers)
     kept: list[dict[int, float]] = []
 
-    with capture_gate_outputs(model) as outputs, _keep_requires_grad(model, original):
+    with capture_gate_outputs(model) as outputs, _keep_requires_grad(model, original), _training(model):
         def loss(out, batch):
             patch_tokens = next(iter(outputs.values())).prob.shape[1] - prefix
             if teacher is not None:
