@@ -306,3 +306,63 @@ def test_the_kept_note_names_every_layer():
     meter.add({2: 0.3, 4: 0.125})
     assert meter.note() == "kept L2 30% L4 12%"
     assert meter.epoch_mean("cpu") == {2: pytest.approx(0.4), 4: pytest.approx(0.1875)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the command line
+
+SMALL_KW = dict(img_size=32, patch_size=8, depth=2, num_classes=10, embed_dim=64, num_heads=2)
+SMALL = "timm:vit_small_patch16_224?" + "&".join(f"{k}={v}" for k, v in SMALL_KW.items())
+
+
+def _cli(tmp_path, *args):
+    from typer.testing import CliRunner
+
+    from tokenopt.cli import app
+
+    recipe = tmp_path / "spa.yaml"
+    recipe.write_text("version: 1\nrules:\n  - pass: spa\n    layers: [1]\n")
+    out = tmp_path / "out" / "spa.pt"
+    out.parent.mkdir(exist_ok=True)
+    result = CliRunner().invoke(app, ["train", str(recipe), SMALL, "-o", str(out), "--gate-epochs", "1",
+                                      "--eval-images", "0", *map(str, args)])
+    return result, out
+
+
+def _refused(result, out, *fragments):
+    assert result.exit_code == 2, result.output
+    err = result.stderr
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    flat = " ".join(err.split())
+    for f in fragments:
+        assert f in flat, (f, err)
+    assert not any(out.parent.iterdir())    # nothing written: no model, no checkpoint
+
+
+def test_cli_refuses_mask_labels_on_data_without_masks(tmp_path):
+    result, out = _cli(tmp_path, "--data", "digits", "--labels", "masks")
+    _refused(result, out, "mask labels need data with object masks, and 'digits' has none", "use labels 'attention'")
+    images, _ = _write_folder(tmp_path, [(32, 32), (40, 40)])
+    result, out = _cli(tmp_path, "--data", images, "--labels", "masks")
+    _refused(result, out, "mask labels need data with object masks", str(images), "--masks DIR")
+
+
+def test_cli_refuses_a_mask_whose_size_does_not_match_its_image(tmp_path):
+    images, masks = _write_folder(tmp_path, [(32, 32), (40, 40)], mask_sizes=[(32, 32), (40, 39)])
+    result, out = _cli(tmp_path, "--data", images, "--masks", masks)
+    bad = masks / "1" / "im1.png"
+    _refused(result, out, f"mask '{bad}' is 40x39 but its image", "is 40x40", "must have its image's size")
+
+
+@pytest.mark.slow
+def test_cli_trains_gates_from_clutter_masks_and_saves_them(tmp_path):
+    from tokenopt import artifact
+
+    result, out = _cli(tmp_path, "--data", "digits-clutter", "--labels", "masks", "--limit", "64", "--eval-images", 64,
+                       "--finetune-epochs", 1, "--batch-size", 32)
+    assert result.exit_code == 0, result.output
+    assert "patch tokens kept %" in result.stdout and "gates trained (1 ep, masks labels)" in result.stdout
+    assert "1 gates" in result.stdout
+    gm = artifact.load(out)
+    from tokenopt.passes.spa import gates_of
+    assert [bool(g.trained) for g in gates_of(gm).values()] == [True]

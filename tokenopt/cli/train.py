@@ -86,10 +86,6 @@ def train_(
     from tokenopt.train.checkpoint import ResumeError, load_checkpoint
     from tokenopt.train.selector import finetune, held_out_kl, train_selectors
 
-    if spa:
-        from tokenopt.passes.spa import UntrainedGateWarning, gates_of
-        from tokenopt.train.gate import measure_kept, train_gates
-
     rec = load_recipe(recipe)
     passes = {r.pass_name for r in rec.rules}
     spa = "spa" in passes
@@ -110,6 +106,10 @@ def train_(
         raise TokenoptError("--masks goes with --labels masks (it gives the masks the labels are made from)")
     if spa and distill:
         raise TokenoptError("--distill is not available for SPA: fine-tuning uses the labels and the gates' BCE")
+
+    if spa:
+        from tokenopt.passes.spa import UntrainedGateWarning, gates_of
+        from tokenopt.train.gate import measure_kept, train_gates
     label = "+".join(dict.fromkeys(r.pass_name for r in rec.rules))
     io.check_output_path(output)
     ckpt_path = checkpoint or resume or Path(f"{output}.ckpt")
@@ -133,7 +133,7 @@ def train_(
     if want_masks is True and not _builtin_with_masks(data):
         # the user's data cannot draw masks itself: the same message as for any data without masks
         from tokenopt.train.gate_labels import check_source
-        check_source("masks", open_dataset(data, base_model, "train", 2))
+        check_source("masks", open_dataset(data, base_model, "train", 2), data)
     train_set = open_dataset(data, base_model, "train", limit, masks=want_masks)
     test_set = None
     if eval_images:

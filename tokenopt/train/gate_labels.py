@@ -68,12 +68,12 @@ def has_masks(data) -> bool:
     return isinstance(item, (tuple, list)) and len(item) >= 3 and isinstance(item[2], torch.Tensor)
 
 
-def check_source(labels: str, data) -> None:
-    """A DataError when ``labels`` cannot be made from ``data``."""
+def check_source(labels: str, data, name: str | None = None) -> None:
+    """A DataError when ``labels`` cannot be made from ``data`` (``name``: what the user called it)."""
     if labels not in SOURCES:
         raise DataError(f"unknown gate label source '{labels}': use one of {', '.join(SOURCES)}")
     if labels == "masks" and not has_masks(data):
-        where = getattr(getattr(data, "dataset", data), "root", None) or type(getattr(data, "dataset", data)).__name__
+        where = name or getattr(getattr(data, "dataset", data), "root", None) or type(getattr(data, "dataset", data)).__name__
         raise DataError(f"mask labels need data with object masks, and '{where}' has none: use labels 'attention' "
                         f"(from the original model), the built-in digits-clutter (it draws its digits' masks), or "
                         f"an ImageFolder with a masks directory (--masks DIR: one PNG per image, same relative paths)")
