@@ -213,7 +213,7 @@ def train_(
         out.print(t)
     r = gm.tokenopt_report
     out.print(f"GFLOPs {r.flops_before / 1e9:.4f} -> {r.flops_after / 1e9:.4f} ({r.flops_ratio:.2f}x), "
-              (f"{len(gates_of(gm))} gates" if spa else f"{len(selectors(gm))} selectors"))
+              + (f"{len(gates_of(gm))} gates" if spa else f"{len(selectors(gm))} selectors"))
     with status(f"saving {output}"):
         gm.eval()
         artifact.save(gm, output, base=base)
