@@ -356,3 +356,77 @@ def test_tome_cuts_the_same_flops_with_mha_as_with_explicit_attention():
         ref = outs["softmax"](x)
         for k in ("sdpa", "mha"):
             torch.testing.assert_close(outs[k](x), ref, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# isolate_attention (SPA): attention over per-image token sets
+
+
+def first_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B,) tokens per image for the isolate_attention test: all 17, then 10, then 5."""
+    return torch.tensor([17, 10, 5][: x.shape[0]])
+
+
+def by_hand_first_tokens(model: ViT, x: torch.Tensor) -> torch.Tensor:
+    """The explicit model where image i's keys past its first lengths[i] tokens are never attended."""
+    lengths = first_tokens(x)
+    h = model.embed(x).flatten(2).transpose(1, 2)
+    h = torch.cat([model.cls.expand(h.shape[0], -1, -1), h], dim=1) + model.pos
+    allowed = torch.arange(17)[None, :] < lengths[:, None]
+    for blk in model.blocks:
+        t = blk.n1(h)
+        b, n, c = t.shape
+        q, k, v = blk.attn.qkv(t).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
+        logits = ((q @ k.transpose(-2, -1)) * (c // HEADS) ** -0.5).masked_fill(~allowed[:, None, None, :],
+                                                                                  float("-inf"))
+        h = h + blk.attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(b, n, c))
+        h = h + blk.mlp(blk.n2(h))
+    return model.head(h[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sdpa", "mha"])
+def test_isolate_attention_attends_within_each_images_tokens(kind):
+    """Padded layout: image i's tokens are its first lengths[i] slots; the rest are never keys."""
+    from tokenopt.ops import packing
+    from tokenopt.tokens import Packed
+
+    models = three_vits()
+    x = images()
+    g, a = rewriter(models[kind], x)
+    x0 = g.node(a.blocks[0].input)
+    lengths = g.insert_after(x0, first_tokens, x0, label="lengths")
+    layout = Packed(lengths.name, lengths.name, capacity=17, layout="padded")
+    cores = [g.isolate_attention(blk, lengths, layout) for blk in a.blocks]
+    again = g.isolate_attention(a.blocks[0], lengths, Packed(lengths.name, lengths.name, capacity=17,
+                                                               layout="padded", strategy="loop"))
+    assert again is cores[0] and again.kwargs["strategy"] == "loop"      # updated in place, not wrapped twice
+    assert all(c.target is packing.isolated_attention for c in cores)
+    gm = g.finish()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), by_hand_first_tokens(models["softmax"], x), rtol=0, atol=1e-5)
+
+
+def test_isolate_attention_refuses_a_models_own_mask():
+    from tokenopt.tokens import Packed
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.mlp = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+
+        def forward(self, x, allowed):
+            b, n, c = x.shape
+            q, k, v = self.qkv(x).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
+            h = x + F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None, None, :]).transpose(
+                1, 2).reshape(b, n, c)
+            return h + self.mlp(h)
+
+    m = Masked().eval()
+    gm = fx.symbolic_trace(m)
+    x = torch.randn(2, 6, DIM)
+    ShapeRecorder(gm).run(x, torch.ones(2, 6, dtype=torch.bool))
+    a = analyse_graph(gm, m, tuple(x.shape), prefix_tokens=0)
+    g = GraphRewriter(a)
+    x0 = g.node(a.blocks[0].input)
+    with pytest.raises(PlanError, match="mask of its own"):
+        g.isolate_attention(a.blocks[0], x0, Packed("x", "x"))

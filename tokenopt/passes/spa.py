@@ -126,6 +126,7 @@ class SPAParams:
     attention: str
     lo: int = 0
     hi: int = 0
+    follows_prune: bool = False     # an earlier layer of the same rule pruned: fewer tokens come in
 
 
 @dataclass
@@ -146,8 +147,14 @@ class SPA(Pass):
                       options.layout, options.attention)
         return [p] * n_layers
 
+    def resolve(self, options: SPAOptions, per_layer: list[SPAParams], blocks: list, context: dict,
+                where: str) -> list[SPAParams]:
+        if options.mode != "prune":
+            return per_layer
+        return [replace(p, follows_prune=i > 0) for i, p in enumerate(per_layer)]
+
     def plan_layer(self, block, params: SPAParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
-        if not tokens_in.varies and tokens_in.max != block.tokens:
+        if not tokens_in.varies and tokens_in.max != block.tokens and not params.follows_prune:
             raise RecipeError(f"{block.path} ({block.index}) gets {tokens_in} of its {block.tokens} tokens after an "
                               "earlier merge; SPA's gate selects among whole tokens of the original grid (a merged "
                               "token stands for several).\n  Apply spa to layers before the merging ones, or merge "
@@ -166,6 +173,8 @@ class SPA(Pass):
         # measurement, a uniform prior keeps 1 - threshold of them (the report measures the real mean)
         exp_free = max(0.0, tokens_in.expected - prefix)
         expected = prefix + min(float(hi), max(float(lo), (1.0 - params.threshold) * exp_free))
+        if lo < hi:   # images may keep different numbers: never plan it as a fixed count
+            expected = min(expected, prefix + hi - 0.5)
         runs = TokenCount(prefix + hi, min(expected, prefix + hi))
         out = runs if params.mode == "prune" else tokens_in
         step = replace(params, lo=lo, hi=hi)

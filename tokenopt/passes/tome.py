@@ -21,11 +21,11 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 
-from tokenopt.errors import RecipeError
+from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.ops.matching import max_reduction
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
-from tokenopt.tokens import TokenCount
+from tokenopt.tokens import Dense, TokenCount
 
 
 class DecreasingSchedule(BaseModel):
@@ -84,6 +84,11 @@ class ToMe(Pass):
         return [ToMeParams(r, options.prop_attn, options.order) for r in expand_r(options.r, n_layers, where)]
 
     def plan_layer(self, block, params: ToMeParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
+        if tokens_in.varies:
+            # only SPA's prune mode leaves images with different counts: a packed stream, no (B, N, C)
+            raise RecipeError(f"{block.path} ({block.index}) gets {tokens_in} tokens per image after SPA pruned "
+                              f"them; {self.name} matches tokens within (B, N, C) batches, not a packed stream.\n"
+                              f"  Apply {self.name} to layers before the spa ones, or use spa mode: bypass.")
         want = params.r
         # the matching splits the tokens an image has; with a varying count only the images at
         # the maximum are guaranteed r merges, so the cap (and the shortfall) use the maximum
@@ -98,6 +103,9 @@ class ToMe(Pass):
 
     def rewrite(self, g, block, step: LayerStep) -> None:
         r = step.params.r
+        if not isinstance(g.state.layout, Dense):
+            raise PlanError(f"{block.path}: {self.name} cannot merge a packed token stream (SPA mode: prune before "
+                            f"it).\n  Apply {self.name} to layers before the spa ones, or use spa mode: bypass.")
         g.state.prop_attn = step.params.prop_attn
         if r == 0:
             return  # r=0 leaves the graph untouched: output bit-identical to the original
