@@ -6,6 +6,7 @@ References are written from the definitions, image by image, in float64 where it
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -366,3 +367,29 @@ def test_cli_trains_gates_from_clutter_masks_and_saves_them(tmp_path):
     gm = artifact.load(out)
     from tokenopt.passes.spa import gates_of
     assert [bool(g.trained) for g in gates_of(gm).values()] == [True]
+
+
+@pytest.mark.slow   # two processes on 2 cores
+def test_gate_training_runs_under_torchrun_and_rank_0_saves(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import tokenopt
+    from tokenopt.passes.spa import gates_of
+
+    recipe = tmp_path / "spa.yaml"
+    recipe.write_text("version: 1\nrules:\n  - pass: spa\n    layers: [1]\n")
+    out = tmp_path / "spa.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tokenopt", "train", str(recipe), SMALL, "--data", "digits-clutter", "-o", str(out),
+                           "--labels", "masks", "--limit", "64", "--batch-size", "16", "--gate-epochs", "1",
+                           "--eval-images", "32"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("saved ") == 1 and "gates trained (1 ep, masks labels)" in proc.stdout
+    assert re.search(r"epoch 1/1 .* kept L1 \d+%", proc.stdout)
+    gm = tokenopt.load(out)
+    assert all(bool(g.trained) for g in gates_of(gm).values())
+    ckpt = torch.load(f"{out}.ckpt", weights_only=True)
+    assert ckpt["settings"]["world_size"] == 2 and ckpt["step"] == 2
