@@ -146,13 +146,16 @@ def load_recipe(path: str, strict: bool = False):
     return rec
 
 
-def open_dataset(data: str, model, split: str, limit: int | None):
-    """The DATA argument (digits, digits-clutter, an ImageFolder) preprocessed for ``model``; the first ``limit`` images."""
+def open_dataset(data: str, model, split: str, limit: int | None, masks=None):
+    """The DATA argument (digits, digits-clutter, an ImageFolder) preprocessed for ``model``; the first ``limit`` images.
+
+    ``masks``: items carry object masks (True for a built-in set that draws them, a directory for an ImageFolder).
+    """
     import torch
 
     from tokenopt.data import get_dataset
 
-    ds = get_dataset(data, split, model=model)
+    ds = get_dataset(data, split, model=model, masks=masks)
     if len(ds) == 0:
         raise DataError(f"data set '{data}' ({split}) has no images")
     if limit is not None and limit < len(ds):

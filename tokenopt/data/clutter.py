@@ -14,6 +14,10 @@ index gives the same image in every process (DistributedSampler shards, resumed 
 ``variants`` > 1 repeats the split with fresh placement and clutter, a deterministic way to give
 training more distinct images than 1437 digits.
 
+With ``masks=True`` (or ``"ink"``) items are ``(image, label, mask)``: the mask (H, W) is 1 where
+the digit's own ink is at least :data:`INK` (a quarter of full strength), clutter excluded;
+``masks="box"`` gives the digit's square instead. SPA's gates learn from these (tokenopt.data.masks).
+
 Canvases are 8-bit, like any photo, and kept in memory once rendered (64 px: 4 KB each), so
 rendering costs one pass over the data rather than one per epoch.
 """
@@ -29,15 +33,18 @@ from tokenopt.data.digits import canonical_split, digits_split, to_model_input, 
 from tokenopt.errors import DataError
 
 _SPLIT_CODE = {"train": 0, "test": 1}
+INK = 0.25          # a digit pixel at least this strong (before the random intensity) is in its mask
+MASK_KINDS = ("ink", "box")
 
 
 class ClutteredDigitsDataset(Dataset):
     num_classes = 10
+    has_masks = True   # masks=True gives (image, label, mask) items
 
     def __init__(self, split: str = "train", image_size: int = 64,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), *,
                  digit_size: int | None = None, variants: int = 1, seed: int = 0,
-                 clutter_contrast: tuple[float, float] = (0.2, 0.5)):
+                 clutter_contrast: tuple[float, float] = (0.2, 0.5), masks: bool | str = False):
         self.split = canonical_split(split)
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
         self.digit_size = int(digit_size or max(8, self.image_size // 2))
@@ -46,6 +53,9 @@ class ClutteredDigitsDataset(Dataset):
         if variants < 1:
             raise DataError(f"variants must be >= 1, got {variants}")
         self.variants, self.seed, self.contrast = int(variants), int(seed), tuple(clutter_contrast)
+        self.masks = "ink" if masks is True else (masks or None)
+        if self.masks is not None and self.masks not in MASK_KINDS:
+            raise DataError(f"unknown mask kind {masks!r} for digits-clutter: use one of {', '.join(MASK_KINDS)}")
         images, self.base_labels = digits_split(self.split)
         # Upsample all digits once; fragments are crops of these, so clutter looks like ink.
         self.digits = upsample(images, self.digit_size).numpy()
@@ -119,6 +129,21 @@ class ClutteredDigitsDataset(Dataset):
         dist = np.hypot(self._yy - (p0[0] + t * v[0]), self._xx - (p0[1] + t * v[1]))
         return np.clip(width / 2 + 0.5 - dist, 0.0, 1.0)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def mask(self, i: int, kind: str = "ink") -> np.ndarray:
+        """(H, W) float32, 1 on the digit of image ``i``: its ink (see :data:`INK`) or its ``box``."""
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        top, left, bottom, right = self.box(i)
+        out = np.zeros((self.image_size, self.image_size), dtype=np.float32)
+        if kind == "box":
+            out[top:bottom, left:right] = 1.0
+        else:
+            out[top:bottom, left:right] = self.digits[i % len(self.digits)] >= INK
+        return out
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
         gray = torch.from_numpy(self.render(i))
-        return to_model_input(gray, self.mean, self.std), int(self.base_labels[i % len(self.base_labels)])
+        item = to_model_input(gray, self.mean, self.std), int(self.base_labels[i % len(self.base_labels)])
+        if self.masks is None:
+            return item
+        return (*item, torch.from_numpy(self.mask(i, self.masks)))

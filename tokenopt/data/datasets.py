@@ -1,7 +1,9 @@
 """``get_dataset``: a name (``digits``, ``digits-clutter``) or an ImageFolder path → a torch Dataset.
 
-Every data set returns ``(image (3, H, W) normalised, label int)``. Image size and mean/std come
-from the arguments, else from ``model`` (its timm data config), else timm's defaults.
+Every data set returns ``(image (3, H, W) normalised, label int)``, or with object masks
+``(image, label, mask (H, W))`` (``masks=DIR`` for an ImageFolder, ``masks=True`` for
+digits-clutter; tokenopt.data.masks). Image size and mean/std come from the arguments, else from
+``model`` (its timm data config), else timm's defaults.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, *,
                 model: nn.Module | None = None, num_classes: int | None = None,
-                augment: bool = False, verify: bool = False, **options) -> Dataset:
+                augment: bool = False, verify: bool = False, masks: str | Path | bool | None = None,
+                **options) -> Dataset:
     """Build a data set for ``split`` (``train`` / ``test``; ``val`` means test for the built-ins).
 
     ``name_or_path``: a built-in name, ``imagefolder:PATH``, or a directory. A directory holding
@@ -34,11 +37,21 @@ def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int 
     ``num_classes`` (default: the model's) is checked against the data's labels.
     ``options`` go to the built-in data set (e.g. ``digit_size``, ``variants`` for digits-clutter).
     ImageFolder only: ``augment`` uses timm's training transform; ``verify`` opens every file now.
+    ``masks``: items carry object masks: an ImageFolder's mask directory, or for a built-in set
+    that has them (digits-clutter) True / its kind of mask (``"ink"``, ``"box"``).
     """
     cfg = data_config(model, image_size, mean, std)
     size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
     name = str(name_or_path)
     if name in BUILTIN:
+        if masks:
+            if not getattr(BUILTIN[name], "has_masks", False):
+                raise DataError(f"data set '{name}' has no object masks; mask labels need a data set that has them "
+                                f"(digits-clutter, or an ImageFolder with a masks directory)")
+            if isinstance(masks, (str, Path)) and str(masks) not in ("ink", "box"):
+                raise DataError(f"a masks directory ('{masks}') goes with an ImageFolder; the built-in '{name}' "
+                                f"draws its own masks (kinds: ink, box)")
+            options["masks"] = masks
         dataset = BUILTIN[name](split, size, mean, std, **options)
     else:
         if options:
@@ -48,7 +61,11 @@ def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int 
             raise DataError(f"unknown data set '{name}': use one of {', '.join(BUILTIN)}, "
                             f"or the path of an ImageFolder directory (root/<class>/<image>)")
         root = _split_folder(root, split)
-        dataset = ImageFolderDataset(root, _timm_transform(cfg, augment), verify=verify)
+        if masks is True or masks in ("ink", "box"):
+            raise DataError(f"the ImageFolder '{root}' needs a masks directory (masks=DIR), not masks={masks!r}")
+        if masks and augment:
+            raise DataError("masks cannot follow random training augmentation: use masks without augment")
+        dataset = ImageFolderDataset(root, _timm_transform(cfg, augment), verify=verify, masks=masks or None)
     _check_classes(dataset, name, num_classes or model_num_classes(model))
     return dataset
 

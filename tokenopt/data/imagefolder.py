@@ -4,6 +4,11 @@ Class folders named by integers (``0/``, ``1/``, ... ``10/``) are labelled by th
 ``10`` does not sort before ``2``; any other names get indices in sorted order, as torchvision's
 ImageFolder does. Structural problems are found when the data set is built; an unreadable image
 is found when it is loaded, and the error names the file.
+
+With ``masks=DIR`` every image has an object mask: ``DIR/<same relative path>.png``, the image's
+size (tokenopt.data.masks says how pixels are read). Items are then ``(image, label, mask)``,
+the mask resized and cropped exactly as the image. Missing masks and masks of another size are
+found when the data set is built (file headers only), and the error names the file.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from tokenopt.data import masks as M
 from tokenopt.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -47,13 +53,34 @@ def scan(root: Path) -> tuple[list[str], dict[str, int], list[tuple[Path, int]]]
 class ImageFolderDataset(Dataset):
     """Images of ``root`` through ``transform`` (a timm eval transform unless the caller gives one)."""
 
-    def __init__(self, root: str | os.PathLike, transform, *, verify: bool = False):
+    def __init__(self, root: str | os.PathLike, transform, *, verify: bool = False,
+                 masks: str | os.PathLike | None = None):
         self.root = Path(root)
         self.classes, self.class_to_idx, self.samples = scan(self.root)
         self.transform = transform
         self.num_classes = max(label for _, label in self.samples) + 1
+        self.masks = Path(masks) if masks is not None else None
+        if self.masks is not None:
+            self._mask_geometry = M.geometry_of(transform)
+            self.check_masks()
         if verify:
             self.verify()
+
+    def check_masks(self) -> None:
+        """Every image has a mask file of its own size (headers only: fast even for large sets)."""
+        if not self.masks.is_dir():
+            raise DataError(f"masks directory '{self.masks}' does not exist: give the root of a tree with one PNG "
+                            f"per image at the same relative path as the image under '{self.root}'")
+        for path, _ in self.samples:
+            mask = M.mask_path(self.masks, self.root, path)
+            if not mask.is_file():
+                raise DataError(f"no mask for image '{path}': expected '{mask}' (one PNG per image, same relative "
+                                f"path under '{self.masks}')")
+            wm, hm = M.image_size(mask, "mask")
+            wi, hi = M.image_size(path)
+            if (wm, hm) != (wi, hi):
+                raise DataError(f"mask '{mask}' is {wm}x{hm} but its image '{path}' is {wi}x{hi}: a mask must have "
+                                f"its image's size")
 
     def verify(self) -> None:
         """Open every image header now, so a bad file fails before training rather than hours into it."""
@@ -69,7 +96,7 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
         from PIL import Image
 
         path, label = self.samples[i]
@@ -78,4 +105,11 @@ class ImageFolderDataset(Dataset):
                 image = im.convert("RGB")
         except Exception as e:
             raise DataError(f"cannot read image '{path}': {e}") from None
-        return self.transform(image), label
+        if self.masks is None:
+            return self.transform(image), label
+        mask_file = M.mask_path(self.masks, self.root, path)
+        mask = M.read_mask(mask_file)
+        if mask.size != image.size:   # changed on disk since check_masks
+            raise DataError(f"mask '{mask_file}' is {mask.size[0]}x{mask.size[1]} but its image '{path}' is "
+                            f"{image.size[0]}x{image.size[1]}: a mask must have its image's size")
+        return self.transform(image), label, M.apply_geometry(self._mask_geometry, mask)

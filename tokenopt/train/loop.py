@@ -60,7 +60,8 @@ def train(model: nn.Module, data: Dataset | DataLoader, *, epochs: int, batch_si
           checkpoint: str | os.PathLike | None = None, resume: str | os.PathLike | bool | None = None,
           fingerprint: str = "", seed: int = 0, device: str | torch.device | None = None,
           num_workers: int = 0, quiet: bool = False, find_unused_parameters: bool = False,
-          on_epoch_end: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+          note: Callable[[], str] | None = None) -> TrainResult:
     """Train ``model`` in place on ``data`` (a Dataset, or a DataLoader yielding (images, labels, ...)
     or images alone; the model gets ``batch[0]``).
 
@@ -139,10 +140,11 @@ def train(model: nn.Module, data: Dataset | DataLoader, *, epochs: int, batch_si
                 step += 1
                 n = len(batch[0])
                 loss_sum, seen = loss_sum + value.item() * n, seen + n
-                bar.step(value.item(), n * world)
+                bar.step(value.item(), n * world, note() if note is not None else "")
             loss_sum, seen = D.sum_across_ranks([loss_sum, seen], device)
             history.append(loss_sum / max(1.0, seen))
-            bar.log(f"epoch {epoch + 1}/{epochs}  loss {history[-1]:.4f}  {bar.images_per_second:.0f} img/s")
+            bar.log(f"epoch {epoch + 1}/{epochs}  loss {history[-1]:.4f}  {bar.images_per_second:.0f} img/s"
+                    + (f"  {note()}" if note is not None else ""))
             if checkpoint is not None:
                 _save(checkpoint, model, optimizer, scheduler, epoch + 1, step, history, fingerprint, settings)
             if on_epoch_end is not None:

@@ -22,23 +22,23 @@ class Progress:
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} img/s"),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[note]}"),
             )
             self._bar.__enter__()
             self._task = self._bar.add_task(self.description, total=self.total, completed=self.done,
-                                            loss="-", speed="-")
+                                            loss="-", speed="-", note="")
         return self
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:
             self._bar.__exit__(*exc)
 
-    def step(self, loss: float, images: int) -> None:
-        """One optimizer step over ``images`` images (all processes together)."""
+    def step(self, loss: float, images: int, note: str = "") -> None:
+        """One optimizer step over ``images`` images (all processes together); ``note`` shows after the bar."""
         self._images += images
         if self._bar is not None:
             speed = self._images / max(1e-9, time.perf_counter() - self._t0)
-            self._bar.update(self._task, advance=1, loss=f"{loss:.4f}", speed=f"{speed:.0f}")
+            self._bar.update(self._task, advance=1, loss=f"{loss:.4f}", speed=f"{speed:.0f}", note=note)
 
     def set_description(self, text: str) -> None:
         if self._bar is not None:

@@ -1,0 +1,198 @@
+"""Training SPA's gates: binary cross-entropy against selection labels, plus the task loss when fine-tuning.
+
+    gm = tokenopt.optimize(model, "recipes/spa.yaml")
+    data = get_dataset("digits-clutter", "train", masks=True)          # (image, label, mask) items
+    train_gates(gm, model, data, labels="masks", epochs=3)              # the gates alone
+    train_gates(gm, model, data, labels="masks", epochs=2, finetune=True, gate_weight=0.5)   # and the backbone
+
+Loss per batch::
+
+    gate_weight * mean over gated layers of BCE(gate probability, label)     # valid patch tokens only
+    + cross_entropy(logits, labels)                                         # only with finetune=True
+
+The BCE of a layer averages over the patch tokens present at that layer (in prune mode a token an
+earlier gate dropped has no gate output to supervise); prefix tokens are always kept and never
+supervised. Labels come from masks or from the original model's attention
+(tokenopt.train.gate_labels). In training mode the pass selects tokens with a straight-through
+Gumbel sample, so the task loss reaches the gates through the packed path as well.
+
+Without ``finetune`` only the gates train. With it the whole model trains (the gates too, by both
+losses); the model shares its parameters with ``original``, so attention labels then come from a
+frozen copy taken before the first step. The fraction of patch tokens each gated layer keeps is
+shown as training goes (progress bar, epoch log lines) and returned per epoch in the result.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenopt import distributed as D
+from tokenopt.errors import TokenoptError
+from tokenopt.passes.spa import capture_gate_outputs, gates_of
+from tokenopt.train.gate_labels import DEFAULT_COVER, DEFAULT_MASS, attention_labels, check_source, mask_labels
+from tokenopt.train.loop import TrainResult, train
+from tokenopt.train.selector import _keep_requires_grad, _teacher_for
+
+
+@dataclass
+class GateTrainResult(TrainResult):
+    # per epoch of this call: {layer: mean fraction of patch tokens the gate kept}, over all processes
+    kept: list[dict[int, float]] = field(default_factory=list)
+
+
+def gate_bce(prob: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Mean binary cross-entropy of a gate over the patch tokens present at its layer.
+
+    prob, valid: (B, N) on the original token positions (``prefix`` prefix tokens first);
+    labels: (B, N - prefix) bool → a scalar (0 when no patch token is present).
+    """
+    p = prob[:, prefix:].to(torch.float32)
+    present = valid[:, prefix:]
+    per_token = F.binary_cross_entropy(p.clamp(1e-6, 1 - 1e-6), labels.to(p.dtype), reduction="none")
+    return (per_token * present).sum() / present.sum().clamp_min(1)
+
+
+def kept_fraction(keep: torch.Tensor, prefix: int) -> float:
+    """Fraction of all patch tokens of the batch that a gate kept: keep (B, N) bool."""
+    return keep[:, prefix:].float().mean().item()
+
+
+class KeptMeter:
+    """Running per-layer kept fractions: the last step's (for the bar) and the epoch's mean."""
+
+    def __init__(self, layers):
+        self.layers = sorted(layers)
+        self.last: dict[int, float] = {}
+        self._sum = dict.fromkeys(self.layers, 0.0)
+        self._steps = 0
+
+    def add(self, fractions: dict[int, float]) -> None:
+        self.last = fractions
+        for i, f in fractions.items():
+            self._sum[i] += f
+        self._steps += 1
+
+    def note(self) -> str:
+        if not self.last:
+            return ""
+        return "kept " + " ".join(f"L{i} {100 * self.last[i]:.0f}%" for i in self.layers if i in self.last)
+
+    def epoch_mean(self, device) -> dict[int, float]:
+        """The epoch's mean per layer over every process (collective under torchrun); resets the sums."""
+        sums = D.sum_across_ranks([self._sum[i] for i in self.layers] + [self._steps], device)
+        steps = max(sums[-1], 1)
+        self._sum, self._steps = dict.fromkeys(self.layers, 0.0), 0
+        return {i: s / steps for i, s in zip(self.layers, sums)}
+
+
+@contextlib.contextmanager
+def _training(model: nn.Module):
+    """No untrained-gate warning while the gates train."""
+    was = getattr(model, "tokenopt_training", False)
+    model.tokenopt_training = True
+    try:
+        yield
+    finally:
+        model.tokenopt_training = was
+
+
+def _prefix_of(model: nn.Module) -> int:
+    analysis = getattr(model, "tokenopt_analysis", None)
+    if analysis is None:
+        raise TokenoptError("the model does not record its analysis: pass what tokenopt.optimize returned")
+    return analysis.prefix_tokens
+
+
+def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "masks", *, epochs: int,
+                finetune: bool = False, gate_weight: float = 1.0, cover: float = DEFAULT_COVER,
+                mass: float = DEFAULT_MASS, batch_size: int = 64, lr: float | None = None,
+                weight_decay: float = 0.01, warmup_epochs: float = 0.5, checkpoint=None, resume=None,
+                fingerprint: str = "", seed: int = 0, quiet: bool = False, **train_kwargs) -> GateTrainResult:
+    """Train the SPA gates of ``model`` (from :func:`tokenopt.optimize`) on ``data``; see the module docstring.
+
+    ``labels``: "masks" (``data`` yields ``(image, label, mask)``; ``cover`` is the fraction of a patch
+    the object must cover) or "attention" (``original``'s attention; ``mass`` is the share of it
+    the positive tokens hold). ``finetune``: the backbone trains too, and the task loss
+    (cross-entropy on the labels) joins ``gate_weight`` × BCE. ``lr`` defaults to 1e-3 for the
+    gates alone and 1e-4 when fine-tuning. Afterwards every gate's ``trained`` flag is set.
+    """
+    gates = gates_of(model)
+    if not gates:
+        raise TokenoptError("the model has no SPA gates to train: optimize it with a recipe that has a `pass: spa` rule")
+    check_source(labels, data)
+    if gate_weight < 0:
+        raise TokenoptError(f"gate_weight must be >= 0, got {gate_weight}")
+    layers = sorted(gates)
+    prefix = _prefix_of(model)
+    teacher = None
+    if labels == "attention":
+        source = original
+        if finetune:   # the backbone moves; labels must come from the model as it was
+            source = copy.deepcopy(original).eval()
+            for p in source.parameters():
+                p.requires_grad_(False)
+        teacher = _teacher_for(model, source)
+    meter = KeptMeter(layers)
+    kept: list[dict[int, float]] = []
+
+    with capture_gate_outputs(model) as outputs, _keep_requires_grad(model, original), _training(model):
+        def loss(out, batch):
+            patch_tokens = next(iter(outputs.values())).prob.shape[1] - prefix
+            if teacher is not None:
+                with torch.no_grad():
+                    _, att = teacher(batch[0], layers)
+                target = {i: attention_labels(att[i], prefix, mass) for i in layers}
+            else:
+                shared = mask_labels(batch[2], patch_tokens, cover)
+                target = dict.fromkeys(layers, shared)
+            bce = torch.stack([gate_bce(outputs[i].prob, outputs[i].valid, target[i], prefix) for i in layers]).mean()
+            meter.add({i: kept_fraction(outputs[i].keep, prefix) for i in layers})
+            value = gate_weight * bce
+            if finetune:
+                logits = out[0] if isinstance(out, (tuple, list)) else out
+                value = value + F.cross_entropy(logits, batch[1])
+            return value
+
+        def epoch_end(epoch, m):
+            kept.append(meter.epoch_mean(next(m.parameters()).device))
+            if user_end is not None:
+                user_end(epoch, m)
+
+        user_end = train_kwargs.pop("on_epoch_end", None)
+        params = None if finetune else [p for g in gates.values() for p in g.parameters()]
+        result = train(model, data, epochs=epochs, batch_size=batch_size,
+                       lr=lr if lr is not None else (1e-4 if finetune else 1e-3), weight_decay=weight_decay,
+                       warmup_epochs=warmup_epochs, params=params, train_all=finetune, loss=loss,
+                       checkpoint=checkpoint, resume=resume, fingerprint=fingerprint, seed=seed, quiet=quiet,
+                       on_epoch_end=epoch_end, note=meter.note, **train_kwargs)
+    for g in gates.values():
+        trained = getattr(g, "trained", None)
+        if isinstance(trained, torch.Tensor):
+            trained.fill_(True)
+    return GateTrainResult(**vars(result), kept=kept)
+
+
+@torch.no_grad()
+def measure_kept(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> dict[int, float]:
+    """Fraction of patch tokens each gate keeps on ``images`` in eval mode (the deterministic selection)."""
+    prefix = _prefix_of(model)
+    layers = sorted(gates_of(model))
+    sums, n = dict.fromkeys(layers, 0.0), 0
+    was = model.training
+    model.eval()
+    try:
+        with capture_gate_outputs(model) as outputs:
+            for start in range(0, len(images), batch_size):
+                x = images[start:start + batch_size]
+                model(x)
+                for i in layers:
+                    sums[i] += kept_fraction(outputs[i].keep, prefix) * len(x)
+                n += len(x)
+    finally:
+        model.train(was)
+    return {i: s / max(n, 1) for i, s in sums.items()}
