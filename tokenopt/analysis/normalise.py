@@ -217,6 +217,9 @@ def canonical_ops(gm: fx.GraphModule) -> int:
             continue
         n.op, n.target, n.args, n.kwargs = out
         changed += 1
+    # values nobody reads (nn.MultiheadAttention's averaged weights when only [0] is used) would
+    # give the attention a second consumer the patterns do not expect
+    gm.graph.eliminate_dead_code(is_impure_node=_keep_guards)
     gm.graph.lint()
     gm.recompile()
     return changed
@@ -314,8 +317,9 @@ def free_token_axis(gm: fx.GraphModule) -> int:
     ``x.view(B, 197, H, d)`` with x (B, 197, C) becomes ``x.view(B, x.size(1), H, d)``: the same
     on the captured shapes, and still right once a merge leaves fewer tokens. Axes are matched by
     the products of the sizes before them (a reshape keeps an axis when those agree); an output
-    axis made of several input axes gets their product, and an input axis split in two gets the
-    quotient for its one constant part. Needs ``tensor_meta`` (shapes on the captured example).
+    axis made of several input axes gets their product, an input axis split in two gets the
+    quotient for its one constant part, and where axes are regrouped (several in, several out) the
+    one output size the capture computed from the batch gets the quotient. Needs ``tensor_meta`` (shapes on the captured example).
     Returns how many sizes became run-time sizes.
     """
     done = 0
@@ -415,6 +419,21 @@ def _free_reshape(gm: fx.GraphModule, n: fx.Node) -> int:
             for r in rest[1:]:
                 divisor = _op_node(gm, n, operator.mul, divisor, r)
             sizes[j] = _op_node(gm, n, operator.floordiv, _size_node(gm, n, x, real_in[0]), divisor)
+            done += 1
+        elif len(real_in) > 1 and len(real_out) > 1:
+            # axes regrouped ((N, B*H, d) -> (N*B, C): heads folded into the batch); the one size
+            # computed from the batch at run time is the one that also carries the tokens
+            computed = [j for j in real_out if isinstance(sizes[j], fx.Node)]
+            if len(computed) != 1 or not all(isinstance(sizes[j], int) for j in real_out if j != computed[0]):
+                continue
+            total = _size_node(gm, n, x, real_in[0])
+            for i in real_in[1:]:
+                total = _op_node(gm, n, operator.mul, total, _size_node(gm, n, x, i))
+            others = 1
+            for j in real_out:
+                if j != computed[0]:
+                    others *= sizes[j]
+            sizes[computed[0]] = _op_node(gm, n, operator.floordiv, total, others)
             done += 1
     if done:
         _set_sizes(n, sizes, as_list)
