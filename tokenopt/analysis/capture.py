@@ -93,7 +93,9 @@ def export_graph(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModul
     """``model`` captured by torch.export (non-strict, any batch size), in fx's op vocabulary.
 
     The result is checked once against the model on ``example_input``: the same outputs, bit for
-    bit, or an AnalysisError that says so.
+    bit as a rule; where torch.export itself orders floating-point work differently from eager
+    (BEiT's bias sums) within float rounding, the largest difference is kept in
+    ``gm.meta["tokenopt_capture_max_diff"]``; beyond that, an AnalysisError says so.
     """
     name = type(model).__name__
     was_training = model.training
@@ -145,10 +147,17 @@ def _check_same(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, name: str
         want, got = model(x), gm(x)
     a = torch.utils._pytree.tree_leaves(want)
     b = torch.utils._pytree.tree_leaves(got)
-    same = len(a) == len(b) and all(
-        (not isinstance(u, torch.Tensor) and u == v) or
-        (isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) and u.shape == v.shape and torch.equal(u, v))
-        for u, v in zip(a, b))
+    same, worst = len(a) == len(b), 0.0
+    for u, v in zip(a, b) if same else ():
+        if not isinstance(u, torch.Tensor):
+            same = same and u == v
+        elif not isinstance(v, torch.Tensor) or u.shape != v.shape:
+            same = False
+        elif not torch.equal(u, v):
+            diff = (u.detach().double() - v.detach().double()).abs().max().item()
+            worst = max(worst, diff)
+            same = same and diff <= 1e-5 * (1 + u.detach().abs().max().item())
+    gm.meta["tokenopt_capture_max_diff"] = worst
     if not same:
         raise AnalysisError(f"the graph torch.export captured from {name} does not reproduce the model's outputs "
                             "on the example batch; use --capture fx (API: capture='fx') or report the model.")
