@@ -290,6 +290,44 @@ def test_tofu_runs_on_an_exported_graph_as_on_a_traced_one(models, images):
     assert torch.isfinite(out.logits).all()
 
 
+class MHAWithWeights(nn.Module):
+    """nn.MultiheadAttention called with its default need_weights=True (weights unused): torch.export
+    writes it out as bmm / softmax / bmm over (B*H, N, d), heads folded into the batch."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        h = self.n1(x)
+        x = x + self.mha(h, h, h)[0]
+        return x + self.mlp(self.n2(x))
+
+
+@pytest.mark.parametrize("kind", ["mha-weights", pytest.param("explicit", marks=pytest.mark.slow)])
+def test_attention_written_out_by_export_is_rewritten_as_fx_rewrites_it(images, kind):
+    """The same user model through both front ends: fx keeps nn.MultiheadAttention whole (the
+    rewriter writes it out), export hands over its ATen ops; explicit softmax attention is
+    matched in both. ToMe gives the same outputs either way."""
+    from vit_models import ExplicitViT, MHAViT
+
+    torch.manual_seed(0)
+    if kind == "explicit":
+        model = ExplicitViT(dim=32, depth=2, heads=4)
+    else:
+        model = MHAViT(dim=32, depth=2, heads=4)
+        model.blocks = nn.ModuleList(MHAWithWeights() for _ in range(2))
+    model = unit_gain(model)
+    a = analyse(model, images[:2], capture="export")
+    assert [b.refusal for b in a.blocks] == [None, None]
+    assert [b.attention.heads for b in a.blocks] == [4, 4]
+    by = {c: tokenopt.optimize(model, tome(3), images[:2], capture=c, report=False) for c in ("fx", "export")}
+    assert (by["fx"](images) - by["export"](images)).abs().max().item() < 1e-5
+    assert (by["fx"](images) - model(images)).abs().max().item() > 1e-3
+
+
 # ---------------------------------------------------------------- ToSA on a Hugging Face ViT
 
 def test_tosa_selectors_train_on_an_hf_vit(models, images):
