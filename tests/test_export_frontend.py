@@ -15,6 +15,7 @@ torch.export of a tiny model costs 1-3 s: models and captures are shared at modu
 """
 from __future__ import annotations
 
+import copy
 import operator
 import sys
 import textwrap
@@ -28,7 +29,7 @@ from typer.testing import CliRunner
 
 import tokenopt
 from reference_tome import merge_one_image, unmerge_one_image
-from tokenopt.analysis import analyse, capture_graph, family_of
+from tokenopt.analysis import analyse, analyse_graph, capture_graph, family_of
 from tokenopt.analysis.example import record_shapes
 from tokenopt.analysis.normalise import canonical_ops, drop_constant_masks, free_token_axis
 from tokenopt.errors import AnalysisError, RecipeError
@@ -503,3 +504,42 @@ def test_an_exported_graph_speaks_the_traced_vocabulary(models, images):
                  if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
     assert aten_left <= {"aten.sym_size.int"}, aten_left
     assert canonical_ops(gm) == 0                               # already canonical
+
+
+# ---------------------------------------------------------------- GraphRewriter primitives on an exported graph
+
+@pytest.mark.parametrize("kind", [pytest.param("softmax", marks=pytest.mark.slow), "sdpa",
+                                  pytest.param("mha", marks=pytest.mark.slow)])
+def test_rewriter_attention_primitives_work_on_an_exported_graph(kind):
+    """test_rewriter's references, on graphs torch.export captured: a per-key bias added to one
+    block's logits equals the by-hand forward; attention replaced by a written-out one is the
+    original; the scale is read from the graph (an explicit chain's factor, SDPA's default)."""
+    from test_rewriter import DEPTH, by_hand, images as vit_images, key_ramp, three_vits
+    from tokenopt.rewrite import GraphRewriter
+
+    models, x = three_vits(), vit_images()
+    captured = capture_graph(models[kind], x, "export").graph
+    second = copy.deepcopy(captured)
+    a = analyse_graph(captured, models[kind], tuple(x.shape))
+    g = GraphRewriter(a)
+    blk = a.blocks[2]
+    g.add_attention_bias(blk, key_ramp, g.node(blk.input))
+    with torch.no_grad():
+        torch.testing.assert_close(g.finish()(x), by_hand(models["softmax"], x, bias_block=2), rtol=0, atol=2e-5)
+
+    calls = []
+
+    def written_out(q, k, v, attn_mask=None, scale=None, **kw):
+        calls.append(scale)
+        logits = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        return (logits if attn_mask is None else logits + attn_mask).softmax(-1) @ v
+
+    a = analyse_graph(second, models[kind], tuple(x.shape))
+    g = GraphRewriter(a)
+    for b in a.blocks:
+        g.replace_attention(b, written_out)
+    with torch.no_grad():
+        torch.testing.assert_close(g.finish()(x), models[kind](x), rtol=0, atol=2e-5)
+    assert len(calls) == DEPTH
+    if kind == "softmax":      # (q @ k^T) * (C // H) ** -0.5, C = 32, H = 4
+        assert calls == [pytest.approx(8 ** -0.5)] * DEPTH
