@@ -62,7 +62,9 @@ def _function(fn, nargs: int | None = None, keep_kwargs: tuple[str, ...] | None 
 
 def _method(name: str):
     def rule(n: fx.Node):
-        return "call_method", name, tuple(n.args), dict(n.kwargs)
+        if n.kwargs.get("implicit"):
+            return None       # expand(..., implicit=True) has no Tensor method spelling
+        return "call_method", name, tuple(n.args), {k: v for k, v in n.kwargs.items() if k != "implicit"}
     return rule
 
 
@@ -74,13 +76,25 @@ def _binary(fn):
     return rule
 
 
+def _args(n: fx.Node, names: tuple[str, ...], defaults: tuple) -> list:
+    """The arguments of ``n`` by position, keywords and defaults filled in (ATen schema order)."""
+    out = list(n.args) + [n.kwargs.get(name, default) for name, default in
+                          zip(names[len(n.args):], defaults[len(n.args):])]
+    return out[:len(names)]
+
+
 def _layer_norm(n: fx.Node):
-    return "call_function", F.layer_norm, tuple(n.args[:5]), {}
+    x, shape, w, b, eps, _ = _args(n, ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"),
+                                   (None, None, None, None, 1e-5, True))
+    return "call_function", F.layer_norm, (x, shape, w, b, eps), {}
 
 
 def _softmax(n: fx.Node):
-    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-    return "call_function", torch.softmax, (n.args[0], dim), {}
+    if n.target in _ov("_softmax"):
+        x, dim, half_to_float = _args(n, ("self", "dim", "half_to_float"), (None, None, False))
+        return None if half_to_float else ("call_function", torch.softmax, (x, dim), {})
+    x, dim, dtype = _args(n, ("self", "dim", "dtype"), (None, None, None))
+    return "call_function", torch.softmax, (x, dim), ({"dtype": dtype} if dtype is not None else {})
 
 
 def _select(n: fx.Node):
