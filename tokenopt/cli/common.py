@@ -32,6 +32,10 @@ InputSizeOpt = Annotated[Optional[str], typer.Option(
     "--input-size", metavar="C,H,W", help="Input size of the example batch (default: from the model's config).")]
 LeafOpt = Annotated[Optional[list[str]], typer.Option(
     "--leaf", metavar="NAME", help="Module class name or path to keep whole when tracing (repeatable).")]
+CaptureOpt = Annotated[str, typer.Option(
+    "--capture", metavar="auto|fx|export",
+    help="How the model's graph is captured: auto (torch.fx symbolic tracing, torch.export when that fails), "
+         "fx, or export (torch.export, e.g. for Hugging Face transformers models).")]
 
 
 # ----------------------------------------------------------------------------------------------
