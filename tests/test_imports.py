@@ -26,7 +26,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (0, "base", ("tokenopt.errors", "tokenopt.version", "tokenopt.paths", "tokenopt.distributed", "tokenopt.tokens",
                  "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export")),
     (1, "ops", ("tokenopt.ops",)),
-    (1, "load", ("tokenopt.io", "tokenopt.demo_specs")),    # models from specs and files; never trains
+    (1, "load", ("tokenopt.io", "tokenopt.demo_specs", "tokenopt.families")),    # models from specs and files; never trains
     (1, "data", ("tokenopt.data",)),
     (2, "analysis", ("tokenopt.analysis", "tokenopt.subgraph", "tokenopt.flops")),   # flops: counts a graph
     (3, "rewrite", ("tokenopt.rewrite",)),

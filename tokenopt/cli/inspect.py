@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, InputSizeOpt, LeafOpt, TrustOpt, console, example_input,
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, InputSizeOpt, LeafOpt, TrustOpt, WeightsOpt, console, example_input,
                                  load_model, parse_input_size, print_notes, status, user_errors)
 
 
@@ -33,6 +33,7 @@ def inspect(
         help="Write the graph here (format from --graph or the suffix: .txt .svg .mmd) instead of stdout.")] = None,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
+    weights: WeightsOpt = None,
     input_size: InputSizeOpt = None,
     leaf: LeafOpt = None,
 ) -> None:
@@ -64,7 +65,7 @@ def inspect(
         if obj is not None:
             model, _ = io.model_from_checkpoint(obj, path, arch)
         else:
-            model, _ = load_model(target, arch, trust_pickle)
+            model, _ = load_model(target, arch, trust_pickle, weights)
         x = example_input(model, size)
         with status("tracing and analysing"):
             analysis = analyse(model, x, list(leaf or []))

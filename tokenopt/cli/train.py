@@ -17,9 +17,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, LeafOpt, TrustOpt, console, first_images, load_model,
-                                 load_recipe, open_dataset, print_notes, quiet_plan_warnings, status, user_errors,
-                                 warn)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CropPctOpt, DataSizeOpt, InterpolationOpt, LeafOpt, MeanOpt,
+                                 StdOpt, TrustOpt, WeightsOpt, console, first_images, load_model, load_recipe,
+                                 open_dataset, preprocess_options, print_notes, quiet_plan_warnings, status,
+                                 user_errors, warn)
 from tokenopt.errors import DataError, TokenoptError
 
 
@@ -53,6 +54,12 @@ def train_(
     limit: Annotated[Optional[int], typer.Option("--limit", min=2, help="Train on the first N images only.")] = None,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
+    weights: WeightsOpt = None,
+    input_size: DataSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpolationOpt = None,
+    crop_pct: CropPctOpt = None,
     leaf: LeafOpt = None,
 ) -> None:
     """Train RECIPE's ToSA selectors on MODEL and/or fine-tune MODEL with RECIPE in the loop; save the result to OUT.
@@ -70,6 +77,7 @@ def train_(
     from tokenopt.train.checkpoint import ResumeError, load_checkpoint
     from tokenopt.train.selector import finetune, held_out_kl, train_selectors
 
+    pre = preprocess_options(input_size, mean, std, interpolation, crop_pct)
     rec = load_recipe(recipe)
     learned = any(r.pass_name == "tosa" for r in rec.rules)   # the only pass with parameters of its own
     if not learned and not finetune_epochs:
@@ -79,7 +87,10 @@ def train_(
     io.check_output_path(output)
     ckpt_path = checkpoint or resume or Path(f"{output}.ckpt")
     io.check_output_path(ckpt_path)
-    fingerprint = hashlib.sha1("\n".join([rec.to_yaml(), model, str(arch), data, str(limit)]).encode()).hexdigest()[:16]
+    parts = [rec.to_yaml(), model, str(arch), data, str(limit)]
+    if weights is not None or pre:   # only when given: checkpoints of earlier runs still resume
+        parts += [str(weights), repr(sorted(pre.items()))]
+    fingerprint = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
     phase = "selectors"
     if resume is not None:
         found = load_checkpoint(resume)["fingerprint"]
@@ -91,12 +102,12 @@ def train_(
             raise TokenoptError(f"'{resume}' is a fine-tuning checkpoint: pass the --finetune-epochs it was "
                                 "started with to continue it.")
 
-    base_model, base = load_model(model, arch, trust_pickle)
-    train_set = open_dataset(data, base_model, "train", limit)
+    base_model, base = load_model(model, arch, trust_pickle, weights)
+    train_set = open_dataset(data, base_model, "train", limit, pre)
     test_set = None
     if eval_images:
         try:
-            test_set = open_dataset(data, base_model, "test", eval_images)
+            test_set = open_dataset(data, base_model, "test", eval_images, pre)
         except DataError as e:   # a folder with train/ only: train anyway, without the table
             warn(f"no evaluation: {e}")
     leaves = list(leaf or [])

@@ -24,7 +24,7 @@ IMAGEFOLDER_PREFIX = "imagefolder:"
 def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, *,
                 model: nn.Module | None = None, num_classes: int | None = None,
-                augment: bool = False, verify: bool = False, **options) -> Dataset:
+                augment: bool = False, verify: bool = False, preprocess: dict | None = None, **options) -> Dataset:
     """Build a data set for ``split`` (``train`` / ``test``; ``val`` means test for the built-ins).
 
     ``name_or_path``: a built-in name, ``imagefolder:PATH``, or a directory. A directory holding
@@ -34,8 +34,12 @@ def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int 
     ``num_classes`` (default: the model's) is checked against the data's labels.
     ``options`` go to the built-in data set (e.g. ``digit_size``, ``variants`` for digits-clutter).
     ImageFolder only: ``augment`` uses timm's training transform; ``verify`` opens every file now.
+    ``preprocess`` overrides the model's preprocessing (timm data-config keys: input_size,
+    interpolation, crop_pct, crop_mode, mean, std); the built-ins read only the size, mean and std.
     """
-    cfg = data_config(model, image_size, mean, std)
+    pre = dict(preprocess or {})
+    mean, std = pre.pop("mean", mean), pre.pop("std", std)
+    cfg = data_config(model, image_size, mean, std, **pre)
     size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
     name = str(name_or_path)
     if name in BUILTIN:
