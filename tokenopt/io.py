@@ -563,6 +563,23 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for writers that want a file name, not a file object
+    (ONNX): renamed to ``path`` on success, removed on any error."""
+    path = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, InputSizeOpt, LeafOpt, TrustOpt, WeightsOpt, console, example_input,
-                                 load_model, parse_input_size, print_notes, status, user_errors)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, InputSizeOpt, LeafOpt, TrustOpt, WeightsOpt, console,
+                                 example_input, load_model, parse_input_size, print_notes, status, user_errors)
 
 
 class GraphFormat(str, enum.Enum):
