@@ -130,6 +130,9 @@ def load_hf(directory: str) -> tuple[nn.Module, dict]:
     with _quiet_transformers(transformers):
         try:
             conf = cls.config_class.from_pretrained(str(root), local_files_only=True)
+            if "vision_config" in config and "projection_dim" in config:
+                # a whole CLIP folder: the projection's width is the model's, not the tower's
+                conf.projection_dim = config["projection_dim"]
             if has_weights:
                 model, info = cls.from_pretrained(str(root), config=conf, local_files_only=True,
                                                   dtype=torch.float32, output_loading_info=True)
