@@ -41,6 +41,6 @@ def export(
     batch = "dynamic batch" if res.dynamic_batch else "static batch"
     checked = (f"max abs difference to eager {res.max_abs_diff:.2g} on a batch of {res.checked_batch}"
                if res.max_abs_diff is not None else "not checked")
-    out.print(f"wrote {res.path} ({res.format}, {batch}; {checked}; {res.path.stat().st_size / 1e6:.1f} MB)")
+    out.print(f"wrote {res.path} ({res.format}, {batch}; {checked}; {res.path.stat().st_size / 1e6:.1f} MB)", soft_wrap=True)
     if res.note:
         out.print(f"note: {res.note}")
