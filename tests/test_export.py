@@ -143,7 +143,12 @@ def test_packed_layouts_export_only_with_a_capacity():
     assert deploy.export_problem(_plan(fixed, fixed)) is None
     assert deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), padded))) is None
     why = deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), packed)))
-    assert why.startswith("blocks.1 (layer 1) packs the kept tokens") and "without a capacity" in why
+    assert why.startswith("blocks.1 (layer 1) packs the kept tokens") and "packed layout" in why
+    # SPA's layout option: packed is refused, padded and auto (padded under export) pass
+    spa = {name: SimpleNamespace(params=SimpleNamespace(layout=name)) for name in ("packed", "padded", "auto")}
+    assert deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), spa["padded"]))) is None
+    assert deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), spa["auto"]))) is None
+    assert "packed layout" in deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), spa["packed"])))
 
 
 # ----------------------------------------------------------------------------------------------

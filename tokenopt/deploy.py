@@ -48,14 +48,19 @@ class ExportResult:
     note: str = ""
 
 
+def _layout(step):
+    """The stream layout a step asks for: SPA's ``layout`` option ("packed" | "padded" | "auto"), or
+    a :class:`~tokenopt.tokens.Packed` record; None for passes without one."""
+    return getattr(getattr(step, "params", None), "layout", None)
+
+
 def _is_padded(step) -> bool:
-    """A varying count that still has static shapes: a packed layout with a fixed capacity (SPA's
-    padded mode), said by the step's params (``layout=Packed(..., capacity=N)`` or ``padded=True``)."""
-    params = getattr(step, "params", None)
-    layout = getattr(params, "layout", None) or getattr(step, "layout", None)
+    """A varying count that still has static shapes: SPA's padded layout (a fixed capacity per image;
+    ``auto`` pads under torch.export), or a Packed record with a capacity."""
+    layout = _layout(step)
     if isinstance(layout, Packed):
         return layout.capacity is not None
-    return bool(getattr(params, "padded", False) or getattr(params, "mode", None) == "padded")
+    return layout in ("padded", "auto")
 
 
 def export_problem(gm: nn.Module) -> str | None:
@@ -65,11 +70,10 @@ def export_problem(gm: nn.Module) -> str | None:
     if plan is None:
         return None
     for lp in plan.layers:
-        params = getattr(lp.step, "params", None)
-        layout = getattr(params, "layout", None)
-        if isinstance(layout, Packed) and layout.capacity is None:
+        layout = _layout(lp.step)
+        if layout == "packed" or (isinstance(layout, Packed) and layout.capacity is None):
             return (f"{lp.path} (layer {lp.block}) packs the kept tokens of the batch into one sequence whose "
-                    "length depends on the images (packed layout without a capacity)")
+                    "length depends on the images (SPA's packed layout; `layout: padded` or `auto` exports)")
         if lp.tokens_out.varies and not _is_padded(lp.step):
             by = f", {lp.acted}" if lp.rule is not None else ""
             return (f"{lp.path} (layer {lp.block}) keeps a different number of tokens per image "
