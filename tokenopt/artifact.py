@@ -9,7 +9,8 @@ A pickled GraphModule would tie the file to the exact code that wrote it and nee
      "manifest": {"tokenopt": "0.1.0", "torch": "...", "timm": "...",
                   "base": {"kind": "timm", "name": "...", "kwargs": {...}},   # how to rebuild the base model
                   "example_input_shape": [2, 3, 224, 224], "outputs": "logits",
-                  "leaf_modules": [...], "dtype": "float32", "report": {...}}}
+                  "leaf_modules": [...], "capture": "fx",             # or "export": the front end replayed
+                  "dtype": "float32", "report": {...}}}
 
 :func:`load` rebuilds the base model (random weights), replays the recipe with
 :func:`tokenopt.pipeline.optimize` on an input of the saved shape, and loads the saved weights
@@ -58,6 +59,9 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
         "example_input_shape": shape,
         "outputs": getattr(module, "tokenopt_outputs", "logits"),
         "leaf_modules": leaves,
+        # the capture front end the graph was made with; a rebuild uses the same one, so the
+        # replayed graph is the saved one (an artifact without it predates export: fx)
+        "capture": str(getattr(module, "tokenopt_capture", "fx")),
         "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "float32",
         "report": _plain(report.to_dict()) if report is not None and hasattr(report, "to_dict") else None,
         # measurements the plan used (ToFu's linearity profile): replayed, not re-measured, on load
@@ -139,7 +143,8 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
         warnings.simplefilter("ignore", TokenoptWarning)
         try:
             gm = optimize(model, payload["recipe"], example, leaf_modules=manifest.get("leaf_modules") or (),
-                          outputs=manifest.get("outputs"), context=manifest.get("context") or None, report=False)
+                          outputs=manifest.get("outputs"), context=manifest.get("context") or None, report=False,
+                          capture=manifest.get("capture", "fx"))
         except TokenoptError as e:
             raise type(e)(f"replaying the recipe saved in {source} failed: {e}") from None
     if dtype != torch.float32:

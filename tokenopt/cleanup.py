@@ -12,6 +12,7 @@ unchanged; only hooks registered on those identity modules stop firing.
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import fx, nn
 
 
@@ -22,10 +23,26 @@ def is_noop_module(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.dropout._DropoutNd) and module.p == 0
 
 
+def is_noop_dropout_call(node: fx.Node) -> bool:
+    """``F.dropout(x, p, training)`` with p == 0 or training False, as a captured (torch.export)
+    graph spells dropout: the training flag was fixed when the graph was captured."""
+    if node.op != "call_function" or node.target is not F.dropout or not isinstance(node.args[0], fx.Node):
+        return False
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return p == 0 or training is False
+
+
 def drop_noop_calls(gm: fx.GraphModule) -> int:
-    """Route the uses of every single-input no-op module call to its input; returns how many."""
+    """Route the uses of every single-input no-op module call (and no-op dropout function call) to
+    its input; returns how many."""
     dropped = 0
     for node in list(gm.graph.nodes):
+        if is_noop_dropout_call(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+            dropped += 1
+            continue
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         module = gm.get_submodule(node.target)

@@ -97,11 +97,11 @@ def sweep_values(tokens: int, prefix: int, depth: int, points: int = 9) -> list[
 
 def sweep(model: nn.Module, methods: Iterable[str], loader: DataLoader, example: torch.Tensor,
           values: list[int] | None = None, calibration: torch.Tensor | None = None,
-          progress: Callable[[str], None] | None = None) -> list[EvalRow]:
+          progress: Callable[[str], None] | None = None, capture: str = "auto") -> list[EvalRow]:
     from tokenopt.analysis import analyse
     from tokenopt.pipeline import optimize
 
-    a = analyse(model, example[:2])
+    a = analyse(model, example[:2], capture=capture)
     values = values or sweep_values(a.blocks[0].tokens, a.prefix_tokens, len(a.blocks))
     one = example[:1]
     models = {"original": model}
@@ -114,7 +114,7 @@ def sweep(model: nn.Module, methods: Iterable[str], loader: DataLoader, example:
                 if progress:
                     progress(f"building {key}")
                 models[key] = optimize(model, {"version": 1, "rules": family_rules(method, r)}, example[:2],
-                                       calibration=calibration, report=False)
+                                       calibration=calibration, report=False, capture=capture)
                 meta[key] = (method, f"r={r}", r)
     if progress:
         progress(f"evaluating {len(models)} models")

@@ -29,7 +29,7 @@ from tokenopt.trace import NodeTaggingInterpreter
 def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input: torch.Tensor | None = None,
              *, leaf_modules: Iterable[type | str] = (), outputs: str | None = None,
              calibration: torch.Tensor | None = None, context: dict | None = None,
-             report: bool = True) -> fx.GraphModule:
+             report: bool = True, capture: str = "auto") -> fx.GraphModule:
     """Rewrite ``model`` as ``recipe`` asks and return an ordinary ``nn.Module`` (an fx GraphModule).
 
     recipe: a path to a YAML file, a YAML string, a dict or a Recipe.
@@ -38,6 +38,8 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     calibration: a batch of real images, for rules that measure the model (ToFu's op: auto).
     context: measurements from an earlier run (``module.tokenopt_context``), used instead of
         measuring again; artifacts replay with it so a loaded model is the one that was saved.
+    capture: "auto" (torch.fx symbolic tracing; torch.export when that fails), "fx" or "export"
+        (see :mod:`tokenopt.analysis.capture`). The result records the one used (``tokenopt_capture``).
 
     The result carries ``tokenopt_report`` (per-layer table, FLOPs before/after), ``tokenopt_recipe``
     and ``tokenopt_analysis``. The original model is not modified; parameters are shared with it.
@@ -48,7 +50,7 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
         raise RecipeError(f"outputs must be 'logits' or 'tokens', got {outputs!r}")
     if example_input is None:
         example_input = example_input_for(model)
-    analysis = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens)
+    analysis = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens, capture=capture)
     # the original's FLOPs, counted on the analysis's graph while it is still the original's
     before = block_flops(analysis.graph, analysis, example_input[:1]) if report else None
     context = calibrate(recipe, model, analysis, calibration, context)
@@ -62,6 +64,7 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     gm.tokenopt_leaf_modules = [m if isinstance(m, str) else m.__name__ for m in leaf_modules]
     gm.tokenopt_plan = plan
     gm.tokenopt_outputs = outputs
+    gm.tokenopt_capture = analysis.capture
     if report:   # counting FLOPs runs the rewritten graph: that run is the verification too
         try:
             gm.tokenopt_report = build_report(before, gm, analysis, plan, example_input[:1], example_input)

@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from tokenopt.analysis.blocks import block_for
+from tokenopt.analysis.capture import CAPTURE_MODES, Captured, capture as capture_graph, export_graph, family_of
 from tokenopt.analysis.cores import explicit_core, find_cores, mha_core, sdpa_core
 from tokenopt.analysis.example import ShapeRecorder, example_input_for, record_shapes
 from tokenopt.analysis.index import GraphIndex
@@ -36,10 +37,9 @@ from tokenopt.analysis.prefix import find_prefix_tokens
 from tokenopt.analysis.records import CLASS_ATTENTION, AttentionCore, BlockRecord, ModelAnalysis, NoMatch, Pooling
 from tokenopt.analysis.refusals import CHECKS, Check, CheckContext, check, first_refusal
 from tokenopt.errors import AnalysisError
-from tokenopt.trace import trace
 
 __all__ = [
-    "AnalysisError", "analyse_graph", "AttentionCore", "BlockRecord", "CHECKS", "CLASS_ATTENTION", "Check", "CheckContext",
+    "AnalysisError", "analyse_graph", "CAPTURE_MODES", "Captured", "capture_graph", "export_graph", "family_of", "AttentionCore", "BlockRecord", "CHECKS", "CLASS_ATTENTION", "Check", "CheckContext",
     "GraphIndex", "ModelAnalysis", "NoMatch", "Pooling", "ShapeRecorder", "analyse", "block_for", "check",
     "common_module_prefix", "example_input_for", "explicit_core", "find_cores", "first_refusal", "is_add",
     "find_pooling", "find_prefix_tokens", "is_core_node", "is_matmul", "is_sdpa", "is_softmax", "mha_core",
@@ -51,13 +51,15 @@ _NO_ATTENTION = "no attention (SDPA, softmax(q@k^T)@v or nn.MultiheadAttention) 
 
 
 def analyse(model: nn.Module, example_input: torch.Tensor | None = None, leaf_modules=(),
-            prefix_tokens: int | None = None) -> ModelAnalysis:
-    """Trace ``model`` and describe its blocks. Raises AnalysisError when there are none."""
-    gm = trace(model, leaf_modules)
+            prefix_tokens: int | None = None, capture: str = "auto") -> ModelAnalysis:
+    """Capture ``model`` (``capture``: "auto" | "fx" | "export", see :mod:`tokenopt.analysis.capture`)
+    and describe its blocks. Raises AnalysisError when there are none."""
     if example_input is None:
         example_input = example_input_for(model)
-    record_shapes(gm, example_input, type(model).__name__)
-    return analyse_graph(gm, model, tuple(example_input.shape), prefix_tokens)
+    captured = capture_graph(model, example_input, capture, leaf_modules)
+    analysis = analyse_graph(captured.graph, model, tuple(example_input.shape), prefix_tokens)
+    analysis.capture = captured.mode
+    return analysis
 
 
 def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, ...] = (),
@@ -78,7 +80,7 @@ def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, 
     if not blocks:
         why = "; ".join(f"{w}: {r}" for w, r in unmatched) or _NO_ATTENTION
         raise AnalysisError(
-            f"{type(model).__name__} has no transformer blocks tokenopt can find ({why}).\n"
+            f"{family_of(model)} has no transformer blocks tokenopt can find ({why}).\n"
             "  tokenopt rewrites Vision Transformers: blocks of the form x + attn(norm(x)), then + mlp(norm(x)). "
             "If your attention lives in a module fx cannot see into, do not mark it as a leaf.")
     prefix, source = find_prefix_tokens(model, blocks, index, prefix_tokens)

@@ -19,6 +19,7 @@ No r1 means the core is not inside a transformer block: :class:`NoMatch`, with t
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch.fx as fx
 
@@ -80,7 +81,19 @@ def block_for(core: AttentionCore, number: int, gm: fx.GraphModule, index: Graph
     x_shape = shape_of(skip)
     tokens = x_shape[1] if x_shape and len(x_shape) == 3 else (math.prod(x_shape[1:-1]) if x_shape else 0)
     dim = x_shape[-1] if x_shape else 0
+    core = _with_heads(core, index, x_shape, tokens)
     return BlockRecord(number, path, skip.name, core, r1.name, merge.name, r2.name, tokens, dim)
+
+
+def _with_heads(core: AttentionCore, index: GraphIndex, x_shape, tokens: int) -> AttentionCore:
+    """Heads of an attention whose q is (B*H, N, d) (heads folded into the batch, as
+    nn.MultiheadAttention computes it): the batch of q over the batch of the tokens."""
+    if core.heads is not None or core.q is None or not x_shape:
+        return core
+    sq = shape_of(index.get(core.q))
+    if sq is None or len(sq) != 3 or sq[-2] != tokens or sq[0] % x_shape[0] or sq[0] == x_shape[0]:
+        return core
+    return replace(core, heads=sq[0] // x_shape[0])
 
 
 def _direct_chain(r1: fx.Node) -> list[fx.Node]:

@@ -7,6 +7,13 @@ spelling fx records for it::
     a @ b          call_function operator.matmul   |  torch.bmm(a, b), torch.einsum("...", a, b)
     a.softmax(-1)  call_method "softmax"           |  F.softmax(a, -1), nn.Softmax leaf
     F.scaled_dot_product_attention(q, k, v)        |  nn.MultiheadAttention leaf (call_module)
+    F.linear(x, w, b)                              |  nn.Linear leaf, aten.linear
+    F.layer_norm(x, ...)                           |  nn.LayerNorm leaf, aten.layer_norm
+
+and in the ATen spelling torch.export records (``aten.add.Tensor``, ``aten.scaled_dot_product_attention``
+...), although the export front end rewrites those into the calls above first
+(:mod:`tokenopt.analysis.normalise`); the predicates accept both so a graph half rewritten by
+hand still matches.
 
 Shapes come from ``node.meta["tensor_meta"]``, written when the analysis ran the graph on the
 example batch (see :mod:`tokenopt.analysis.example`).
@@ -20,10 +27,27 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-SDPA_FN = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-SOFTMAX_FN = {torch.softmax, F.softmax, torch.Tensor.softmax}
-MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm, torch.einsum}
-ADD_FN = {operator.add, torch.add, operator.iadd}
+_aten = torch.ops.aten
+
+
+def _overloads(*names: str) -> set:
+    """ATen overloads by ``op.overload`` name, those this torch build has."""
+    found = set()
+    for name in names:
+        op, _, overload = name.partition(".")
+        packet = getattr(_aten, op, None)
+        if packet is not None and hasattr(packet, overload or "default"):
+            found.add(getattr(packet, overload or "default"))
+    return found
+
+
+SDPA_FN = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention} | \
+    _overloads("scaled_dot_product_attention")
+SOFTMAX_FN = {torch.softmax, F.softmax, torch.Tensor.softmax} | _overloads("softmax.int", "_softmax")
+MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm, torch.einsum} | _overloads("matmul", "bmm")
+ADD_FN = {operator.add, torch.add, operator.iadd} | _overloads("add.Tensor")
+LINEAR_FN = {F.linear, torch._C._nn.linear} | _overloads("linear")
+LAYER_NORM_FN = {F.layer_norm, torch.layer_norm} | _overloads("layer_norm")
 
 
 def shape_of(node) -> tuple[int, ...] | None:
@@ -45,6 +69,16 @@ def is_softmax(n: fx.Node) -> bool:
 
 def is_sdpa(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in SDPA_FN
+
+
+def is_linear(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """nn.Linear called as a module, F.linear, or aten.linear."""
+    return (n.op == "call_function" and n.target in LINEAR_FN) or is_module(n, gm, nn.Linear)
+
+
+def is_layer_norm(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """nn.LayerNorm called as a module, F.layer_norm, or aten.layer_norm."""
+    return (n.op == "call_function" and n.target in LAYER_NORM_FN) or is_module(n, gm, nn.LayerNorm)
 
 
 def is_module(n: fx.Node, gm: fx.GraphModule, cls: type) -> bool:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenopt.analysis.index import GraphIndex
-from tokenopt.analysis.nodes import shape_of
+from tokenopt.analysis.nodes import is_layer_norm, is_linear, shape_of
 from tokenopt.analysis.records import BlockRecord, Pooling
 
 _TOKENWISE_MODULES = (nn.LayerNorm, nn.Linear, nn.Dropout, nn.Identity, nn.GELU)
@@ -74,6 +74,8 @@ def find_pooling(last: BlockRecord, gm: fx.GraphModule, index: GraphIndex) -> tu
 
 
 def _token_wise(u: fx.Node, gm: fx.GraphModule) -> bool:
+    if is_linear(u, gm) or is_layer_norm(u, gm):
+        return True
     if u.op == "call_module":
         mod = gm.get_submodule(u.target)
         return isinstance(mod, _TOKENWISE_MODULES) or type(mod).__name__ in _TOKENWISE_MODULE_NAMES

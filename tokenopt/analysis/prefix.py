@@ -4,12 +4,17 @@
     x = torch.cat([cls.expand(B, -1, -1), reg, x], 1)    # (B, 1 + R + N, C): prefix = 1 + R
     x = x + pos_embed  ->  blocks
 
+    x = torch.cat([x[:, :1], reg, x[:, 1:]], 1)          # registers after the class token
+                                                         # (Hugging Face DINOv2): also 1 + R
+
 Asked in this order: the recipe (``prefix_tokens:``), ``model.num_prefix_tokens`` (timm), and the
 graph: a ``cat`` along the token axis before the first block, counting the tokens of the parts
 in front of the first part computed from the image. Passes protect prefix tokens (never merged,
 always selected) and pooling skips them.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -34,19 +39,73 @@ def find_prefix_tokens(model: nn.Module, blocks: list[BlockRecord], index: Graph
         return n, "model.num_prefix_tokens"
     first_in = index.node(blocks[0].input)
     img = index.placeholders()[0]
-    for m in sorted(index.ancestors(first_in) | {first_in}, key=index.position):
-        if m.op == "call_function" and m.target is torch.cat:
-            parts = m.args[0] if m.args else m.kwargs.get("tensors")
-            dim = m.kwargs.get("dim", m.args[1] if len(m.args) > 1 else 0)
-            if not isinstance(parts, (list, tuple)) or dim not in (1, -2):
-                continue
-            count = 0
-            for p in parts:
-                if _tensor_from_image(p, img):
-                    return count, "learned tokens concatenated before the patch tokens"
-                sp = shape_of(p)
-                count += sp[1] if sp else 0
+    count, patches = _prefix_of(first_in, img, {})
+    if count and patches:
+        return count, "learned tokens concatenated before the patch tokens"
     return 0, "none found"
+
+
+def _prefix_of(n: fx.Node, img: fx.Node, memo: dict) -> tuple[int, bool]:
+    """(learned tokens in front, whether patch tokens follow) of the token stream ``n`` (B, N, C).
+
+    cat on the token axis adds up its parts up to the first that holds patches; a slice of the
+    token axis keeps the prefix tokens inside it (DINOv2 with registers cuts the class token off,
+    puts the registers after it, then the patches); a node not computed from the image is all
+    learned tokens; an op that keeps the token count passes its image input's answer on; anything
+    else that made the stream from the image (the patch embedding) holds patches only.
+    """
+    if n in memo:
+        return memo[n]
+    shape = shape_of(n)
+    tokens = shape[1] if shape is not None and len(shape) == 3 else None
+    if not _tensor_from_image(n, img):
+        result = (tokens or 0, False)
+    elif _is_token_cat(n):
+        result, total = None, 0
+        for p in _cat_parts(n):
+            count, patches = _prefix_of(p, img, memo)
+            total += count
+            if patches:
+                result = (total, True)
+                break
+        result = result or (total, False)
+    elif (cut := _token_slice(n)) is not None:
+        src, start, stop = cut
+        count, patches = _prefix_of(src, img, memo)
+        n_src = shape_of(src)[1]
+        start, stop, _ = slice(start, stop).indices(n_src)
+        result = (max(0, min(stop, count) - start), patches and stop > count)
+    else:
+        same = [a for a in n.all_input_nodes if a is not img and _tensor_from_image(a, img)
+                and (sa := shape_of(a)) is not None and len(sa) == 3 and sa[1] == tokens]
+        result = _prefix_of(same[0], img, memo) if same and tokens is not None else (0, True)
+    memo[n] = result
+    return result
+
+
+def _is_token_cat(n: fx.Node) -> bool:
+    if not (n.op == "call_function" and n.target is torch.cat):
+        return False
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+    return isinstance(_cat_parts(n), (list, tuple)) and dim in (1, -2)
+
+
+def _cat_parts(n: fx.Node):
+    return n.args[0] if n.args else n.kwargs.get("tensors")
+
+
+def _token_slice(n: fx.Node):
+    """(source, start, stop) of ``x[:, start:stop]``, or None."""
+    if not (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node)):
+        return None
+    idx = n.args[1]
+    if not (isinstance(idx, tuple) and len(idx) >= 2 and idx[0] == slice(None) and isinstance(idx[1], slice)
+            and all(i == slice(None) or i is Ellipsis for i in idx[2:]) and idx[1].step in (None, 1)):
+        return None
+    sa = shape_of(n.args[0])
+    if sa is None or len(sa) != 3 or not all(isinstance(v, (int, type(None))) for v in (idx[1].start, idx[1].stop)):
+        return None
+    return n.args[0], idx[1].start, idx[1].stop
 
 
 def _tensor_from_image(p: fx.Node, img: fx.Node) -> bool:

@@ -106,6 +106,7 @@ class ModelAnalysis:
     no_matches: list[NoMatch] = field(default_factory=list, repr=False, compare=False)
     # the graph as analysed, indexed; a snapshot: a rewrite that adds nodes needs a fresh one
     index: GraphIndex | None = field(default=None, repr=False, compare=False)
+    capture: str = "fx"            # the front end that made ``graph``: "fx" | "export" (analysis.capture)
 
     @property
     def block_paths(self) -> list[str]:

@@ -125,8 +125,10 @@ def _qk_shapes(b: BlockRecord, ctx: CheckContext) -> NoMatch | None:
 
 @check("windowed_attention")
 def _windowed(b: BlockRecord, ctx: CheckContext) -> NoMatch | None:
-    # windows folded into the batch axis: removing a token breaks the partition
-    if (s := _qk(b, ctx)) and s[0][0] != s[2][0]:
+    # windows folded into the batch axis: removing a token breaks the partition. Heads folded
+    # into it instead ((B*H, N, d), nn.MultiheadAttention written out by torch.export) keep every
+    # token in each row of the batch: not windows
+    if (s := _qk(b, ctx)) and s[0][0] != s[2][0] and s[0][-2] != b.tokens:
         q, _, x = s
         return NoMatch(f"windowed attention: attention runs over {q[0] // max(x[0], 1)} fixed windows per image "
                        "(batch of q is batch x windows); removing tokens breaks the window partition")

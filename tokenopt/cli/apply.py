@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, InputSizeOpt, LeafOpt, StrictOpt, TrustOpt, WeightsOpt, console,
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, InputSizeOpt, LeafOpt, StrictOpt, TrustOpt,
+                                 WeightsOpt, console,
                                  example_input, first_images, load_model, load_recipe, open_dataset,
                                  parse_input_size, print_notes, quiet_plan_warnings, status, user_errors, warn)
 from tokenopt.errors import TokenoptError
@@ -34,6 +35,7 @@ def apply(
         "--calibration", metavar="DATA",
         help="Calibration images for rules that measure the model (ToFu op: auto): digits, digits-clutter "
              "or an ImageFolder directory (its first 64 training images).")] = None,
+    capture: CaptureOpt = "auto",
 ) -> None:
     """Rewrite MODEL as RECIPE asks and save the result to OUT."""
     from tokenopt import artifact, io
@@ -49,7 +51,7 @@ def apply(
     if calibration is not None:
         calib = first_images(open_dataset(calibration, base_model, "train", None), 64)
     with status("tracing, rewriting and counting FLOPs"), quiet_plan_warnings():
-        gm = optimize(base_model, rec, x, leaf_modules=leaves, calibration=calib)
+        gm = optimize(base_model, rec, x, leaf_modules=leaves, calibration=calib, capture=capture)
     gm.tokenopt_base = base
     gm.tokenopt_leaf_modules = leaves
     if rec.strict:   # refuse untrained ToSA selectors now, not when the saved model is first used
@@ -66,7 +68,7 @@ def apply(
                   f"PyTorch operators ({state.removeprefix('off: ')})"))
     if check:
         with status("comparing the original and optimized model"):
-            line = _check(base_model, gm, x, leaves)
+            line = _check(base_model, gm, x, leaves, capture=gm.tokenopt_capture)
         out.print(line)
     if base.get("kind") == "class":
         warn(f"the artifact records the base model only as its class {base['class']}; if that class cannot be "
@@ -77,14 +79,14 @@ def apply(
     out.print(f"saved {output} ({output.stat().st_size / 1e6:.1f} MB)")
 
 
-def _check(model, gm, x, leaves, n: int = 8) -> str:
+def _check(model, gm, x, leaves, n: int = 8, capture: str = "auto") -> str:
     """Max |difference| and top-1 agreement of the two models on a seeded random batch."""
     import torch
 
     batch = torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
     reference = model
     if getattr(gm, "tokenopt_outputs", "logits") == "tokens":
-        reference = _token_reference(model, x, leaves)
+        reference = _token_reference(model, x, leaves, capture)
     with torch.no_grad():
         a, b = _first_tensor(reference(batch)), _first_tensor(gm(batch))
     if a.shape != b.shape:
@@ -100,13 +102,13 @@ def _check(model, gm, x, leaves, n: int = 8) -> str:
     return line
 
 
-def _token_reference(model, x, leaves):
+def _token_reference(model, x, leaves, capture: str = "auto"):
     """The unmodified model, returning patch tokens the way an ``outputs: tokens`` recipe does."""
     from tokenopt.analysis import analyse
     from tokenopt.pipeline import apply_plan
     from tokenopt.plan import LayerPlan, Plan
 
-    analysis = analyse(model, x, leaves)
+    analysis = analyse(model, x, leaves, capture=capture)
     layers = [LayerPlan(b.index, b.path, b.tokens, b.tokens) for b in analysis.blocks]
     return apply_plan(analysis, Plan(None, layers), "tokens")
 
@@ -135,6 +137,7 @@ def validate(
     weights: WeightsOpt = None,
     input_size: InputSizeOpt = None,
     leaf: LeafOpt = None,
+    capture: CaptureOpt = "auto",
 ) -> None:
     """Check RECIPE against the schema; with MODEL, plan it layer by layer without rewriting."""
     from tokenopt.analysis import analyse
@@ -150,7 +153,7 @@ def validate(
     base_model, _ = load_model(model, arch, trust_pickle, weights)
     x = example_input(base_model, size)
     with status("tracing and analysing"):
-        analysis = analyse(base_model, x, list(leaf or []), prefix_tokens=rec.prefix_tokens)
+        analysis = analyse(base_model, x, list(leaf or []), prefix_tokens=rec.prefix_tokens, capture=capture)
     with quiet_plan_warnings():
         plan = make_plan(rec, analysis)
     out.print(_plan_table(plan, analysis))

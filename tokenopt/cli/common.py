@@ -51,6 +51,10 @@ CropPctOpt = Annotated[Optional[float], typer.Option(
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 LeafOpt = Annotated[Optional[list[str]], typer.Option(
     "--leaf", metavar="NAME", help="Module class name or path to keep whole when tracing (repeatable).")]
+CaptureOpt = Annotated[str, typer.Option(
+    "--capture", metavar="auto|fx|export",
+    help="How the model's graph is captured: auto (torch.fx symbolic tracing, torch.export when that fails), "
+         "fx, or export (torch.export, e.g. for Hugging Face transformers models).")]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, InputSizeOpt, LeafOpt, TrustOpt, WeightsOpt, console,
-                                 example_input, load_model, parse_input_size, print_notes, status, user_errors)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, InputSizeOpt, LeafOpt, TrustOpt, WeightsOpt,
+                                 console, example_input, load_model, parse_input_size, print_notes, status,
+                                 user_errors)
 
 
 class GraphFormat(str, enum.Enum):
@@ -36,6 +37,7 @@ def inspect(
     weights: WeightsOpt = None,
     input_size: InputSizeOpt = None,
     leaf: LeafOpt = None,
+    capture: CaptureOpt = "auto",
 ) -> None:
     """Show the blocks tokenopt finds in a model, or what an artifact's recipe rewrote."""
     from tokenopt import artifact, io
@@ -68,7 +70,7 @@ def inspect(
             model, _ = load_model(target, arch, trust_pickle, weights)
         x = example_input(model, size)
         with status("tracing and analysing"):
-            analysis = analyse(model, x, list(leaf or []))
+            analysis = analyse(model, x, list(leaf or []), capture=capture)
         _print_analysis(out, analysis)
         labels, highlight, graph_module = _block_labels(analysis), set(), analysis.graph
     if graph is not None:

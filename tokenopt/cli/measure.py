@@ -9,10 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CropPctOpt, DataSizeOpt, InterpolationOpt, MeanOpt, StdOpt,
-                                 StrictOpt, TrustOpt, WeightsOpt, console, first_images, load_model, load_recipe,
-                                 open_dataset, preprocess_options, print_notes, quiet_plan_warnings, status,
-                                 user_errors)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, CropPctOpt, DataSizeOpt, InterpolationOpt, MeanOpt,
+                                 StdOpt, StrictOpt, TrustOpt, WeightsOpt, console, first_images, load_model,
+                                 load_recipe, open_dataset, preprocess_options, print_notes, quiet_plan_warnings,
+                                 status, user_errors)
 from tokenopt.errors import TokenoptError
 
 DataOpt = Annotated[str, typer.Option(
@@ -52,6 +52,7 @@ def eval_(
     split: SplitOpt = "test",
     batch_size: BatchOpt = 128,
     limit: LimitOpt = None,
+    capture: CaptureOpt = "auto",
 ) -> None:
     """Top-1 (and top-5) of MODEL and of its optimized version, their agreement, and GFLOPs."""
     from rich.table import Table
@@ -89,7 +90,7 @@ def eval_(
     if rec is not None:
         from tokenopt.pipeline import optimize
         with status("rewriting"), quiet_plan_warnings():
-            gm = optimize(base_model, rec, example[:2], calibration=calibration)
+            gm = optimize(base_model, rec, example[:2], calibration=calibration, capture=capture)
         print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, console(stderr=True))
         with status(f"evaluating on {len(ds)} images"):
             res = ev.evaluate_many({"original": base_model, "optimized": gm}, loader)
@@ -101,7 +102,7 @@ def eval_(
     sweep_rows = []
     if methods:
         with status("sweeping") as _:
-            sweep_rows = ev.sweep(base_model, methods, loader, example, values, calibration)
+            sweep_rows = ev.sweep(base_model, methods, loader, example, values, calibration, capture=capture)
         rows += [r for r in sweep_rows if not (r.method == "original" and rows)]
 
     t = Table(title=f"{model} on {data} ({split}, {rows[0].n} images)")
@@ -145,6 +146,7 @@ def probe(
     interpolation: InterpolationOpt = None,
     crop_pct: CropPctOpt = None,
     split: Annotated[str, typer.Option("--split", help="Calibration split (default: train).")] = "train",
+    capture: CaptureOpt = "auto",
 ) -> None:
     """Measure each block's linearity on interpolated inputs (ToFu) and write the prune/merge plan."""
     import statistics
@@ -162,7 +164,7 @@ def probe(
     ds = open_dataset(data, base_model, split, None, pre)
     batch = first_images(ds, images)
     with status("tracing"):
-        analysis = analyse(base_model, batch[:2])
+        analysis = analyse(base_model, batch[:2], capture=capture)
     with status(f"probing {len(analysis.blocks)} blocks on {len(batch)} images"):
         prof = linearity_profile(base_model, batch, analysis=analysis)
     tau = threshold if threshold is not None else statistics.median(prof.errors)

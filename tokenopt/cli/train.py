@@ -17,10 +17,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CropPctOpt, DataSizeOpt, InterpolationOpt, LeafOpt, MeanOpt,
-                                 StdOpt, TrustOpt, WeightsOpt, console, first_images, load_model, load_recipe,
-                                 open_dataset, preprocess_options, print_notes, quiet_plan_warnings, status,
-                                 user_errors, warn)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, CropPctOpt, DataSizeOpt, InterpolationOpt, LeafOpt,
+                                 MeanOpt, StdOpt, TrustOpt, WeightsOpt, console, first_images, load_model,
+                                 load_recipe, open_dataset, preprocess_options, print_notes, quiet_plan_warnings,
+                                 status, user_errors, warn)
 from tokenopt.errors import DataError, TokenoptError
 
 
@@ -61,6 +61,7 @@ def train_(
     interpolation: InterpolationOpt = None,
     crop_pct: CropPctOpt = None,
     leaf: LeafOpt = None,
+    capture: CaptureOpt = "auto",
 ) -> None:
     """Train RECIPE's ToSA selectors on MODEL and/or fine-tune MODEL with RECIPE in the loop; save the result to OUT.
 
@@ -112,7 +113,7 @@ def train_(
             warn(f"no evaluation: {e}")
     leaves = list(leaf or [])
     with status("tracing and rewriting"), quiet_plan_warnings():
-        gm = optimize(base_model, rec, first_images(train_set, 2), leaf_modules=leaves)
+        gm = optimize(base_model, rec, first_images(train_set, 2), leaf_modules=leaves, capture=capture)
     gm.tokenopt_base, gm.tokenopt_leaf_modules = base, leaves
     out = console()
     print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, console(stderr=True))

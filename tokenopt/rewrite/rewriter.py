@@ -334,9 +334,16 @@ class GraphRewriter:
         block.attention = new_core
 
     def set_output(self, node: fx.Node) -> None:
-        """Make the graph return ``node``."""
+        """Make the graph return ``node``.
+
+        A graph captured by torch.export rebuilds the model's output structure (a Hugging Face
+        ``ModelOutput``) from the values it returns; that structure does not describe ``node``, so
+        the graph then returns ``node`` itself (its inputs are taken as before).
+        """
         out = next(n for n in self.graph.nodes if n.op == "output")
         out.args = (node,)
+        if isinstance(self.graph._codegen, fx.graph._PyTreeCodeGen):
+            self.graph._codegen = fx.graph.CodeGen()
 
     # ---------------------------------------------------------------- end
     def finish(self) -> fx.GraphModule:

@@ -33,8 +33,10 @@ from tokenopt.train.loop import TrainResult, train
 class AttentionTeacher:
     """The original model's attention probabilities of chosen blocks, (B, H, N, N) each."""
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor, leaf_modules=(), prefix_tokens=None):
-        self.analysis: ModelAnalysis = analyse(model, example_input, leaf_modules, prefix_tokens=prefix_tokens)
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, leaf_modules=(), prefix_tokens=None,
+                 capture: str = "auto"):
+        self.analysis: ModelAnalysis = analyse(model, example_input, leaf_modules, prefix_tokens=prefix_tokens,
+                                               capture=capture)
         self.gm = self.analysis.graph
 
     def __call__(self, x: torch.Tensor, layers) -> tuple[object, dict[int, torch.Tensor]]:
@@ -103,7 +105,8 @@ def _teacher_for(model: nn.Module, original: nn.Module) -> AttentionTeacher:
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
     recipe = getattr(model, "tokenopt_recipe", None)
     return AttentionTeacher(original, example, getattr(model, "tokenopt_leaf_modules", ()) or (),
-                            recipe.prefix_tokens if recipe is not None else None)
+                            recipe.prefix_tokens if recipe is not None else None,
+                            capture=getattr(model, "tokenopt_capture", "auto"))
 
 
 def _selectors_of(model: nn.Module) -> dict[int, ops.TokenSelector]:

@@ -1,0 +1,154 @@
+"""Capture: turn a model into the fx graph the analysis reads, by one of two front ends.
+
+    fx      torch.fx symbolic tracing (tokenopt.trace): module calls stay in the graph, which reads
+            best (``blocks.3.attn.qkv``); fails on Python control flow over values, as in Hugging
+            Face transformers 5 (no fx tracer of its own any more).
+    export  torch.export.export(model, (x,), strict=False) with the batch axis dynamic, to an ATen
+            graph (``ep.module()``); rewritten into fx's op vocabulary (analysis.normalise), sizes
+            it fixed on the token axis freed, constant all-True masks removed.
+    auto    fx, and export when fx cannot trace the model (the default).
+
+Both give an ``fx.GraphModule`` that takes what the model took and returns what it returned: an
+exported module keeps the model's output pytree (a Hugging Face ``ModelOutput`` stays one). Its
+parameters are the model's own tensors, under the same state-dict keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from tokenopt.analysis.example import record_shapes
+from tokenopt.analysis.normalise import canonical_ops, drop_constant_masks, free_token_axis
+from tokenopt.errors import AnalysisError
+from tokenopt.trace import trace
+
+CAPTURE_MODES = ("auto", "fx", "export")
+
+
+@dataclass
+class Captured:
+    graph: fx.GraphModule
+    mode: str                      # "fx" | "export": the front end that made the graph
+    note: str = ""                 # auto: why fx was not used
+
+
+def family_of(model: nn.Module) -> str:
+    """How messages name a model's family: its library and architecture, e.g. "Hugging Face
+    transformers ResNetModel (resnet)", "timm resnet18", "torchvision ResNet"."""
+    cls = type(model)
+    parts = cls.__module__.split(".")
+    if parts[0] == "transformers":
+        kind = getattr(getattr(model, "config", None), "model_type", None) or \
+            (parts[2] if len(parts) > 2 and parts[1] == "models" else "")
+        return f"Hugging Face transformers {cls.__name__}" + (f" ({kind})" if kind else "")
+    if parts[0] == "timm":
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        return f"timm {arch or cls.__name__}"
+    if parts[0] in ("torchvision", "open_clip"):
+        return f"{parts[0]} {cls.__name__}"
+    return cls.__name__          # a user's own class: its name is the family
+
+
+def check_mode(mode: str) -> str:
+    if mode not in CAPTURE_MODES:
+        raise AnalysisError(f"capture must be one of {', '.join(CAPTURE_MODES)}, got {mode!r}")
+    return mode
+
+
+def capture(model: nn.Module, example_input: torch.Tensor, mode: str = "auto",
+            leaf_modules: Iterable[type | str] = ()) -> Captured:
+    """The model's graph, by the front end ``mode`` asks for (see the module docstring).
+
+    Shapes on ``example_input`` are recorded on the result (``node.meta["tensor_meta"]``).
+    Raises AnalysisError naming the model and what to try when no front end can capture it.
+    """
+    check_mode(mode)
+    name = type(model).__name__
+    if mode in ("auto", "fx"):
+        try:
+            gm = trace(model, leaf_modules)
+        except AnalysisError as e:
+            if mode == "fx":
+                raise
+            fx_error = str(e).splitlines()[0]
+        else:
+            record_shapes(gm, example_input, name)
+            return Captured(gm, "fx")
+    else:
+        fx_error = ""
+    try:
+        gm = export_graph(model, example_input)
+    except AnalysisError as e:
+        if fx_error:
+            raise AnalysisError(f"{fx_error}\n  torch.export failed too: {str(e).splitlines()[0]}") from None
+        raise
+    return Captured(gm, "export", note=fx_error)
+
+
+def export_graph(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """``model`` captured by torch.export (non-strict, any batch size), in fx's op vocabulary.
+
+    The result is checked once against the model on ``example_input``: the same outputs, bit for
+    bit, or an AnalysisError that says so.
+    """
+    name = type(model).__name__
+    was_training = model.training
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, (example_input,), strict=False,
+                                     dynamic_shapes=({0: batch},))
+    except Exception as e:   # export raises many types (UserError, GuardOnDataDependent...); one message
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise AnalysisError(
+            f"cannot capture {name} with torch.export: {type(e).__name__}: {first}\n"
+            "  Check that the model runs on a batch of the example's shape "
+            f"{tuple(example_input.shape)} (CLI: --input-size C,H,W).") from None
+    finally:
+        model.train(was_training)
+    gm = _plain_graph_module(ep.module(), name)
+    gm.meta["tokenopt_source_class"] = f"{type(model).__module__}:{type(model).__qualname__}"
+    gm.meta["tokenopt_capture"] = "export"
+    record_shapes(gm, example_input, name)
+    canonical_ops(gm)
+    drop_constant_masks(gm, example_input)
+    record_shapes(gm, example_input, name)
+    free_token_axis(gm)
+    record_shapes(gm, example_input, name)
+    _check_same(model, gm, example_input, name)
+    return gm
+
+
+def _plain_graph_module(ep_module: fx.GraphModule, name: str) -> fx.GraphModule:
+    """An ordinary GraphModule over the exported graph: ``ep.module()`` refuses ``.eval()`` and
+    ``.train()``, which training and the pipeline call. The graph keeps its pytree code generator
+    (inputs flattened, outputs rebuilt into the model's own types)."""
+    graph = ep_module.graph
+    gm = fx.GraphModule(ep_module, graph, class_name=f"{name}Exported")
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(ep_module, attr):
+            setattr(gm, attr, getattr(ep_module, attr))
+    gm.recompile()
+    return gm
+
+
+def _check_same(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, name: str) -> None:
+    if model.training:
+        return     # dropout draws differ between two runs; the graph was captured in training mode
+    # with grad enabled: under no_grad nn.MultiheadAttention takes a fused inference kernel
+    # (open_clip, torchvision) whose last bits differ from the ops export records
+    with torch.enable_grad():
+        want, got = model(x), gm(x)
+    a = torch.utils._pytree.tree_leaves(want)
+    b = torch.utils._pytree.tree_leaves(got)
+    same = len(a) == len(b) and all(
+        (not isinstance(u, torch.Tensor) and u == v) or
+        (isinstance(u, torch.Tensor) and isinstance(v, torch.Tensor) and u.shape == v.shape and torch.equal(u, v))
+        for u, v in zip(a, b))
+    if not same:
+        raise AnalysisError(f"the graph torch.export captured from {name} does not reproduce the model's outputs "
+                            "on the example batch; use --capture fx (API: capture='fx') or report the model.")
