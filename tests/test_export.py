@@ -196,3 +196,23 @@ def test_not_an_artifact_and_a_missing_folder_exit_2(tmp_path):
     art = saved(tmp_path, "tome")
     res = run("export", art, "-o", tmp_path / "nope" / "m.pt2")
     assert res.exit_code == 2 and "output folder does not exist" in res.output
+
+
+@pytest.mark.slow
+def test_hugging_face_vit_exports(tmp_path):
+    """A Hugging Face ViT (captured with torch.export) optimized, saved, exported: the program returns
+    the same ModelOutput fields as eager."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=10)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    model, _ = tokenopt.io.load_model(f"hf:{tmp_path / 'vit'}")
+    fast = tokenopt.optimize(model, {"version": 1, "rules": RECIPES["tome"]}, torch.randn(2, 3, 32, 32))
+    tokenopt.save(fast, tmp_path / "vit.tokenopt.pt")
+    res = deploy.export_artifact(tmp_path / "vit.tokenopt.pt", tmp_path / "vit.pt2")
+    assert res.dynamic_batch and res.max_abs_diff <= 1e-5
+    x = batch(4)
+    got = torch.export.load(tmp_path / "vit.pt2").module()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(got.logits, fast(x).logits, atol=1e-5, rtol=0)

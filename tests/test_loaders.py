@@ -224,3 +224,24 @@ def test_unknown_names_suggest_close_ones():
 def test_weights_and_arch_together_is_one_message(tmp_path):
     res = run("inspect", "timm:vit_small_patch16_224", "--weights", tmp_path / "w.pt", "--arch", "timm:x")
     assert res.exit_code == 2 and "not both" in res.output
+
+
+def test_optimized_hf_model_saves_and_reloads_without_the_folder(hf_dirs, tmp_path):
+    """The artifact records the base (its config, the spec): tokenopt.load needs neither the folder nor --arch."""
+    import shutil
+
+    import tokenopt
+
+    folder, saved = hf_dirs["vit"]
+    copy = tmp_path / "vit"
+    shutil.copytree(folder, copy)
+    model, _ = io.load_model(f"hf:{copy}")
+    fast = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "tome", "r": 2}]}, torch.randn(2, 3, 32, 32))
+    tokenopt.save(fast, tmp_path / "vit.tokenopt.pt")
+    shutil.rmtree(copy)
+    again = tokenopt.load(tmp_path / "vit.tokenopt.pt")
+    assert again.tokenopt_manifest["base"]["spec"] == f"hf:{copy}"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got, want = again(x), fast(x)
+    assert type(got) is type(want) and torch.equal(got.logits, want.logits)

@@ -154,13 +154,3 @@ def test_bad_flag_values_exit_2(folder, flag, value, says):
     res = run("probe", TINY, "--data", folder, flag, value)
     assert res.exit_code == 2
     assert says in res.output and flag in res.output
-
-
-def test_eval_reads_the_flags(folder, tmp_path):
-    """A model evaluated on unnormalised pixels: --mean 0,0,0 --std 1,1,1 reaches the data it sees."""
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n")
-    res = run("eval", TINY, "--data", folder, "--recipe", recipe, "--mean", "0,0,0", "--std", "1,1,1",
-              "--input-size", "32", "--crop-pct", "1")
-    assert res.exit_code == 0, res.output
-    assert "4 images" in res.output

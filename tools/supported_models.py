@@ -120,8 +120,7 @@ def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) 
         row["reducible"] = sum(b.refusal is None for b in a.blocks)
         row["prefix"] = f"{a.prefix_tokens} ({a.prefix_source})" if a.prefix_source else str(a.prefix_tokens)
         row["pooling"] = ", ".join(p.kind for p in a.pooling) or "-"
-        reasons = list(dict.fromkeys(b.refusal for b in a.blocks if b.refusal))
-        row["refused"] = "; ".join(reasons)
+        row["refused"] = _reasons([b.refusal for b in a.blocks if b.refusal])
         try:
             fast = tokenopt.optimize(model, TOME, x, report=False)
             counts = [a.blocks[0].tokens] + [lp.tokens_out.max for lp in fast.tokenopt_plan.layers]
@@ -134,6 +133,17 @@ def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) 
         except Exception as e:
             row["tome_r2"] = f"failed: {type(e).__name__}: {_first_line(e)}"
     return row
+
+
+def _reasons(refusals: list[str]) -> str:
+    """Each distinct reason once (reasons that differ only in their numbers, e.g. one shape per Swin
+    stage, count as one), with how many blocks gave it."""
+    import re
+
+    seen: dict[str, list] = {}
+    for why in refusals:
+        seen.setdefault(re.sub(r"\d+", "#", why), [why, 0])[1] += 1
+    return "; ".join(f"{why} ({n} blocks)" if n > 1 else why for why, n in seen.values())
 
 
 def rows() -> list[dict]:
