@@ -258,3 +258,23 @@ def test_optimized_hf_model_saves_and_reloads_without_the_folder(hf_dirs, tmp_pa
     with torch.no_grad():
         got, want = again(x), fast(x)
     assert type(got) is type(want) and torch.equal(got.logits, want.logits)
+
+
+@pytest.mark.slow   # ~10 s: two HF captures (the model and the teacher)
+@needs_hf
+def test_cli_fine_tunes_an_hf_classifier(hf_dirs, tmp_path):
+    """train/eval read a ModelOutput's logits (the model's own preprocessing from its folder)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    recipe = tmp_path / "tome.yaml"
+    recipe.write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n")
+    res = run("train", recipe, f"hf:{hf_dirs['vit'][0]}", "--data", tmp_path / "imgs", "-o", tmp_path / "out.pt",
+              "--finetune-epochs", "1", "--eval-images", "4", "--batch-size", "4")
+    assert res.exit_code == 0, res.output
+    assert "tome, fine-tuned (1 ep)" in res.output and (tmp_path / "out.pt").is_file()
