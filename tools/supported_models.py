@@ -114,6 +114,13 @@ def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) 
             a = analyse(model, x)
         except TokenoptError as e:
             row["refused"] = _first_line(e)
+            if "torch.fx" in row["refused"]:   # auto capture reports fx's error; say why export failed too
+                try:
+                    analyse(model, x, capture="export")
+                except TokenoptError as e2:
+                    row["refused"] += f"; with torch.export: {_first_line(e2)}"
+                except TypeError:   # a tokenopt without the export front end
+                    pass
             return row
         row["capture"] = getattr(a, "capture", "fx")
         row["blocks"] = len(a.blocks)
