@@ -26,13 +26,13 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (0, "base", ("tokenopt.errors", "tokenopt.version", "tokenopt.paths", "tokenopt.distributed", "tokenopt.tokens",
                  "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export")),
     (1, "ops", ("tokenopt.ops",)),
-    (1, "load", ("tokenopt.io", "tokenopt.demo_specs")),    # models from specs and files; never trains
+    (1, "load", ("tokenopt.io", "tokenopt.demo_specs", "tokenopt.families")),    # models from specs and files; never trains
     (1, "data", ("tokenopt.data",)),
     (2, "analysis", ("tokenopt.analysis", "tokenopt.subgraph", "tokenopt.flops")),   # flops: counts a graph
     (3, "rewrite", ("tokenopt.rewrite",)),
     (4, "passes", ("tokenopt.passes",)),
     (5, "plan", ("tokenopt.recipe", "tokenopt.plan", "tokenopt.report")),   # report: a plan with measured FLOPs
-    (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation")),   # both run the pipeline
+    (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy")),   # both run the pipeline
     (6, "train", ("tokenopt.train", "tokenopt.demo")),      # demo trains the demo models
     (7, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
 ]

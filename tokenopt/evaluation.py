@@ -33,6 +33,8 @@ class EvalRow:
 
 
 def _logits(out):
+    if hasattr(out, "logits"):   # a Hugging Face ModelOutput
+        return out.logits
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -8,6 +8,9 @@ A model is named by a *spec*::
     model.safetensors                                  a safetensors state dict, plus ``arch``
     whole_model.pt                                     a pickled nn.Module, only with ``trust_pickle``
     demo:digits-clutter                                a trained demo ViT from the cache (``tokenopt demo`` trains it)
+    hf:path/to/folder                                  a Hugging Face save_pretrained folder (families.py)
+    open_clip:ViT-B-32[?key=value]                     open_clip's visual tower, random init (or ``weights``)
+    torchvision:vit_b_16[?key=value]                   a torchvision model, random init (or ``weights``)
 
 :func:`load_model` returns the model in eval mode and a *base* dict that says how to rebuild the
 architecture (artifacts store it; the weights travel separately)::
@@ -16,6 +19,8 @@ architecture (artifacts store it; the weights travel separately)::
     {"kind": "factory", "factory": "mypkg.models:make_vit", "kwargs": {"dim": 256}}
     {"kind": "class", "class": "mypkg.models:MyViT"}          # rebuilt by calling MyViT()
     {"kind": "demo", "name": "digits-clutter"}                # tokenopt's embedded demo models
+    {"kind": "hf", "spec": "hf:DIR", "class": "ViTModel", "config": {...}}   # rebuilt from the config alone
+    {"kind": "open_clip" | "torchvision", "name": "...", "kwargs": {...}}
 
 plus ``"weights": <path>`` when the model came from a file (for the record only).
 
@@ -41,6 +46,7 @@ from urllib.parse import unquote
 import torch
 from torch import nn
 
+from tokenopt import families
 from tokenopt.demo_specs import DEMOS, demo_files, describe
 from tokenopt.errors import ModelLoadError, TokenoptError
 
@@ -53,7 +59,10 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 _HOW_TO_NAME = ("  Name a model as timm:<name>[?key=value&...], package.module:factory, demo:digits | "
-                "demo:digits-clutter (trained demo ViTs), or a checkpoint file (.pt/.pth/.bin/.safetensors) with --arch.")
+                "demo:digits-clutter (trained demo ViTs), hf:<save_pretrained folder>, open_clip:<arch>, "
+                "torchvision:<name>, or a checkpoint file (.pt/.pth/.bin/.safetensors) with --arch.")
+# spec prefixes that name an architecture built with random weights (``weights=`` fills them)
+_ARCH_PREFIXES = {"timm:": "timm", "open_clip:": "open_clip", "torchvision:": "torchvision"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +115,10 @@ def _format_kwargs(kwargs: dict) -> str:
 def base_to_spec(base: dict) -> str | None:
     """The spec string that rebuilds ``base`` (for messages), or None for a class."""
     q = _format_kwargs(base.get("kwargs") or {})
-    if base.get("kind") == "timm":
-        return f"timm:{base['name']}" + (f"?{q}" if q else "")
+    if base.get("kind") in ("timm", "open_clip", "torchvision"):
+        return f"{base['kind']}:{base['name']}" + (f"?{q}" if q else "")
+    if base.get("kind") == "hf":
+        return base.get("spec")
     if base.get("kind") == "factory":
         return base["factory"] + (f"?{q}" if q else "")
     if base.get("kind") == "demo":
@@ -127,13 +138,16 @@ def build_arch(arch: str | dict) -> tuple[nn.Module, dict]:
     if isinstance(arch, dict):
         return build_base(arch), dict(arch)
     arch = arch.strip()
-    if arch.startswith("timm:"):
-        name, kwargs = parse_query(arch[len("timm:"):])
-        return build_timm(name, kwargs), {"kind": "timm", "name": name, "kwargs": kwargs}
+    for prefix, kind in _ARCH_PREFIXES.items():
+        if arch.startswith(prefix):
+            name, kwargs = parse_query(arch[len(prefix):])
+            base = {"kind": kind, "name": name, "kwargs": kwargs}
+            return build_base(base), base
     if is_factory_spec(arch):
         path, kwargs = parse_query(arch)
         return build_factory(path, kwargs), {"kind": "factory", "factory": path, "kwargs": kwargs}
-    raise ModelLoadError(f"cannot read the architecture {arch!r}: expected timm:<name>[?key=value&...] or "
+    raise ModelLoadError(f"cannot read the architecture {arch!r}: expected timm:<name>[?key=value&...], "
+                         "open_clip:<arch>, torchvision:<name> or "
                          "package.module:factory[?key=value&...] (a callable that returns an nn.Module).")
 
 
@@ -148,6 +162,12 @@ def build_base(base: dict) -> nn.Module:
         return build_factory(base["class"], {}, what="class")
     if kind == "demo":
         return load_demo(base["name"])
+    if kind == "open_clip":
+        return families.build_open_clip(base["name"], dict(base.get("kwargs") or {}))
+    if kind == "torchvision":
+        return families.build_torchvision(base["name"], dict(base.get("kwargs") or {}))
+    if kind == "hf":
+        return families.build_hf(base)
     raise ModelLoadError(f"unknown base model description {base!r}; pass the architecture explicitly (arch=...).")
 
 
@@ -397,11 +417,14 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
 # the front door
 
 def load_model(spec: str | os.PathLike | nn.Module, arch: str | dict | nn.Module | None = None,
-               trust_pickle: bool = False) -> tuple[nn.Module, dict]:
+               trust_pickle: bool = False, weights: str | os.PathLike | None = None) -> tuple[nn.Module, dict]:
     """Load ``spec`` (see the module docstring); returns ``(model.eval(), base)``.
 
     ``arch`` builds the architecture for a state dict: ``timm:<name>?kw``, ``package.module:factory?kw``,
-    a base dict, or an already-built nn.Module (its weights are replaced).
+    a base dict, or an already-built nn.Module (its weights are replaced). ``weights`` is the other
+    way round: ``spec`` names the architecture (``open_clip:ViT-B-32``, ``timm:...``) and ``weights``
+    a local state dict or checkpoint for it (read ``weights_only``; an open_clip checkpoint of a
+    whole CLIP model gives its ``visual.`` weights).
     """
     if isinstance(spec, nn.Module):
         return spec.eval(), module_base(spec)
@@ -409,21 +432,55 @@ def load_model(spec: str | os.PathLike | nn.Module, arch: str | dict | nn.Module
     if not spec_str:
         raise ModelLoadError("no model given.\n" + _HOW_TO_NAME)
     path = Path(spec_str)
+    if weights is not None:
+        return _arch_with_weights(spec_str, arch, weights, trust_pickle)
     if spec_str.startswith("demo:") and not path.exists():
         if arch is not None:
             raise ModelLoadError(f"{spec_str} is a trained demo model; --arch is only for weight files.")
         name = spec_str[len("demo:"):]
         return load_demo(name).eval(), {"kind": "demo", "name": name}
-    if spec_str.startswith("timm:") or (not path.exists() and is_factory_spec(spec_str)):
+    if spec_str.startswith("hf:"):
+        if arch is not None:
+            raise ModelLoadError(f"{spec_str} is a Hugging Face folder: config.json names the architecture and "
+                                 "the folder holds the weights; --arch is only for weight files.")
+        model, base = families.load_hf(spec_str[len("hf:"):].strip())
+        model.tokenopt_base = base   # tokenopt.save(optimize(model, ...)) rebuilds it from this
+        return model, base
+    if spec_str.startswith(tuple(_ARCH_PREFIXES)) or (not path.exists() and is_factory_spec(spec_str)):
         if arch is not None:
             raise ModelLoadError(f"{spec_str} already names the architecture (random weights); --arch is only "
-                                 "for weight files.")
+                                 "for weight files (to load weights into it, pass --weights FILE).")
         model, base = build_arch(spec_str)
+        if base["kind"] in ("open_clip", "torchvision"):
+            model.tokenopt_base = base
         return model.eval(), base
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}\n  Check the path."
                              + ("" if path.suffix in CHECKPOINT_SUFFIXES + (SAFETENSORS_SUFFIX,) else "\n" + _HOW_TO_NAME))
     return model_from_checkpoint(read_checkpoint(path, trust_pickle=trust_pickle), path, arch)
+
+
+def _arch_with_weights(spec: str, arch, weights: str | os.PathLike, trust_pickle: bool) -> tuple[nn.Module, dict]:
+    """``spec`` names an architecture, ``weights`` the file that fills it."""
+    if arch is not None:
+        raise ModelLoadError(f"give either --weights (with MODEL naming the architecture) or --arch (with MODEL "
+                             f"naming the weight file), not both: got MODEL {spec!r}, --arch {arch!r}.")
+    if not (spec.startswith(tuple(_ARCH_PREFIXES)) or is_factory_spec(spec)):
+        raise ModelLoadError(f"--weights {weights}: MODEL must name an architecture (timm:<name>, open_clip:<arch>, "
+                             f"torchvision:<name> or package.module:factory), not {spec!r}.")
+    model, base = build_arch(spec)
+    path = Path(weights)
+    obj = read_checkpoint(path, trust_pickle=trust_pickle)
+    module = obj if isinstance(obj, nn.Module) else None
+    state = extract_state_dict(module.state_dict() if module is not None else obj, path)
+    if base["kind"] == "open_clip":
+        state = families.open_clip_visual_state(state)
+    load_weights(model, state, str(path), arch_hint="MODEL")
+    base = dict(base)
+    base["weights"] = str(path)
+    if base["kind"] in ("open_clip", "torchvision"):
+        model.tokenopt_base = base
+    return model.eval(), base
 
 
 def model_from_checkpoint(obj: Any, path: str | os.PathLike, arch: str | dict | nn.Module | None = None
@@ -499,6 +556,23 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for writers that want a file name, not a file object
+    (ONNX): renamed to ``path`` on success, removed on any error."""
+    path = check_output_path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

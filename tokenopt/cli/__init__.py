@@ -4,12 +4,14 @@
     tokenopt validate recipe.yaml [MODEL]
     tokenopt inspect model.tokenopt.pt --graph svg -o graph.svg
     tokenopt eval | probe | demo | train ...
+    tokenopt export model.tokenopt.pt -o model.pt2 [--format onnx]
 
     cli/common.py     options, console, loading models, recipes and images: what every verb shares
     cli/apply.py      apply, validate
     cli/inspect.py    inspect
     cli/measure.py    eval, probe, demo
     cli/train.py      train
+    cli/export.py     export
 
 Verb modules import ``common`` and never each other or this module; registering their commands
 here is the only place they meet. Every user error (a :class:`~tokenopt.errors.TokenoptError`) ends
@@ -24,7 +26,7 @@ from typing import Annotated
 
 import typer
 
-from tokenopt.cli import apply, inspect, measure, train
+from tokenopt.cli import apply, export, inspect, measure, train
 from tokenopt.cli.common import error
 from tokenopt.errors import TokenoptError
 from tokenopt.version import __version__
@@ -47,6 +49,7 @@ app.command("eval")(measure.eval_)
 app.command("probe")(measure.probe)
 app.command("demo")(measure.demo)
 app.command("train")(train.train_)
+app.command("export")(export.export)
 
 
 def _version_callback(value: bool) -> None:

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, InputSizeOpt, LeafOpt, StrictOpt, TrustOpt, console,
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, InputSizeOpt, LeafOpt, StrictOpt, TrustOpt,
+                                 WeightsOpt, console,
                                  example_input, first_images, load_model, load_recipe, open_dataset,
                                  parse_input_size, print_notes, quiet_plan_warnings, status, user_errors, warn)
 from tokenopt.errors import TokenoptError
@@ -25,6 +26,7 @@ def apply(
     strict: StrictOpt = False,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
+    weights: WeightsOpt = None,
     check: Annotated[bool, typer.Option(
         "--check", help="Compare the original and optimized model on a fixed random batch of 8.")] = False,
     input_size: InputSizeOpt = None,
@@ -42,7 +44,7 @@ def apply(
     size = parse_input_size(input_size)
     rec = load_recipe(recipe, strict)
     io.check_output_path(output)  # fail before the slow part, not after it
-    base_model, base = load_model(model, arch, trust_pickle)
+    base_model, base = load_model(model, arch, trust_pickle, weights)
     x = example_input(base_model, size)
     leaves = list(leaf or [])
     calib = None
@@ -132,6 +134,7 @@ def validate(
     strict: StrictOpt = False,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
+    weights: WeightsOpt = None,
     input_size: InputSizeOpt = None,
     leaf: LeafOpt = None,
     capture: CaptureOpt = "auto",
@@ -147,7 +150,7 @@ def validate(
     if model is None:
         out.print(f"[green]ok[/green]: {recipe} is a valid recipe ({len(rec.rules)} rule(s)).")
         return
-    base_model, _ = load_model(model, arch, trust_pickle)
+    base_model, _ = load_model(model, arch, trust_pickle, weights)
     x = example_input(base_model, size)
     with status("tracing and analysing"):
         analysis = analyse(base_model, x, list(leaf or []), prefix_tokens=rec.prefix_tokens, capture=capture)

@@ -30,6 +30,25 @@ StrictOpt = Annotated[bool, typer.Option(
                      "selectors were never trained, is an error instead of a warning.")]
 InputSizeOpt = Annotated[Optional[str], typer.Option(
     "--input-size", metavar="C,H,W", help="Input size of the example batch (default: from the model's config).")]
+WeightsOpt = Annotated[Optional[Path], typer.Option(
+    "--weights", metavar="FILE",
+    help="Weights for the architecture MODEL names (open_clip:<arch>, torchvision:<name>, timm:<name>, a "
+         "factory): a local state dict or checkpoint, read weights-only; nothing is downloaded.")]
+# preprocessing, as timm's validate.py spells it; each overrides the model's own config
+DataSizeOpt = Annotated[Optional[str], typer.Option(
+    "--input-size", metavar="C,H,W", help="Image size the data is preprocessed to: C,H,W, H,W or one side "
+                                          "(default: the model's config).")]
+MeanOpt = Annotated[Optional[str], typer.Option(
+    "--mean", metavar="M,M,M", help="Per-channel mean to normalise with (default: the model's config).")]
+StdOpt = Annotated[Optional[str], typer.Option(
+    "--std", metavar="S,S,S", help="Per-channel standard deviation to normalise with (default: the model's config).")]
+InterpolationOpt = Annotated[Optional[str], typer.Option(
+    "--interpolation", metavar="MODE", help="Resize interpolation: bilinear, bicubic, nearest, lanczos, box, hamming "
+                                            "(default: the model's config).")]
+CropPctOpt = Annotated[Optional[float], typer.Option(
+    "--crop-pct", metavar="PCT", help="Centre-crop fraction: resize to size/PCT, then crop to size "
+                                      "(default: the model's config).")]
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 LeafOpt = Annotated[Optional[list[str]], typer.Option(
     "--leaf", metavar="NAME", help="Module class name or path to keep whole when tracing (repeatable).")]
 CaptureOpt = Annotated[str, typer.Option(
@@ -122,11 +141,51 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     return dims  # type: ignore[return-value]
 
 
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if not values:
+        raise typer.BadParameter(f"{text!r}: write numbers separated by commas, e.g. 0.5,0.5,0.5.", param_hint=flag)
+    return values
+
+
+def preprocess_options(input_size: str | None = None, mean: str | None = None, std: str | None = None,
+                       interpolation: str | None = None, crop_pct: float | None = None) -> dict:
+    """The preprocessing flags as timm data-config overrides (only those given); format checked here,
+    the number of --mean/--std values against the model's channels in :func:`open_dataset`."""
+    out: dict = {}
+    if input_size is not None:
+        out["input_size"] = parse_input_size(input_size)
+    for key, text, flag in (("mean", mean, "--mean"), ("std", std, "--std")):
+        values = _floats(text, flag)
+        if values is not None:
+            out[key] = values
+    if "std" in out and any(v <= 0 for v in out["std"]):
+        raise typer.BadParameter(f"{std!r}: every standard deviation must be above 0.", param_hint="--std")
+    if interpolation is not None:
+        if interpolation.lower() not in INTERPOLATIONS:
+            raise typer.BadParameter(f"{interpolation!r}: choose one of {', '.join(INTERPOLATIONS)}.",
+                                     param_hint="--interpolation")
+        out["interpolation"] = interpolation.lower()
+    if crop_pct is not None:
+        if not 0 < crop_pct <= 1:
+            raise typer.BadParameter(f"{crop_pct}: a fraction in (0, 1], e.g. 0.875.", param_hint="--crop-pct")
+        out["crop_pct"] = float(crop_pct)
+    return out
+
+
 def example_input(model, size: tuple[int, int, int] | None):
     import torch
 
     from tokenopt.analysis import example_input_for
 
+    own = (getattr(model, "tokenopt_data_config", None) or {}).get("input_size")
+    size = size or (tuple(own) if own else None)   # a Hugging Face folder's image processor, open_clip's size
     if size is None:
         return example_input_for(model)
     p = next(iter(model.parameters()), None)
@@ -134,12 +193,12 @@ def example_input(model, size: tuple[int, int, int] | None):
     return x.to(p.device, p.dtype) if p is not None and p.is_floating_point() else x
 
 
-def load_model(spec: str, arch: str | None, trust_pickle: bool):
+def load_model(spec: str, arch: str | None, trust_pickle: bool, weights: Path | None = None):
     """``(model, base)`` for the MODEL argument (see :func:`tokenopt.io.load_model`)."""
     from tokenopt import io
 
     with status(f"loading {spec}"):
-        return io.load_model(spec, arch, trust_pickle)
+        return io.load_model(spec, arch, trust_pickle, weights=weights)
 
 
 def load_recipe(path: str, strict: bool = False):
@@ -150,16 +209,23 @@ def load_recipe(path: str, strict: bool = False):
     return rec
 
 
-def open_dataset(data: str, model, split: str, limit: int | None, masks=None):
-    """The DATA argument (digits, digits-clutter, an ImageFolder) preprocessed for ``model``; the first ``limit`` images.
+def open_dataset(data: str, model, split: str, limit: int | None, preprocess: dict | None = None, masks=None):
+    """The DATA argument (digits, digits-clutter, an ImageFolder) preprocessed for ``model`` (``preprocess``:
+    the flags of :func:`preprocess_options`); the first ``limit`` images.
 
     ``masks``: items carry object masks (True for a built-in set that draws them, a directory for an ImageFolder).
     """
     import torch
 
     from tokenopt.data import get_dataset
+    from tokenopt.data.config import check_channels, data_config
 
-    ds = get_dataset(data, split, model=model, masks=masks)
+    preprocess = dict(preprocess or {})
+    if "mean" in preprocess or "std" in preprocess:
+        channels = data_config(model, **preprocess)["input_size"][0]
+        check_channels(preprocess.get("mean"), "--mean", channels)
+        check_channels(preprocess.get("std"), "--std", channels)
+    ds = get_dataset(data, split, model=model, preprocess=preprocess, masks=masks)
     if len(ds) == 0:
         raise DataError(f"data set '{data}' ({split}) has no images")
     if limit is not None and limit < len(ds):

@@ -13,8 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, InputSizeOpt, LeafOpt, TrustOpt, console, example_input,
-                                 load_model, parse_input_size, print_notes, status, user_errors)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, InputSizeOpt, LeafOpt, TrustOpt, WeightsOpt,
+                                 console, example_input, load_model, parse_input_size, print_notes, status,
+                                 user_errors)
 
 
 class GraphFormat(str, enum.Enum):
@@ -33,6 +34,7 @@ def inspect(
         help="Write the graph here (format from --graph or the suffix: .txt .svg .mmd) instead of stdout.")] = None,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
+    weights: WeightsOpt = None,
     input_size: InputSizeOpt = None,
     leaf: LeafOpt = None,
     capture: CaptureOpt = "auto",
@@ -65,7 +67,7 @@ def inspect(
         if obj is not None:
             model, _ = io.model_from_checkpoint(obj, path, arch)
         else:
-            model, _ = load_model(target, arch, trust_pickle)
+            model, _ = load_model(target, arch, trust_pickle, weights)
         x = example_input(model, size)
         with status("tracing and analysing"):
             analysis = analyse(model, x, list(leaf or []), capture=capture)

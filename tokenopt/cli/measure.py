@@ -9,8 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, StrictOpt, TrustOpt, console, first_images, load_model,
-                                 load_recipe, open_dataset, print_notes, quiet_plan_warnings, status, user_errors)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, CropPctOpt, DataSizeOpt, InterpolationOpt, MeanOpt,
+                                 StdOpt, StrictOpt, TrustOpt, WeightsOpt, console, first_images, load_model,
+                                 load_recipe, open_dataset, preprocess_options, print_notes, quiet_plan_warnings,
+                                 status, user_errors)
 from tokenopt.errors import TokenoptError
 
 DataOpt = Annotated[str, typer.Option(
@@ -41,6 +43,12 @@ def eval_(
     strict: StrictOpt = False,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
+    weights: WeightsOpt = None,
+    input_size: DataSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpolationOpt = None,
+    crop_pct: CropPctOpt = None,
     split: SplitOpt = "test",
     batch_size: BatchOpt = 128,
     limit: LimitOpt = None,
@@ -69,9 +77,10 @@ def eval_(
             values = sorted({int(v) for v in r_values.split(",")})
         except ValueError:
             raise TokenoptError(f"--r {r_values!r}: write integers separated by commas, e.g. 0,4,8") from None
+    pre = preprocess_options(input_size, mean, std, interpolation, crop_pct)
     rec = load_recipe(recipe, strict) if recipe else None
-    base_model, _ = load_model(model, arch, trust_pickle)
-    ds = open_dataset(data, base_model, split, limit)
+    base_model, _ = load_model(model, arch, trust_pickle, weights)
+    ds = open_dataset(data, base_model, split, limit, pre)
     loader = get_loader(ds, batch_size, train=False)
     example = first_images(ds, 16)
     out = console()
@@ -130,6 +139,12 @@ def probe(
     images: Annotated[int, typer.Option("--images", min=2, help="Calibration images (pairs are interpolated).")] = 64,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
+    weights: WeightsOpt = None,
+    input_size: DataSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpolationOpt = None,
+    crop_pct: CropPctOpt = None,
     split: Annotated[str, typer.Option("--split", help="Calibration split (default: train).")] = "train",
     capture: CaptureOpt = "auto",
 ) -> None:
@@ -144,8 +159,9 @@ def probe(
     if output is not None:
         from tokenopt.io import check_output_path
         check_output_path(output)
-    base_model, _ = load_model(model, arch, trust_pickle)
-    ds = open_dataset(data, base_model, split, None)
+    pre = preprocess_options(input_size, mean, std, interpolation, crop_pct)
+    base_model, _ = load_model(model, arch, trust_pickle, weights)
+    ds = open_dataset(data, base_model, split, None, pre)
     batch = first_images(ds, images)
     with status("tracing"):
         analysis = analyse(base_model, batch[:2], capture=capture)

@@ -22,9 +22,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, LeafOpt, TrustOpt, console, first_images, load_model,
-                                 load_recipe, open_dataset, print_notes, quiet_plan_warnings, status, user_errors,
-                                 warn)
+from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, CropPctOpt, DataSizeOpt, InterpolationOpt, LeafOpt,
+                                 MeanOpt, StdOpt, TrustOpt, WeightsOpt, console, first_images, load_model,
+                                 load_recipe, open_dataset, preprocess_options, print_notes, quiet_plan_warnings,
+                                 status, user_errors, warn)
 from tokenopt.errors import DataError, TokenoptError
 
 
@@ -69,6 +70,12 @@ def train_(
     limit: Annotated[Optional[int], typer.Option("--limit", min=2, help="Train on the first N images only.")] = None,
     arch: ArchOpt = None,
     trust_pickle: TrustOpt = False,
+    weights: WeightsOpt = None,
+    input_size: DataSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpolationOpt = None,
+    crop_pct: CropPctOpt = None,
     leaf: LeafOpt = None,
     capture: CaptureOpt = "auto",
 ) -> None:
@@ -87,6 +94,7 @@ def train_(
     from tokenopt.train.checkpoint import ResumeError, load_checkpoint
     from tokenopt.train.selector import finetune, held_out_kl, train_selectors
 
+    pre = preprocess_options(input_size, mean, std, interpolation, crop_pct)
     rec = load_recipe(recipe)
     passes = {r.pass_name for r in rec.rules}
     spa = "spa" in passes
@@ -115,9 +123,12 @@ def train_(
     io.check_output_path(output)
     ckpt_path = checkpoint or resume or Path(f"{output}.ckpt")
     io.check_output_path(ckpt_path)
-    gate_setup = [labels, str(masks)] if spa else []   # ToSA fingerprints stay as they were
-    fingerprint = hashlib.sha1("\n".join([rec.to_yaml(), model, str(arch), data, str(limit), *gate_setup])
-                               .encode()).hexdigest()[:16]
+    parts = [rec.to_yaml(), model, str(arch), data, str(limit)]
+    if spa:                          # ToSA fingerprints stay as they were
+        parts += [labels, str(masks)]
+    if weights is not None or pre:   # only when given: checkpoints of earlier runs still resume
+        parts += [str(weights), repr(sorted(pre.items()))]
+    fingerprint = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
     phase = "selectors"
     if resume is not None:
         found = load_checkpoint(resume)["fingerprint"]
@@ -129,17 +140,17 @@ def train_(
             raise TokenoptError(f"'{resume}' is a fine-tuning checkpoint: pass the --finetune-epochs it was "
                                 "started with to continue it.")
 
-    base_model, base = load_model(model, arch, trust_pickle)
+    base_model, base = load_model(model, arch, trust_pickle, weights)
     want_masks = (masks if masks is not None else True) if spa and labels == "masks" else None
     if want_masks is True and not _builtin_with_masks(data):
         # the user's data cannot draw masks itself: the same message as for any data without masks
         from tokenopt.train.gate_labels import check_source
-        check_source("masks", open_dataset(data, base_model, "train", 2), data)
-    train_set = open_dataset(data, base_model, "train", limit, masks=want_masks)
+        check_source("masks", open_dataset(data, base_model, "train", 2, pre), data)
+    train_set = open_dataset(data, base_model, "train", limit, pre, masks=want_masks)
     test_set = None
     if eval_images:
         try:
-            test_set = open_dataset(data, base_model, "test", eval_images)
+            test_set = open_dataset(data, base_model, "test", eval_images, pre)
         except DataError as e:   # a folder with train/ only: train anyway, without the table
             warn(f"no evaluation: {e}")
     leaves = list(leaf or [])

@@ -27,7 +27,7 @@ def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int 
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None, *,
                 model: nn.Module | None = None, num_classes: int | None = None,
                 augment: bool = False, verify: bool = False, masks: str | Path | bool | None = None,
-                **options) -> Dataset:
+                preprocess: dict | None = None, **options) -> Dataset:
     """Build a data set for ``split`` (``train`` / ``test``; ``val`` means test for the built-ins).
 
     ``name_or_path``: a built-in name, ``imagefolder:PATH``, or a directory. A directory holding
@@ -39,8 +39,12 @@ def get_dataset(name_or_path: str | Path, split: str = "train", image_size: int 
     ImageFolder only: ``augment`` uses timm's training transform; ``verify`` opens every file now.
     ``masks``: items carry object masks: an ImageFolder's mask directory, or for a built-in set
     that has them (digits-clutter) True / its kind of mask (``"ink"``, ``"box"``).
+    ``preprocess`` overrides the model's preprocessing (timm data-config keys: input_size,
+    interpolation, crop_pct, crop_mode, mean, std); the built-ins read only the size, mean and std.
     """
-    cfg = data_config(model, image_size, mean, std)
+    pre = dict(preprocess or {})
+    mean, std = pre.pop("mean", mean), pre.pop("std", std)
+    cfg = data_config(model, image_size, mean, std, **pre)
     size, mean, std = cfg["input_size"][-1], cfg["mean"], cfg["std"]
     name = str(name_or_path)
     if name in BUILTIN:

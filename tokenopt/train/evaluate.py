@@ -23,7 +23,9 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
     try:
         for images, labels, *_ in loader:
             out = model(images.to(device))
-            if isinstance(out, (tuple, list)):  # e.g. distilled heads: the first is the class logits
+            if hasattr(out, "logits"):   # a Hugging Face ModelOutput
+                out = out.logits
+            elif isinstance(out, (tuple, list)):  # e.g. distilled heads: the first is the class logits
                 out = out[0]
             labels = labels.to(device)
             num_classes = out.shape[-1]

@@ -1,0 +1,215 @@
+"""The supported-models table: every model family tokenopt is meant to handle, as tokenopt sees it.
+
+    python tools/supported_models.py                 # print the table (markdown)
+    python tools/supported_models.py --write         # also write docs/supported-models.md
+
+Each family is a small random-init config built here (nothing is downloaded). For each one the
+table says what tokenopt's own analysis found, never a hard-coded answer: the capture front end
+(fx symbolic tracing, or torch.export when fx cannot trace the model), the blocks and how many
+of them a pass may rewrite, the prefix tokens and where their count came from, the pooling, what
+``tokenopt.optimize(model, tome r=2)`` does to the token counts, and, for refused blocks, why.
+The docs build calls :func:`markdown`; :func:`rows` gives the same as plain dicts.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_HF = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+TIMM_SMALL = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
+
+
+def _timm(name: str, small: bool = True, **kw) -> Callable[[], nn.Module]:
+    def build():
+        import timm
+
+        return timm.create_model(name, **({**TIMM_SMALL, **kw} if small else kw))
+    return build
+
+
+def _hf(config: str, model: str, **kw) -> Callable[[], nn.Module]:
+    def build():
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**{**TINY_HF, **kw}))
+    return build
+
+
+def _open_clip() -> nn.Module:
+    from tokenopt.io import load_model
+
+    return load_model("open_clip:ViT-B-32?image_size=32&patch_size=8&width=64&layers=2&head_width=32")[0]
+
+
+def _torchvision() -> nn.Module:
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+
+
+# (family, model as named in the table, builder, input side in pixels)
+FAMILIES: list[tuple[str, str, Callable[[], nn.Module], int]] = [
+    ("Hugging Face", "ViTForImageClassification", _hf("ViTConfig", "ViTForImageClassification",
+                                                      intermediate_size=64, num_labels=10), 32),
+    ("Hugging Face", "DeiTForImageClassificationWithTeacher",
+     _hf("DeiTConfig", "DeiTForImageClassificationWithTeacher", intermediate_size=64, num_labels=10), 32),
+    ("Hugging Face", "BeitForImageClassification", _hf("BeitConfig", "BeitForImageClassification",
+                                                       intermediate_size=64, num_labels=10,
+                                                       use_relative_position_bias=True), 32),
+    ("Hugging Face", "CLIPVisionModelWithProjection", _hf("CLIPVisionConfig", "CLIPVisionModelWithProjection",
+                                                          intermediate_size=64, projection_dim=16), 32),
+    ("Hugging Face", "SiglipVisionModel", _hf("SiglipVisionConfig", "SiglipVisionModel", intermediate_size=64), 32),
+    ("Hugging Face", "Dinov2Model", _hf("Dinov2Config", "Dinov2Model", mlp_ratio=2), 32),
+    ("Hugging Face", "Dinov2WithRegistersModel", _hf("Dinov2WithRegistersConfig", "Dinov2WithRegistersModel",
+                                                     mlp_ratio=2, num_register_tokens=4), 32),
+    ("open_clip", "ViT-B-32 (visual tower)", _open_clip, 32),
+    ("torchvision", "VisionTransformer (the class of vit_b_16)", _torchvision, 32),
+    ("timm", "vit_small_patch16_224 (cls token)", _timm("vit_small_patch16_224"), 32),
+    ("timm", "vit_medium_patch16_gap_256 (average pooling)", _timm("vit_medium_patch16_gap_256"), 32),
+    ("timm", "vit_medium_patch16_reg4_gap_256 (registers)", _timm("vit_medium_patch16_reg4_gap_256"), 32),
+    ("timm", "deit_small_distilled_patch16_224", _timm("deit_small_distilled_patch16_224"), 32),
+    ("timm", "deit3_small_patch16_224 (LayerScale)", _timm("deit3_small_patch16_224"), 32),
+    ("timm", "flexivit_small", _timm("flexivit_small"), 32),
+    ("timm", "eva02_tiny_patch14_224 (RoPE)", _timm("eva02_tiny_patch14_224", img_size=28, patch_size=14), 28),
+    ("timm", "beit_base_patch16_224 (relative position)", _timm("beit_base_patch16_224", embed_dim=64,
+                                                                 num_heads=2), 32),
+    ("timm", "cait_xxs24_224 (class attention)", _timm("cait_xxs24_224", depth=2, embed_dim=48, num_heads=2), 32),
+    ("timm", "xcit_nano_12_p16_224 (cross-covariance)", _timm("xcit_nano_12_p16_224", patch_size=16), 32),
+    ("timm", "swin_tiny_patch4_window7_224 (windows)", _timm("swin_tiny_patch4_window7_224", small=False, img_size=56,
+                                                             patch_size=4, depths=(1, 1, 1, 1), embed_dim=32,
+                                                             num_heads=(1, 2, 4, 8), window_size=7), 56),
+]
+TOME = {"version": 1, "rules": [{"pass": "tome", "r": 2}]}
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:300]
+
+
+def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) -> dict:
+    """One row: what tokenopt's analysis and a ToMe r=2 rewrite make of the model."""
+    import tokenopt
+    from tokenopt.analysis import analyse
+    from tokenopt.errors import TokenoptError
+
+    row = {"family": family, "model": name, "capture": "", "blocks": "", "reducible": "", "prefix": "",
+           "pooling": "", "tome_r2": "", "refused": ""}
+    try:
+        torch.manual_seed(0)
+        model = build().eval()
+    except Exception as e:   # a library too old or too new for this config: say so, do not hide the row
+        row["refused"] = f"could not build it here: {type(e).__name__}: {_first_line(e)}"
+        return row
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            a = analyse(model, x)
+        except TokenoptError as e:
+            row["refused"] = _first_line(e)
+            if "torch.fx" in row["refused"]:   # auto capture reports fx's error; say why export failed too
+                try:
+                    analyse(model, x, capture="export")
+                except TokenoptError as e2:
+                    row["refused"] += f"; with torch.export: {_first_line(e2)}"
+                except TypeError:   # a tokenopt without the export front end
+                    pass
+            return row
+        row["capture"] = getattr(a, "capture", "fx")
+        row["blocks"] = len(a.blocks)
+        row["reducible"] = sum(b.refusal is None for b in a.blocks)
+        row["prefix"] = f"{a.prefix_tokens} ({a.prefix_source})" if a.prefix_source else str(a.prefix_tokens)
+        row["pooling"] = ", ".join(p.kind for p in a.pooling) or "-"
+        row["refused"] = _reasons([b.refusal for b in a.blocks if b.refusal])
+        try:
+            fast = tokenopt.optimize(model, TOME, x, report=False)
+            counts = [a.blocks[0].tokens] + [lp.tokens_out.max for lp in fast.tokenopt_plan.layers]
+            with torch.no_grad():
+                fast(x)
+            row["tome_r2"] = " → ".join(map(str, counts))
+        except TokenoptError as e:
+            row["tome_r2"] = "refused"
+            row["refused"] = row["refused"] or _first_line(e)
+        except Exception as e:
+            row["tome_r2"] = f"failed: {type(e).__name__}: {_first_line(e)}"
+    return row
+
+
+def _reasons(refusals: list[str]) -> str:
+    """Each distinct reason once (reasons that differ only in their numbers, e.g. one shape per Swin
+    stage, count as one), with how many blocks gave it."""
+    import re
+
+    seen: dict[str, list] = {}
+    for why in refusals:
+        seen.setdefault(re.sub(r"\d+", "#", why), [why, 0])[1] += 1
+    return "; ".join(f"{why} ({n} blocks)" if n > 1 else why for why, n in seen.values())
+
+
+def rows() -> list[dict]:
+    """One dict per family (see :func:`describe`), in the order of :data:`FAMILIES`."""
+    return [describe(*f) for f in FAMILIES]
+
+
+COLUMNS = [("family", "family"), ("model", "model"), ("capture", "capture"), ("blocks", "blocks (reducible)"),
+           ("prefix", "prefix tokens"), ("pooling", "pooling"), ("tome_r2", "tokens with ToMe r=2"),
+           ("refused", "refused, and why")]
+
+
+def markdown(table: list[dict] | None = None) -> str:
+    """The table as a markdown page section (computed now unless ``table`` is given)."""
+    table = rows() if table is None else table
+
+    def cell(r, key):
+        if key == "blocks":
+            return f"{r['blocks']} ({r['reducible']})" if r["blocks"] != "" else "-"
+        return str(r[key]).replace("|", "\\|") or "-"
+
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(r, k) for k, _ in COLUMNS) + " |" for r in table]
+    import tokenopt
+
+    versions = _versions()
+    head = ("# Supported models\n\n"
+            "Generated by `python tools/supported_models.py --write` from tokenopt's own analysis of a small "
+            "random-init model of each family (nothing hard-coded): the capture front end (`fx` symbolic "
+            "tracing, or `export` = torch.export when fx cannot trace the model), the transformer blocks found "
+            "and how many a pass may rewrite, the prefix tokens (cls, distillation, registers) and where their "
+            "count came from, the pooling, the tokens per block after `tokenopt.optimize(model, tome r=2)`, and "
+            "why blocks are refused.\n\n"
+            f"tokenopt {tokenopt.__version__}; {versions}.\n\n")
+    return head + "\n".join(lines) + "\n"
+
+
+def _versions() -> str:
+    import importlib
+
+    out = [f"torch {torch.__version__}"]
+    for mod in ("timm", "transformers", "open_clip", "torchvision"):
+        try:
+            out.append(f"{mod} {importlib.import_module(mod).__version__}")
+        except Exception:
+            out.append(f"{mod} not installed")
+    return ", ".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--write", action="store_true", help="also write docs/supported-models.md")
+    args = ap.parse_args(argv)
+    text = markdown()
+    print(text)
+    if args.write:
+        (ROOT / "docs" / "supported-models.md").write_text(text)
+        print(f"wrote {ROOT / 'docs' / 'supported-models.md'}")
+
+
+if __name__ == "__main__":
+    main()
