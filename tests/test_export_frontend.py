@@ -275,6 +275,7 @@ def test_timm_vit_through_both_front_ends_gives_the_same_model_and_report(models
     assert (fx_report.prefix_tokens, fx_report.pooling) == (ex_report.prefix_tokens, ex_report.pooling)
 
 
+@pytest.mark.slow        # ~10 s on a loaded 2-core machine (two linearity probes)
 def test_tofu_runs_on_an_exported_graph_as_on_a_traced_one(models, images):
     """ToFu (prune and MLERP, and op: auto whose linearity probe cuts blocks out of the graph)."""
     model = models("timm_vit")
@@ -331,6 +332,7 @@ def test_attention_written_out_by_export_is_rewritten_as_fx_rewrites_it(images, 
 
 # ---------------------------------------------------------------- ToSA on a Hugging Face ViT
 
+@pytest.mark.slow        # ~15 s on a loaded 2-core machine (two exports, training)
 def test_tosa_selectors_train_on_an_hf_vit(models, images):
     from tokenopt.passes.tosa import selectors
     from tokenopt.train.selector import held_out_kl, train_selectors
