@@ -209,13 +209,13 @@ def test_rule_not_a_mapping():
 def test_missing_pass():
     msg = error(rules_yaml("- pass: tome\n  r: 1\n- layers: all\n  r: 1\n"))
     assert msg.startswith("<string>, line 5 (rule 2): the rule has no 'pass'")
-    assert "available passes: tofu, tome" in msg
+    assert "available passes: spa, tofu, tome, tosa" in msg
 
 
 def test_unknown_pass_lists_available():
     msg = error(rules_yaml("- pass: toem\n  r: 1\n"))
     assert msg.startswith("<string>, line 3 (rule 1): unknown pass 'toem' (did you mean 'tome'?)")
-    assert "Available passes: tofu, tome" in msg
+    assert "Available passes: spa, tofu, tome, tosa" in msg
 
 
 def test_unknown_option_lists_valid_keys():
