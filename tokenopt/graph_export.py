@@ -449,7 +449,7 @@ def to_dot(
     nodes, context = _selection(gm, highlight, removed, only)
     out = [
         "digraph G {",
-        '  graph [rankdir=TB, bgcolor="white", nodesep=0.25, ranksep=0.3, fontname="Helvetica", fontsize=12'
+        '  graph [rankdir=TB, bgcolor="white", nodesep=0.2, ranksep=0.25, fontname="Helvetica", fontsize=13'
         + (f', label=<{_html(title)}>, labelloc=t' if title else "") + "];",
         '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, margin="0.12,0.04", '
         'fillcolor="#f8f9fa", color="#495057", height=0.3];',
@@ -459,12 +459,13 @@ def to_dot(
         out.append(f'  {_dot_id(n.name)} [label=<<FONT COLOR="#868e96">{_html(n.name)}</FONT>>, shape=ellipse, '
                    'style="dashed", color="#ced4da", fontsize=9, height=0.2];')
     for n in nodes:
-        head, detail = _title_and_detail(gm, n, labels.get(n.name))
+        head, detail = _title_and_detail(gm, n, None if n.name in removed else labels.get(n.name))
+        if n.name in removed:
+            detail = labels.get(n.name) or "removed"
         head, detail = _html(_clip(head)), _html(detail if len(detail) <= 48 else detail[:47] + "…")
         attrs = []
         if n.name in removed:
             head = f"<S>{head}</S>"
-            detail = f"{detail} · removed" if detail else "removed"
             attrs += ['style="rounded,dashed"', 'color="#868e96"', 'fontcolor="#868e96"']
         elif n.name in highlight:
             fill = colors.get(groups.get(n.name, ""), "#ffd8a8")

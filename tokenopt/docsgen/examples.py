@@ -26,7 +26,9 @@ from tokenopt.passes import available_passes, get_pass
 SEED = 0
 #: Colours of the nodes each pass inserts, in the order of the registered pass names.
 PALETTE = ("#ffc9c9", "#a5d8ff", "#b2f2bb", "#ffec99", "#d0bfff", "#99e9f2", "#fcc2d7", "#ffd8a8")
-NO_PASS = "#dee2e6"   # inserted for the model's outputs (pooling, token grid), by no pass
+NO_PASS = "#dee2e6"
+NOOP = "no-op call, dropped by the cleanup"        # why a node of the original is gone
+DEAD = "unused, dropped as dead code"   # inserted for the model's outputs (pooling, token grid), by no pass
 
 
 def demo_arch_spec(name: str = "digits") -> str:
@@ -126,23 +128,24 @@ def _quiet():
 def run_recipe(path: Path, workdir: Path) -> RecipeExample:
     """Apply the recipe at ``path`` to the demo-architecture ViT and draw what it did."""
     import tokenopt
-    from tokenopt.analysis import analyse
     from tokenopt.cli import app
+    from tokenopt.trace import trace
     from typer.testing import CliRunner
 
     text = path.read_text()
     model = build_model()
     x = _example_batch(model)
     calibration = _example_batch(model, 16)          # for rules that measure the model (ToFu op: auto)
-    before = analyse(model, x)                         # the original graph (optimize rewrites its own trace)
+    # the original graph: traced the way optimize traces (same node names), which rewrites its own
+    original = trace(model)
     with _quiet():
         gm = tokenopt.optimize(model, path, x, calibration=calibration)
     analysis = gm.tokenopt_analysis
-    before_names = {n.name for n in before.graph.graph.nodes}
+    before_names = {n.name for n in original.graph.nodes}
     index = _choose_block(gm, analysis, before_names)
-    b_after, b_before = analysis.blocks[index], before.blocks[index]
+    b_after = analysis.blocks[index]
     span_after = graph_export.node_span(gm, b_after.input, b_after.output)
-    span_before = graph_export.node_span(before.graph, b_before.input, b_before.output)
+    span_before = graph_export.node_span(original, b_after.input, b_after.output)
     present = {n.name for n in gm.graph.nodes}
     labels = dict(gm.tokenopt_inserted)
     groups = dict(getattr(gm, "tokenopt_inserted_by", {}))
@@ -152,12 +155,16 @@ def run_recipe(path: Path, workdir: Path) -> RecipeExample:
     for name in span_before:
         if name in present:
             continue
-        node = next(n for n in before.graph.graph.nodes if n.name == name)
-        module = before.graph.get_submodule(node.target) if node.op == "call_module" else None
-        removed[name] = "no-op call, dropped by the cleanup" if module is not None and is_noop_module(module) \
-            else "replaced by the rewrite"
-    title = f"{b_before.path} before"
-    before_dot = graph_export.to_dot(before.graph, labels=removed, removed=set(removed), only=span_before,
+        node = next(n for n in original.graph.nodes if n.name == name)
+        module = original.get_submodule(node.target) if node.op == "call_module" else None
+        if module is not None and is_noop_module(module):
+            removed[name] = NOOP
+        elif not node.users:
+            removed[name] = DEAD
+        else:
+            removed[name] = "replaced by the rewrite"
+    title = f"{b_after.path} before"
+    before_dot = graph_export.to_dot(original, labels=removed, removed=set(removed), only=span_before,
                                      title=f"{title} ({path.stem})")
     after_dot = graph_export.to_dot(gm, set(labels), labels, groups=groups, colors=colors, only=span_after,
                                     title=f"{b_after.path} after {path.stem}")
@@ -174,13 +181,22 @@ def run_recipe(path: Path, workdir: Path) -> RecipeExample:
     return RecipeExample(
         name=path.stem, text=text, passes=recipe_passes(text), block=b_after.path,
         before_svg=graph_export.render_dot(before_dot), after_svg=graph_export.render_dot(after_dot),
-        before_mermaid=graph_export.to_mermaid(before.graph, labels=removed, removed=set(removed), only=span_before),
+        before_mermaid=graph_export.to_mermaid(original, labels=removed, removed=set(removed), only=span_before),
         after_mermaid=graph_export.to_mermaid(gm, set(labels), labels, groups=groups, colors=colors, only=span_after),
-        inserted=inserted, removed=sorted(removed.items()), report=str(report).rstrip(),
+        inserted=inserted, removed=sorted(removed.items()), report=_table_text(report.rich_table()),
         inspect=_strip_ansi(result.output).rstrip(), flops_before=report.flops_before,
         flops_after=report.flops_after, selector_flops=sum(r.selector_flops for r in report.rows),
         notes=list(report.warnings),
     )
+
+
+def _table_text(table, width: int = 104) -> str:
+    from io import StringIO
+
+    from rich.console import Console
+    buf = StringIO()
+    Console(file=buf, width=width, force_terminal=False).print(table)
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()).strip("\n")
 
 
 def _op_name(gm, node) -> str:

@@ -260,11 +260,18 @@ def _html(s: str) -> str:
 
 
 def _table(docs: list[KeyDoc]) -> list[str]:
-    lines = ["| key | type | default | allowed | what it does | error for a bad value |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| key | type | default | allowed | what it does |", "|---|---|---|---|---|"]
     for d in docs:
         lines.append(f"| `{d.path}` | {_cell(d.type)} | {_cell(d.default)} | {_cell(d.allowed)} | "
-                     f"{_cell(d.description)} | {_error_cell(d)} |")
+                     f"{_cell(d.description)} |")
+    lines += ["", "Errors, one bad value per key:", ""]
+    for d in docs:
+        if not d.error:
+            lines += [f"- `{d.path}`: no bad value found among {', '.join(map(repr, BAD_VALUES))}", ""]
+            continue
+        value = yaml.safe_dump(d.bad_value, default_flow_style=True).strip().removesuffix("...").strip()
+        lines += [f"- `{d.path}: {value}`", "", "    ```text",
+                  *[f"    {line}" for line in d.error.splitlines()], "    ```", ""]
     return lines
 
 

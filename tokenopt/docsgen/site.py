@@ -96,15 +96,20 @@ def example_section(ex: examples.RecipeExample, pass_name: str) -> str:
               f"({ex.flops_before / max(ex.flops_after, 1):.2f}x fewer)"
               + (f", of which the selectors {ex.selector_flops / 1e6:.3f} MFLOPs" if ex.selector_flops else "")
               + (f"; this recipe also runs {', '.join(others)}" if others else "") + ".", ""]
-    lines += ["| before | after |", "|---|---|",
-              f"| ![{ex.block} before {ex.name}]({svg_base}.before.svg) "
-              f"| ![{ex.block} after {ex.name}]({svg_base}.after.svg) |", ""]
+    for title, which in (("After", "after"), ("Before", "before")):
+        src = f"{svg_base}.{which}.svg"
+        lines += [f'=== "{title}: {ex.block}"', "",
+                  f"    [![{ex.block} {which} {ex.name}]({src})]({src})", ""]
     lines += ["Inserted in this block:", "", "| node | op | what it is | pass |", "|---|---|---|---|"]
     for node, op, label, by in ex.inserted:
         lines.append(f"| `{node}` | `{op}` | {label.replace('|', '/')} | {by or '(outputs)'} |")
     lines.append("")
     if ex.removed:
-        lines += ["Removed from this block: " + ", ".join(f"`{n}` ({why})" for n, why in ex.removed) + ".", ""]
+        by_reason: dict[str, list[str]] = {}
+        for n, why in ex.removed:
+            by_reason.setdefault(why, []).append(f"`{n}`")
+        lines += ["Removed from this block: " + "; ".join(f"{why}: {', '.join(ns)}" for why, ns in by_reason.items())
+                  + ".", ""]
     tabs = [("Report", _md_block("text", ex.report, "    ")),
             ("tokenopt inspect", _md_block("text", f"$ tokenopt inspect {ex.name}.tokenopt.pt\n{ex.inspect}", "    ")),
             ("Mermaid (after)", _md_block("mermaid", ex.after_mermaid, "    ")),
@@ -115,15 +120,13 @@ def example_section(ex: examples.RecipeExample, pass_name: str) -> str:
     return "\n".join(lines)
 
 
-def pass_brief(name: str, exs: list[examples.RecipeExample], results_md: str) -> str:
+def pass_brief(name: str, exs: list[examples.RecipeExample], results_md: str, with_citation: bool = True) -> str:
     colors = examples.pass_colors()
-    inserted = {}
-    for ex in exs:
-        for node, op, label, by in ex.inserted:
-            if by == name:
-                inserted.setdefault(re.sub(r"\b\d+(\.\d+)?\b", "…", label), op)
-    lines = ["## In brief", "",
-             f"**Method.** {examples.pass_citation(name)}", "",
+    inserted = [(op, label) for ex in exs[:1] for node, op, label, by in ex.inserted if by == name]
+    lines = ["## In brief", ""]
+    if with_citation:
+        lines += [f"**Method.** {examples.pass_citation(name)}", ""]
+    lines += [
              f"**Recipe keys.** `pass: {name}` and its options, each with type, default and error: "
              f"[recipe reference](../reference/recipes.md#{name}-options).", "",
              "**What it matches and what it inserts.** From the pass's source (`"
@@ -132,9 +135,9 @@ def pass_brief(name: str, exs: list[examples.RecipeExample], results_md: str) ->
              f"In the graphs below, the nodes this pass inserts are filled "
              f'<span style="background:{colors[name]};padding:0 .4em;border:1px solid #343a40">like this</span>; '
              "nodes the rewrite removed are dashed and struck through. Inserted in one block of the "
-             "example model:", "",
+             f"example model by `{exs[0].name}`:", "",
              "| op | what it is |", "|---|---|",
-             *[f"| `{op}` | {label.replace('|', '/')} |" for label, op in inserted.items()], "",
+             *[f"| `{op}` | {label.replace('|', '/')} |" for op, label in inserted], "",
              "**What it costs.** On the example model (GFLOPs per image, from the report):", "",
              "| recipe | GFLOPs before | GFLOPs after | ratio | selector MFLOPs |", "|---|---|---|---|---|",
              *[f"| [`{ex.name}`](#{ex.name.replace('.', '')}) | {ex.flops_before / 1e9:.4f} | "
@@ -196,8 +199,9 @@ def generate(root: Path, docs_dir: Path | None = None) -> Generated:
             _check_example(ex)
             out.files[f"{GENERATED_DIR}/{ex.name}.before.svg"] = ex.before_svg
             out.files[f"{GENERATED_DIR}/{ex.name}.after.svg"] = ex.after_svg
-        out.pass_sections[name] = pass_brief(name, exs, results_md) + "\n\n" + pass_graphs(name, exs)
-        if not (docs_dir / "passes" / f"{name}.md").exists():
+        written = (docs_dir / "passes" / f"{name}.md").exists()      # a hand-written page cites the paper itself
+        out.pass_sections[name] = pass_brief(name, exs, results_md, not written) + "\n\n" + pass_graphs(name, exs)
+        if not written:
             out.files[f"passes/{name}.md"] = f"# {out.pass_titles[name]}\n\n"    # the sections are added to it
     t = time.perf_counter()
     reference = recipe_ref.render(recipe_ref.collect(recipes_dir), out.pass_titles)

@@ -23,6 +23,7 @@ from tokenopt.docsgen.examples import demo_arch_spec
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MODEL = demo_arch_spec("digits")
+TIMINGS: dict[str, float] = {}     # seconds per command of the last build, for the build log
 
 
 @dataclass
@@ -57,12 +58,32 @@ class Session:
         path.write_text(textwrap.dedent(text).lstrip())
         return path
 
+    def image_folder(self, name: str, per_class: int) -> Path:
+        """An ImageFolder ``name/<digit>/<i>.png`` of scikit-learn's bundled digits (8 x 8, scaled up)."""
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        root = self.work / name
+        counts: dict[int, int] = {}
+        for image, label in zip(digits.images, digits.target):
+            if counts.get(int(label), 0) >= per_class:
+                continue
+            counts[int(label)] = counts.get(int(label), 0) + 1
+            folder = root / str(int(label))
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (image * (255 / 16)).astype("uint8")
+            Image.fromarray(pixels).convert("RGB").resize((32, 32)).save(folder / f"{counts[int(label)]}.png")
+        return root
+
     def run(self, *argv: str) -> Run:
+        import time
+
         from typer.testing import CliRunner
 
         from tokenopt.cli import app
 
-        old = os.getcwd()
+        old, start = os.getcwd(), time.perf_counter()
         os.chdir(self.work)
         try:
             with warnings.catch_warnings():
@@ -73,8 +94,9 @@ class Session:
             os.chdir(old)
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise RuntimeError(f"tokenopt {' '.join(argv)} raised {result.exception!r}") from result.exception
-        text = _ANSI.sub("", result.output)
+        text = "\n".join(line.rstrip() for line in _ANSI.sub("", result.output).splitlines())
         text = text.replace(str(self.work) + os.sep, "").replace(str(self.work), ".")
+        TIMINGS[" ".join(argv[:2])] = time.perf_counter() - start
         return Run(list(argv), text, result.exit_code)
 
 
@@ -104,7 +126,7 @@ def getting_started(recipes_dir: Path, captured: dict[str, str]) -> str:
         inspect_art = _expect(s.run("inspect", "vit.tokenopt.pt", "--graph", "svg", "-o", "vit.svg"), True)
         evaluate = _expect(s.run("eval", m, "--data", "digits", "--recipe", "recipes/tome-r8.yaml", "--limit", "128"), True)
         train = _expect(s.run("train", "recipes/tosa-keep50.yaml", m, "--data", "digits", "-o", "tosa.tokenopt.pt",
-                              "--selector-epochs", "1", "--batch-size", "128"), True)
+                              "--selector-epochs", "1", "--limit", "256", "--eval-images", "128"), True)
     parts = [
         "# Getting started", "",
         "## Install and try it", "",
@@ -226,8 +248,9 @@ def troubleshooting(recipes_dir: Path) -> str:
         strict = _expect(s.run("apply", "recipes/tome-r16.yaml", m, "-o", "r16.tokenopt.pt", "--strict"), False)
         loose = _expect(s.run("validate", "recipes/tome-r16.yaml", m), True)
         auto = _expect(s.run("apply", "recipes/tofu-auto-r8.yaml", m, "-o", "auto.tokenopt.pt"), False)
+        s.image_folder("my_images", per_class=1)
         auto_ok = _expect(s.run("apply", "recipes/tofu-auto-r8.yaml", m, "-o", "auto.tokenopt.pt",
-                                "--calibration", "digits"), True)
+                                "--calibration", "my_images"), True)
         s.write("tosa-all.yaml", """
             version: 1
             rules:
@@ -285,7 +308,8 @@ def troubleshooting(recipes_dir: Path) -> str:
         ("ToFu `op: auto` without calibration images",
          "`op: auto` measures each block's linearity on real images before choosing prune or MLERP:",
          [auto.markdown()],
-         "Give it images with `--calibration` (`digits`, `digits-clutter` or a folder):",
+         "Give it images with `--calibration`: `digits`, `digits-clutter` or an ImageFolder "
+         "(`my_images/<class>/<image>.png`; here ten digits from scikit-learn's bundled set):",
          [auto_ok.markdown()]),
         ("ToSA on the first block",
          "A ToSA selector reads the attention of the block before the one it selects for; block 0 has none:",
