@@ -183,20 +183,29 @@ def run_recipe(path: Path, workdir: Path) -> RecipeExample:
         before_svg=graph_export.render_dot(before_dot), after_svg=graph_export.render_dot(after_dot),
         before_mermaid=graph_export.to_mermaid(original, labels=removed, removed=set(removed), only=span_before),
         after_mermaid=graph_export.to_mermaid(gm, set(labels), labels, groups=groups, colors=colors, only=span_after),
-        inserted=inserted, removed=sorted(removed.items()), report=_table_text(report.rich_table()),
+        inserted=inserted, removed=sorted(removed.items()), report=report_markdown(report),
         inspect=_strip_ansi(result.output).rstrip(), flops_before=report.flops_before,
         flops_after=report.flops_after, selector_flops=sum(r.selector_flops for r in report.rows),
         notes=list(report.warnings),
     )
 
 
-def _table_text(table, width: int = 104) -> str:
-    from io import StringIO
-
-    from rich.console import Console
-    buf = StringIO()
-    Console(file=buf, width=width, force_terminal=False).print(table)
-    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines()).strip("\n")
+def report_markdown(report) -> str:
+    """The per-layer report (``tokenopt.report.Report``) as a Markdown table, same columns as printed."""
+    sel = any(r.selector_flops for r in report.rows)
+    head = ["layer", "block", "tokens in → out", "GFLOPs before", "GFLOPs after"] + \
+        (["of which selector MFLOPs"] if sel else []) + ["rule"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report.rows:
+        cells = [str(r.index), f"`{r.path}`", r.tokens_text, f"{r.flops_before / 1e9:.4f}", f"{r.flops_after / 1e9:.4f}"]
+        cells += [f"{r.selector_flops / 1e6:.3f}"] if sel else []
+        lines.append("| " + " | ".join(cells + [r.acted.replace("|", "/")]) + " |")
+    total = ["", "**total**", "", f"{report.flops_before / 1e9:.4f}", f"{report.flops_after / 1e9:.4f}"]
+    total += [f"{sum(r.selector_flops for r in report.rows) / 1e6:.3f}"] if sel else []
+    lines.append("| " + " | ".join(total + [f"FLOPs ratio {report.flops_ratio:.2f}x (ideal speedup)"]) + " |")
+    title = f"{len(report.rows)} blocks, {report.prefix_tokens} prefix token(s), pooling {report.pooling}"
+    notes = [f"- warning: {w}" for w in report.warnings] + [f"- {p} left unchanged: {why}" for p, why in report.skipped]
+    return "\n".join([title, "", *lines, *([""] + notes if notes else [])])
 
 
 def _op_name(gm, node) -> str:

@@ -270,7 +270,7 @@ def _table(docs: list[KeyDoc]) -> list[str]:
             lines += [f"- `{d.path}`: no bad value found among {', '.join(map(repr, BAD_VALUES))}", ""]
             continue
         value = yaml.safe_dump(d.bad_value, default_flow_style=True).strip().removesuffix("...").strip()
-        lines += [f"- `{d.path}: {value}`", "", "    ```text",
+        lines += [f"- `{d.path}: {value}`", "", "    ``` { .text .wrap }",
                   *[f"    {line}" for line in d.error.splitlines()], "    ```", ""]
     return lines
 

@@ -110,7 +110,7 @@ def example_section(ex: examples.RecipeExample, pass_name: str) -> str:
             by_reason.setdefault(why, []).append(f"`{n}`")
         lines += ["Removed from this block: " + "; ".join(f"{why}: {', '.join(ns)}" for why, ns in by_reason.items())
                   + ".", ""]
-    tabs = [("Report", _md_block("text", ex.report, "    ")),
+    tabs = [("Report", "\n".join("    " + line if line else "" for line in ex.report.splitlines())),
             ("tokenopt inspect", _md_block("text", f"$ tokenopt inspect {ex.name}.tokenopt.pt\n{ex.inspect}", "    ")),
             ("Mermaid (after)", _md_block("mermaid", ex.after_mermaid, "    ")),
             ("Mermaid (before)", _md_block("mermaid", ex.before_mermaid, "    ")),
