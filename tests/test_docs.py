@@ -126,7 +126,7 @@ def _inserted_by_pass_in_block(recipe: Path, block: str, pass_name: str) -> set[
     model = examples.build_model()
     x = examples._example_batch(model)
     with pytest.warns() if False else _nowarn():
-        gm = tokenopt.optimize(model, recipe, x, calibration=examples._example_batch(model, 16))
+        gm = tokenopt.optimize(model, recipe, x, calibration=examples._example_batch(model, 4))
     b = next(b for b in gm.tokenopt_analysis.blocks if b.path == block)
     span = set(graph_export.node_span(gm, b.input, b.output))
     return {n for n, p in gm.tokenopt_inserted_by.items() if p == pass_name and n in span}

@@ -135,7 +135,7 @@ def run_recipe(path: Path, workdir: Path) -> RecipeExample:
     text = path.read_text()
     model = build_model()
     x = _example_batch(model)
-    calibration = _example_batch(model, 16)          # for rules that measure the model (ToFu op: auto)
+    calibration = _example_batch(model, 4)           # for rules that measure the model (ToFu op: auto)
     # the original graph: traced the way optimize traces (same node names), which rewrites its own
     original = trace(model)
     with _quiet():

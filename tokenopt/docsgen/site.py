@@ -155,7 +155,7 @@ def pass_graphs(name: str, exs: list[examples.RecipeExample]) -> str:
              "architecture (timm ViT, 32 px images in 4 px patches: 64 patch tokens and a class token, 6 blocks, "
              f"random weights, seed {examples.SEED}): the block where it inserts most, before and after (Graphviz), "
              "then the per-layer report, what `tokenopt inspect` prints for the saved model, the same block "
-             "as Mermaid, and the recipe. `op: auto` rules were calibrated on 16 random images.", ""]
+             "as Mermaid, and the recipe. `op: auto` rules were calibrated on 4 random images.", ""]
     for ex in exs:
         lines += [example_section(ex, name), ""]
     return "\n".join(lines)
