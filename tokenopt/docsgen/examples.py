@@ -37,6 +37,26 @@ def demo_arch_spec(name: str = "digits") -> str:
     return f"timm:{spec.timm_name}?" + "&".join(f"{k}={v}" for k, v in spec.timm_kwargs.items())
 
 
+def frontends() -> list[str]:
+    """The capture front ends this tokenopt has (``tokenopt.analysis.capture.CAPTURE_MODES`` without
+    ``auto``), the default first; just ``fx`` where there is no choice of front end."""
+    try:
+        from tokenopt.analysis.capture import CAPTURE_MODES
+    except ImportError:
+        return ["fx"]
+    return [m for m in CAPTURE_MODES if m != "auto"]
+
+
+def _original_graph(model, x, frontend: str):
+    """The model's graph as ``frontend`` captures it, before any rewrite (same node names as the
+    capture inside optimize, which rewrites its own copy)."""
+    if frontend == "fx" and len(frontends()) == 1:
+        from tokenopt.trace import trace
+        return trace(model)
+    from tokenopt.analysis.capture import capture
+    return capture(model, x, frontend).graph
+
+
 def pass_colors() -> dict[str, str]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(available_passes())}
 
@@ -77,6 +97,7 @@ class RecipeExample:
     flops_after: int = 0
     selector_flops: int = 0
     notes: list[str] = field(default_factory=list)
+    frontend: str = "fx"                     # the capture front end that made the graph
 
     @property
     def comment(self) -> str:
@@ -125,11 +146,11 @@ def _quiet():
         yield
 
 
-def run_recipe(path: Path, workdir: Path) -> RecipeExample:
-    """Apply the recipe at ``path`` to the demo-architecture ViT and draw what it did."""
+def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = True) -> RecipeExample:
+    """Apply the recipe at ``path`` to the demo-architecture ViT, captured by ``frontend``, and draw
+    what it did; ``inspect``: also save it and run ``tokenopt inspect`` on the file."""
     import tokenopt
     from tokenopt.cli import app
-    from tokenopt.trace import trace
     from typer.testing import CliRunner
 
     text = path.read_text()
@@ -137,9 +158,10 @@ def run_recipe(path: Path, workdir: Path) -> RecipeExample:
     x = _example_batch(model)
     calibration = _example_batch(model, 4)           # for rules that measure the model (ToFu op: auto)
     # the original graph: traced the way optimize traces (same node names), which rewrites its own
-    original = trace(model)
+    original = _original_graph(model, x, frontend)
+    choose = {} if len(frontends()) == 1 else {"capture": frontend}
     with _quiet():
-        gm = tokenopt.optimize(model, path, x, calibration=calibration)
+        gm = tokenopt.optimize(model, path, x, calibration=calibration, **choose)
     analysis = gm.tokenopt_analysis
     before_names = {n.name for n in original.graph.nodes}
     index = _choose_block(gm, analysis, before_names)
@@ -172,19 +194,22 @@ def run_recipe(path: Path, workdir: Path) -> RecipeExample:
     node_ops = {n.name: n for n in gm.graph.nodes}
     inserted = [(n, _op_name(gm, node_ops[n]), labels[n], groups.get(n, "")) for n in inserted_here]
     # the artifact, and what `tokenopt inspect` says about it
-    artifact = workdir / f"{path.stem}.tokenopt.pt"
-    tokenopt.save(gm, artifact)
-    with _chdir(workdir):
-        result = CliRunner().invoke(app, ["inspect", artifact.name], env={"COLUMNS": "120"})
-    if result.exit_code != 0:
-        raise RuntimeError(f"tokenopt inspect {artifact.name} failed ({result.exit_code}): {result.output}")
+    inspected = ""
+    if inspect:
+        artifact = workdir / f"{path.stem}.tokenopt.pt"
+        tokenopt.save(gm, artifact)
+        with _chdir(workdir):
+            result = CliRunner().invoke(app, ["inspect", artifact.name], env={"COLUMNS": "120"})
+        if result.exit_code != 0:
+            raise RuntimeError(f"tokenopt inspect {artifact.name} failed ({result.exit_code}): {result.output}")
+        inspected = _strip_ansi(result.output).rstrip()
     return RecipeExample(
         name=path.stem, text=text, passes=recipe_passes(text), block=b_after.path,
         before_svg=graph_export.render_dot(before_dot), after_svg=graph_export.render_dot(after_dot),
         before_mermaid=graph_export.to_mermaid(original, labels=removed, removed=set(removed), only=span_before),
         after_mermaid=graph_export.to_mermaid(gm, set(labels), labels, groups=groups, colors=colors, only=span_after),
         inserted=inserted, removed=sorted(removed.items()), report=report_markdown(report),
-        inspect=_strip_ansi(result.output).rstrip(), flops_before=report.flops_before,
+        inspect=inspected, flops_before=report.flops_before, frontend=frontend,
         flops_after=report.flops_after, selector_flops=sum(r.selector_flops for r in report.rows),
         notes=list(report.warnings),
     )
@@ -232,9 +257,20 @@ def _strip_ansi(s: str) -> str:
 
 
 def run_all(recipes_dir: Path) -> list[RecipeExample]:
-    """Every ``*.yaml`` in ``recipes_dir``, in name order."""
+    """Every ``*.yaml`` in ``recipes_dir``, in name order, through the default front end; then,
+    through each other front end, the first recipe of each pass (the graph it captures)."""
+    fronts = frontends()
+    paths = sorted(recipes_dir.glob("*.yaml"))
     with tempfile.TemporaryDirectory(prefix="tokenopt-docs-") as tmp:
-        return [run_recipe(p, Path(tmp)) for p in sorted(recipes_dir.glob("*.yaml"))]
+        out = [run_recipe(p, Path(tmp), fronts[0]) for p in paths]
+        for frontend in fronts[1:]:
+            firsts = {}
+            for ex in out:
+                for name in ex.passes:
+                    firsts.setdefault(name, ex.name)
+            for stem in dict.fromkeys(firsts.values()):
+                out.append(run_recipe(recipes_dir / f"{stem}.yaml", Path(tmp), frontend, inspect=False))
+        return out
 
 
 def pass_title(name: str) -> str:

@@ -84,11 +84,17 @@ def _md_block(lang: str, text: str, indent: str = "") -> str:
     return f"{indent}```{lang}\n{body}\n{indent}```"
 
 
+def svg_stem(ex: examples.RecipeExample) -> str:
+    """The generated SVGs' name: the recipe, and the front end unless it is the default."""
+    return ex.name if ex.frontend == examples.frontends()[0] else f"{ex.name}.{ex.frontend}"
+
+
 def example_section(ex: examples.RecipeExample, pass_name: str) -> str:
-    svg_base = f"generated/{ex.name}"
+    svg_base = f"generated/{svg_stem(ex)}"
     gf = lambda n: f"{n / 1e9:.4f}"  # noqa: E731
     others = [p for p in ex.passes if p != pass_name]
-    lines = [f"### `{ex.name}`", ""]
+    default = ex.frontend == examples.frontends()[0]
+    lines = [f"### `{ex.name}`" if default else f"### `{ex.name}` through the `{ex.frontend}` front end", ""]
     if ex.comment:
         lines += [ex.comment, ""]
     lines += [f"Block drawn: `{ex.block}` (where this recipe inserts most). GFLOPs per image "
@@ -111,7 +117,8 @@ def example_section(ex: examples.RecipeExample, pass_name: str) -> str:
         lines += ["Removed from this block: " + "; ".join(f"{why}: {', '.join(ns)}" for why, ns in by_reason.items())
                   + ".", ""]
     tabs = [("Report", "\n".join("    " + line if line else "" for line in ex.report.splitlines())),
-            ("tokenopt inspect", _md_block("text", f"$ tokenopt inspect {ex.name}.tokenopt.pt\n{ex.inspect}", "    ")),
+            *([("tokenopt inspect", _md_block("text", f"$ tokenopt inspect {ex.name}.tokenopt.pt\n{ex.inspect}",
+                                              "    "))] if ex.inspect else []),
             ("Mermaid (after)", _md_block("mermaid", ex.after_mermaid, "    ")),
             ("Mermaid (before)", _md_block("mermaid", ex.before_mermaid, "    ")),
             ("Recipe", _md_block("yaml", ex.text, "    "))]
@@ -156,8 +163,17 @@ def pass_graphs(name: str, exs: list[examples.RecipeExample]) -> str:
              f"random weights, seed {examples.SEED}): the block where it inserts most, before and after (Graphviz), "
              "then the per-layer report, what `tokenopt inspect` prints for the saved model, the same block "
              "as Mermaid, and the recipe. `op: auto` rules were calibrated on 4 random images.", ""]
+    fronts = examples.frontends()
     for ex in exs:
-        lines += [example_section(ex, name), ""]
+        if ex.frontend == fronts[0]:
+            lines += [example_section(ex, name), ""]
+    for frontend in fronts[1:]:
+        mine = [ex for ex in exs if ex.frontend == frontend]
+        if mine:
+            lines += [f"### Through the `{frontend}` front end", "",
+                      f"The same rewrite on the graph the `{frontend}` capture front end makes of the same model "
+                      f"(`tokenopt apply ... --capture {frontend}`; see [How it works](../architecture.md)).", ""]
+            lines += [example_section(ex, name).replace("### ", "#### ", 1) + "\n" for ex in mine]
     return "\n".join(lines)
 
 
@@ -192,15 +208,17 @@ def generate(root: Path, docs_dir: Path | None = None) -> Generated:
     for name in available_passes():
         out.pass_titles[name] = examples.pass_title(name)
         exs = [ex for ex in out.examples if name in ex.passes]
+        brief_exs = [ex for ex in exs if ex.frontend == examples.frontends()[0]]
         if not exs:
             raise DocsBuildError(f"pass {name!r} has no shipped recipe in {recipes_dir}, so its page would have no "
                                  "generated graph. Add recipes/<name>-*.yaml.")
         for ex in exs:
             _check_example(ex)
-            out.files[f"{GENERATED_DIR}/{ex.name}.before.svg"] = ex.before_svg
-            out.files[f"{GENERATED_DIR}/{ex.name}.after.svg"] = ex.after_svg
+            out.files[f"{GENERATED_DIR}/{svg_stem(ex)}.before.svg"] = ex.before_svg
+            out.files[f"{GENERATED_DIR}/{svg_stem(ex)}.after.svg"] = ex.after_svg
         written = (docs_dir / "passes" / f"{name}.md").exists()      # a hand-written page cites the paper itself
-        out.pass_sections[name] = pass_brief(name, exs, results_md, not written) + "\n\n" + pass_graphs(name, exs)
+        out.pass_sections[name] = pass_brief(name, brief_exs, results_md, not written) + "\n\n" + \
+            pass_graphs(name, exs)
         if not written:
             out.files[f"passes/{name}.md"] = f"# {out.pass_titles[name]}\n\n"    # the sections are added to it
     t = time.perf_counter()
