@@ -21,6 +21,7 @@ import torch
 from tokenopt import graph_export
 from tokenopt.cleanup import is_noop_module
 from tokenopt.demo_specs import DEMOS
+from tokenopt.errors import TokenoptError
 from tokenopt.passes import available_passes, get_pass
 
 SEED = 0
@@ -102,6 +103,17 @@ class RecipeExample:
     @property
     def comment(self) -> str:
         return recipe_comment(self.text)
+
+
+@dataclass
+class FrontendFailure:
+    """A recipe that a non-default front end could not apply to the example model, and why."""
+
+    name: str
+    text: str
+    passes: list[str]
+    frontend: str
+    error: str
 
 
 def build_model():
@@ -256,7 +268,7 @@ def _strip_ansi(s: str) -> str:
     return _ANSI.sub("", s)
 
 
-def run_all(recipes_dir: Path) -> list[RecipeExample]:
+def run_all(recipes_dir: Path) -> list[RecipeExample | FrontendFailure]:
     """Every ``*.yaml`` in ``recipes_dir``, in name order, through the default front end; then,
     through each other front end, the first recipe of each pass (the graph it captures)."""
     fronts = frontends()
@@ -269,7 +281,12 @@ def run_all(recipes_dir: Path) -> list[RecipeExample]:
                 for name in ex.passes:
                     firsts.setdefault(name, ex.name)
             for stem in dict.fromkeys(firsts.values()):
-                out.append(run_recipe(recipes_dir / f"{stem}.yaml", Path(tmp), frontend, inspect=False))
+                path = recipes_dir / f"{stem}.yaml"
+                try:
+                    out.append(run_recipe(path, Path(tmp), frontend, inspect=False))
+                except TokenoptError as e:     # shown on the page: what a user of that front end meets
+                    out.append(FrontendFailure(stem, path.read_text(), recipe_passes(path.read_text()), frontend,
+                                               str(e)))
         return out
 
 

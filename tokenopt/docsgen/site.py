@@ -30,7 +30,7 @@ class Generated:
     files: dict[str, str] = field(default_factory=dict)           # docs-relative path -> content
     pass_sections: dict[str, str] = field(default_factory=dict)   # pass -> markdown for its page
     pass_titles: dict[str, str] = field(default_factory=dict)
-    examples: list[examples.RecipeExample] = field(default_factory=list)
+    examples: list = field(default_factory=list)     # RecipeExample, or FrontendFailure (other front ends)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -173,7 +173,13 @@ def pass_graphs(name: str, exs: list[examples.RecipeExample]) -> str:
             lines += [f"### Through the `{frontend}` front end", "",
                       f"The same rewrite on the graph the `{frontend}` capture front end makes of the same model "
                       f"(`tokenopt apply ... --capture {frontend}`; see [How it works](../architecture.md)).", ""]
-            lines += [example_section(ex, name).replace("### ", "#### ", 1) + "\n" for ex in mine]
+            for ex in mine:
+                if isinstance(ex, examples.FrontendFailure):
+                    lines += [f"#### `{ex.name}` through the `{frontend}` front end", "",
+                              f"This front end could not apply `{ex.name}` to the example model:", "",
+                              _md_block("text", f"error: {ex.error}"), ""]
+                else:
+                    lines += [example_section(ex, name).replace("### ", "#### ", 1), ""]
     return "\n".join(lines)
 
 
@@ -213,6 +219,8 @@ def generate(root: Path, docs_dir: Path | None = None) -> Generated:
             raise DocsBuildError(f"pass {name!r} has no shipped recipe in {recipes_dir}, so its page would have no "
                                  "generated graph. Add recipes/<name>-*.yaml.")
         for ex in exs:
+            if isinstance(ex, examples.FrontendFailure):
+                continue
             _check_example(ex)
             out.files[f"{GENERATED_DIR}/{svg_stem(ex)}.before.svg"] = ex.before_svg
             out.files[f"{GENERATED_DIR}/{svg_stem(ex)}.after.svg"] = ex.after_svg
