@@ -331,6 +331,7 @@ def pass_sketch(name: str) -> str:
         out.append("```")
     # fenced blocks must not end with blank lines inside; tidy the markdown a little
     text = "\n".join(out)
+    text = re.sub(r":(?:func|class|mod|meth|attr):`~?([^`]+)`", r"`\1`", text)    # Sphinx roles read as code
     text = re.sub(r"```text\n\n+", "```text\n", text)
     text = re.sub(r"\n\n+```\n", "\n```\n", text)
     return text.strip()
