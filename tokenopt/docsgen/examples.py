@@ -172,8 +172,9 @@ def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = 
     # the original graph: traced the way optimize traces (same node names), which rewrites its own
     original = _original_graph(model, x, frontend)
     choose = {} if len(frontends()) == 1 else {"capture": frontend}
-    with _quiet():
-        gm = tokenopt.optimize(model, path, x, calibration=calibration, **choose)
+    # from the recipes' parent folder, so messages name "recipes/x.yaml" rather than this machine's path
+    with _quiet(), _chdir(path.parent.parent):
+        gm = tokenopt.optimize(model, Path(path.parent.name) / path.name, x, calibration=calibration, **choose)
     analysis = gm.tokenopt_analysis
     before_names = {n.name for n in original.graph.nodes}
     index = _choose_block(gm, analysis, before_names)
