@@ -35,7 +35,9 @@ class Run:
     def markdown(self, shown_argv: list[str] | None = None) -> str:
         cmd = "tokenopt " + " ".join(_quote(a) for a in (shown_argv or self.argv))
         status = "" if self.exit_code == 0 else f"\n[exit status {self.exit_code}]"
-        return f"```console\n$ {cmd}\n{self.output.rstrip()}{status}\n```"
+        # an error is a message to read whole (wrapped); a success may print tables (kept as is)
+        fence = "```console" if self.exit_code == 0 else "``` { .console .wrap }"
+        return f"{fence}\n$ {cmd}\n{self.output.rstrip()}{status}\n```"
 
 
 def _quote(arg: str) -> str:
