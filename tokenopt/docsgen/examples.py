@@ -41,11 +41,20 @@ def demo_arch_spec(name: str = "digits") -> str:
 def frontends() -> list[str]:
     """The capture front ends this tokenopt has (``tokenopt.analysis.capture.CAPTURE_MODES`` without
     ``auto``), the default first; just ``fx`` where there is no choice of front end."""
-    try:
-        from tokenopt.analysis.capture import CAPTURE_MODES
-    except ImportError:
+    capture = _capture_module()
+    if capture is None:
         return ["fx"]
-    return [m for m in CAPTURE_MODES if m != "auto"]
+    return [m for m in capture.CAPTURE_MODES if m != "auto"]
+
+
+def _capture_module():
+    """``tokenopt.analysis.capture`` where this tokenopt has a choice of front ends, else None.
+    Looked up by name: the docs follow whichever front ends the package has."""
+    import importlib
+    try:
+        return importlib.import_module("tokenopt.analysis.capture")
+    except ImportError:
+        return None
 
 
 def _original_graph(model, x, frontend: str):
@@ -54,8 +63,7 @@ def _original_graph(model, x, frontend: str):
     if frontend == "fx" and len(frontends()) == 1:
         from tokenopt.trace import trace
         return trace(model)
-    from tokenopt.analysis.capture import capture
-    return capture(model, x, frontend).graph
+    return _capture_module().capture(model, x, frontend).graph
 
 
 def pass_colors() -> dict[str, str]:
