@@ -35,6 +35,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy")),   # both run the pipeline
     (6, "train", ("tokenopt.train", "tokenopt.demo")),      # demo trains the demo models
     (7, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
+    (8, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline
 ]
 
 PACKAGE_DIR = Path(tokenopt.__file__).resolve().parent

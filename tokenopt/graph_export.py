@@ -15,16 +15,26 @@ tall, narrow image (about 19000 x 1400 px). Column 0 holds the main chain, the l
 the output: in a ViT that is the whole computation, block after block. Residual skips, q/k/v side
 paths and extra inputs run in lanes beside it, reused like the lanes of ``git log --graph``, so
 the width stays a few columns however deep the model is. No edge crosses a box (see ``_Layout``).
+
+Graphviz DOT (``to_dot``, drawn by ``render_dot`` with the ``dot`` program) is for figures of a
+part of a graph, e.g. one block before and after a rewrite (the documentation's pass pages):
+``only`` restricts the drawing to some nodes (their inputs from elsewhere appear as small grey
+context nodes), ``groups`` colours highlighted nodes by who inserted them (one colour per pass),
+and ``removed`` draws nodes dashed with their names struck through. Mermaid takes the same three.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Collection, Mapping
 from xml.sax.saxutils import escape
 
 import torch
 import torch.fx
 from torch.fx import Node
+
+from tokenopt.errors import TokenoptError
 
 # ---------------------------------------------------------------- what a node says about itself
 
@@ -130,9 +140,15 @@ def drawn_nodes(gm: torch.fx.GraphModule, highlight: Collection[str] = ()) -> li
     ]
 
 
-def _edges(nodes: list[Node]) -> list[tuple[Node, Node]]:
+def _edges(nodes: list[Node], targets: list[Node] | None = None) -> list[tuple[Node, Node]]:
+    """Edges between drawn nodes (into ``targets`` only, when given), each once, in graph order."""
     shown = {n.name for n in nodes}
-    return [(p, n) for n in nodes for p in n.all_input_nodes if p.name in shown]
+    out = []
+    for n in nodes if targets is None else targets:
+        for p in dict.fromkeys(n.all_input_nodes):
+            if p.name in shown:
+                out.append((p, n))
+    return out
 
 
 # ------------------------------------------------------------------------------------ text
@@ -172,30 +188,77 @@ def _mermaid_text(s: str) -> str:
 
 
 def to_mermaid(
-    gm: torch.fx.GraphModule, highlight: Collection[str] = (), labels: Mapping[str, str] | None = None
+    gm: torch.fx.GraphModule, highlight: Collection[str] = (), labels: Mapping[str, str] | None = None,
+    *, groups: Mapping[str, str] | None = None, colors: Mapping[str, str] | None = None,
+    removed: Collection[str] = (), only: Collection[str] | None = None,
 ) -> str:
-    """A ``flowchart TD``; highlighted nodes get the ``inserted`` class."""
-    labels = labels or {}
-    nodes = drawn_nodes(gm, highlight)
+    """A ``flowchart TD``; highlighted nodes get the ``inserted`` class, or ``g_<group>`` when
+    ``groups`` names one (filled with ``colors[group]``); ``removed`` nodes are dashed and struck.
+    With ``only``, just those nodes are drawn, and their inputs from elsewhere as ``context``."""
+    labels, groups, colors = labels or {}, groups or {}, colors or {}
+    nodes, context = _selection(gm, highlight, removed, only)
     # Prefixed ids: fx names are identifiers, but Mermaid reserves some (``end``).
-    ident = {n.name: f"n_{n.name}" for n in nodes}
+    ident = {n.name: f"n_{n.name}" for n in context + nodes}
     out = ["flowchart TD"]
+    for n in context:
+        out.append(f'    {ident[n.name]}(["{_mermaid_text(n.name)}"])')
     for n in nodes:
         title, detail = _title_and_detail(gm, n, labels.get(n.name))
-        text = _mermaid_text(title) + (f"<br/><i>{_mermaid_text(detail)}</i>" if detail else "")
+        if n.name in removed:
+            title = f"<s>{_mermaid_text(title)}</s>"
+            detail = f"{detail} · removed" if detail else "removed"
+        else:
+            title = _mermaid_text(title)
+        text = title + (f"<br/><i>{_mermaid_text(detail)}</i>" if detail else "")
         opening, closing = ("([", "])") if n.op in ("placeholder", "output") else ("[", "]")
         out.append(f'    {ident[n.name]}{opening}"{text}"{closing}')
-    for p, n in _edges(nodes):
+    for p, n in _edges(context + nodes, targets=nodes):
         out.append(f"    {ident[p.name]} --> {ident[n.name]}")
     out.append("    classDef io fill:#e7f5ff,stroke:#1c7ed6")
     out.append("    classDef inserted fill:#ffd8a8,stroke:#e8590c,stroke-width:2px")
-    io = [ident[n.name] for n in nodes if n.op in ("placeholder", "output") and n.name not in highlight]
-    marked = [ident[n.name] for n in nodes if n.name in highlight]
-    if io:
-        out.append(f"    class {','.join(io)} io")
-    if marked:
-        out.append(f"    class {','.join(marked)} inserted")
+    out.append("    classDef removed fill:#f1f3f5,stroke:#868e96,stroke-dasharray:5 4,color:#868e96")
+    out.append("    classDef context fill:#ffffff,stroke:#ced4da,color:#868e96")
+    used = sorted({groups[n.name] for n in nodes if n.name in highlight and n.name in groups})
+    for g in used:
+        out.append(f"    classDef {_group_class(g)} fill:{colors.get(g, '#ffd8a8')},stroke:#343a40,stroke-width:2px")
+    io = [ident[n.name] for n in nodes if n.op in ("placeholder", "output") and n.name not in highlight
+          and n.name not in removed]
+    classes: dict[str, list[str]] = {"io": io, "context": [ident[n.name] for n in context]}
+    for n in nodes:
+        if n.name in removed:
+            classes.setdefault("removed", []).append(ident[n.name])
+        elif n.name in highlight:
+            cls = _group_class(groups[n.name]) if n.name in groups else "inserted"
+            classes.setdefault(cls, []).append(ident[n.name])
+    for cls, members in classes.items():
+        if members:
+            out.append(f"    class {','.join(members)} {cls}")
     return "\n".join(out) + "\n"
+
+
+def _group_class(group: str) -> str:
+    return "g_" + "".join(c if c.isalnum() else "_" for c in group)
+
+
+def _selection(gm: torch.fx.GraphModule, highlight: Collection[str], removed: Collection[str],
+               only: Collection[str] | None) -> tuple[list[Node], list[Node]]:
+    """(the drawn nodes, the context nodes): with ``only``, the drawn nodes among ``only`` and the
+    nodes outside it that feed them; without, every drawn node and no context."""
+    keep = set(highlight) | set(removed)
+    nodes = drawn_nodes(gm, keep)
+    if only is None:
+        return nodes, []
+    wanted = set(only)
+    nodes = [n for n in nodes if n.name in wanted]
+    shown = {n.name for n in drawn_nodes(gm, keep)}
+    inside = {n.name for n in nodes}
+    context: dict[str, Node] = {}
+    for n in nodes:
+        for p in n.all_input_nodes:
+            if p.name not in inside and p.name in shown:
+                context.setdefault(p.name, p)
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    return nodes, sorted(context.values(), key=lambda n: order[n.name])
 
 
 # ------------------------------------------------------------------------------------- svg
@@ -349,3 +412,89 @@ def to_svg(
         parts.append("</g>")
     parts.append("</svg>")
     return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------ dot
+
+
+def node_span(gm: torch.fx.GraphModule, after: str, through: str) -> list[str]:
+    """The names of the nodes after ``after`` up to and including ``through``, in graph order:
+    a transformer block when given its input and output (as ``tokenopt.report`` counts blocks)."""
+    names = [n.name for n in gm.graph.nodes]
+    try:
+        lo, hi = names.index(after), names.index(through)
+    except ValueError as e:
+        raise KeyError(f"no node {e.args[0].split()[0]} in the graph") from None
+    return names[lo + 1: hi + 1]
+
+
+def _dot_id(name: str) -> str:
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _html(s: str) -> str:
+    return escape(s, {'"': "&quot;"})
+
+
+def to_dot(
+    gm: torch.fx.GraphModule, highlight: Collection[str] = (), labels: Mapping[str, str] | None = None,
+    *, groups: Mapping[str, str] | None = None, colors: Mapping[str, str] | None = None,
+    removed: Collection[str] = (), only: Collection[str] | None = None, title: str = "",
+) -> str:
+    """A Graphviz ``digraph``, top to bottom: highlighted nodes filled (by ``colors[groups[name]]``
+    when ``groups`` names their group, else orange), ``removed`` nodes dashed and struck through,
+    ``only`` and context as in :func:`to_mermaid`. Node ids are the fx node names, so the SVG that
+    ``dot`` draws from it holds each node's name as its ``<title>``."""
+    labels, groups, colors = labels or {}, groups or {}, colors or {}
+    nodes, context = _selection(gm, highlight, removed, only)
+    out = [
+        "digraph G {",
+        '  graph [rankdir=TB, bgcolor="white", nodesep=0.2, ranksep=0.25, fontname="Helvetica", fontsize=13'
+        + (f', label=<{_html(title)}>, labelloc=t' if title else "") + "];",
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, margin="0.12,0.04", '
+        'fillcolor="#f8f9fa", color="#495057", height=0.3];',
+        '  edge [color="#868e96", arrowsize=0.6];',
+    ]
+    for n in context:
+        out.append(f'  {_dot_id(n.name)} [label=<<FONT COLOR="#868e96">{_html(n.name)}</FONT>>, shape=ellipse, '
+                   'style="dashed", color="#ced4da", fontsize=9, height=0.2];')
+    for n in nodes:
+        head, detail = _title_and_detail(gm, n, None if n.name in removed else labels.get(n.name))
+        if n.name in removed:
+            detail = labels.get(n.name) or "removed"
+        head, detail = _html(_clip(head)), _html(detail if len(detail) <= 48 else detail[:47] + "…")
+        attrs = []
+        if n.name in removed:
+            head = f"<S>{head}</S>"
+            attrs += ['style="rounded,dashed"', 'color="#868e96"', 'fontcolor="#868e96"']
+        elif n.name in highlight:
+            fill = colors.get(groups.get(n.name, ""), "#ffd8a8")
+            attrs += [f'fillcolor="{fill}"', 'color="#343a40"', "penwidth=2"]
+        elif n.op in ("placeholder", "output"):
+            attrs += ['fillcolor="#e7f5ff"', 'color="#1c7ed6"']
+        label = f"<B>{head}</B>" + (f'<BR/><FONT POINT-SIZE="9">{detail}</FONT>' if detail else "")
+        tooltip = f"%{n.name} = {n.op} {_short_target(n)}" + (f" ({labels[n.name]})" if n.name in labels else "")
+        attrs += [f"label=<{label}>", f"tooltip={_dot_id(tooltip)}"]
+        out.append(f"  {_dot_id(n.name)} [{', '.join(attrs)}];")
+    for p, n in _edges(context + nodes, targets=nodes):
+        style = ' [style=dashed]' if p.name in removed or n.name in removed else ""
+        out.append(f"  {_dot_id(p.name)} -> {_dot_id(n.name)}{style};")
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+class GraphvizMissing(TokenoptError):
+    """The Graphviz ``dot`` program is needed and not installed."""
+
+
+def render_dot(dot: str, fmt: str = "svg", timeout: float = 60.0) -> str:
+    """Draw DOT text with Graphviz's ``dot`` program; returns the output (SVG text by default)."""
+    exe = shutil.which("dot")
+    if exe is None:
+        raise GraphvizMissing("Graphviz's `dot` program is not on PATH; it draws the SVG graphs.\n"
+                              "  Install Graphviz (Debian/Ubuntu: apt-get install graphviz; macOS: brew install "
+                              "graphviz) and run again.")
+    done = subprocess.run([exe, f"-T{fmt}"], input=dot, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"dot -T{fmt} failed: {done.stderr.strip()}")
+    return done.stdout

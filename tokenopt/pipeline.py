@@ -108,16 +108,25 @@ def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> 
     """Walk the blocks in order, threading the token state, then fix pooling and outputs."""
     needs_index = outputs == "tokens" or any(p.kind == "tokens" for p in analysis.pooling)
     g = GraphRewriter(analysis, track_index=needs_index)
+    # node name -> the pass that inserted it; what begin_block adds for the token state (e.g. the
+    # log(size) attention bias after a merge) belongs to the pass that last rewrote a block
+    inserted_by: dict[str, str] = {}
+    owner = None
     for block, layer in zip(analysis.blocks, plan.layers):
+        known = len(g.inserted)
         g.begin_block(block)
         if layer.step is not None:
-            get_pass(layer.rule.pass_name)().rewrite(g, block, layer.step)
+            owner = layer.rule.pass_name
+            get_pass(owner)().rewrite(g, block, layer.step)
+        if owner is not None:
+            inserted_by.update(dict.fromkeys(list(g.inserted)[known:], owner))
     if g.state.reduced:
         restore_pooling(g, analysis)
     if outputs == "tokens":
         return_tokens(g, analysis)
     gm = g.finish()
     gm.tokenopt_inserted = dict(g.inserted)
+    gm.tokenopt_inserted_by = inserted_by    # the rest of tokenopt_inserted: pooling/outputs
     gm.tokenopt_overhead = dict(g.overhead)
     gm.tokenopt_token_counts = dict(g.token_counts)
     gm.tokenopt_analysis = analysis

@@ -1,7 +1,7 @@
 """The supported-models table: every model family tokenopt is meant to handle, as tokenopt sees it.
 
     python tools/supported_models.py                 # print the table (markdown)
-    python tools/supported_models.py --write         # also write docs/supported-models.md
+    python tools/supported_models.py --write FILE    # also write it to FILE
 
 Each family is a small random-init config built here (nothing is downloaded). For each one the
 table says what tokenopt's own analysis found, never a hard-coded answer: the capture front end
@@ -202,13 +202,14 @@ def _versions() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--write", action="store_true", help="also write docs/supported-models.md")
+    ap.add_argument("--write", metavar="FILE", type=Path,
+                    help="also write the table to FILE (the docs build generates its own page)")
     args = ap.parse_args(argv)
     text = markdown()
     print(text)
     if args.write:
-        (ROOT / "docs" / "supported-models.md").write_text(text)
-        print(f"wrote {ROOT / 'docs' / 'supported-models.md'}")
+        args.write.write_text(text)
+        print(f"wrote {args.write}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,293 @@
+"""The documentation site's generated parts (tokenopt.docsgen, graph_export.to_dot) and the site build.
+
+The fast tests check each generator on its own; ``test_site_build`` (slow) runs ``mkdocs build
+--strict`` and reads the built pages the way a reader gets them.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx
+from pydantic import Field
+from typer.testing import CliRunner
+
+from tokenopt import graph_export
+from tokenopt.cli import app
+from tokenopt.docsgen import cli_ref, examples, recipe_ref, site
+from tokenopt.passes import available_passes, get_pass
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+
+
+# ------------------------------------------------------------------------------ graph_export: DOT
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.drop = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Identity()
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(self.drop(h)) + h
+
+
+def _node_attrs(dot: str, name: str) -> str:
+    line = next(ln for ln in dot.splitlines() if ln.strip().startswith(f'"{name}" ['))
+    return line
+
+
+def test_dot_colours_inserted_nodes_by_pass_and_strikes_removed_ones():
+    gm = torch.fx.symbolic_trace(_Tiny())
+    names = [n.name for n in gm.graph.nodes]
+    assert names == ["x", "a", "drop", "b", "add", "output"]
+    dot = graph_export.to_dot(gm, highlight={"a", "add"}, labels={"a": "inserted by tome"},
+                              groups={"a": "tome", "add": "tosa"}, colors={"tome": "#111111", "tosa": "#222222"},
+                              removed={"drop"}, only=["drop", "b", "add"])
+    assert 'fillcolor="#111111"' not in dot            # a is outside `only`: drawn as context, not filled
+    assert _node_attrs(dot, "a").count("ellipse") == 1
+    assert 'fillcolor="#222222"' in _node_attrs(dot, "add")
+    drop = _node_attrs(dot, "drop")
+    assert "<S>drop</S>" in drop and "dashed" in drop
+    assert "<S>" not in _node_attrs(dot, "b") and "fillcolor" not in _node_attrs(dot, "b")
+    edges = {ln.strip().rstrip(";") for ln in dot.splitlines() if "->" in ln}
+    # every edge into the drawn nodes, once; edges out of removed nodes dashed
+    assert edges == {'"a" -> "drop" [style=dashed]', '"drop" -> "b" [style=dashed]', '"b" -> "add"', '"a" -> "add"'}
+    assert "x" not in {e.split('"')[1] for e in edges}   # x feeds only a, which is outside `only`
+
+
+@needs_dot
+def test_render_dot_draws_every_node_as_an_svg_group():
+    gm = torch.fx.symbolic_trace(_Tiny())
+    svg = graph_export.render_dot(graph_export.to_dot(gm, highlight={"b"}, groups={"b": "tome"},
+                                                      colors={"tome": "#a5d8ff"}))
+    titles = re.findall(r"<title>([^<]+)</title>", svg)
+    assert set(titles) >= {"x", "a", "drop", "b", "add", "output"}
+    # the highlighted box is filled with its pass's colour, the others are not
+    b_group = svg.split("<title>b</title>")[1].split("</g>")[0]
+    assert 'fill="#a5d8ff"' in b_group
+    assert 'fill="#a5d8ff"' not in svg.split("<title>a</title>")[1].split("</g>")[0]
+
+
+def test_render_dot_without_graphviz_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(graph_export.shutil, "which", lambda name: None)
+    with pytest.raises(graph_export.GraphvizMissing, match="apt-get install graphviz"):
+        graph_export.render_dot("digraph G { a }")
+
+
+def test_mermaid_classes_follow_groups_and_removed():
+    gm = torch.fx.symbolic_trace(_Tiny())
+    out = graph_export.to_mermaid(gm, highlight={"add"}, groups={"add": "spa"}, colors={"spa": "#333333"},
+                                  removed={"drop"}, only=["drop", "b", "add"])
+    lines = out.splitlines()
+    assert "    classDef g_spa fill:#333333,stroke:#343a40,stroke-width:2px" in lines
+    assert "    class n_add g_spa" in lines
+    assert "    class n_drop removed" in lines
+    assert "    class n_a context" in lines
+    assert 'n_drop["<s>drop</s><br/><i>Identity · removed</i>"]' in out
+
+
+def test_node_span_is_one_block():
+    gm = torch.fx.symbolic_trace(_Tiny())
+    assert graph_export.node_span(gm, "a", "add") == ["drop", "b", "add"]
+    with pytest.raises(KeyError):
+        graph_export.node_span(gm, "a", "nope")
+
+
+# ------------------------------------------------------------------------------ pass examples
+
+
+def _one_recipe_per_pass() -> dict[str, Path]:
+    """A shipped recipe for each pass, one that needs no calibration run where there is one (faster)."""
+    from tokenopt.recipe import load_recipe
+
+    def calibrates(path: Path) -> bool:
+        return any(get_pass(r.pass_name)().needs_calibration(r.options) for r in load_recipe(path).rules)
+
+    out = {}
+    for path in sorted((ROOT / "recipes").glob("*.yaml"), key=lambda p: (calibrates(p), p.name)):
+        for name in examples.recipe_passes(path.read_text()):
+            out.setdefault(name, path)
+    return out
+
+
+def _inserted_by_pass_in_block(recipe: Path, block: str, pass_name: str) -> set[str]:
+    """Reference for the drawn block: optimize the same model again, and list the nodes of
+    ``block`` that ``pass_name`` inserted (from the pipeline's own record, not the generator's)."""
+    import tokenopt
+    model = examples.build_model()
+    x = examples._example_batch(model)
+    with pytest.warns() if False else _nowarn():
+        gm = tokenopt.optimize(model, recipe, x, calibration=examples._example_batch(model, 4))
+    b = next(b for b in gm.tokenopt_analysis.blocks if b.path == block)
+    span = set(graph_export.node_span(gm, b.input, b.output))
+    return {n for n, p in gm.tokenopt_inserted_by.items() if p == pass_name and n in span}
+
+
+def _nowarn():
+    import warnings
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.simplefilter("ignore")
+
+    class _Exit:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            ctx.__exit__(*a)
+    return _Exit()
+
+
+@needs_dot
+@pytest.mark.parametrize("pass_name", available_passes())
+def test_example_svg_shows_the_nodes_its_pass_inserted(pass_name, tmp_path):
+    recipe = _one_recipe_per_pass()[pass_name]
+    ex = examples.run_recipe(recipe, tmp_path)
+    expected = _inserted_by_pass_in_block(recipe, ex.block, pass_name)
+    assert expected, f"{recipe.name} inserts nothing in {ex.block}"
+    assert all(by for *_, by in ex.inserted), f"inserted nodes with no pass: {ex.inserted}"
+    colour = examples.pass_colors()[pass_name]
+    for node in expected:
+        group = ex.after_svg.split(f"<title>{node}</title>")
+        assert len(group) == 2, f"{node} missing from the after SVG of {recipe.name}"
+        assert f'fill="{colour}"' in group[1].split("</g>")[0], f"{node} is not filled with {pass_name}'s colour"
+    # the before graph is the original: no new node (a wrapped node keeps its name, ToSA's restore),
+    # and the struck ones are really gone
+    from tokenopt.trace import trace
+    original = {n.name for n in trace(examples.build_model()).graph.nodes}
+    new = expected - original
+    assert new and not any(f"<title>{n}</title>" in ex.before_svg for n in new)
+    for node, _why in ex.removed:
+        assert f"<title>{node}</title>" in ex.before_svg and f"<title>{node}</title>" not in ex.after_svg
+    assert "| layer | block | tokens in → out |" in ex.report and "**total**" in ex.report and f"artifact {recipe.stem}.tokenopt.pt" in ex.inspect
+
+
+def test_benchmark_rows_take_the_pass_rows_and_the_original():
+    md = "\n".join(["## Speed — `bench`", "", "| model | GFLOPs |", "|---|---|", "| original | 4.6 |",
+                    "| tome r=8 | 3.4 |", "| tofu r=8 | 3.4 |", "| tomen | 1 |", "", "## Other", "",
+                    "| a | b |", "|---|---|", "| tofu r=1 | 2 |"])
+    rows = site.benchmark_rows(md, "tome")
+    assert rows == ["*Speed — `bench`*", "", "| model | GFLOPs |", "|---|---|", "| original | 4.6 |",
+                    "| tome r=8 | 3.4 |", ""]
+    assert site.benchmark_rows(md, "spa") == []
+
+
+def test_pass_sketch_turns_literal_blocks_into_fences():
+    text = examples.pass_sketch("tome")
+    assert "```text\nh = x + attn(norm1(x))\ny = h + mlp(norm2(h))\n```" in text
+    assert "::" not in text
+
+
+def test_a_newly_registered_pass_gets_a_nav_entry(monkeypatch):
+    from tokenopt.passes import base
+    monkeypatch.setitem(base._REGISTRY, "zz", type("ZZ", (base.Pass,), {}))
+    gen = site.Generated(pass_titles={"zz": "ZZ"})
+    nav = site.nav([{"Home": "index.md"}, {"Passes": [{"ToMe": "passes/tome.md"}]}], gen)
+    passes = nav[1]["Passes"]
+    assert {"ZZ": "passes/zz.md"} in passes and passes[0] == {"ToMe": "passes/tome.md"}
+    assert sum("passes/tome.md" in e.values() for e in passes) == 1
+
+
+# ------------------------------------------------------------------------------ recipe reference
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    return recipe_ref.render(recipe_ref.collect(ROOT / "recipes"))
+
+
+def test_reference_lists_every_schema_key(reference):
+    recipe_ref.check_reference(reference)
+    for name in available_passes():
+        for key in get_pass(name).Options.model_fields:
+            assert f"| `{key}` |" in reference
+
+
+def test_reference_check_fails_when_the_schema_gains_a_key(reference, monkeypatch):
+    tome = get_pass("tome")
+
+    class Extended(tome.Options):
+        extra_knob: int = Field(3, description="a key added after the reference was rendered")
+
+    monkeypatch.setattr(tome, "Options", Extended)
+    with pytest.raises(AssertionError, match=r"tome: extra_knob"):
+        recipe_ref.check_reference(reference)
+    # rendering again from the schema picks it up, error included
+    fresh = recipe_ref.render(recipe_ref.collect(ROOT / "recipes"))
+    recipe_ref.check_reference(fresh)
+    assert "option 'extra_knob' = -1: input should be a valid integer" not in fresh     # -1 is a valid int
+    assert "extra_knob: nonsense" in fresh and "option 'extra_knob' = 'nonsense'" in fresh
+
+
+def test_reference_errors_are_what_the_loader_says(tmp_path, monkeypatch):
+    """The quoted error for ToSA's selector.kernel, against loading that recipe by hand."""
+    content = recipe_ref.collect(ROOT / "recipes")
+    kernel = next(d for d in content["tosa"] if d.path == "selector.kernel")
+    assert kernel.bad_value == -1
+    (tmp_path / "recipe.yaml").write_text("version: 1\nrules:\n- pass: tosa\n  layers: second-half\n  keep: 0.5\n"
+                                          "  bypass: block\n  selector: {input: pooled, hidden: 32, kernel: -1}\n")
+    monkeypatch.chdir(tmp_path)
+    from tokenopt.errors import RecipeError
+    from tokenopt.recipe import load_recipe
+    with pytest.raises(RecipeError) as e:
+        load_recipe(Path("recipe.yaml"))
+    assert kernel.error == str(e.value)
+    assert "greater than or equal to 1 (at kernel)" in kernel.error
+
+
+# ------------------------------------------------------------------------------ CLI reference
+
+
+def test_cli_reference_lists_every_verb_and_option():
+    text = cli_ref.render()
+    help_ = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"}).output
+    verbs = re.findall(r"^│ (\w+)\s{2,}", help_, flags=re.M)
+    assert set(verbs) >= {"apply", "validate", "inspect", "eval", "probe", "demo", "train"}
+    for verb in verbs:
+        assert f"## `tokenopt {verb}`" in text
+        section = text.split(f"## `tokenopt {verb}`")[1].split("\n## ")[0]
+        out = CliRunner().invoke(app, [verb, "--help"], env={"COLUMNS": "200"}).output
+        options = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", out)) - {"--help"}
+        assert options, verb
+        missing = [o for o in options if o not in section]
+        assert not missing, f"{verb}: {missing}"
+
+
+# ------------------------------------------------------------------------------ the site
+
+
+@pytest.mark.slow
+@needs_dot
+def test_site_build(tmp_path):
+    """mkdocs build --strict: every pass page embeds SVGs written by this build, holding the
+    nodes its pass inserted; the references and transcripts are there."""
+    start = time.time()
+    out = tmp_path / "site"
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in available_passes():
+        page = (out / "passes" / name / "index.html").read_text()
+        svgs = sorted(set(re.findall(r'src="\.\./generated/([\w.-]+\.after\.svg)"', page)))
+        assert svgs, f"the {name} page embeds no generated SVG"
+        for svg_name in svgs:
+            svg = out / "passes" / "generated" / svg_name
+            assert svg.stat().st_mtime >= start - 1, f"{svg_name} was not written by this build"
+        first = svgs[0].removesuffix(".after.svg")
+        block = re.search(rf'id="{re.escape(first)}".*?Block drawn: <code>([\w.]+)</code>', page, flags=re.S).group(1)
+        expected = _inserted_by_pass_in_block(ROOT / "recipes" / f"{first}.yaml", block, name)
+        text = (out / "passes" / "generated" / svgs[0]).read_text()
+        assert expected and all(f"<title>{n}</title>" in text for n in expected)
+    for page in ("reference/recipes", "reference/cli", "reference/api", "getting-started", "troubleshooting"):
+        assert (out / page / "index.html").exists(), page
+    trouble = (out / "troubleshooting" / "index.html").read_text()
+    assert "cannot trace GatedViT with torch.fx" in trouble and "refused: relative-position bias" in trouble
