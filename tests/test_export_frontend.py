@@ -378,6 +378,18 @@ def test_beit_is_refused_with_its_reason(images):
         tokenopt.optimize(model, tome(2), images[:2])
 
 
+def test_weights_as_wide_as_the_token_grid_are_not_a_rotation_table():
+    # 32 px / patch 4 = 64 patch tokens and 64 channels: exported, every projection weight has a
+    # 64-wide axis; the RoPE check once took them for position tables and refused every block
+    import timm
+    model = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=2,
+                              num_heads=4, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for mode in ("fx", "export"):
+        a = analyse(model, x, capture=mode)
+        assert a.capture == mode and [b.refused_by for b in a.blocks] == [None, None]
+
+
 def hf_resnet():
     return transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]))
 

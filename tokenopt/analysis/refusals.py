@@ -28,7 +28,7 @@ from typing import Callable
 import torch.fx as fx
 
 from tokenopt.analysis.index import GraphIndex
-from tokenopt.analysis.nodes import is_add, shape_of
+from tokenopt.analysis.nodes import is_add, is_layer_norm, is_linear, shape_of
 from tokenopt.analysis.records import CLASS_ATTENTION, BlockRecord, NoMatch
 
 
@@ -224,6 +224,10 @@ def _rope(b: BlockRecord, ctx: CheckContext) -> NoMatch | None:
     for qk in (core.q, core.k):
         qn = idx.node(qk)
         for m in (idx.ancestors(qn) | {qn}) & inside:
+            # a weight is a fixed operand too, and its width can equal the token count (64 channels,
+            # 64 patches): only the elementwise ops after the projection can apply a rotation table
+            if is_linear(m, ctx.gm) or is_layer_norm(m, ctx.gm):
+                continue
             if m.op in ("call_function", "call_method") and \
                     _fixed_operand(m, inside, x_in, _grid_sizes(b, ctx)) is not None:
                 return NoMatch("rotary position embedding (RoPE): q and k are rotated by position-dependent "
