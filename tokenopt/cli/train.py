@@ -100,7 +100,7 @@ def train_(
     spa = "spa" in passes
     learned = bool(passes & {"tosa", "spa"})   # the passes with parameters of their own
     if not learned and not finetune_epochs:
-        raise TokenoptError(f"{recipe}: nothing to train: the recipe adds no parameters (no `pass: tosa` or "
+        raise TokenoptError(f"{recipe}: nothing to train: the recipe adds no parameters (no `pass: tosa` rule, no "
                             "`pass: spa` rule). Pass --finetune-epochs N to fine-tune MODEL with the recipe in the loop.")
     if spa and "tosa" in passes:
         raise TokenoptError(f"{recipe}: has both ToSA selectors and SPA gates; `tokenopt train` trains one kind: "
