@@ -75,7 +75,7 @@ def test_a_recipe_without_selectors_needs_fine_tuning_epochs(tmp_path):
     recipe = tmp_path / "tome.yaml"
     recipe.write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n")
     res = run("train", recipe, MODEL, "--data", "digits", "-o", tmp_path / "x.pt")
-    assert res.exit_code == 2 and "no `pass: tosa` or `pass: spa` rule" in res.output and "--finetune-epochs" in res.output
+    assert res.exit_code == 2 and "no `pass: tosa` rule" in res.output and "no `pass: spa` rule" in res.output and "--finetune-epochs" in res.output
     assert not (tmp_path / "x.pt").exists()
 
 
