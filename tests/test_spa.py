@@ -201,6 +201,7 @@ def test_compiled_padded_model_equals_eager():
     gm = trained(optimize(model, recipe(layers="1", mode="prune")))
     x = images()
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()      # reset() keeps the counts of earlier tests in this process
     compiled = torch.compile(gm)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), gm(x), rtol=0, atol=1e-5)
@@ -416,3 +417,12 @@ def test_cli_refuses_bad_spa_recipes_with_exit_2_and_writes_nothing(tmp_path, ru
     assert result.exit_code == 2, result.output
     assert says in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_an_exported_graph_is_refused_with_the_recipe_line_and_the_fix():
+    # exported blocks read the batch size once from the input; a packed block has another (1)
+    model = tiny_timm(depth=2)
+    with pytest.raises(RecipeError, match=r"(?s)rule 1, pass spa.*torch\.export.*--capture fx"):
+        optimize(model, recipe(layers="1"), example_input=images(2), capture="export")
+    gm = optimize(model, recipe(layers="1"), example_input=images(2), capture="fx")   # the same model traces
+    assert gates_of(gm)
