@@ -30,7 +30,7 @@ from torch import nn
 _aten = torch.ops.aten
 
 
-def _overloads(*names: str) -> set:
+def aten_overloads(*names: str) -> set:
     """ATen overloads by ``op.overload`` name, those this torch build has."""
     found = set()
     for name in names:
@@ -42,12 +42,12 @@ def _overloads(*names: str) -> set:
 
 
 SDPA_FN = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention} | \
-    _overloads("scaled_dot_product_attention")
-SOFTMAX_FN = {torch.softmax, F.softmax, torch.Tensor.softmax} | _overloads("softmax.int", "_softmax")
-MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm, torch.einsum} | _overloads("matmul", "bmm")
-ADD_FN = {operator.add, torch.add, operator.iadd} | _overloads("add.Tensor")
-LINEAR_FN = {F.linear, torch._C._nn.linear} | _overloads("linear")
-LAYER_NORM_FN = {F.layer_norm, torch.layer_norm} | _overloads("layer_norm")
+    aten_overloads("scaled_dot_product_attention")
+SOFTMAX_FN = {torch.softmax, F.softmax, torch.Tensor.softmax} | aten_overloads("softmax.int", "_softmax")
+MATMUL_FN = {operator.matmul, torch.matmul, torch.bmm, torch.einsum} | aten_overloads("matmul", "bmm")
+ADD_FN = {operator.add, torch.add, operator.iadd} | aten_overloads("add.Tensor")
+LINEAR_FN = {F.linear, torch._C._nn.linear} | aten_overloads("linear")
+LAYER_NORM_FN = {F.layer_norm, torch.layer_norm} | aten_overloads("layer_norm")
 
 
 def shape_of(node) -> tuple[int, ...] | None:

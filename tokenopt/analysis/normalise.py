@@ -36,19 +36,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from tokenopt.analysis.nodes import aten_overloads
+
 aten = torch.ops.aten
 _MAX = 2 ** 63 - 1
-
-
-def _ov(*names: str) -> list:
-    """The ATen overloads ``op.overload`` that exist in this torch build."""
-    out = []
-    for name in names:
-        op, _, overload = name.partition(".")
-        packet = getattr(aten, op, None)
-        if packet is not None and hasattr(packet, overload or "default"):
-            out.append(getattr(packet, overload or "default"))
-    return out
 
 
 def _function(fn, nargs: int | None = None, keep_kwargs: tuple[str, ...] | None = None):
@@ -90,7 +81,7 @@ def _layer_norm(n: fx.Node):
 
 
 def _softmax(n: fx.Node):
-    if n.target in _ov("_softmax"):
+    if n.target in aten_overloads("_softmax"):
         x, dim, half_to_float = _args(n, ("self", "dim", "half_to_float"), (None, None, False))
         return None if half_to_float else ("call_function", torch.softmax, (x, dim), {})
     x, dim, dtype = _args(n, ("self", "dim", "dtype"), (None, None, None))
@@ -148,43 +139,43 @@ def _sdpa(n: fx.Node):
 
 
 RULES: dict = {}
-for _op in _ov("linear"):
+for _op in aten_overloads("linear"):
     RULES[_op] = _function(F.linear)
-for _op in _ov("layer_norm"):
+for _op in aten_overloads("layer_norm"):
     RULES[_op] = _layer_norm
-for _op in _ov("scaled_dot_product_attention"):
+for _op in aten_overloads("scaled_dot_product_attention"):
     RULES[_op] = _sdpa
-for _op in _ov("softmax.int", "_softmax"):
+for _op in aten_overloads("softmax.int", "_softmax"):
     RULES[_op] = _softmax
 for _name, _fn in (("add.Tensor", operator.add), ("sub.Tensor", operator.sub), ("mul.Tensor", operator.mul),
                    ("div.Tensor", operator.truediv), ("add.Scalar", operator.add), ("mul.Scalar", operator.mul),
                    ("div.Scalar", operator.truediv), ("sub.Scalar", operator.sub)):
-    for _op in _ov(_name):
+    for _op in aten_overloads(_name):
         RULES[_op] = _binary(_fn)
-for _op in _ov("matmul"):
+for _op in aten_overloads("matmul"):
     RULES[_op] = _function(operator.matmul)
-for _op in _ov("bmm"):
+for _op in aten_overloads("bmm"):
     RULES[_op] = _function(torch.bmm)
-for _op in _ov("cat"):
+for _op in aten_overloads("cat"):
     RULES[_op] = _function(torch.cat)
-for _op in _ov("select.int"):
+for _op in aten_overloads("select.int"):
     RULES[_op] = _select
-for _op in _ov("slice.Tensor"):
+for _op in aten_overloads("slice.Tensor"):
     RULES[_op] = _slice
-for _op, _fn in ((_ov("mean.dim"), torch.mean), (_ov("sum.dim_IntList"), torch.sum), (_ov("amax"), torch.amax)):
+for _op, _fn in ((aten_overloads("mean.dim"), torch.mean), (aten_overloads("sum.dim_IntList"), torch.sum), (aten_overloads("amax"), torch.amax)):
     for _o in _op:
         RULES[_o] = _reduce(_fn)
-for _op in _ov("gelu"):
+for _op in aten_overloads("gelu"):
     RULES[_op] = _gelu
-for _op in _ov("dropout"):
+for _op in aten_overloads("dropout"):
     RULES[_op] = _dropout
-for _op in _ov("conv2d"):
+for _op in aten_overloads("conv2d"):
     RULES[_op] = _function(F.conv2d)
-for _op in _ov("_assert_tensor_metadata"):
+for _op in aten_overloads("_assert_tensor_metadata"):
     RULES[_op] = _drop
 for _name in ("view", "reshape", "transpose.int", "permute", "expand", "contiguous", "flatten.using_ints",
               "unflatten.int", "unsqueeze", "squeeze.dim", "to.dtype", "unbind.int", "chunk", "split.Tensor"):
-    for _op in _ov(_name):
+    for _op in aten_overloads(_name):
         RULES[_op] = _method(_name.split(".")[0])
 
 
@@ -258,7 +249,7 @@ def _data_ancestors(n: fx.Node) -> set[fx.Node]:
 
 def _is_sdpa(n: fx.Node) -> bool:
     return n.op == "call_function" and (n.target is F.scaled_dot_product_attention or
-                                        n.target in _ov("scaled_dot_product_attention"))
+                                        n.target in aten_overloads("scaled_dot_product_attention"))
 
 
 def drop_constant_masks(gm: fx.GraphModule, example_input: torch.Tensor) -> list[str]:
