@@ -24,7 +24,8 @@ import tokenopt
 # (the root package ``tokenopt`` matches only itself).
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (0, "base", ("tokenopt.errors", "tokenopt.version", "tokenopt.paths", "tokenopt.distributed", "tokenopt.tokens",
-                 "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export")),
+                 "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export",
+                 "tokenopt.model_outputs")),
     (1, "ops", ("tokenopt.ops",)),
     (1, "load", ("tokenopt.io", "tokenopt.demo_specs", "tokenopt.families")),    # models from specs and files; never trains
     (1, "data", ("tokenopt.data",)),

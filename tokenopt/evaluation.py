@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from tokenopt.model_outputs import class_logits
+
 from tokenopt.flops import count_flops
 
 
@@ -32,12 +34,6 @@ class EvalRow:
     r: int | None = None
 
 
-def _logits(out):
-    if hasattr(out, "logits"):   # a Hugging Face ModelOutput
-        return out.logits
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def evaluate_many(models: dict[str, nn.Module], loader: DataLoader, reference: str = "original",
                   progress: Callable[[int], None] | None = None) -> dict[str, dict]:
@@ -49,7 +45,7 @@ def evaluate_many(models: dict[str, nn.Module], loader: DataLoader, reference: s
     for images, labels, *_ in loader:
         preds = {}
         for k, m in models.items():
-            out = _logits(m(images))
+            out = class_logits(m(images))
             classes = out.shape[-1]
             top = out.topk(min(5, classes), dim=-1).indices
             preds[k] = top[:, 0]

@@ -6,6 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from tokenopt import distributed as D
+from tokenopt.model_outputs import class_logits
 
 
 @torch.no_grad()
@@ -22,11 +23,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: str | torch.device | 
     num_classes = None
     try:
         for images, labels, *_ in loader:
-            out = model(images.to(device))
-            if hasattr(out, "logits"):   # a Hugging Face ModelOutput
-                out = out.logits
-            elif isinstance(out, (tuple, list)):  # e.g. distilled heads: the first is the class logits
-                out = out[0]
+            out = class_logits(model(images.to(device)))
             labels = labels.to(device)
             num_classes = out.shape[-1]
             top = out.topk(min(5, num_classes), dim=-1).indices

@@ -33,6 +33,7 @@ from torch import nn
 
 from tokenopt import distributed as D
 from tokenopt.errors import TokenoptError
+from tokenopt.model_outputs import class_logits
 from tokenopt.passes.spa import capture_gate_outputs, gates_of
 from tokenopt.train.gate_labels import DEFAULT_COVER, DEFAULT_MASS, attention_labels, check_source, mask_labels
 from tokenopt.train.loop import TrainResult, train
@@ -154,8 +155,7 @@ def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "mask
             meter.add({i: kept_fraction(outputs[i].keep, prefix) for i in layers})
             value = gate_weight * bce
             if finetune:
-                logits = out[0] if isinstance(out, (tuple, list)) else out
-                value = value + F.cross_entropy(logits, batch[1])
+                value = value + F.cross_entropy(class_logits(out), batch[1])
             return value
 
         def epoch_end(epoch, m):

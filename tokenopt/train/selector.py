@@ -25,6 +25,7 @@ from torch import nn
 
 from tokenopt.analysis import ModelAnalysis, analyse
 from tokenopt.errors import TokenoptError
+from tokenopt.model_outputs import class_logits
 from tokenopt.ops import selection as ops
 from tokenopt.passes.tosa import SELECTOR_PREFIX, selectors
 from tokenopt.train.loop import TrainResult, train
@@ -218,12 +219,12 @@ def finetune(model: nn.Module, original: nn.Module, data, *, epochs: int, distil
     # the hooks keep selector predictions; also no untrained-selector warning while training
     with _capturing(model) as predictions, _keep_requires_grad(model, original):
         def loss(out, batch):
-            logits = _logits(out)
+            logits = class_logits(out)
             with torch.no_grad():
                 t, att = attention(batch[0], sel) if attention is not None else \
                     (frozen(batch[0]) if soft else None, {})
             if soft:
-                t = _logits(t)
+                t = class_logits(t)
                 value = F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(t / temperature, -1),
                                  reduction="batchmean") * temperature ** 2
             else:
@@ -235,14 +236,6 @@ def finetune(model: nn.Module, original: nn.Module, data, *, epochs: int, distil
         return train(model, data, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                      warmup_epochs=warmup_epochs, params=params, loss=loss, checkpoint=checkpoint,
                      resume=resume, fingerprint=fingerprint, seed=seed, quiet=quiet, **train_kwargs)
-
-
-def _logits(out) -> torch.Tensor:
-    """The class scores in what a model returns: a tensor, the first of a tuple (distilled heads),
-    or a Hugging Face ModelOutput's ``logits``."""
-    if hasattr(out, "logits"):
-        return out.logits
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _unlabelled(data) -> bool:
