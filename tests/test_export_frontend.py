@@ -31,7 +31,7 @@ import tokenopt
 from reference_tome import merge_one_image, unmerge_one_image
 from tokenopt.analysis import analyse, analyse_graph, capture_graph, family_of
 from tokenopt.analysis.example import record_shapes
-from tokenopt.analysis.normalise import canonical_ops, drop_constant_masks, free_token_axis
+from tokenopt.analysis.normalise import canonical_ops, drop_constant_masks, free_token_axis, localise_batch
 from tokenopt.errors import AnalysisError, RecipeError
 
 transformers = pytest.importorskip("transformers")
@@ -481,6 +481,40 @@ def test_free_token_axis_leaves_channel_splits_alone():
     assert free_token_axis(gm) == 2                        # batch and tokens; 96 -> 3 x 2 x 16 stays
     view = next(n for n in gm.graph.nodes if n.target == "reshape")
     assert view.args[1][2:] == [3, 2, 16]
+
+
+def test_localise_batch_makes_each_block_read_its_own_batch_size():
+    """Export reads the batch off the image once; after localise_batch a block reads it off its
+    own input, so swapping in an input of another batch (what SPA's packing does) still reshapes."""
+    def build(g, x):                                      # x (2, 17, 32): image; block = (x*2).view(B, 17, 2, 16)
+        b = g.call_function(torch.ops.aten.sym_size.int, (x, 0))
+        start = g.call_function(operator.mul, (x, 2.0))
+        view = g.call_method("view", (start, [b, g.call_method("size", (start, 1)), 2, 16]))
+        end = g.call_method("reshape", (view, [b, -1, 32]))
+        seq_first = g.call_method("transpose", (end, 0, 1))                  # (17, 2, 32): batch second
+        other = g.call_method("view", (seq_first, [17, b, 2, 16]))
+        return end, other
+
+    gm = _graph(build, (2, 17, 32))
+    x = torch.randn(2, 17, 32)
+    want = gm(x)
+    spans = [("mul", "reshape"), ("transpose", "view_1")]
+    assert localise_batch(gm, spans) == 2                 # both uses in the first block; the second is left
+    assert all(torch.equal(a, b) for a, b in zip(want, gm(x)))
+    reads = {n.name: {a.name for a in n.args[1] if isinstance(a, fx.Node)}
+             for n in gm.graph.nodes if n.target in ("view", "reshape")}
+    assert "sym_size_int" not in reads["view"] | reads["reshape"]
+    assert "sym_size_int" in reads["view_1"]             # its input leads with tokens, not the batch
+    # the block's input now comes from a batch of 1 (two images' tokens packed): it follows
+    start = next(n for n in gm.graph.nodes if n.name == "mul")
+    with gm.graph.inserting_before(start):
+        packed = gm.graph.call_method("reshape", (start.args[0], [1, -1, 32]))
+    start.args = (packed, 2.0)
+    gm.recompile()
+    end = next(n for n in gm.graph.nodes if n.name == "reshape")
+    gm.graph.output_node().args = (end,)
+    gm.recompile()
+    assert torch.equal(gm(x), (2 * x).reshape(1, 34, 32))
 
 
 def test_drop_constant_masks_keeps_a_mask_that_masks_or_reads_parameters():

@@ -32,7 +32,26 @@ def own_vit(kind):
             MHAViT(img=32, patch=4, dim=48, depth=3)).eval()
 
 
-MODELS = {"sdpa": tiny_timm, "softmax": lambda: own_vit("softmax"), "mha": lambda: own_vit("mha")}
+def hf_vit():
+    """A Hugging Face ViT (fx cannot trace it: torch.export captures it), at unit-gain weights so
+    its blocks are far from the identity and a per-image comparison shows something."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=96, image_size=32,
+        patch_size=4, num_labels=10))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p[0].numel() ** -0.5) if p.dim() > 1 else p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+MODELS = {"sdpa": tiny_timm, "softmax": lambda: own_vit("softmax"), "mha": lambda: own_vit("mha"), "hf_vit": hf_vit}
+CAPTURE = {"hf_vit": "export"}          # the others trace with fx
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out
 
 
 def recipe(layers="1-2", **options):
@@ -79,22 +98,23 @@ def run_capturing(gm, x):
 @pytest.mark.parametrize("mode", ["bypass", "prune"])
 def test_a_gate_keeping_everything_is_the_original(kind, mode):
     model = MODELS[kind]()
-    gm = trained(optimize(model, recipe(threshold=0.0, mode=mode)))
+    gm = trained(optimize(model, recipe(threshold=0.0, mode=mode), example_input=images(2),
+                          capture=CAPTURE.get(kind, "auto")))
     x = images()
     with torch.no_grad():
-        got, want = gm(x), model(x)
-    if kind == "sdpa" and mode == "bypass":
+        got, want = logits(gm(x)), logits(model(x))
+    if kind in ("sdpa", "hf_vit") and mode == "bypass":
         assert torch.equal(got, want)          # the same kernels on the same tokens
     else:   # an explicit chain or a written-out MHA now runs as SDPA per image: rounding differs
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind, layout", [(k, "packed") for k in MODELS] + [("sdpa", "padded")] + [
-    pytest.param(k, "padded", marks=pytest.mark.slow) for k in ("softmax", "mha")])
+    pytest.param(k, "padded", marks=pytest.mark.slow) for k in ("softmax", "mha", "hf_vit")])
 def test_bypass_block_equals_a_per_image_loop_on_the_kept_tokens(kind, layout):
-    model = MODELS[kind]()
-    gm = trained(optimize(model, recipe(layout=layout)))
-    reference = analyse(model, images(2))
+    model, capture = MODELS[kind](), CAPTURE.get(kind, "auto")
+    gm = trained(optimize(model, recipe(layout=layout), example_input=images(2), capture=capture))
+    reference = analyse(model, images(2), capture=capture)
     _, v, seen = run_capturing(gm, images())
     assert sorted(seen) == [1, 2]
     for i in (1, 2):
@@ -111,9 +131,9 @@ def test_bypass_block_equals_a_per_image_loop_on_the_kept_tokens(kind, layout):
             torch.testing.assert_close(y[b:b + 1, keep[b]], expect, rtol=0, atol=1e-5)
 
 
-def prune_reference(model, gm, x, seen, head):
+def prune_reference(model, gm, x, seen, head, capture="auto"):
     """The original blocks image by image, each SPA layer first dropping the tokens its gate left."""
-    reference = analyse(model, x[:2])
+    reference = analyse(model, x[:2], capture=capture)
     blocks = [extract_block(reference.graph, b) for b in reference.blocks]
     _, v, _ = run_capturing(gm, x)
     first = v[gm.tokenopt_analysis.blocks[1].input]       # before the first SPA layer, as the original
@@ -419,10 +439,33 @@ def test_cli_refuses_bad_spa_recipes_with_exit_2_and_writes_nothing(tmp_path, ru
     assert not out.exists()
 
 
-def test_an_exported_graph_is_refused_with_the_recipe_line_and_the_fix():
-    # exported blocks read the batch size once from the input; a packed block has another (1)
-    model = tiny_timm(depth=2)
-    with pytest.raises(RecipeError, match=r"(?s)rule 1, pass spa.*torch\.export.*--capture fx"):
-        optimize(model, recipe(layers="1"), example_input=images(2), capture="export")
-    gm = optimize(model, recipe(layers="1"), example_input=images(2), capture="fx")   # the same model traces
-    assert gates_of(gm)
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_prune_on_an_exported_hf_vit_equals_a_per_image_loop(layout):
+    # torch.export reads the batch size once off the image; each block must read its own, since a
+    # packed block runs on a batch of 1 (analysis.normalise.localise_batch)
+    model = hf_vit()
+    gm = trained(optimize(model, recipe(mode="prune", layout=layout), example_input=images(2), capture="export"))
+    assert gm.tokenopt_capture == "export"
+    x = images()
+    out, _, seen = run_capturing(gm, x)
+    assert (seen[2].valid.sum(1) < seen[1].valid.sum(1)).all()
+    head = lambda h: model.classifier(model.vit.layernorm(h)[:, 0])  # noqa: E731
+    want = prune_reference(model, gm, x, seen, head, capture="export")
+    assert type(out).__name__ == "ImageClassifierOutput"       # the return type is the original's
+    torch.testing.assert_close(out.logits, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["bypass", "prune"])
+def test_both_front_ends_give_the_same_spa_model(mode):
+    """timm's ViT and nn.MultiheadAttention (whose exported graph folds heads into the batch and
+    splits them back with the batch size) rewritten from an fx and from an export capture, with
+    the same gates and the same forced keep: the same outputs."""
+    for model in (tiny_timm(), own_vit("mha")):
+        x = images()
+        gms = [trained(optimize(model, recipe(mode=mode), example_input=images(2), capture=c)) for c in ("fx", "export")]
+        gms[1].load_state_dict(gms[0].state_dict())
+        outs = []
+        for gm in gms:
+            with torch.no_grad(), force_keep(gm, 0.5, seed=3):
+                outs.append(gm(x))
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)

@@ -65,8 +65,6 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
         where = rule.where(recipe.source)
         idx = resolve_layers(rule.layers, paths, where)
         p = get_pass(rule.pass_name)()
-        if analysis.capture in p.unsupported_captures:
-            raise RecipeError(f"{where}: {p.unsupported_captures[analysis.capture]}")
         per_layer = p.resolve(rule.options, p.layer_options(rule.options, len(idx), where),
                               [blocks[i] for i in idx], context, where)
         usable = []

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from tokenopt.analysis import BlockRecord, GraphIndex
+from tokenopt.analysis.nodes import is_input_batch_size
 from tokenopt.errors import AnalysisError
 
 
@@ -28,7 +29,7 @@ def extract_block(gm: fx.GraphModule, block: BlockRecord, index: GraphIndex | No
         if n.op == "get_attr":            # parameters and buffers come along by reference
             env[n] = g.node_copy(n, lookup)
             return env[n]
-        if _is_batch_size(n):             # an exported graph reads the batch size off the image once
+        if is_input_batch_size(n):             # an exported graph reads the batch size off the image once
             env[n] = g.call_method("size", (env[start], 0))
             return env[n]
         raise AnalysisError(f"{block.path}: the block reads {n.name}, computed outside it; "
@@ -43,8 +44,3 @@ def extract_block(gm: fx.GraphModule, block: BlockRecord, index: GraphIndex | No
     g.output(env[end])
     return fx.GraphModule(gm, g, class_name=f"Block{block.index}")
 
-
-def _is_batch_size(n: fx.Node) -> bool:
-    """``aten.sym_size.int(image, 0)``: the batch size as torch.export records it."""
-    return (n.op == "call_function" and n.target is torch.ops.aten.sym_size.int and len(n.args) == 2
-            and n.args[1] == 0 and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder")

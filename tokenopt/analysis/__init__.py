@@ -34,6 +34,7 @@ from tokenopt.analysis.capture import CAPTURE_MODES, Captured, capture as captur
 from tokenopt.analysis.cores import explicit_core, find_cores, mha_core, sdpa_core
 from tokenopt.analysis.example import ShapeRecorder, example_input_for, record_shapes
 from tokenopt.analysis.index import GraphIndex
+from tokenopt.analysis.normalise import localise_batch
 from tokenopt.analysis.nodes import (common_module_prefix, is_add, is_core_node, is_matmul, is_sdpa, is_softmax,
                                      module_path, shape_of, tensor_args)
 from tokenopt.analysis.pooling import find_pooling
@@ -79,6 +80,8 @@ def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, 
             blocks.append(rec)
         else:
             no_matches.append(rec)
+    if localise_batch(gm, [(b.input, b.output) for b in blocks]):
+        index = GraphIndex(gm.graph)      # a size read per block was inserted: index afresh
     unmatched = [(m.where, m.reason) for m in no_matches if m.near_miss]
     if not blocks:
         why = "; ".join(f"{w}: {r}" for w, r in unmatched) or _NO_ATTENTION

@@ -55,6 +55,13 @@ def shape_of(node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def is_input_batch_size(n: fx.Node) -> bool:
+    """``aten.sym_size.int(image, 0)``: the batch size as torch.export records it, read once off
+    the model's input and used by every block (fx graphs read ``x.shape`` inside each block)."""
+    return (n.op == "call_function" and n.target is _aten.sym_size.int and len(n.args) == 2
+            and n.args[1] == 0 and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder")
+
+
 def is_add(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in ADD_FN) or (n.op == "call_method" and n.target in ("add", "add_"))
 

@@ -24,6 +24,11 @@ Two things the capture fixed that token reduction must free again:
   :func:`free_token_axis` writes every size a view, reshape or expand carries over from its input
   as ``x.size(i)`` (and a merged axis as the product, a split one as the quotient), so the graph
   follows the tokens a merge leaves.
+* **The batch size.** An exported graph reads it once off the image (``aten.sym_size.int(x, 0)``)
+  and every block's reshapes use that one value. :func:`localise_batch` makes each block read it
+  from its own input, as fx graphs do (``B, N, C = x.shape``), so a block that runs on another
+  batch (SPA's packed tokens, ``(1, T, C)``) reshapes its own. It needs the blocks, so the
+  analysis calls it once they are found.
 * **Masks.** Hugging Face builds an all-True attention mask from ``arange`` over the token count
   when it is exported. :func:`drop_constant_masks` removes SDPA masks that read neither the image
   nor a parameter and let every query see every key: attention without them is the same.
@@ -36,7 +41,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from tokenopt.analysis.nodes import aten_overloads
+from tokenopt.analysis.nodes import aten_overloads, is_input_batch_size, shape_of
 
 aten = torch.ops.aten
 _MAX = 2 ** 63 - 1
@@ -462,3 +467,52 @@ def _free_expand(gm: fx.GraphModule, n: fx.Node) -> int:
         _set_sizes(n, sizes, as_list)
     return done
 
+
+
+# ---------------------------------------------------------------- the batch axis, per block
+
+def localise_batch(gm: fx.GraphModule, spans: list[tuple[str, str]]) -> int:
+    """Make each block read the batch size from its own input, not from the model's.
+
+    ``spans`` are the blocks as (input node, output node) names. A node of a block (computed from
+    its input on the way to its output) that reads the batch size off the image
+    (:func:`~tokenopt.analysis.nodes.is_input_batch_size`) reads ``input.size(0)`` instead, one
+    such node per block, inserted right after the input. The same value on the captured batch;
+    the block's own once its input has another batch. Blocks whose input does not lead with the
+    batch axis (sequence-first streams) are left alone. Returns how many uses moved.
+    """
+    by_name = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    image = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    batch = (shape_of(image) or (None,))[0] if image is not None else None
+    moved = 0
+    for start_name, end_name in spans:
+        start, end = by_name[start_name], by_name[end_name]
+        if batch is None or (shape_of(start) or (None,))[0] != batch:
+            continue
+        local = None
+        for n in sorted(_body(start, end, order), key=order.__getitem__):
+            for a in n.all_input_nodes:
+                if not is_input_batch_size(a):
+                    continue
+                if local is None:
+                    with gm.graph.inserting_after(start):
+                        local = gm.graph.call_method("size", (start, 0))
+                    local.meta["nn_module_stack"] = dict(n.meta.get("nn_module_stack", {}))
+                n.replace_input_with(a, local)
+                moved += 1
+    if moved:
+        gm.graph.lint()
+        gm.recompile()
+    return moved
+
+
+def _body(start: fx.Node, end: fx.Node, order: dict) -> set[fx.Node]:
+    """The nodes ``end`` is computed from that come after ``start``, plus ``end``."""
+    seen, todo = {end}, [end]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen and order[a] > order[start]:
+                seen.add(a)
+                todo.append(a)
+    return seen

@@ -63,9 +63,6 @@ class Pass:
     #: The key of the measurement :meth:`calibrate` returns (None: the pass never calibrates).
     #: A context that already holds it (e.g. replayed from a saved artifact) is not measured again.
     calibration_key: ClassVar[str | None] = None
-    #: The capture front ends whose graphs the pass can rewrite, and why not the others
-    #: (front end -> reason, said to the user with the recipe line).
-    unsupported_captures: ClassVar[dict[str, str]] = {}
 
     def refuse(self, block) -> str | None:
         """None when the block can be rewritten, else the reason shown to the user."""

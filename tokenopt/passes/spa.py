@@ -141,12 +141,6 @@ class SPA(Pass):
 
     Options = SPAOptions
     changes_token_count = True      # mode: prune does; later grid-bound blocks are refused either way
-    # an exported graph reads the batch size once, from the input, in every block's reshapes; a block
-    # running on packed tokens (1, T, C) needs its own (fx graphs read x.shape inside each block)
-    unsupported_captures = {"export": "SPA cannot rewrite a graph captured by torch.export yet: its blocks read the "
-                                      "batch size once from the input, and a block running on packed tokens has "
-                                      "another.\n  Capture the model with fx (--capture fx / capture=\"fx\") where it "
-                                      "traces, or use tome, tofu or tosa on this model."}
 
     def layer_options(self, options: SPAOptions, n_layers: int, where: str) -> list[SPAParams]:
         p = SPAParams(options.gate.hidden, options.threshold, options.min_keep, options.max_keep, options.mode,
