@@ -184,7 +184,8 @@ def accuracy(args, console):
 
     # SPA, mask labels
     base = copy.deepcopy(model)
-    spa = {"version": 1, "rules": [spa_rule("second-half", threshold=args.threshold, min_keep=args.min_keep,
+    spa = {"version": 1, "rules": [spa_rule(args.layers, gate={"hidden": args.gate_hidden}, threshold=args.threshold,
+                                            min_keep=args.min_keep,
                                             mode="bypass")]}
     gm = tokenopt.optimize(base, spa, example, report=False)
     held = torch.stack([test_set[i][0] for i in range(n_flops)])
@@ -205,7 +206,7 @@ def accuracy(args, console):
 
     # ToSA at SPA's mean keep (same layers, same epochs)
     tbase = copy.deepcopy(model)
-    tosa = {"version": 1, "rules": [{"pass": "tosa", "layers": "second-half", "keep": round(mean_keep, 3),
+    tosa = {"version": 1, "rules": [{"pass": "tosa", "layers": args.layers, "keep": round(mean_keep, 3),
                                      "selector": {"input": "pooled", "hidden": 32, "kernel": 3}}]}
     tgm = tokenopt.optimize(tbase, tosa, example, report=False)
     with console.status("ToSA: training selectors"):
@@ -230,7 +231,7 @@ def accuracy(args, console):
         add(f"tome r={r}", mgm, f"+ fine-tuned {args.finetune_epochs} ep", tome)
 
     t = Table(title=f"digits-clutter demo ViT (6 blocks, {size} px, 65 tokens), {len(test_set)} test images; "
-                    f"SPA/ToSA on the second half")
+                    f"SPA/ToSA on layers {args.layers}")
     for c in ("model", "setting", "GFLOPs/img", "top-1 %", "Δ vs original, same training", "patch tokens kept %"):
         t.add_column(c, justify="left" if c in ("model", "setting") else "right")
     for name, setting, f, top1, k in rows:
@@ -275,6 +276,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--mask-kind", default="box", choices=["box", "ink"])
+    ap.add_argument("--layers", default="second-half", help="accuracy: the blocks SPA and ToSA rewrite")
+    ap.add_argument("--gate-hidden", type=int, default=0, help="accuracy: 0 = the paper's linear gate; >0 an MLP")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--min-keep", type=float, default=0.1)
     ap.add_argument("--gate-weight", type=float, default=1.0)
