@@ -26,6 +26,9 @@ RECIPES = {
     "tofu-prune": [{"pass": "tofu", "r": 2, "op": "prune"}],
     "tofu-mlerp": [{"pass": "tofu", "layers": "1-2", "r": 3, "op": "mlerp"}],
     "tosa": [{"pass": "tosa", "layers": "1-2", "keep": 0.5}],
+    # SPA exports in its padded layout (layout auto); its random-init gates keep different counts
+    "spa-bypass": [{"pass": "spa", "layers": "1-2", "max_keep": 0.75}],
+    "spa-prune": [{"pass": "spa", "layers": "1-2", "mode": "prune", "max_keep": 0.75}],
 }
 
 
@@ -216,3 +219,29 @@ def test_hugging_face_vit_exports(tmp_path):
     got = torch.export.load(tmp_path / "vit.pt2").module()(x)
     with torch.no_grad():
         torch.testing.assert_close(got.logits, fast(x).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_spa_selection_breaks_ties_in_onnx_as_in_eager(tmp_path):
+    """ONNX has no stable sort: under deploy.export_onnx the selection orders by TopK, whose ties
+    go to the lower index, as the stable sort's do. Many tied probabilities, a cap below the count
+    at the threshold: which tied tokens stay must not change."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from tokenopt.ops.gates import select_tokens
+
+    class Select(torch.nn.Module):
+        def forward(self, prob):
+            valid = torch.ones_like(prob, dtype=torch.bool)
+            return select_tokens(prob, valid, 1, 0.5, 2, 5).to(torch.int64)
+
+    prob = torch.tensor([[0.9, 0.7, 0.7, 0.7, 0.2, 0.7, 0.7, 0.7, 0.7, 0.6],
+                         [0.1, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]])
+    want = Select()(prob)
+    assert want[0].tolist() == [1, 1, 1, 1, 0, 1, 1, 0, 0, 0]       # 5 of the 0.7s: the first five
+    assert want[1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]       # none at 0.5: lo = 2, the first two
+    program, _ = deploy.export_onnx(Select(), prob, dynamic_batch=False)
+    program.save(str(tmp_path / "s.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "s.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: prob.numpy()})[0]
+    assert got.tolist() == want.tolist()

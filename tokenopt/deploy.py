@@ -28,6 +28,7 @@ from torch.utils._pytree import tree_leaves
 from tokenopt import io
 from tokenopt.errors import TokenoptError
 from tokenopt.ops import native
+from tokenopt.ops.gates import sorting_for_onnx
 from tokenopt.tokens import Packed
 
 FORMATS = ("pt2", "onnx")
@@ -115,7 +116,7 @@ def export_onnx(gm: nn.Module, example: torch.Tensor, dynamic_batch: bool = True
             raise ExportError(f"ONNX export needs the Python package {module!r}, which is not installed.\n"
                               f"  Install it with: pip install 'tokenopt[{extra}]'") from None
     gm.eval()
-    with native.disabled(), torch.no_grad(), warnings.catch_warnings():
+    with native.disabled(), sorting_for_onnx(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import contextlib
         import io as _io

@@ -24,6 +24,8 @@ the kept tokens' block update ``y - x`` carries the task loss's gradient back to
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 
@@ -62,11 +64,29 @@ def from_grid(grid: Tensor, pos: Tensor | None, fill=0) -> Tensor:
 # selection
 
 
+_stable_sort = [True]
+
+
+@contextlib.contextmanager
+def sorting_for_onnx():
+    """Inside, :func:`top_count` orders by ``topk`` instead of a stable sort: torch's ONNX exporter
+    has no ``sort.stable``, and ONNX TopK gives ties to the lower index, which is the order the
+    stable sort gives. (Eager, compile and torch.export keep the stable sort.)"""
+    _stable_sort[0] = False
+    try:
+        yield
+    finally:
+        _stable_sort[0] = True
+
+
 def top_count(score: Tensor, candidate: Tensor, count: Tensor) -> Tensor:
     """(B, N) bool: per image the ``count[i]`` candidates (candidate (B, N) bool) of highest
     ``score`` (B, N); ties go to the earlier token."""
     s = score.masked_fill(~candidate, float("-inf"))
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    if _stable_sort[0]:
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    else:
+        order = torch.topk(s, s.shape[1], dim=1).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(s.shape[1], device=s.device).expand_as(order))
     return (rank < count[:, None]) & candidate
 

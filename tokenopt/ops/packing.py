@@ -87,8 +87,9 @@ def pack_padded(x: Tensor, keep: Tensor, capacity: int) -> tuple[Tensor, Tensor,
     """
     n = x.shape[1]
     position = torch.arange(n, device=x.device).expand(keep.shape)
-    # kept rows first, each group in original order: sort by (not kept, position)
-    order = torch.sort(torch.where(keep, position, position + n), dim=1, stable=True).indices
+    # kept rows first, each group in original order: sort by (not kept, position), keys that are
+    # all different, so no stable sort is needed (ONNX has none)
+    order = torch.sort(torch.where(keep, position, position + n), dim=1).indices
     rows = order[:, :capacity]
     filled = keep.gather(1, rows)
     gathered = x.gather(1, rows.reshape(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
