@@ -184,7 +184,7 @@ def accuracy(args, console):
 
     # SPA, mask labels
     base = copy.deepcopy(model)
-    spa = {"version": 1, "rules": [spa_rule(args.layers, gate={"hidden": args.gate_hidden}, threshold=args.threshold,
+    spa = {"version": 1, "rules": [spa_rule(args.layers, gate={"hidden": args.gate_hidden, "noise": args.gate_noise}, threshold=args.threshold,
                                             min_keep=args.min_keep,
                                             mode="bypass")]}
     gm = tokenopt.optimize(base, spa, example, report=False)
@@ -278,6 +278,7 @@ def main(argv=None):
     ap.add_argument("--mask-kind", default="box", choices=["box", "ink"])
     ap.add_argument("--layers", default="second-half", help="accuracy: the blocks SPA and ToSA rewrite")
     ap.add_argument("--gate-hidden", type=int, default=0, help="accuracy: 0 = the paper's linear gate; >0 an MLP")
+    ap.add_argument("--gate-noise", type=float, default=1.0, help="accuracy: 0 = training selects as inference")
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--min-keep", type=float, default=0.1)
     ap.add_argument("--gate-weight", type=float, default=1.0)

@@ -469,3 +469,10 @@ def test_both_front_ends_give_the_same_spa_model(mode):
             with torch.no_grad(), force_keep(gm, 0.5, seed=3):
                 outs.append(gm(x))
         torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
+
+
+def test_gate_noise_reaches_the_gates_and_is_checked():
+    gm = optimize(tiny_timm(depth=2), recipe(layers="1", gate={"hidden": 0, "noise": 0.0}))
+    assert [g.noise for g in gates_of(gm).values()] == [0.0]
+    with pytest.raises(RecipeError, match="noise"):
+        optimize(tiny_timm(depth=2), recipe(layers="1", gate={"noise": -1}))

@@ -243,3 +243,22 @@ def test_straight_through_is_exact_forward_and_carries_the_update_as_gradient():
     w = torch.randn(1, 5, 3)
     (out * w).sum().backward()
     torch.testing.assert_close(s.grad, ((y - xs) * w).sum(-1))
+
+
+def test_gate_without_noise_trains_on_the_decision_inference_makes():
+    """gate: {noise: 0}: in training the gate keeps exactly the tokens it keeps in eval (its
+    straight-through weight still carries the task gradient); with the default noise it samples,
+    and keeps a different set."""
+    from tokenopt.ops.gates import TokenGate
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 33, 16)
+    for noise, same in ((0.0, True), (1.0, False)):
+        gate = TokenGate(16, hidden=0, threshold=0.5, prefix=1, lo=2, hi=30, noise=noise)
+        gate.eval()
+        with torch.no_grad():
+            _, keep_eval, _ = gate(x)
+        gate.train()
+        _, keep_train, ste = gate(x)
+        assert torch.equal(keep_train, keep_eval) is same
+        assert ste is not None and ste.requires_grad and torch.equal(ste, torch.zeros_like(ste))

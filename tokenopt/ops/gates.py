@@ -142,18 +142,22 @@ class TokenGate(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: int = 0, threshold: float = 0.5, prefix: int = 0, lo: int = 0,
-                 hi: int = 1 << 30, layer: int = 0):
+                 hi: int = 1 << 30, layer: int = 0, noise: float = 1.0):
         super().__init__()
         self.score = nn.Linear(dim, 1) if hidden == 0 else nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
         self.threshold, self.prefix, self.lo, self.hi, self.layer = threshold, prefix, lo, hi, layer
         self.temperature = 1.0          # Gumbel-sigmoid temperature in training
+        # scale of the sampling noise in training; 0: the decision is inference's (prob >= threshold),
+        # so fine-tuning sees the keep rate inference will (with noise it keeps more: see docs)
+        self.noise = noise
         self.capture: dict | None = None           # set by capture_gate_outputs
         self.forced: tuple | None = None           # (fraction, generator), set by force_keep
         self.register_buffer("trained", torch.tensor(False))
 
     def extra_repr(self) -> str:
-        return f"threshold={self.threshold}, prefix={self.prefix}, keep {self.lo}..{self.hi} per image"
+        return (f"threshold={self.threshold}, prefix={self.prefix}, keep {self.lo}..{self.hi} per image, "
+                f"noise={self.noise}")
 
     def logits(self, x: Tensor) -> Tensor:
         """(R0, R1, C) -> (R0, R1)."""
@@ -168,7 +172,8 @@ class TokenGate(nn.Module):
         if self.forced is not None:
             keep = random_keep(valid, self.prefix, self.forced[0], self.hi, self.forced[1])
         elif self.training:
-            sample = torch.sigmoid((logit + logistic_noise(logit)) / self.temperature)
+            noisy = logit + self.noise * logistic_noise(logit) if self.noise else logit
+            sample = torch.sigmoid(noisy / self.temperature)
             keep = select_tokens(sample.detach(), valid, self.prefix, self.threshold, self.lo, self.hi)
             ste = from_grid(sample - sample.detach(), pos)
         else:

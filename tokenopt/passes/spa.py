@@ -54,6 +54,9 @@ class GateOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     hidden: int = Field(0, ge=0, le=4096, description="0: one linear layer on the tokens (the paper); >0: an MLP "
                                                       "with this many hidden units")
+    noise: float = Field(1.0, ge=0.0, le=10.0, description="scale of the logistic (Gumbel-sigmoid) noise on the "
+                                                           "gate's logits in training; 0: training selects as "
+                                                           "inference does")
 
 
 def _fraction_or_count(name: str, v, allow_zero: bool):
@@ -127,6 +130,7 @@ class SPAParams:
     lo: int = 0
     hi: int = 0
     follows_prune: bool = False     # an earlier layer of the same rule pruned: fewer tokens come in
+    noise: float = 1.0              # scale of the training-time sampling noise
 
 
 @dataclass
@@ -144,7 +148,7 @@ class SPA(Pass):
 
     def layer_options(self, options: SPAOptions, n_layers: int, where: str) -> list[SPAParams]:
         p = SPAParams(options.gate.hidden, options.threshold, options.min_keep, options.max_keep, options.mode,
-                      options.layout, options.attention)
+                      options.layout, options.attention, noise=options.gate.noise)
         return [p] * n_layers
 
     def resolve(self, options: SPAOptions, per_layer: list[SPAParams], blocks: list, context: dict,
@@ -196,7 +200,7 @@ class SPA(Pass):
         capacity = prefix + p.hi
         before = set(g.inserted)
         name = g.add_module(f"{GATE_PREFIX}.{block.index}", TokenGate(
-            block.dim, p.hidden, p.threshold, prefix, p.lo, p.hi, block.index))
+            block.dim, p.hidden, p.threshold, prefix, p.lo, p.hi, block.index, noise=p.noise))
         sel = g.call_module_after(x, name, x, pos, valid, label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
         keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept rows", "kept tokens (B, N0)", "straight-through weight"))
         g.overhead.update(dict.fromkeys(set(g.inserted) - before, block.index))
