@@ -17,7 +17,7 @@ Accuracy: the digits-clutter demo ViT (6 blocks, 64 px, 8 px patches). By defaul
 training keeps what inference keeps), gates trained with mask labels (each digit's box, pooled
 to the token grid), then fine-tuned with the task loss + the gates' BCE; 1080 test images (one
 standard error about 1.1 points). ``--layers 3-5 --gate-hidden 0 --gate-noise 1 --threshold 0.5``
-is the paper's gate on the second half. ToSA at the keep that matches SPA's measured mean tokens
+is the paper's gate on the second half. ToSA at the keep whose GFLOPs are closest to SPA's measured mean
 (selectors trained, then fine-tuned, the same epochs) and ToMe at the r whose GFLOPs are closest
 (training-free and fine-tuned). SPA's GFLOPs vary per image: the table gives the mean over the
 test images. The dense check is bench_tosa.py's: a linear per-patch head on each model's patch
@@ -207,10 +207,19 @@ def accuracy(args, console):
     spa_flops = rows[-1][2]
     mean_keep = sum(kept.values()) / len(kept)
 
-    # ToSA at SPA's mean keep (same layers, same epochs)
+    # ToSA at the keep whose GFLOPs are closest to SPA's (same layers, same epochs): SPA's gates and
+    # ToSA's selectors cost differently, so the same keep is not the same budget
+    def tosa_recipe(keep):
+        return {"version": 1, "rules": [{"pass": "tosa", "layers": args.layers, "keep": round(keep, 3),
+                                         "selector": {"input": "pooled", "hidden": 32, "kernel": 3}}]}
+    candidates = [mean_keep + d for d in (-0.06, -0.04, -0.02, 0.0, 0.02, 0.04, 0.06, 0.08, 0.10, 0.12)
+                  if 0.0 < mean_keep + d <= 1.0]
+    tosa_flops = {k: gflops(tokenopt.optimize(copy.deepcopy(model), tosa_recipe(k), example, report=False))
+                  for k in candidates}
+    tosa_keep = min(tosa_flops, key=lambda k: abs(tosa_flops[k] - spa_flops))
+    mean_keep = tosa_keep
     tbase = copy.deepcopy(model)
-    tosa = {"version": 1, "rules": [{"pass": "tosa", "layers": args.layers, "keep": round(mean_keep, 3),
-                                     "selector": {"input": "pooled", "hidden": 32, "kernel": 3}}]}
+    tosa = tosa_recipe(tosa_keep)
     tgm = tokenopt.optimize(tbase, tosa, example, report=False)
     with console.status("ToSA: training selectors"):
         train_selectors(tgm, tbase, train_set, epochs=args.gate_epochs, quiet=True)
