@@ -20,6 +20,7 @@ from torch import nn
 import tokenopt
 from tokenopt.analysis import AttentionCore, BlockRecord
 from tokenopt.errors import PlanError, RecipeError
+from tokenopt.rewrite import learned
 from tokenopt.ops import attention as attn_ops
 from tokenopt.ops import selection
 from tokenopt.ops import tome as tome_ops
@@ -253,7 +254,7 @@ def test_selectors_are_submodules_with_the_recipes_shape():
         "tosa_selectors.1.trained", "tosa_selectors.1.conv1.weight", "tosa_selectors.1.conv1.bias",
         "tosa_selectors.1.conv2.weight", "tosa_selectors.1.conv2.bias"}
     # one check of the selectors before the first forward, however many tosa layers there are
-    assert list(gm._forward_pre_hooks.values()) == [tosa_pass.check_selectors_trained]
+    assert list(gm._forward_pre_hooks.values()) == [learned.check_trained]
     # the selected tokens: every prefix token, then the top 4 (layer 1) and 8 of 16 (layer 2)
     values = node_values(gm, images())
     assert values[selector_io(gm, 1)[1]].shape == (2, 5) and values[selector_io(gm, 2)[1]].shape == (2, 9)

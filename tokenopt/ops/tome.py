@@ -71,6 +71,12 @@ def unmerge(x: Tensor, index: Tensor) -> Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+def unmerge_into(index: Tensor, x: Tensor) -> Tensor:
+    """:func:`unmerge` with the tokens last, as a region's exit receives them (GraphRewriter.bracket):
+    index (B, N0), x (B, N, C) -> (B, N0, C)."""
+    return unmerge(x, index)
+
+
 def size_weighted_mean(x: Tensor, size: Tensor, start: int) -> Tensor:
     """Average pooling where each token counts as many patches as it stands for."""
     s = size[:, start:]

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Iterator, Literal, Union
 
@@ -39,15 +38,24 @@ from tokenopt.ops import gates as ops
 from tokenopt.ops.gates import GateOutput, TokenGate
 from tokenopt.ops.packing import STRATEGIES
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
+from tokenopt.rewrite.learned import LearnedKind, hook_for, learned_modules, register_learned
+from tokenopt.rewrite.state import AttendWithinImages
 from tokenopt.tokens import Packed, TokenCount
 
 GATE_PREFIX = "spa_gates"
+PRUNED = "tokens were pruned per image (SPA mode: prune)"
+PRUNE_FIX = "Use mode: bypass, or prune only in layers after it."
 
 __all__ = ["SPA", "GateOutput", "capture_gate_outputs", "gates_of", "force_keep", "UntrainedGateWarning"]
 
 
 class UntrainedGateWarning(UserWarning):
     """An SPA model runs with gates that were never trained."""
+
+
+GATES = register_learned(LearnedKind(
+    GATE_PREFIX, TokenGate, "SPA gates", UntrainedGateWarning,
+    untrained="an untrained linear layer picks the tokens"))
 
 
 class GateOptions(BaseModel):
@@ -135,7 +143,6 @@ class SPAParams:
 
 @dataclass
 class SPAGraphState:
-    hooked: bool = False
     layers: list[int] = field(default_factory=list)
 
 
@@ -193,37 +200,44 @@ class SPA(Pass):
             _check_prune(g, block)
         x = g.node(block.input)
         end = g.node(block.output)
-        body = g.region(x, end)               # the block's own nodes, before anything is inserted
         layout = g.state.layout if isinstance(g.state.layout, Packed) else None
         pos = g.node(layout.positions) if layout else None
         valid = g.node(layout.valid) if layout else None
         capacity = prefix + p.hi
-        before = set(g.inserted)
-        name = g.add_module(f"{GATE_PREFIX}.{block.index}", TokenGate(
-            block.dim, p.hidden, p.threshold, prefix, p.lo, p.hi, block.index, noise=p.noise))
-        sel = g.call_module_after(x, name, x, pos, valid, label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
-        keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept rows", "kept tokens (B, N0)", "straight-through weight"))
-        g.overhead.update(dict.fromkeys(set(g.inserted) - before, block.index))
-        packed = g.insert_after(ste, ops.spa_pack, x, keep_rows, keep, pos, ste, capacity, p.layout,
-                                label="pack the kept tokens")
-        xs, lengths, pos_s, ste_s, rows, filled = _unpack_tuple(g, packed, tuple(
-            f"packed {w}" for w in ("tokens", "lengths", "positions", "straight-through", "rows", "filled")))
-        offs = g.insert_after(filled, _offsets, lengths, label="packed offsets")
-        g.reroute(x, xs, body)
-        new_layout = Packed(lengths.name, offs.name, capacity, p.layout, pos_s.name, keep.name, p.attention)
-        g.isolate_attention(block, lengths, new_layout)
-        g.record_token_count(block, lengths)
-        if p.mode == "bypass":
-            g.wrap(end, ops.spa_unpack, xs, ste_s, keep_rows, rows, filled, x,
-                   label="unpack: unselected tokens skip the block")
-        else:
-            g.wrap(end, ops.straight_through, xs, ste_s, label="stream stays packed (prune)")
+        packed: dict = {}
+
+        def pack(x):
+            """Gate, then pack the kept tokens; inside the block, attention stays within each image."""
+            gate = TokenGate(block.dim, p.hidden, p.threshold, prefix, p.lo, p.hi, block.index, noise=p.noise)
+            sel = g.add_learned(block, GATES, gate, x, pos, valid, label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
+            keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept rows", "kept tokens (B, N0)",
+                                                          "straight-through weight"))
+            g.mark_overhead(block, keep_rows, keep, ste)
+            node = g.insert_after(ste, ops.spa_pack, x, keep_rows, keep, pos, ste, capacity, p.layout,
+                                  label="pack the kept tokens")
+            xs, lengths, pos_s, ste_s, rows, filled = _unpack_tuple(g, node, tuple(
+                f"packed {w}" for w in ("tokens", "lengths", "positions", "straight-through", "rows", "filled")))
+            offs = g.insert_after(filled, _offsets, lengths, label="packed offsets")
+            new_layout = Packed(lengths.name, offs.name, capacity, p.layout, pos_s.name, keep.name, p.attention)
             g.state.layout = new_layout
+            g.state.oblige(AttendWithinImages(new_layout, why=PRUNED, fix=PRUNE_FIX))
+            g.record_token_count(block, lengths)
+            packed.update(xs=xs, ste_s=ste_s, keep_rows=keep_rows, rows=rows, filled=filled, layout=new_layout)
+            return xs
+
+        def unpack(x, end):
+            k = packed
+            if p.mode == "bypass":
+                return (ops.spa_unpack, (k["xs"], k["ste_s"], k["keep_rows"], k["rows"], k["filled"], x),
+                        "unpack: unselected tokens skip the block")
+            return ops.straight_through, (k["xs"], k["ste_s"]), "stream stays packed (prune)"
+
+        g.bracket(x, end, enter=pack, exit=unpack, blocks=(block,))
+        if p.mode == "prune":   # the stream stays packed: every later block attends within each image
+            g.state.layout = packed["layout"]
             g.state.reduced = True
+            g.state.oblige(AttendWithinImages(packed["layout"], why=PRUNED, fix=PRUNE_FIX))
         state.layers.append(block.index)
-        if not state.hooked:
-            g.gm.register_forward_pre_hook(check_gates_trained)
-            state.hooked = True
 
 
 def _unpack_tuple(g, node, labels: tuple[str, ...]) -> list:
@@ -264,8 +278,7 @@ def _check_prune(g, block) -> None:
 def gates_of(model: torch.nn.Module) -> dict[int, TokenGate]:
     """The SPA gates of a rewritten model, by the index of their layer (also inside a wrapper such as
     DistributedDataParallel, whose names start with ``module.``)."""
-    return {int(name.rsplit(".", 1)[1]): m for name, m in model.named_modules()
-            if isinstance(m, TokenGate) and name.split(".")[-2:-1] == [GATE_PREFIX]}
+    return learned_modules(model, GATES)
 
 
 @contextlib.contextmanager
@@ -298,24 +311,5 @@ def force_keep(model: torch.nn.Module, fraction: float, seed: int = 0) -> Iterat
             m.forced = None
 
 
-def check_gates_trained(module, args) -> None:
-    """Forward pre-hook of an SPA model: warn once (``strict: true``: refuse) if a gate is untrained.
-    Skipped while torch.compile traces, while tokenopt trains and while gates are forced."""
-    if torch.compiler.is_compiling() or getattr(module, "_spa_checked", False) \
-            or getattr(module, "tokenopt_training", False):
-        return
-    gates = gates_of(module)
-    if any(m.forced is not None for m in gates.values()):
-        return
-    untrained = [i for i, m in gates.items() if not bool(m.trained)]
-    if not untrained:
-        module._spa_checked = True
-        return
-    recipe = getattr(module, "tokenopt_recipe", None)
-    msg = (f"SPA gates of layer(s) {', '.join(map(str, untrained))} were never trained: an untrained linear layer "
-           "picks the tokens, which loses accuracy.\n  Train them: `tokenopt train RECIPE MODEL --data ...`.")
-    if recipe is not None and recipe.strict:
-        raise PlanError(msg + " (refused because the recipe sets strict: true)")
-    warnings.warn(msg, UntrainedGateWarning, stacklevel=7)
-    module._spa_checked = True
-
+#: Forward pre-hook checking the gates only (the model itself carries learned.check_trained).
+check_gates_trained = hook_for(GATES)

@@ -25,7 +25,10 @@ from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.ops.matching import max_reduction
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
+from tokenopt.rewrite.state import KeyBias
 from tokenopt.tokens import Dense, TokenCount
+
+PROPORTIONAL_ATTENTION = "proportional attention log(size)"
 
 
 class DecreasingSchedule(BaseModel):
@@ -102,19 +105,22 @@ class ToMe(Pass):
             # a varying count alone is fine (merges cap by the maximum); a packed stream is not (B, N, C)
             raise PlanError(f"{block.path}: {self.name} cannot merge a packed token stream (SPA mode: prune before "
                             f"it).\n  Apply {self.name} to layers before the spa ones, or use spa mode: bypass.")
-        g.state.prop_attn = step.params.prop_attn
-        if r == 0:
-            return  # r=0 leaves the graph untouched: output bit-identical to the original
-        h = g.node(block.merge_point)
-        metric = keys_metric(g, block, after=h)
-        ensure_index(g)
-        merged = self.insert_reduction(g, metric, h, r, step)
-        x = g.insert_after(merged, operator.getitem, merged, 0, label="merged tokens")
-        size = g.insert_after(x, operator.getitem, merged, 1, label="token sizes")
-        index = g.insert_after(size, operator.getitem, merged, 2, label="token index map") \
-            if g.state.index is not None else None
-        g.replace_uses(h, x, keep=(metric, merged))
-        g.state.size, g.state.index, g.state.reduced = size, index, True
+        if r > 0:   # r=0 leaves the graph untouched: output bit-identical to the original
+            h = g.node(block.merge_point)
+            metric = keys_metric(g, block, after=h)
+            ensure_index(g)
+            merged = self.insert_reduction(g, metric, h, r, step)
+            x = g.insert_after(merged, operator.getitem, merged, 0, label="merged tokens")
+            size = g.insert_after(x, operator.getitem, merged, 1, label="token sizes")
+            index = g.insert_after(size, operator.getitem, merged, 2, label="token index map") \
+                if g.state.index is not None else None
+            g.replace_uses(h, x, keep=(metric, merged))
+            g.state.size, g.state.index, g.state.reduced = size, index, True
+        # later attentions weigh each key by the patches it stands for (proportional attention)
+        if step.params.prop_attn and g.state.size is not None:
+            g.state.oblige(KeyBias(PROPORTIONAL_ATTENTION, ops.key_log_size, (g.state.size,)))
+        else:
+            g.state.release(PROPORTIONAL_ATTENTION)
 
     def insert_reduction(self, g, metric, h, r: int, step: LayerStep):
         """The node that reduces tokens h by r given the matching metric; returns (x, size, index)."""

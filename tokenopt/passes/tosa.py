@@ -21,7 +21,6 @@ previous layer's attention alone.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Literal, Union
 
@@ -33,6 +32,7 @@ from tokenopt.analysis import shape_of
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import selection as ops
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
+from tokenopt.rewrite.learned import LearnedKind, hook_for, learned_modules, register_learned
 from tokenopt.tokens import TokenCount
 
 SELECTOR_PREFIX = "tosa_selectors"
@@ -40,6 +40,12 @@ SELECTOR_PREFIX = "tosa_selectors"
 
 class UntrainedSelectorWarning(UserWarning):
     """A ToSA model runs with selectors that were never trained."""
+
+
+SELECTORS = register_learned(LearnedKind(
+    SELECTOR_PREFIX, ops.TokenSelector, "ToSA selectors", UntrainedSelectorWarning,
+    untrained="they pick tokens by the previous layer's attention alone",
+    api="tokenopt.train.selector.train_selectors"))
 
 
 class SelectorOptions(BaseModel):
@@ -100,11 +106,9 @@ class _Selected:
 
 @dataclass
 class ToSAGraphState:
-    """What ToSA carries through one rewrite: the selective layers so far, and whether the model
-    already has the hook that checks its selectors were trained."""
+    """What ToSA carries through one rewrite: the selective layers so far."""
 
     layers: dict[int, _Selected] = field(default_factory=dict)
-    hooked: bool = False
 
 
 @register_pass("tosa")
@@ -156,20 +160,16 @@ class ToSA(Pass):
         g.attention_qkv(prev)   # an MHA written out is the previous block's own work, not selector cost
         before = set(g.inserted)
         features = _selector_input(g, prev, sel.input, x, state.layers.get(prev.index), prefix)
-        name = g.add_module(f"{SELECTOR_PREFIX}.{block.index}", ops.SELECTORS[sel.input](
-            heads, sel.hidden, sel.kernel, sel.residual))
-        logp = g.call_module_after(features, name, features, label=f"ToSA selector ({sel.input})")
+        selector = ops.SELECTORS[sel.input](heads, sel.hidden, sel.kernel, sel.residual)
+        logp = g.add_learned(block, SELECTORS, selector, features, label=f"ToSA selector ({sel.input})")
         scores = g.insert_after(logp, ops.token_scores, logp, label="token scores")
         idx = g.insert_after(scores, ops.topk_tokens, scores, k, prefix, label=f"top-{k} tokens (+ prefix)")
-        g.overhead.update(dict.fromkeys(set(g.inserted) - before, block.index))  # logits/stats, selector, top-k
-        xs = g.insert_after(idx, ops.gather_tokens, x, idx, label="selected tokens")
+        g.mark_overhead(block, *(g.node(n) for n in set(g.inserted) - before))   # logits/stats, selector, top-k
         end = g.node(block.output if bypass == "block" else block.merge_point)
-        g.reroute(x, xs, g.region(x, end))
-        g.wrap(end, ops.restore_tokens, x, idx, label=f"restore: bypassed tokens skip the {bypass}")
+        g.bracket(x, end, blocks=(block,),
+                  enter=lambda x: g.insert_after(idx, ops.gather_tokens, x, idx, label="selected tokens"),
+                  exit=lambda x, end: (ops.restore_tokens, (x, idx), f"restore: bypassed tokens skip the {bypass}"))
         state.layers[block.index] = _Selected(features, sel.input, idx)
-        if not state.hooked:
-            g.gm.register_forward_pre_hook(check_selectors_trained)
-            state.hooked = True
 
 
 def _heads(g, block) -> int:
@@ -187,7 +187,7 @@ def _selector_input(g, prev, kind: str, x: fx.Node, record: _Selected | None, pr
     """
     where = f"{prev.path} (the layer before a tosa layer)"
     q, k, _ = g.attention_qkv(prev)          # an nn.MultiheadAttention is written out first
-    core = prev.attention
+    core = g.core(prev)
     sq = shape_of(q)
     if sq is not None and sq[0] != shape_of(x)[0] and len(sq) == 4:
         raise PlanError(f"{where}: its attention runs in windows, so it has no attention map over all tokens "
@@ -220,28 +220,8 @@ def _selector_input(g, prev, kind: str, x: fx.Node, record: _Selected | None, pr
 
 def selectors(module: torch.nn.Module) -> dict[int, ops.TokenSelector]:
     """The ToSA selectors of a rewritten model, by the index of the layer they select for."""
-    return {int(name.rsplit(".", 1)[1]): m for name, m in module.named_modules()
-            if isinstance(m, ops.TokenSelector) and name.startswith(SELECTOR_PREFIX + ".")}
+    return learned_modules(module, SELECTORS)
 
 
-def check_selectors_trained(module, args) -> None:
-    """Forward pre-hook of a ToSA model: warn once (``strict: true``: refuse) if a selector is untrained.
-
-    Skipped while torch.compile traces (it would break the graph) and while tokenopt trains.
-    """
-    if torch.compiler.is_compiling() or getattr(module, "_tosa_checked", False) \
-            or getattr(module, "tokenopt_training", False):
-        return
-    untrained = [i for i, m in selectors(module).items() if not bool(m.trained)]
-    if not untrained:
-        module._tosa_checked = True
-        return
-    layers = ", ".join(map(str, untrained))
-    recipe = getattr(module, "tokenopt_recipe", None)
-    msg = (f"ToSA selectors of layer(s) {layers} were never trained: they pick tokens by the previous layer's "
-           "attention alone, which loses accuracy.\n  Train them: `tokenopt train RECIPE MODEL --data ...` "
-           "(API: tokenopt.train.selector.train_selectors).")
-    if recipe is not None and recipe.strict:
-        raise PlanError(msg + " (refused because the recipe sets strict: true)")
-    warnings.warn(msg, UntrainedSelectorWarning, stacklevel=7)  # the caller of model(x)
-    module._tosa_checked = True
+#: Forward pre-hook checking the selectors only (the model itself carries learned.check_trained).
+check_selectors_trained = hook_for(SELECTORS)

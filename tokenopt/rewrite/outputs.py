@@ -30,10 +30,7 @@ def restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
         # after the last block that carries the token stream (CaiT's class-attention blocks that
         # follow it read the restored grid, where duplicates weigh each token by its size)
         carrier = [b for b in analysis.blocks if b.refusal is None] or analysis.blocks
-        last = g.node(carrier[-1].output)
-        full = g.insert_after(last, tome_ops.unmerge, last, g.state.index, label="unmerge to the original grid")
-        g.replace_uses(last, full)
-        g.state.unmerged = True
+        unmerge_at(g, analysis, g.node(carrier[-1].output))
         return
     for p in analysis.pooling:
         if p.kind == "avg" and p.node is not None:
@@ -43,6 +40,15 @@ def restore_pooling(g: GraphRewriter, analysis: ModelAnalysis) -> None:
             w = g.insert_after(n, tome_ops.size_weighted_mean, n.args[0], g.state.size, p.start,
                                label="size-weighted average pooling")
             g.replace_uses(n, w)
+
+
+def unmerge_at(g: GraphRewriter, analysis: ModelAnalysis, end) -> None:
+    """Close the stream-level reduction at ``end``: from the first block's input to ``end`` the
+    stream ran on merged tokens; ``end`` now puts each merged token back on every position it stands
+    for, and after it the token state is the first block's again (every token, sizes all one)."""
+    index = g.state.index
+    g.bracket(g.node(analysis.blocks[0].input), end,
+              exit=lambda start, end: (tome_ops.unmerge_into, (index,), "unmerge to the original grid"))
 
 
 def pool_packed(g: GraphRewriter, analysis: ModelAnalysis, layout: Packed) -> None:
@@ -69,10 +75,9 @@ def pool_packed(g: GraphRewriter, analysis: ModelAnalysis, layout: Packed) -> No
 
 def return_tokens(g: GraphRewriter, analysis: ModelAnalysis) -> None:
     """Make the graph return every patch token (prefix tokens dropped) in original order."""
-    feats = g.node(analysis.features)
-    out = feats
-    if g.state.index is not None and g.state.reduced and not g.state.unmerged:
-        out = g.insert_after(out, tome_ops.unmerge, out, g.state.index, label="unmerge to the original grid")
+    out = g.node(analysis.features)
+    if g.state.index is not None and g.state.reduced:
+        unmerge_at(g, analysis, out)
     tokens = g.insert_after(out, operator.getitem, out, (slice(None), slice(analysis.prefix_tokens, None)),
                             label="patch tokens")
     g.set_output(tokens)

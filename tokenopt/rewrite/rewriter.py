@@ -36,6 +36,7 @@ from tokenopt.errors import PlanError
 from tokenopt.ops import attention as attn_ops
 from tokenopt.ops import packing as packing_ops
 from tokenopt.ops import tome as tome_ops
+from tokenopt.rewrite.learned import LearnedKind, check_trained
 from tokenopt.rewrite.state import TokenState
 from tokenopt.tokens import Packed
 
@@ -58,6 +59,12 @@ class GraphRewriter:
         self.token_counts: dict[int, str] = {}
         self._pass_state: dict[type, object] = {}
         self._by_name = {n.name: n for n in self.graph.nodes}
+        # the attention core of each block as rewritten so far (block index -> record): the analysis's
+        # records stay as the analysis made them, this map holds what the rewrite changed
+        self._cores: dict[int, AttentionCore] = {}
+        # the token state as each block began (block input node name -> state): a bracket that
+        # closes after its region was rewritten restores the state its region started from
+        self._state_at: dict[str, TokenState] = {}
 
     # ---------------------------------------------------------------- state
     def pass_state(self, kind: type[S]) -> S:
@@ -66,6 +73,14 @@ class GraphRewriter:
         if kind not in self._pass_state:
             self._pass_state[kind] = kind()
         return self._pass_state[kind]
+
+    def core(self, block: BlockRecord) -> AttentionCore:
+        """``block``'s attention core as the rewrite has left it so far (the analysis's own record
+        until a primitive changes it: a bias on explicit logits, a replaced or decomposed core)."""
+        return self._cores.get(block.index, block.attention)
+
+    def _set_core(self, block: BlockRecord, core: AttentionCore) -> None:
+        self._cores[block.index] = core
 
     def record_token_count(self, block: BlockRecord, counts: fx.Node) -> None:
         """``counts`` holds the (B,) tokens per image after ``block``; the report measures it."""
@@ -109,6 +124,23 @@ class GraphRewriter:
         """Register a new (e.g. trained) submodule; it becomes part of state_dict."""
         self.gm.add_submodule(name, module)
         return name
+
+    def add_learned(self, block: BlockRecord, kind: LearnedKind, module: nn.Module, *args, label: str = "") -> fx.Node:
+        """Insert ``module``, a learned part of ``kind`` serving ``block``, called on ``args`` right
+        after ``args[0]``: registered as ``{kind.prefix}.{block.index}`` (so it is in the state_dict
+        and artifacts), its call counted as the block's overhead, and the model checking once per
+        forward that its learned parts were trained (:func:`tokenopt.rewrite.learned.check_trained`)."""
+        name = self.add_module(kind.name(block.index), module)
+        call = self.call_module_after(args[0], name, *args, label=label or name)
+        self.mark_overhead(block, call)
+        if check_trained not in self.gm._forward_pre_hooks.values():
+            self.gm.register_forward_pre_hook(check_trained)
+        return call
+
+    def mark_overhead(self, block: BlockRecord, *nodes: fx.Node) -> None:
+        """``nodes`` are a pass's own cost of serving ``block`` (choosing tokens), not the block's work:
+        reports show them apart."""
+        self.overhead.update(dict.fromkeys((n.name for n in nodes), block.index))
 
     def call_module_after(self, anchor: fx.Node, target: str, *args, label: str = "") -> fx.Node:
         """Insert a call of the submodule ``target`` (see :meth:`add_module`) after ``anchor``."""
@@ -160,21 +192,48 @@ class GraphRewriter:
 
     # ---------------------------------------------------------------- attention
     def begin_block(self, block: BlockRecord) -> None:
-        """Before ``block`` is rewritten: what the token state asks of every attention after a
-        merge. With proportional attention each key j adds log(size_j), so a token that stands for
-        s patches weighs as much as its s copies would (ToMe, Bolya et al. 2023). Refused blocks
-        that still run after a reduction are class-attention blocks; they read the unmerged grid."""
-        if self.state.size is not None and self.state.prop_attn and block.refusal is None:
-            self.add_attention_bias(block, tome_ops.key_log_size, self.state.size,
-                                    label="proportional attention log(size)")
-        layout = self.state.layout
-        if isinstance(layout, Packed):
-            # the stream is packed (SPA prune): every later block attends within each image
-            if block.refusal is not None:
-                raise PlanError(f"{block.path} runs after tokens were pruned per image (SPA mode: prune) but "
-                                f"cannot attend over a packed batch ({block.refusal}).\n  Use mode: bypass, or "
-                                "prune only in layers after it.")
-            self.isolate_attention(block, self.node(layout.lengths), layout)
+        """Before ``block`` is rewritten: carry out every obligation the token state holds (a key
+        bias after merges, attention isolated per image on a packed stream ...), whichever pass
+        recorded it (:mod:`tokenopt.rewrite.state`)."""
+        self._state_at.setdefault(block.input, self.state.copy())
+        for obligation in list(self.state.obligations.values()):
+            obligation.apply(self, block)
+
+    # ---------------------------------------------------------------- regions
+    def bracket(self, start: fx.Node, end: fx.Node, enter: Callable | None = None,
+                exit: Callable | None = None, blocks: tuple[BlockRecord, ...] = ()) -> fx.Node | None:
+        """Reduce on entry to a region, run the region on the reduced tokens, restore on exit::
+
+            before                          after
+            y = region(start)               s = enter(start)          # e.g. gather / pack / merge
+                                            y' = region(s)            # the region reads s, not start
+                                            y = exit(start, y')       # e.g. restore / unpack / unmerge
+
+        The region is every node ``end`` is computed from, back to ``start``. ``enter(start)``
+        inserts nodes through this rewriter and returns the one the region reads instead of
+        ``start`` (None: the region already reads what it should). It runs on a copy of the token
+        state, scoped to the region: what it records there (a packed layout, an obligation such as
+        attention isolated per image) is carried out on the attention of every block in ``blocks``
+        (those inside the region) and leaks nowhere else. ``exit(start, end_inner)`` returns
+        ``(fn, args, label)``: ``end`` then computes ``fn(*args, end_inner)``, keeping its name and
+        users. After the bracket the token state is the one the region started from (recorded
+        when a block began at ``start``), or the one before ``enter`` ran. Returns ``enter``'s node.
+        """
+        body = self.region(start, end)                     # the region's own nodes, before insertion
+        outer = self._state_at.get(start.name, self.state).copy()
+        self.state = self.state.copy()
+        inner = enter(start) if enter is not None else None
+        if inner is not None:
+            self.reroute(start, inner, body)
+        added = [ob for key, ob in self.state.obligations.items() if outer.obligations.get(key) is not ob]
+        for block in blocks:
+            for obligation in added:
+                obligation.apply(self, block)
+        if exit is not None:
+            fn, args, label = exit(start, end)
+            self.wrap(end, fn, *args, label=label)
+        self.state = outer
+        return inner
 
     def add_attention_bias(self, block: BlockRecord, fn: Callable, *args, label: str = "") -> fx.Node:
         """Add ``fn(*args)``, a (B, N) bias per key, to the logits of ``block``'s attention.
@@ -183,7 +242,7 @@ class GraphRewriter:
         of the model's is kept); softmax: added to the logits before the softmax; mha: merged
         into ``key_padding_mask``. Returns the node computing the bias.
         """
-        core = block.attention
+        core = self.core(block)
         c = self.node(core.node)
         label = label or f"attention bias {fn.__name__}"
         if core.kind == "sdpa":
@@ -197,7 +256,7 @@ class GraphRewriter:
             bias = self.insert_after(logits, fn, *args, label=label)
             biased = self.insert_after(bias, attn_ops.logits_with_key_bias, logits, bias, label=f"{label}: logits")
             self.replace_uses(logits, biased, keep=(bias,))
-            block.attention = dataclasses.replace(core, logits=biased.name)
+            self._set_core(block, dataclasses.replace(core, logits=biased.name))
         elif core.kind == "mha":
             bias = self.insert_before(c, fn, *args, label=label)
             existing = c.kwargs.get("key_padding_mask", c.args[3] if len(c.args) > 3 else None)
@@ -217,9 +276,9 @@ class GraphRewriter:
         Layouts are the model's own: (B, H, N, d) or (B*H, N, d); v may be None for an explicit
         chain whose value operand the analysis did not name.
         """
-        if block.attention.kind == "mha":
+        if self.core(block).kind == "mha":
             self.decompose_mha(block)
-        core = block.attention
+        core = self.core(block)
         v = getattr(core, "v", None)
         return self.node(core.q), self.node(core.k), self.node(v) if v else None
 
@@ -228,10 +287,10 @@ class GraphRewriter:
         factors multiplied (or divided) between the product and the softmax, 1.0 if none. A factor
         the model computes from shapes (``c ** -0.5`` with c from ``x.shape``) is a graph node; then
         the result is a node too (its value, a number, exists when the model runs)."""
-        core = block.attention
+        core = self.core(block)
         if core.kind == "mha":
             self.decompose_mha(block)
-            core = block.attention
+            core = self.core(block)
         c = self.node(core.node)
         if core.kind == "sdpa":
             return _sdpa_arg(c, "scale", 6)
@@ -265,7 +324,7 @@ class GraphRewriter:
         it; mha: decomposed first. Returns the new core node.
         """
         q, k, v = self.attention_qkv(block)
-        core = block.attention
+        core = self.core(block)
         if v is None:
             raise PlanError(f"{block.path}: cannot find the values of its attention (softmax(...) @ v)")
         if core.kind == "sdpa":
@@ -280,7 +339,7 @@ class GraphRewriter:
                                      label=label or fn.__name__)
             self.replace_uses(out, new)
         self.inserted[new.name] = label or fn.__name__
-        block.attention = dataclasses.replace(core, kind="sdpa", node=new.name, output=new.name, logits=None)
+        self._set_core(block, dataclasses.replace(core, kind="sdpa", node=new.name, output=new.name, logits=None))
         return new
 
     def isolate_attention(self, block: BlockRecord, lengths: fx.Node, layout: Packed) -> fx.Node:
@@ -289,8 +348,8 @@ class GraphRewriter:
         (the (B,) node of tokens per image) and the layout's capacity, layout and strategy. A core
         isolated already (an earlier layout) gets the new lengths. Returns the core node."""
         options = dict(lengths=lengths, capacity=layout.capacity, layout=layout.layout, strategy=layout.strategy)
-        if block.attention.kind == "sdpa":
-            c = self.node(block.attention.node)
+        if self.core(block).kind == "sdpa":
+            c = self.node(self.core(block).node)
             if c.target is packing_ops.isolated_attention:
                 c.kwargs = {**c.kwargs, **options}
                 return c
@@ -312,7 +371,7 @@ class GraphRewriter:
         an explicit softmax instead, and the weights come from it, averaged over heads as asked.
         The analysis refuses batch_first=False and cross-attention before this is reached.
         """
-        core = block.attention
+        core = self.core(block)
         if core.kind != "mha":
             return
         c = self.node(core.node)
@@ -360,7 +419,7 @@ class GraphRewriter:
         self.replace_uses(c, result)
         self.graph.erase_node(c)
         del self._by_name[c.name]
-        block.attention = new_core
+        self._set_core(block, new_core)
 
     def set_output(self, node: fx.Node) -> None:
         """Make the graph return ``node``.
