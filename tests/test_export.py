@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import tokenopt
 from tokenopt import deploy
 from tokenopt.cli import app
-from tokenopt.tokens import Packed, TokenCount
+from tokenopt.tokens import TokenCount
 
 runner = CliRunner()
 KW = dict(img_size=32, patch_size=8, depth=3, num_classes=10, embed_dim=32, num_heads=2)
@@ -140,18 +140,26 @@ def _plan(*steps):
 
 
 def test_packed_layouts_export_only_with_a_capacity():
+    """The pass says, in its plan, whether a layer's shapes depend on the images; export reads only that."""
+    from tokenopt.passes.spa import SPA, SPAOptions
+
     fixed = (TokenCount.fixed(17), None)
-    padded = SimpleNamespace(params=SimpleNamespace(layout=Packed("lengths", "offsets", capacity=64)))
-    packed = SimpleNamespace(params=SimpleNamespace(layout=Packed("lengths", "offsets")))
+    block = SimpleNamespace(path="blocks.1", index=1, tokens=17)
+    spa = SPA()
+
+    def step(layout):
+        params = spa.layer_options(SPAOptions(layout=layout), 1, "rule 1")[0]
+        return spa.plan_layer(block, params, TokenCount.fixed(17), 1)
+
     assert deploy.export_problem(_plan(fixed, fixed)) is None
-    assert deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), padded))) is None
-    why = deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), packed)))
+    for layout in ("padded", "auto"):      # a fixed capacity per image (auto pads under export)
+        s = step(layout)
+        assert s.tokens_out == 17 and deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), s))) is None
+    why = deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), step("packed"))))
     assert why.startswith("blocks.1 (layer 1) packs the kept tokens") and "packed layout" in why
-    # SPA's layout option: packed is refused, padded and auto (padded under export) pass
-    spa = {name: SimpleNamespace(params=SimpleNamespace(layout=name)) for name in ("packed", "padded", "auto")}
-    assert deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), spa["padded"]))) is None
-    assert deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), spa["auto"]))) is None
-    assert "packed layout" in deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), spa["packed"])))
+    # a count varying per image with no padded step behind it is refused as such
+    why = deploy.export_problem(_plan(fixed, (TokenCount(17, 9.0), None)))
+    assert why.startswith("blocks.1 (layer 1) keeps a different number of tokens per image")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -252,3 +252,45 @@ def test_cli_verb_modules_share_only_common():
            (t == "tokenopt.cli.common" and m != t)]
     assert not bad, "a CLI module imports another verb module or the app (share it through cli/common.py): " + \
         ", ".join(bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Nothing outside passes/ names a pass (DESIGN.md): the planner, the pipeline, the command line,
+# training and export ask the registry and the records a pass fills in (LayerStep, the learned
+# kinds, the token state's obligations), so a new pass needs no edit anywhere else. The docs
+# generator is exempt: it writes one page per pass, by name.
+
+EXEMPT_FROM_PASS_NAMES = ("tokenopt.passes", "tokenopt.docsgen")
+
+
+def _names_a_pass(name: str, pass_names: set[str], pass_modules: set[str]) -> list[str]:
+    source, _ = MODULES[name]
+    found = []
+    for node in ast.walk(ast.parse(source.read_text(), str(source))):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in pass_names:
+            found.append(f"{name}:{node.lineno}: the string {node.value!r}")
+    for module, names, line in _import_statements(name):
+        targets = {module} | {f"{module}.{n}" for n in names}
+        for t in sorted(targets & pass_modules):
+            found.append(f"{name}:{line}: imports {t}")
+    return found
+
+
+def test_no_pass_is_named_outside_passes():
+    from tokenopt.passes import available_passes
+
+    pass_names = set(available_passes())
+    pass_modules = {m for m in MODULES if m.startswith("tokenopt.passes.") and m != "tokenopt.passes.base"}
+    found = [hit for name in sorted(MODULES) if not any(name == e or name.startswith(e + ".")
+                                                        for e in EXEMPT_FROM_PASS_NAMES)
+             for hit in _names_a_pass(name, pass_names, pass_modules)]
+    assert not found, "pass names outside tokenopt/passes:\n  " + "\n  ".join(found)
+
+
+def test_the_pass_name_check_finds_a_planted_name(tmp_path, monkeypatch):
+    """The check above fails on a module that branches on a pass name or imports a pass module."""
+    planted = tmp_path / "planted.py"
+    planted.write_text('from tokenopt.passes.spa import gates_of\nif rule == "tosa":\n    pass\n')
+    monkeypatch.setitem(MODULES, "tokenopt.planted", (planted, False))
+    hits = _names_a_pass("tokenopt.planted", {"tosa", "spa"}, {"tokenopt.passes.spa"})
+    assert hits == ["tokenopt.planted:2: the string 'tosa'", "tokenopt.planted:1: imports tokenopt.passes.spa"]

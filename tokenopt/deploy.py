@@ -29,7 +29,6 @@ from tokenopt import io
 from tokenopt.errors import TokenoptError
 from tokenopt.ops import native
 from tokenopt.ops.gates import sorting_for_onnx
-from tokenopt.tokens import Packed
 
 FORMATS = ("pt2", "onnx")
 TOLERANCE = 1e-4   # max abs difference accepted between exported and eager (tests hold 1e-5)
@@ -49,21 +48,6 @@ class ExportResult:
     note: str = ""
 
 
-def _layout(step):
-    """The stream layout a step asks for: SPA's ``layout`` option ("packed" | "padded" | "auto"), or
-    a :class:`~tokenopt.tokens.Packed` record; None for passes without one."""
-    return getattr(getattr(step, "params", None), "layout", None)
-
-
-def _is_padded(step) -> bool:
-    """A varying count that still has static shapes: SPA's padded layout (a fixed capacity per image;
-    ``auto`` pads under torch.export), or a Packed record with a capacity."""
-    layout = _layout(step)
-    if isinstance(layout, Packed):
-        return layout.capacity is not None
-    return layout in ("padded", "auto")
-
-
 def export_problem(gm: nn.Module) -> str | None:
     """None when ``gm`` (returned by :func:`tokenopt.optimize` or :func:`tokenopt.load`) has static
     shapes, else why not, naming the layer."""
@@ -71,11 +55,10 @@ def export_problem(gm: nn.Module) -> str | None:
     if plan is None:
         return None
     for lp in plan.layers:
-        layout = _layout(lp.step)
-        if layout == "packed" or (isinstance(layout, Packed) and layout.capacity is None):
-            return (f"{lp.path} (layer {lp.block}) packs the kept tokens of the batch into one sequence whose "
-                    "length depends on the images (SPA's packed layout; `layout: padded` or `auto` exports)")
-        if lp.tokens_out.varies and not _is_padded(lp.step):
+        step = lp.step
+        if step is not None and step.dynamic:
+            return f"{lp.path} (layer {lp.block}) {step.dynamic}"
+        if lp.tokens_out.varies and not (step is not None and step.padded):
             by = f", {lp.acted}" if lp.rule is not None else ""
             return (f"{lp.path} (layer {lp.block}) keeps a different number of tokens per image "
                     f"({lp.tokens_out}{by})")

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tokenopt.model_outputs import class_logits
 
 from tokenopt.flops import count_flops
+import tokenopt.passes  # noqa: F401,E402  (registers the passes: their sweep curves)
 
 
 @dataclass
@@ -64,23 +65,22 @@ def evaluate_many(models: dict[str, nn.Module], loader: DataLoader, reference: s
 # ------------------------------------------------------------------------------------------------
 # sweeps: a recipe family over a range of r
 
+def _curves() -> dict:
+    """method name -> rules as a function of r, from every registered pass (Pass.sweep_curves)."""
+    from tokenopt.passes.base import registered_passes
+
+    return {name: fn for cls in registered_passes() for name, fn in cls.sweep_curves().items()}
+
+
 def family_rules(method: str, r: int) -> list[dict]:
     """The recipe rules of one point of a method's curve."""
-    if method == "tome":
-        return [{"pass": "tome", "r": r}]
-    if method == "tofu":       # the fixed rule of public re-implementations
-        return [{"pass": "tofu", "layers": "first-half", "r": r, "op": "prune"},
-                {"pass": "tofu", "layers": "second-half", "r": r, "op": "mlerp"}]
-    if method == "tofu-mlerp":
-        return [{"pass": "tofu", "r": r, "op": "mlerp"}]
-    if method == "tofu-prune":
-        return [{"pass": "tofu", "r": r, "op": "prune"}]
-    if method == "tofu-auto":
-        return [{"pass": "tofu", "r": r, "op": "auto"}]
-    raise ValueError(method)
+    curves = _curves()
+    if method not in curves:
+        raise ValueError(method)
+    return curves[method](r)
 
 
-SWEEP_METHODS = ("tome", "tofu", "tofu-mlerp", "tofu-prune", "tofu-auto")
+SWEEP_METHODS = tuple(_curves())
 
 
 def sweep_values(tokens: int, prefix: int, depth: int, points: int = 9) -> list[int]:

@@ -16,7 +16,6 @@ from tokenopt.analysis import ModelAnalysis, analyse, example_input_for
 from tokenopt.cleanup import drop_noop_calls
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import native
-from tokenopt.ops import tome as tome_ops
 from tokenopt.passes import get_pass
 from tokenopt.plan import Plan, make_plan
 from tokenopt.recipe import Recipe, load_recipe
@@ -73,7 +72,7 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
             raise
     elif any(lp.step is not None for lp in plan.layers):
         verify_runs(gm, example_input)
-    if has_bipartite_step(gm):
+    if native.needed_by(gm):
         native.prepare()   # built now, so a torch.compile of this module can call it too
     # last, because the analysis and the report name nodes that are about to go
     if drop_noop_calls(gm):
@@ -97,11 +96,6 @@ def calibrate(recipe: Recipe, model: nn.Module, analysis: ModelAnalysis, images:
         if p.needs_calibration(rule.options) and p.calibration_key not in context:
             context.update(p.calibrate(model, analysis, images))
     return context
-
-
-def has_bipartite_step(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` runs a ToMe or ToFu step (matching + merge), the work the native step does."""
-    return any(n.target in (tome_ops.tome_merge, tome_ops.tofu_reduce) for n in gm.graph.nodes)
 
 
 def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> fx.GraphModule:

@@ -39,7 +39,8 @@ def apply(
 ) -> None:
     """Rewrite MODEL as RECIPE asks and save the result to OUT."""
     from tokenopt import artifact, io
-    from tokenopt.pipeline import has_bipartite_step, optimize
+    from tokenopt.ops import native
+    from tokenopt.pipeline import optimize
 
     size = parse_input_size(input_size)
     rec = load_recipe(recipe, strict)
@@ -54,15 +55,14 @@ def apply(
         gm = optimize(base_model, rec, x, leaf_modules=leaves, calibration=calib, capture=capture)
     gm.tokenopt_base = base
     gm.tokenopt_leaf_modules = leaves
-    if rec.strict:   # refuse untrained ToSA selectors now, not when the saved model is first used
-        from tokenopt.passes.tosa import check_selectors_trained
-        check_selectors_trained(gm, ())
+    if rec.strict:   # refuse untrained learned parts now, not when the saved model is first used
+        from tokenopt.rewrite.learned import check_trained
+        check_trained(gm)
     out = console()
     report = gm.tokenopt_report
     out.print(report.rich_table())
     print_notes(report.skipped, report.warnings, console(stderr=True))
-    if has_bipartite_step(gm):
-        from tokenopt.ops import native
+    if native.needed_by(gm):
         state = native.status()
         out.print("merge step for eager CPU inference: " + ("native" if state.startswith("on") else
                   f"PyTorch operators ({state.removeprefix('off: ')})"))

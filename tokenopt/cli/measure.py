@@ -149,12 +149,10 @@ def probe(
     capture: CaptureOpt = "auto",
 ) -> None:
     """Measure each block's linearity on interpolated inputs (ToFu) and write the prune/merge plan."""
-    import statistics
-
     from rich.table import Table
 
     from tokenopt.analysis import analyse
-    from tokenopt.passes.linearity import linearity_profile
+    from tokenopt.passes.base import Pass, registered_passes
 
     if output is not None:
         from tokenopt.io import check_output_path
@@ -165,32 +163,28 @@ def probe(
     batch = first_images(ds, images)
     with status("tracing"):
         analysis = analyse(base_model, batch[:2], capture=capture)
-    with status(f"probing {len(analysis.blocks)} blocks on {len(batch)} images"):
-        prof = linearity_profile(base_model, batch, analysis=analysis)
-    tau = threshold if threshold is not None else statistics.median(prof.errors)
-    ops = ["prune" if e >= tau else "mlerp" for e in prof.errors]
-    t = Table(title="linearity error of each block",
-              caption=f"||f(a x1 + (1-a) x2) - (a f(x1) + (1-a) f(x2))|| / ||a f(x1) + (1-a) f(x2)||, "
-                      f"{prof.images // 2} image pairs, a in {', '.join(map(str, prof.alphas))}")
-    for col in ("layer", "block", "error", "op"):
-        t.add_column(col, justify="right" if col in ("layer", "error") else "left")
-    for i, (path, e, op) in enumerate(zip(prof.paths, prof.errors, ops)):
-        t.add_row(str(i), path, f"{e:.4f}", op)
+    # the passes that have a probe of their own (ToFu's linearity) measure and propose their recipe
+    probing = [cls for cls in registered_passes() if cls.probe is not Pass.probe]
     out = console()
-    out.print(t)
-    out.print(f"threshold {tau:.4f} ({'given' if threshold is not None else 'median'}): blocks at or above it prune")
+    rules, comments = [], []
+    for cls in probing:
+        with status(f"probing {len(analysis.blocks)} blocks on {len(batch)} images"):
+            found = cls().probe(base_model, analysis, batch, r, threshold)
+        t = Table(title=found.title, caption=found.caption)
+        for col in found.columns:
+            t.add_column(col, justify="right" if col in ("layer", "error") else "left")
+        for row in found.rows:
+            t.add_row(*row)
+        out.print(t)
+        out.print(found.note)
+        rules += found.rules
+        comments.append(found.comment)
     if output is not None:
         from tokenopt.io import atomic_write
-        rules = []
-        for op in ("prune", "mlerp"):
-            idx = [i for i, o in enumerate(ops) if o == op]
-            if idx:
-                rules.append({"pass": "tofu", "layers": idx, "r": r, "op": op})
         import yaml
-        text = (f"# ToFu plan from `tokenopt probe {model} --data {data}`: blocks whose linearity error is at or\n"
-                f"# above {tau:.4f} prune, the others merge with MLERP. Errors: "
-                + ", ".join(f"{e:.3f}" for e in prof.errors) + "\n"
-                + yaml.safe_dump({"version": 1, "rules": rules}, sort_keys=False, default_flow_style=None))
+        head = "\n".join(f"# {line}" for c in comments for line in c.splitlines())
+        text = (f"# from `tokenopt probe {model} --data {data}`\n{head}\n"
+                + yaml.safe_dump({"version": 1, "rules": list(rules)}, sort_keys=False, default_flow_style=None))
         with atomic_write(output, "w") as f:
             f.write(text)
         out.print(f"wrote {output}")

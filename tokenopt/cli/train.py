@@ -88,52 +88,53 @@ def train_(
 
     from tokenopt import artifact, io
     from tokenopt.data import get_loader
-    from tokenopt.passes.tosa import UntrainedSelectorWarning, selectors
     from tokenopt.pipeline import optimize
+    from tokenopt.rewrite.learned import kinds_in, learned_modules
     from tokenopt.train import evaluate
     from tokenopt.train.checkpoint import ResumeError, load_checkpoint
-    from tokenopt.train.selector import finetune, held_out_kl, train_selectors
+    from tokenopt.train.trainers import learned_passes, trainers_for
 
     pre = preprocess_options(input_size, mean, std, interpolation, crop_pct)
     rec = load_recipe(recipe)
-    passes = {r.pass_name for r in rec.rules}
-    spa = "spa" in passes
-    learned = bool(passes & {"tosa", "spa"})   # the passes with parameters of their own
-    if not learned and not finetune_epochs:
-        raise TokenoptError(f"{recipe}: nothing to train: the recipe adds no parameters (no `pass: tosa` rule, no "
-                            "`pass: spa` rule). Pass --finetune-epochs N to fine-tune MODEL with the recipe in the loop.")
-    if spa and "tosa" in passes:
-        raise TokenoptError(f"{recipe}: has both ToSA selectors and SPA gates; `tokenopt train` trains one kind: "
-                            "split the recipe, or train them from Python (train_selectors, train_gates)")
+    found = trainers_for(r.pass_name for r in rec.rules)    # pass -> (kind of learned part, trainer)
+    if not found and not finetune_epochs:
+        rules = ", ".join(f"no `pass: {p}` rule" for p in sorted(learned_passes(), reverse=True))
+        raise TokenoptError(f"{recipe}: nothing to train: the recipe adds no parameters ({rules}). Pass "
+                            "--finetune-epochs N to fine-tune MODEL with the recipe in the loop.")
+    if len(found) > 1:
+        nouns = " and ".join(k.noun for k, _ in found.values())
+        raise TokenoptError(f"{recipe}: has {nouns}; `tokenopt train` trains one kind: split the recipe, or train "
+                            "them from Python (train_selectors, train_gates)")
+    kind, trainer = next(iter(found.values()), (None, None))
+    uses_labels = trainer is not None and trainer.uses_labels
     if labels is None:
         labels = "masks" if masks is not None else "attention"
     if labels not in ("masks", "attention"):
         raise typer.BadParameter(f"{labels!r}: use masks or attention", param_hint="--labels")
-    if not spa and (masks is not None or labels == "masks"):
-        raise TokenoptError(f"{recipe}: --labels/--masks train SPA gates, and the recipe has no `pass: spa` rule")
+    if not uses_labels and (masks is not None or labels == "masks"):
+        with_labels = [(p, k.noun) for p, (k, t) in trainers_for(learned_passes()).items() if t.uses_labels]
+        raise TokenoptError(f"{recipe}: --labels/--masks train " + " or ".join(n for _, n in with_labels)
+                            + ", and the recipe has no " + " or ".join(f"`pass: {p}`" for p, _ in with_labels) + " rule")
     if masks is not None and labels != "masks":
         raise TokenoptError("--masks goes with --labels masks (it gives the masks the labels are made from)")
-    if spa and distill:
-        raise TokenoptError("--distill is not available for SPA: fine-tuning uses the labels and the gates' BCE")
+    if trainer is not None and distill and trainer.distill:
+        raise TokenoptError(f"--distill is not available for {kind.noun}: {trainer.distill}")
 
-    if spa:
-        from tokenopt.passes.spa import UntrainedGateWarning, gates_of
-        from tokenopt.train.gate import measure_kept, train_gates
     label = "+".join(dict.fromkeys(r.pass_name for r in rec.rules))
     io.check_output_path(output)
     ckpt_path = checkpoint or resume or Path(f"{output}.ckpt")
     io.check_output_path(ckpt_path)
     parts = [rec.to_yaml(), model, str(arch), data, str(limit)]
-    if spa:                          # ToSA fingerprints stay as they were
+    if uses_labels:                  # fingerprints of trainers without labels stay as they were
         parts += [labels, str(masks)]
     if weights is not None or pre:   # only when given: checkpoints of earlier runs still resume
         parts += [str(weights), repr(sorted(pre.items()))]
     fingerprint = hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
     phase = "selectors"
     if resume is not None:
-        found = load_checkpoint(resume)["fingerprint"]
-        phase = found.rpartition(":")[2]
-        if found not in (f"{fingerprint}:selectors", f"{fingerprint}:finetune"):
+        found_fp = load_checkpoint(resume)["fingerprint"]
+        phase = found_fp.rpartition(":")[2]
+        if found_fp not in (f"{fingerprint}:selectors", f"{fingerprint}:finetune"):
             raise ResumeError(f"cannot resume from '{resume}': it was written by a run with another recipe, model or "
                               "data. Use the same RECIPE, MODEL, --data and --limit, or start fresh.")
         if phase == "finetune" and not finetune_epochs:
@@ -141,7 +142,7 @@ def train_(
                                 "started with to continue it.")
 
     base_model, base = load_model(model, arch, trust_pickle, weights)
-    want_masks = (masks if masks is not None else True) if spa and labels == "masks" else None
+    want_masks = (masks if masks is not None else True) if uses_labels and labels == "masks" else None
     if want_masks is True and not _builtin_with_masks(data):
         # the user's data cannot draw masks itself: the same message as for any data without masks
         from tokenopt.train.gate_labels import check_source
@@ -164,72 +165,64 @@ def train_(
     loader = get_loader(test_set, 128, train=False) if test_set is not None else None
     rows = []
 
-    def row(name: str, m, kl: bool = True) -> None:
+    def row(name: str, m, measure: bool = True) -> None:
         if loader is None:
             return
         with status(f"evaluating {name}"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UntrainedSelectorWarning)   # the table says so already
-            if spa:
-                warnings.simplefilter("ignore", UntrainedGateWarning)
+            for k in kinds_in(gm):          # the table says so already
+                warnings.simplefilter("ignore", k.warning)
             top1 = evaluate(m, loader)["top1"]
-            if kl and spa:   # the extra column: the share of patch tokens the gates keep
-                kept = measure_kept(gm, images)
-                rows.append((name, top1, 100 * sum(kept.values()) / len(kept)))
-                return
-            kls = held_out_kl(gm, original, images) if kl else None
-        rows.append((name, top1, None if kls is None else sum(kls.values()) / len(kls)))
+            value = trainer.measure(gm, original, images) if measure and trainer is not None else None
+        rows.append((name, top1, value))
 
-    row("original", original, kl=False)
+    row("original", original, measure=False)
     common = dict(batch_size=batch_size, checkpoint=ckpt_path, fingerprint=fingerprint)
-    if not learned:
-        row(f"{label}, training-free", gm, kl=False)
-    elif phase == "selectors" and spa:
-        row(f"{label}, untrained gates", gm)
-        if selector_epochs:
-            train_gates(gm, original, train_set, labels, epochs=selector_epochs, lr=lr, resume=resume,
-                        **{**common, "fingerprint": f"{fingerprint}:selectors"})
-            row(f"{label}, gates trained ({selector_epochs} ep, {labels} labels)", gm)
-        else:
-            warn("--gate-epochs 0: the gates stay untrained; the saved model will warn when used")
-        resume = None
+    if trainer is None:
+        row(f"{label}, training-free", gm, measure=False)
     elif phase == "selectors":
-        row(f"{label}, untrained selectors", gm)
+        row(f"{label}, untrained {trainer.noun}", gm)
         if selector_epochs:
-            train_selectors(gm, original, train_set, epochs=selector_epochs, lr=lr, resume=resume,
-                            **{**common, "fingerprint": f"{fingerprint}:selectors"})
-            row(f"{label}, selectors trained ({selector_epochs} ep)", gm)
+            trainer.fit(gm, original, train_set, labels=labels, epochs=selector_epochs, lr=lr, resume=resume,
+                        **{**common, "fingerprint": f"{fingerprint}:selectors"})
+            row(f"{label}, {trainer.describe_fit(selector_epochs, labels)}", gm)
         else:
-            warn("--selector-epochs 0: the selectors stay untrained; the saved model will warn when used")
+            option = "--gate-epochs" if trainer.uses_labels else "--selector-epochs"
+            warn(f"{option} 0: the {trainer.noun} stay untrained; the saved model will warn when used")
         resume = None   # the fine-tuning phase starts fresh
-    if finetune_epochs and spa:
-        train_gates(gm, original, train_set, labels, epochs=finetune_epochs, finetune=True, gate_weight=gate_weight,
-                    lr=finetune_lr, resume=resume, **{**common, "fingerprint": f"{fingerprint}:finetune"})
-        row(f"{label}, fine-tuned ({finetune_epochs} ep)", gm)
-    elif finetune_epochs:
-        # without selectors this is the ToMe paper's "train with ToMe": the backbone learns to
+    if finetune_epochs:
+        # without learned parts this is the ToMe paper's "train with ToMe": the backbone learns to
         # work with the reduced tokens
-        finetune(gm, original, train_set, epochs=finetune_epochs, lr=finetune_lr, distill=distill, resume=resume,
-                 selector_weight=selector_weight,
-                 **{**common, "fingerprint": f"{fingerprint}:finetune"})
-        row(f"{label}, fine-tuned ({finetune_epochs} ep)", gm, kl=learned)
+        tune = trainer.finetune if trainer is not None else finetune_backbone
+        tune(gm, original, train_set, labels=labels, epochs=finetune_epochs, lr=finetune_lr, resume=resume,
+             distill=distill, selector_weight=selector_weight, gate_weight=gate_weight,
+             **{**common, "fingerprint": f"{fingerprint}:finetune"})
+        row(f"{label}, fine-tuned ({finetune_epochs} ep)", gm, measure=trainer is not None)
 
     from tokenopt.distributed import is_main
     if not is_main():   # under torchrun every rank has the same weights: rank 0 reports and saves
         return
     if rows:
         t = Table(title=f"{model} on {data} (test, {len(test_set)} images)")
-        for col in ("model", "top-1 %", "patch tokens kept %" if spa else "selector KL"):
+        column = trainer.column if trainer is not None else "selector KL"
+        for col in ("model", "top-1 %", column):
             t.add_column(col, justify="left" if col == "model" else "right")
-        for name, top1, kl in rows:
-            t.add_row(name, f"{100 * top1:.1f}", "" if kl is None else (f"{kl:.1f}" if spa else f"{kl:.4g}"))
+        for name, top1, value in rows:
+            t.add_row(name, f"{100 * top1:.1f}", "" if value is None else format(value, trainer.number_format))
         out.print(t)
     r = gm.tokenopt_report
-    out.print(f"GFLOPs {r.flops_before / 1e9:.4f} -> {r.flops_after / 1e9:.4f} ({r.flops_ratio:.2f}x), "
-              + (f"{len(gates_of(gm))} gates" if spa else f"{len(selectors(gm))} selectors"))
+    parts_line = f"{len(learned_modules(gm, kind))} {trainer.noun}" if kind is not None else "0 selectors"
+    out.print(f"GFLOPs {r.flops_before / 1e9:.4f} -> {r.flops_after / 1e9:.4f} ({r.flops_ratio:.2f}x), {parts_line}")
     with status(f"saving {output}"):
         gm.eval()
         artifact.save(gm, output, base=base)
     out.print(f"saved {output} ({output.stat().st_size / 1e6:.1f} MB); checkpoint {ckpt_path}")
+
+
+def finetune_backbone(model, original, data, *, labels=None, gate_weight=0.0, **options):
+    """Fine-tuning with a training-free recipe: the backbone alone (ToMe's "train with ToMe")."""
+    from tokenopt.train.selector import finetune
+
+    return finetune(model, original, data, **options)
 
 
 def _builtin_with_masks(data: str) -> bool:

@@ -262,3 +262,19 @@ def count_from_fraction(value: int | float, free: int) -> int:
     if isinstance(value, float):
         return min(free, math.ceil(value * free - 1e-9))
     return min(free, value)
+
+
+@contextlib.contextmanager
+def capture_outputs(gates):
+    """A dict that every forward pass through ``gates`` (TokenGate modules) fills while the block
+    runs: layer index -> :class:`GateOutput` (prob, valid, keep on the original (B, N) grid; prob
+    keeps its graph, so a loss on it reaches the gates)."""
+    seen: dict = {}
+    gates = list(gates)
+    for m in gates:
+        m.capture = seen
+    try:
+        yield seen
+    finally:
+        for m in gates:
+            m.capture = None

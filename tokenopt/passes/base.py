@@ -48,9 +48,27 @@ class LayerStep:
     params: Any
     describe: str = ""                            # shown in the report, e.g. "merge r=13"
     shortfall: str = ""                           # non-empty: asked for more than the layer can give
+    # for export (tokenopt.deploy): why this layer's tensor shapes depend on the images ("": they do not),
+    # and whether a count that varies per image still runs in static, padded shapes
+    dynamic: str = ""
+    padded: bool = False
 
     def __post_init__(self):
         self.tokens_out = TokenCount.of(self.tokens_out)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What ``tokenopt probe`` shows and writes for a pass: a table of per-block measurements, the
+    rules of the recipe they imply, and the comment that heads the written recipe."""
+
+    title: str
+    caption: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    note: str
+    rules: tuple[dict, ...]
+    comment: str
 
 
 class Pass:
@@ -63,6 +81,20 @@ class Pass:
     #: The key of the measurement :meth:`calibrate` returns (None: the pass never calibrates).
     #: A context that already holds it (e.g. replayed from a saved artifact) is not measured again.
     calibration_key: ClassVar[str | None] = None
+    #: The kind of learned part the pass inserts (tokenopt.rewrite.learned), None when it learns nothing;
+    #: ``tokenopt train`` finds the trainer through it.
+    learned: ClassVar = None
+
+    @classmethod
+    def sweep_curves(cls) -> dict:
+        """The curves ``tokenopt eval --sweep`` can draw for this pass: method name -> a function of r
+        returning the recipe rules of that point. Empty for passes that have no single knob r."""
+        return {}
+
+    def probe(self, model, analysis, images, r: int, threshold: float | None):
+        """A per-block measurement that writes a recipe (``tokenopt probe``): a :class:`Probe`, or
+        None for passes without one."""
+        return None
 
     def refuse(self, block) -> str | None:
         """None when the block can be rewritten, else the reason shown to the user."""
@@ -113,3 +145,8 @@ def get_pass(name: str) -> type[Pass]:
 
 def available_passes() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def registered_passes() -> list[type[Pass]]:
+    """Every registered pass class, in the order they registered."""
+    return list(_REGISTRY.values())

@@ -151,6 +151,7 @@ class SPA(Pass):
     """Keep the tokens a gate selects, per image; pack them; attend per image; unpack (or prune)."""
 
     Options = SPAOptions
+    learned = GATES
     changes_token_count = True      # mode: prune does; later grid-bound blocks are refused either way
 
     def layer_options(self, options: SPAOptions, n_layers: int, where: str) -> list[SPAParams]:
@@ -189,8 +190,11 @@ class SPA(Pass):
         runs = TokenCount(prefix + hi, min(expected, prefix + hi))
         out = runs if params.mode == "prune" else tokens_in
         step = replace(params, lo=lo, hi=hi)
+        dynamic = ("packs the kept tokens of the batch into one sequence whose length depends on the images "
+                   "(SPA's packed layout; `layout: padded` or `auto` exports)") if params.layout == "packed" else ""
         return LayerStep(out, step, f"gate: block runs on {runs} ({lo}..{hi} of {free} patch tokens"
-                                    f"{f' + {prefix} prefix' if prefix else ''}), {params.mode}")
+                                    f"{f' + {prefix} prefix' if prefix else ''}), {params.mode}",
+                         dynamic=dynamic, padded=params.layout in ("padded", "auto"))
 
     def rewrite(self, g, block, step: LayerStep) -> None:
         p: SPAParams = step.params
@@ -281,19 +285,10 @@ def gates_of(model: torch.nn.Module) -> dict[int, TokenGate]:
     return learned_modules(model, GATES)
 
 
-@contextlib.contextmanager
-def capture_gate_outputs(model: torch.nn.Module) -> Iterator[dict[int, GateOutput]]:
+def capture_gate_outputs(model: torch.nn.Module):
     """A dict that every forward pass of ``model`` inside the block fills: layer index ->
     :class:`GateOutput` (prob, valid, keep on the original (B, N) grid; prob keeps its graph)."""
-    seen: dict[int, GateOutput] = {}
-    gates = gates_of(model)
-    for m in gates.values():
-        m.capture = seen
-    try:
-        yield seen
-    finally:
-        for m in gates.values():
-            m.capture = None
+    return ops.capture_outputs(gates_of(model).values())
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from tokenopt.errors import RecipeError
 from tokenopt.ops import tome as ops
-from tokenopt.passes.base import LayerStep, register_pass
+from tokenopt.passes.base import LayerStep, Probe, register_pass
 from tokenopt.passes import linearity
 from tokenopt.passes.tome import ToMe, ToMeOptions, ToMeParams, expand_r
 
@@ -49,6 +49,40 @@ class ToFu(ToMe):
     Options = ToFuOptions
 
     calibration_key = "linearity"
+
+    @classmethod
+    def sweep_curves(cls) -> dict:
+        def rule(**kw):
+            return lambda r: [{"pass": "tofu", "r": r, **kw}]
+
+        return {
+            # the fixed rule of public re-implementations: prune the first half, MLERP the second
+            "tofu": lambda r: [{"pass": "tofu", "layers": "first-half", "r": r, "op": "prune"},
+                               {"pass": "tofu", "layers": "second-half", "r": r, "op": "mlerp"}],
+            "tofu-mlerp": rule(op="mlerp"), "tofu-prune": rule(op="prune"), "tofu-auto": rule(op="auto")}
+
+    def probe(self, model, analysis, images, r: int, threshold: float | None) -> Probe:
+        """Each block's linearity error on ``images``; blocks at or above ``threshold`` (default: the
+        median) prune, the others merge with MLERP: the recipe ``op: auto`` would plan."""
+        prof = linearity.linearity_profile(model, images, analysis=analysis)
+        tau = threshold if threshold is not None else statistics.median(prof.errors)
+        ops_ = ["prune" if e >= tau else "mlerp" for e in prof.errors]
+        rules = []
+        for op in ("prune", "mlerp"):
+            idx = [i for i, o in enumerate(ops_) if o == op]
+            if idx:
+                rules.append({"pass": self.name, "layers": idx, "r": r, "op": op})
+        return Probe(
+            title="linearity error of each block",
+            caption=f"||f(a x1 + (1-a) x2) - (a f(x1) + (1-a) f(x2))|| / ||a f(x1) + (1-a) f(x2)||, "
+                    f"{prof.images // 2} image pairs, a in {', '.join(map(str, prof.alphas))}",
+            columns=("layer", "block", "error", "op"),
+            rows=tuple((str(i), path, f"{e:.4f}", op) for i, (path, e, op) in enumerate(zip(prof.paths, prof.errors,
+                                                                                          ops_))),
+            note=f"threshold {tau:.4f} ({'given' if threshold is not None else 'median'}): blocks at or above it prune",
+            rules=tuple(rules),
+            comment=f"ToFu plan: blocks whose linearity error is at or above {tau:.4f} prune, the others\n"
+                    "merge with MLERP. Errors: " + ", ".join(f"{e:.3f}" for e in prof.errors))
 
     def needs_calibration(self, options: ToFuOptions) -> bool:
         return options.op == "auto"

@@ -83,6 +83,10 @@ class ToMe(Pass):
     Options = ToMeOptions
     changes_token_count = True
 
+    @classmethod
+    def sweep_curves(cls) -> dict:
+        return {"tome": lambda r: [{"pass": "tome", "r": r}]}
+
     def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list[ToMeParams]:
         return [ToMeParams(r, options.prop_attn, options.order) for r in expand_r(options.r, n_layers, where)]
 

@@ -116,6 +116,7 @@ class ToSA(Pass):
     """Attend among the tokens a learned selector picks; the rest bypass the layer unchanged."""
 
     Options = ToSAOptions
+    learned = SELECTORS
     changes_token_count = False   # every token comes back, in place, after each selective layer
 
     def layer_options(self, options: ToSAOptions, n_layers: int, where: str) -> list[ToSAParams]:

@@ -72,6 +72,24 @@ def learned_modules(model: nn.Module, kind: LearnedKind) -> dict[int, nn.Module]
             if isinstance(m, kind.module_type) and name.split(".")[-2:-1] == [kind.prefix]}
 
 
+def kind_of_type(module_type: type) -> LearnedKind:
+    """The registered kind whose parts are ``module_type`` (a trainer's way to find its parts)."""
+    for kind in _KINDS.values():
+        if issubclass(module_type, kind.module_type) or issubclass(kind.module_type, module_type):
+            return kind
+    raise KeyError(f"no learned kind of part is registered for {module_type.__name__}")
+
+
+def parts_of_type(model: nn.Module, module_type: type) -> dict[int, nn.Module]:
+    """The learned parts of ``model`` that are ``module_type``, by layer (see :func:`learned_modules`).
+    Empty when no pass registered such parts (none of its rules ran)."""
+    try:
+        kind = kind_of_type(module_type)
+    except KeyError:
+        return {}
+    return learned_modules(model, kind)
+
+
 def kinds_in(model: nn.Module) -> list[LearnedKind]:
     """The kinds of learned part ``model`` holds, in registration order."""
     return [k for k in _KINDS.values() if learned_modules(model, k)]

@@ -14,16 +14,15 @@ An obligation is frozen data keyed by its ``key``: a newer one of the same key r
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch.fx as fx
 
 from tokenopt.errors import PlanError
 from tokenopt.tokens import Dense, Layout, Packed
 
-if TYPE_CHECKING:   # the rewriter applies obligations; they only call its primitives
-    from tokenopt.analysis import BlockRecord
-    from tokenopt.rewrite.rewriter import GraphRewriter
+# Annotations name GraphRewriter and BlockRecord without importing them: the rewriter imports this
+# module, and an obligation only calls the primitives of the rewriter it is handed.
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,10 @@ from torch import nn
 from tokenopt import distributed as D
 from tokenopt.errors import TokenoptError
 from tokenopt.model_outputs import class_logits
-from tokenopt.passes.spa import capture_gate_outputs, gates_of
+from tokenopt.ops.gates import TokenGate, capture_outputs
+import tokenopt.passes  # noqa: F401  (registers the passes, and so the kinds of learned part)
+from tokenopt.rewrite.learned import parts_of_type
+from tokenopt.train.trainers import Trainer, register_trainer
 from tokenopt.train.gate_labels import DEFAULT_COVER, DEFAULT_MASS, attention_labels, check_source, mask_labels
 from tokenopt.train.loop import TrainResult, train
 from tokenopt.train.selector import _keep_requires_grad, _teacher_for
@@ -100,6 +103,16 @@ def _training(model: nn.Module):
         yield
     finally:
         model.tokenopt_training = was
+
+
+def gates_of(model: nn.Module) -> dict[int, TokenGate]:
+    """The token gates of a rewritten model, by the index of their layer."""
+    return parts_of_type(model, TokenGate)
+
+
+def capture_gate_outputs(model: nn.Module):
+    """Every forward pass inside the block fills the dict it gives: layer -> GateOutput."""
+    return capture_outputs(gates_of(model).values())
 
 
 def _prefix_of(model: nn.Module) -> int:
@@ -196,3 +209,22 @@ def measure_kept(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -
     finally:
         model.train(was)
     return {i: s / max(n, 1) for i, s in sums.items()}
+
+
+def _fit(model, original, data, *, labels="masks", **loop) -> GateTrainResult:
+    return train_gates(model, original, data, labels, **loop)
+
+
+def _finetune(model, original, data, *, labels="masks", distill=False, selector_weight=0.0, **options):
+    return train_gates(model, original, data, labels, finetune=True, **options)
+
+
+def _kept_percent(model, original, images) -> float:
+    kept = measure_kept(model, images)
+    return 100 * sum(kept.values()) / len(kept)
+
+
+GATE_TRAINER = register_trainer(TokenGate)(Trainer(
+    noun="gates", fit=_fit, finetune=_finetune, measure=_kept_percent, column="patch tokens kept %",
+    number_format=".1f", uses_labels=True, weight_option="--gate-weight",
+    distill="fine-tuning uses the labels and the gates' BCE"))

@@ -27,7 +27,9 @@ from tokenopt.analysis import ModelAnalysis, analyse
 from tokenopt.errors import TokenoptError
 from tokenopt.model_outputs import class_logits
 from tokenopt.ops import selection as ops
-from tokenopt.passes.tosa import SELECTOR_PREFIX, selectors
+import tokenopt.passes  # noqa: F401  (registers the passes, and so the kinds of learned part)
+from tokenopt.rewrite.learned import parts_of_type
+from tokenopt.train.trainers import Trainer, register_trainer
 from tokenopt.train.loop import TrainResult, train
 
 
@@ -108,6 +110,11 @@ def _teacher_for(model: nn.Module, original: nn.Module) -> AttentionTeacher:
     return AttentionTeacher(original, example, getattr(model, "tokenopt_leaf_modules", ()) or (),
                             recipe.prefix_tokens if recipe is not None else None,
                             capture=getattr(model, "tokenopt_capture", "auto"))
+
+
+def selectors(model: nn.Module) -> dict[int, ops.TokenSelector]:
+    """The token selectors of a rewritten model, by the index of the layer they select for."""
+    return parts_of_type(model, ops.TokenSelector)
 
 
 def _selectors_of(model: nn.Module) -> dict[int, ops.TokenSelector]:
@@ -214,7 +221,8 @@ def finetune(model: nn.Module, original: nn.Module, data, *, epochs: int, distil
             p.requires_grad_(False)
     sel = sorted(selectors(model)) if selector_weight else []
     attention = _teacher_for(model, frozen) if sel else None
-    params = [p for n, p in model.named_parameters() if sel or not n.startswith(SELECTOR_PREFIX + ".")]
+    selector_params = {id(p) for m in selectors(model).values() for p in m.parameters()}
+    params = [p for p in model.parameters() if sel or id(p) not in selector_params]
 
     # the hooks keep selector predictions; also no untrained-selector warning while training
     with _capturing(model) as predictions, _keep_requires_grad(model, original):
@@ -246,3 +254,20 @@ def _unlabelled(data) -> bool:
     except Exception:
         return False
     return not (isinstance(item, (tuple, list)) and len(item) > 1)
+
+
+def _fit(model, original, data, *, labels=None, **loop) -> TrainResult:
+    return train_selectors(model, original, data, **loop)
+
+
+def _finetune(model, original, data, *, labels=None, gate_weight=0.0, **options) -> TrainResult:
+    return finetune(model, original, data, **options)
+
+
+def _mean_kl(model, original, images) -> float:
+    kls = held_out_kl(model, original, images)
+    return sum(kls.values()) / len(kls)
+
+
+SELECTOR_TRAINER = register_trainer(ops.TokenSelector)(Trainer(
+    noun="selectors", fit=_fit, finetune=_finetune, measure=_mean_kl, column="selector KL"))

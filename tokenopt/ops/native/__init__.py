@@ -31,6 +31,16 @@ _available = False              # a plain bool: torch.compile guards on it
 _enabled = True
 
 
+#: The graph ops that may call the native step (ops/tome.py adds its reductions): a graph calling
+#: one of them wants the step built before it runs or compiles (:func:`needed_by`).
+CALLERS: set = set()
+
+
+def needed_by(gm) -> bool:
+    """Whether the fx GraphModule ``gm`` calls an op that may take the native step."""
+    return any(n.op == "call_function" and n.target in CALLERS for n in gm.graph.nodes)
+
+
 def prepare() -> str:
     """Build/load the native step now (optimize() does, so compiled graphs can use it)."""
     global _fn, _status, _available
