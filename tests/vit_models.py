@@ -131,3 +131,17 @@ class GridConvViT(ExplicitViT):
 
 def grid_conv_vit():
     return GridConvViT()
+
+
+class ConditionedViT(ExplicitViT):
+    """Two inputs, as a conditioned model has: images and a conditioning vector (B, dim) that is
+    added to every token before every block (``model(x, cond)`` or ``model(x, cond=cond)``)."""
+
+    def forward(self, x, cond=None):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for layer in self.layers:
+            if cond is not None:
+                x = x + cond[:, None, :]
+            x = layer(x)
+        return self.fc(self.norm(x)[:, 0])

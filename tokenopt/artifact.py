@@ -45,6 +45,7 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
         base = {"kind": "class", "class": source} if source else io.module_base(module)
     analysis = getattr(module, "tokenopt_analysis", None)
     shape = list(getattr(analysis, "input_shape", ()) or ())
+    example = getattr(analysis, "example", None)
     if not shape:
         raise TokenoptError("the optimized module does not record its example input shape "
                             "(tokenopt_analysis is missing); save the module that tokenopt.optimize returned.")
@@ -57,6 +58,9 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
         "timm": str(timm.__version__),
         "base": _plain(dict(base)),
         "example_input_shape": shape,
+        # every input the model was captured with (several for a denoiser); artifacts without it
+        # (older ones) rebuild from example_input_shape, one image batch
+        "example": example.to_manifest() if example is not None else None,
         "outputs": getattr(module, "tokenopt_outputs", "logits"),
         "leaf_modules": leaves,
         # the capture front end the graph was made with; a rebuild uses the same one, so the
@@ -136,8 +140,12 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
     model, base = _base_model(base, arch, source)
     dtype = getattr(torch, str(manifest.get("dtype", "float32")), torch.float32)
     model = model.float().eval()
-    shape = tuple(manifest["example_input_shape"])
-    example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    if manifest.get("example"):
+        from tokenopt.analysis import Example
+        example = Example.from_manifest(manifest["example"])
+    else:
+        shape = tuple(manifest["example_input_shape"])
+        example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         # shortfalls were reported when the artifact was made; replaying them again is noise
         warnings.simplefilter("ignore", TokenoptWarning)

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from tokenopt.analysis import ModelAnalysis, analyse, example_input_for
+from tokenopt.analysis import Example, ModelAnalysis, analyse, example_input_for
 from tokenopt.cleanup import drop_noop_calls
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import native
@@ -25,14 +25,15 @@ from tokenopt.rewrite.outputs import restore_pooling, return_tokens
 from tokenopt.trace import NodeTaggingInterpreter
 
 
-def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input: torch.Tensor | None = None,
+def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input=None,
              *, leaf_modules: Iterable[type | str] = (), outputs: str | None = None,
              calibration: torch.Tensor | None = None, context: dict | None = None,
              report: bool = True, capture: str = "auto") -> fx.GraphModule:
     """Rewrite ``model`` as ``recipe`` asks and return an ordinary ``nn.Module`` (an fx GraphModule).
 
     recipe: a path to a YAML file, a YAML string, a dict or a Recipe.
-    example_input: a batch of the size the model expects (default: from the model's config).
+    example_input: a batch of the size the model expects (default: from the model's config), or for a
+        model of several inputs a tuple of them or ``tokenopt.Example(args, kwargs)``.
     outputs: "logits" (the model's own output) or "tokens" (all patch tokens, original order).
     calibration: a batch of real images, for rules that measure the model (ToFu's op: auto).
     context: measurements from an earlier run (``module.tokenopt_context``), used instead of
@@ -47,11 +48,10 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     outputs = outputs or recipe.outputs
     if outputs not in ("logits", "tokens"):
         raise RecipeError(f"outputs must be 'logits' or 'tokens', got {outputs!r}")
-    if example_input is None:
-        example_input = example_input_for(model)
-    analysis = analyse(model, example_input, leaf_modules, prefix_tokens=recipe.prefix_tokens, capture=capture)
+    example = Example.of(example_input if example_input is not None else example_input_for(model))
+    analysis = analyse(model, example, leaf_modules, prefix_tokens=recipe.prefix_tokens, capture=capture)
     # the original's FLOPs, counted on the analysis's graph while it is still the original's
-    before = block_flops(analysis.graph, analysis, example_input[:1]) if report else None
+    before = block_flops(analysis.graph, analysis, example.first(1)) if report else None
     context = calibrate(recipe, model, analysis, calibration, context)
     plan = make_plan(recipe, analysis, context)
     gm = apply_plan(analysis, plan, outputs)
@@ -66,12 +66,12 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     gm.tokenopt_capture = analysis.capture
     if report:   # counting FLOPs runs the rewritten graph: that run is the verification too
         try:
-            gm.tokenopt_report = build_report(before, gm, analysis, plan, example_input[:1], example_input)
+            gm.tokenopt_report = build_report(before, gm, analysis, plan, example.first(1), example)
         except Exception as e:
             _raise_if_rewritten_graph_failed(gm, e)
             raise
     elif any(lp.step is not None for lp in plan.layers):
-        verify_runs(gm, example_input)
+        verify_runs(gm, example)
     if native.needed_by(gm):
         native.prepare()   # built now, so a torch.compile of this module can call it too
     # last, because the analysis and the report name nodes that are about to go
@@ -127,7 +127,7 @@ def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> 
     return gm
 
 
-def verify_runs(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
+def verify_runs(gm: fx.GraphModule, example_input) -> None:
     """Run the rewritten graph once on the example batch (eval mode, no grad).
 
     Analysis refuses the block kinds it knows cannot lose tokens; a model that hides its grid
@@ -139,7 +139,7 @@ def verify_runs(gm: fx.GraphModule, example_input: torch.Tensor) -> None:
     gm.eval()
     try:
         with torch.no_grad():
-            NodeTaggingInterpreter(gm).run(example_input)
+            NodeTaggingInterpreter(gm).run(*Example.of(example_input).positional(gm))
     except Exception as e:
         _raise_if_rewritten_graph_failed(gm, e)
         raise

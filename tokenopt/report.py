@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.fx as fx
 
-from tokenopt.analysis import ModelAnalysis
+from tokenopt.analysis import Example, ModelAnalysis
 from tokenopt.flops import flops_by_node
 from tokenopt.plan import Plan
 from tokenopt.tokens import TokenCount
@@ -135,7 +135,7 @@ def measured_token_counts(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, 
     gm.eval()
     try:
         with torch.no_grad():
-            Capture(gm).run(batch)
+            Capture(gm).run(*Example.of(batch).positional(gm))
     finally:
         gm.train(was_training)
     return seen
@@ -158,7 +158,7 @@ def block_flops(gm: fx.GraphModule, analysis: ModelAnalysis, x: torch.Tensor) ->
     """Count ``gm``'s FLOPs on ``x`` per block of ``analysis``. On the unrewritten graph, call it
     before the passes run: the analysis's graph is then the original (no second trace needed)."""
     with torch.no_grad():
-        by_node = flops_by_node(gm, x)
+        by_node = flops_by_node(gm, *Example.of(x).positional(gm))
     per, other = _per_block(gm, analysis, by_node)
     return BlockFlops(per, other, by_node)
 

@@ -47,20 +47,25 @@ class ViTTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-def concrete_defaults(model: nn.Module) -> dict:
-    """Every forward argument after the input that has a default, fixed to that default."""
+def concrete_defaults(model: nn.Module, given: Iterable[str] = ()) -> dict:
+    """Every forward argument after the input that has a default, fixed to that default, except
+    those ``given`` (the example inputs name them: they stay inputs of the graph)."""
     params = list(inspect.signature(model.forward).parameters.values())
     concrete = {}
+    given = set(given)
     for p in params[1:]:
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in given:
             continue
         if p.default is not inspect.Parameter.empty:
             concrete[p.name] = p.default
     return concrete
 
 
-def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.GraphModule:
+def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), given: Iterable[str] = ()) -> fx.GraphModule:
     """Symbolically trace ``model`` into a GraphModule that keeps its submodule paths.
+
+    ``given``: the forward parameters the example inputs provide; the others that have a default
+    are fixed to it (a flag such as ``return_dict=True``), so the graph takes what the example gives.
 
     Raises AnalysisError (exit 2 in the CLI) with the fx message and what to try when the model
     has data-dependent Python control flow fx cannot follow.
@@ -69,7 +74,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = ()) -> fx.Graph
         return model
     tracer = ViTTracer(leaf_modules)
     try:
-        graph = tracer.trace(model, concrete_args=concrete_defaults(model))
+        graph = tracer.trace(model, concrete_args=concrete_defaults(model, given))
     except Exception as e:  # fx raises TraceError, TypeError, AttributeError... all mean the same
         name = type(model).__name__
         raise AnalysisError(

@@ -25,6 +25,8 @@ One module per question, imports pointing one way (each imports only from those 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -32,7 +34,7 @@ from torch import nn
 from tokenopt.analysis.blocks import block_for
 from tokenopt.analysis.capture import CAPTURE_MODES, Captured, capture as capture_graph, export_graph, family_of
 from tokenopt.analysis.cores import explicit_core, find_cores, mha_core, sdpa_core
-from tokenopt.analysis.example import ShapeRecorder, example_input_for, record_shapes
+from tokenopt.analysis.example import Example, ShapeRecorder, example_input_for, record_shapes
 from tokenopt.analysis.index import GraphIndex
 from tokenopt.analysis.normalise import localise_batch
 from tokenopt.analysis.nodes import (common_module_prefix, is_add, is_core_node, is_matmul, is_sdpa, is_softmax,
@@ -45,7 +47,7 @@ from tokenopt.errors import AnalysisError
 
 __all__ = [
     "AnalysisError", "analyse_graph", "AttentionCore", "BlockRecord", "CAPTURE_MODES", "CHECKS", "CLASS_ATTENTION",
-    "Captured", "Check", "CheckContext", "capture_graph", "export_graph", "family_of",
+    "Captured", "Check", "CheckContext", "Example", "capture_graph", "export_graph", "family_of",
     "GraphIndex", "ModelAnalysis", "NoMatch", "Pooling", "ShapeRecorder", "analyse", "block_for", "check",
     "common_module_prefix", "example_input_for", "explicit_core", "find_cores", "first_refusal", "is_add",
     "find_pooling", "find_prefix_tokens", "is_core_node", "is_matmul", "is_sdpa", "is_softmax", "mha_core",
@@ -56,14 +58,15 @@ __all__ = [
 _NO_ATTENTION = "no attention (SDPA, softmax(q@k^T)@v or nn.MultiheadAttention) in the graph"
 
 
-def analyse(model: nn.Module, example_input: torch.Tensor | None = None, leaf_modules=(),
+def analyse(model: nn.Module, example_input=None, leaf_modules=(),
             prefix_tokens: int | None = None, capture: str = "auto") -> ModelAnalysis:
     """Capture ``model`` (``capture``: "auto" | "fx" | "export", see :mod:`tokenopt.analysis.capture`)
-    and describe its blocks. Raises AnalysisError when there are none."""
-    if example_input is None:
-        example_input = example_input_for(model)
-    captured = capture_graph(model, example_input, capture, leaf_modules)
-    return analyse_graph(captured.graph, model, tuple(example_input.shape), prefix_tokens)
+    on ``example_input`` (an :class:`Example`, a tensor, or None: from the model's config) and
+    describe its blocks. Raises AnalysisError when there are none."""
+    example = Example.of(example_input if example_input is not None else example_input_for(model))
+    captured = capture_graph(model, example, capture, leaf_modules)
+    analysis = analyse_graph(captured.graph, model, tuple(example.image.shape), prefix_tokens)
+    return dataclasses.replace(analysis, example=example)
 
 
 def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, ...] = (),

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from tokenopt.analysis.example import record_shapes
+from tokenopt.analysis.example import Example, record_shapes
 from tokenopt.analysis.normalise import canonical_ops, drop_constant_masks, free_token_axis
 from tokenopt.errors import AnalysisError
 from tokenopt.trace import trace
@@ -59,18 +59,20 @@ def check_mode(mode: str) -> str:
     return mode
 
 
-def capture(model: nn.Module, example_input: torch.Tensor, mode: str = "auto",
+def capture(model: nn.Module, example_input, mode: str = "auto",
             leaf_modules: Iterable[type | str] = ()) -> Captured:
     """The model's graph, by the front end ``mode`` asks for (see the module docstring).
 
-    Shapes on ``example_input`` are recorded on the result (``node.meta["tensor_meta"]``).
-    Raises AnalysisError naming the model and what to try when no front end can capture it.
+    ``example_input``: an :class:`Example` (or one tensor). Shapes on it are recorded on the result
+    (``node.meta["tensor_meta"]``). Raises AnalysisError naming the model and what to try when no
+    front end can capture it.
     """
     check_mode(mode)
+    example_input = Example.of(example_input)
     name = type(model).__name__
     if mode in ("auto", "fx"):
         try:
-            gm = trace(model, leaf_modules)
+            gm = trace(model, leaf_modules, given=example_input.names(model))
         except AnalysisError as e:
             if mode == "fx":
                 raise
@@ -89,8 +91,11 @@ def capture(model: nn.Module, example_input: torch.Tensor, mode: str = "auto",
     return Captured(gm, "export", note=fx_error)
 
 
-def export_graph(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+def export_graph(model: nn.Module, example_input) -> fx.GraphModule:
     """``model`` captured by torch.export (non-strict, any batch size), in fx's op vocabulary.
+
+    ``example_input``: an :class:`Example` (several inputs, keyword ones too) or one tensor; every
+    input's batch axis is dynamic.
 
     The result is checked once against the model on ``example_input``: the same outputs, bit for
     bit as a rule; where torch.export itself orders floating-point work differently from eager
@@ -98,18 +103,19 @@ def export_graph(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModul
     ``gm.meta["tokenopt_capture_max_diff"]``; beyond that, an AnalysisError says so.
     """
     name = type(model).__name__
+    example_input = Example.of(example_input)
     was_training = model.training
     batch = torch.export.Dim("batch", min=1)
     try:
         with torch.no_grad():
-            ep = torch.export.export(model, (example_input,), strict=False,
-                                     dynamic_shapes=({0: batch},))
+            ep = torch.export.export(model, example_input.args, example_input.kwargs or None, strict=False,
+                                     dynamic_shapes=example_input.dynamic_shapes(model, batch))
     except Exception as e:   # export raises many types (UserError, GuardOnDataDependent...); one message
         first = (str(e).strip().splitlines() or [""])[0]
         raise AnalysisError(
             f"cannot capture {name} with torch.export: {type(e).__name__}: {first}\n"
             "  Check that the model runs on a batch of the example's shape "
-            f"{tuple(example_input.shape)} (CLI: --input-size C,H,W).") from None
+            f"{tuple(example_input.image.shape)} (CLI: --input-size C,H,W).") from None
     finally:
         model.train(was_training)
     gm = _plain_graph_module(ep.module(), name)
@@ -117,7 +123,7 @@ def export_graph(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModul
     gm.meta["tokenopt_capture"] = "export"
     record_shapes(gm, example_input, name)
     canonical_ops(gm)
-    drop_constant_masks(gm, example_input)
+    drop_constant_masks(gm, example_input.positional(gm))
     record_shapes(gm, example_input, name)
     free_token_axis(gm)
     record_shapes(gm, example_input, name)
@@ -138,13 +144,13 @@ def _plain_graph_module(ep_module: fx.GraphModule, name: str) -> fx.GraphModule:
     return gm
 
 
-def _check_same(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, name: str) -> None:
+def _check_same(model: nn.Module, gm: fx.GraphModule, x: Example, name: str) -> None:
     if model.training:
         return     # dropout draws differ between two runs; the graph was captured in training mode
     # with grad enabled: under no_grad nn.MultiheadAttention takes a fused inference kernel
     # (open_clip, torchvision) whose last bits differ from the ops export records
     with torch.enable_grad():
-        want, got = model(x), gm(x)
+        want, got = x.call(model), x.call(gm)
     a = torch.utils._pytree.tree_leaves(want)
     b = torch.utils._pytree.tree_leaves(got)
     same, worst = len(a) == len(b), 0.0

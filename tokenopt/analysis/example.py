@@ -12,31 +12,191 @@ that depends on values) run for real instead, so the result and the error messag
 """
 from __future__ import annotations
 
+import inspect
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from tokenopt.errors import AnalysisError
 
 
-def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
-    """An input batch of the size the model expects.
+@dataclass(frozen=True)
+class Example:
+    """The example inputs a model is captured, checked and measured with: ``model(*args, **kwargs)``.
 
-    From ``patch_embed.img_size`` when the model has one; otherwise timm's pretrained_cfg, the
-    sizes a plain ViT implies (its first conv's stride times the side of a square
-    position-embedding grid) and common sizes, each tried with one forward pass until one runs.
+    An image classifier takes one batch, ``Example((x,))``; a denoiser takes several,
+    ``Example((sample, t), {"encoder_hidden_states": text})``. ``batch_dims`` gives, for every tensor
+    among the inputs (in pytree order of ``(args, kwargs)``), its batch axis, or None for an input
+    without one (a scalar timestep); by default axis 0 of every tensor whose first size is the
+    first tensor's. Shapes: the first tensor is the one reports call "the input" (the image).
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    batch_dims: tuple = None    # type: ignore[assignment]   (filled in by __post_init__)
+
+    def __post_init__(self):
+        object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "kwargs", dict(self.kwargs))
+        tensors = self.tensors()
+        if not tensors:
+            raise AnalysisError("the example inputs hold no tensor: pass at least the image batch")
+        if self.batch_dims is None:
+            b = tensors[0].shape[0] if tensors[0].dim() else None
+            dims = tuple(0 if t.dim() and t.shape[0] == b else None for t in tensors)
+            object.__setattr__(self, "batch_dims", dims)
+        elif len(self.batch_dims) != len(tensors):
+            raise AnalysisError(f"batch_dims has {len(self.batch_dims)} entries but the example inputs hold "
+                                f"{len(tensors)} tensors; give one per tensor (None for no batch axis)")
+
+    @classmethod
+    def of(cls, value: Any) -> "Example":
+        """An Example from what callers pass: an Example, one tensor, or a tuple of positional inputs."""
+        if isinstance(value, Example):
+            return value
+        if isinstance(value, torch.Tensor):
+            return cls((value,))
+        if isinstance(value, (tuple, list)):
+            return cls(tuple(value))
+        raise AnalysisError(f"example inputs must be a tensor, a tuple of inputs or tokenopt.Example, got "
+                            f"{type(value).__name__}")
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in pytree.tree_leaves((self.args, self.kwargs)) if isinstance(t, torch.Tensor)]
+
+    @property
+    def image(self) -> torch.Tensor:
+        """The first tensor input (an image model's batch)."""
+        return self.tensors()[0]
+
+    @property
+    def batch(self) -> int:
+        return next((t.shape[d] for t, d in zip(self.tensors(), self.batch_dims) if d is not None), 1)
+
+    def first(self, n: int) -> "Example":
+        """The same inputs with only the first ``n`` of the batch (inputs without a batch axis as they are)."""
+        dims = iter(self.batch_dims)
+
+        def cut(leaf):
+            if not isinstance(leaf, torch.Tensor):
+                return leaf
+            d = next(dims)
+            return leaf if d is None else leaf.narrow(d, 0, min(n, leaf.shape[d]))
+
+        args, kwargs = pytree.tree_map(cut, (self.args, self.kwargs))
+        return Example(args, kwargs, self.batch_dims)
+
+    def call(self, module: nn.Module):
+        return module(*self.args, **self.kwargs)
+
+    def names(self, model: nn.Module) -> list[str]:
+        """The forward parameters of ``model`` these inputs bind to, in order."""
+        try:
+            return list(inspect.signature(model.forward).bind_partial(*self.args, **self.kwargs).arguments)
+        except TypeError as e:
+            raise AnalysisError(f"the example inputs do not fit {type(model).__name__}.forward: {e}") from None
+
+    def positional(self, gm: fx.GraphModule) -> list:
+        """The inputs in the order of ``gm``'s placeholders: flattened by the graph's input spec for a
+        torch.export graph; by parameter name (defaults filled in) for an fx graph."""
+        spec = getattr(gm, "_in_spec", None)
+        if spec is not None:
+            from torch.fx._pytree import tree_flatten_spec
+            return list(tree_flatten_spec((self.args, self.kwargs), spec))
+        values = []
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for i, p in enumerate(placeholders):
+            if i < len(self.args):
+                values.append(self.args[i])
+            elif p.target in self.kwargs:
+                values.append(self.kwargs[p.target])
+            elif p.args:
+                values.append(p.args[0])      # the parameter's default, as fx recorded it
+            else:
+                raise AnalysisError(f"the example inputs give no value for the model's input {p.target!r}")
+        return values
+
+    def dynamic_shapes(self, model: nn.Module, batch) -> dict | tuple:
+        """torch.export's ``dynamic_shapes`` for these inputs: ``batch`` (a Dim) on every batch axis,
+        keyed by the forward parameter each input binds to."""
+        dims = iter(self.batch_dims)
+
+        def spec(leaf):
+            if not isinstance(leaf, torch.Tensor):
+                return None
+            d = next(dims)
+            return None if d is None else {d: batch}
+
+        args_spec, kwargs_spec = pytree.tree_map(spec, (self.args, self.kwargs))
+        if not self.kwargs:
+            return tuple(args_spec)
+        bound = inspect.signature(model.forward).bind(*args_spec, **kwargs_spec)
+        return dict(bound.arguments)
+
+    def shapes(self) -> list[list[int]]:
+        return [list(t.shape) for t in self.tensors()]
+
+    def to_manifest(self) -> dict:
+        """Plain data an artifact keeps to rebuild these inputs (random values of the same shapes)."""
+        names = [str(i) for i in range(len(self.args))] + list(self.kwargs)
+
+        def describe(v):
+            if isinstance(v, torch.Tensor):
+                return {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+            return {"value": v}
+
+        return {"args": [describe(a) for a in self.args], "kwargs": {k: describe(v) for k, v in self.kwargs.items()},
+                "batch_dims": list(self.batch_dims), "names": names}
+
+    @classmethod
+    def from_manifest(cls, d: dict, seed: int = 0) -> "Example":
+        gen = torch.Generator().manual_seed(seed)
+
+        def make(item):
+            if "shape" not in item:
+                return item.get("value")
+            dtype = getattr(torch, item.get("dtype", "float32"), torch.float32)
+            shape = tuple(item["shape"])
+            if dtype.is_floating_point:
+                return torch.randn(shape, generator=gen).to(dtype)
+            return torch.randint(0, 2, shape, generator=gen).to(dtype)
+
+        return cls(tuple(make(a) for a in d.get("args", ())), {k: make(v) for k, v in d.get("kwargs", {}).items()},
+                   tuple(d["batch_dims"]) if d.get("batch_dims") is not None else None)
+
+
+def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
+    """An input batch of the size the model expects; the same rule for the API, the CLI and artifacts.
+
+    The model's own word first: the preprocessing its loader attached (a Hugging Face folder's image
+    processor, open_clip's transform: ``tokenopt_data_config["input_size"]``), then a Hugging Face
+    config's ``image_size`` and ``num_channels``, then ``patch_embed.img_size``; otherwise timm's
+    pretrained_cfg, the sizes a plain ViT implies (its first conv's stride times the side of a
+    square position-embedding grid) and common sizes, each tried with one forward pass until one runs.
     """
     p = next(iter(model.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    own = (getattr(model, "tokenopt_data_config", None) or {}).get("input_size")
+    if own:
+        return torch.randn(batch, *own, generator=gen).to(device, dtype)
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     pe = getattr(model, "patch_embed", None)
     img = getattr(pe, "img_size", None)
+    config = getattr(model, "config", None)
+    hf_size = getattr(config, "image_size", None) if type(model).__module__.startswith("transformers") else None
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     chans = conv.in_channels if conv is not None else 3
+    if hf_size is not None:
+        chans = int(getattr(config, "num_channels", chans) or chans)
+        img = hf_size
     candidates = []
     if img is not None:
         img = tuple(img) if isinstance(img, (tuple, list)) else (img, img)
@@ -54,7 +214,6 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
                     if side and side * side == t.shape[1] - prefix:
                         candidates.append((chans, side * stride, side * stride))
         candidates += [(chans, s, s) for s in (224, 32, 64, 96, 128, 256, 384)]
-    gen = torch.Generator().manual_seed(0)
     if len(candidates) > 1:
         for size in dict.fromkeys(candidates):
             try:
@@ -77,25 +236,28 @@ class ShapeRecorder(fx.Interpreter):
         return result
 
 
-def record_shapes(gm: fx.GraphModule, example_input: torch.Tensor, model_name: str = "the model") -> None:
-    """Run ``gm`` on ``example_input`` (fake tensors first) and record every node's shape.
+def record_shapes(gm: fx.GraphModule, example_input, model_name: str = "the model") -> None:
+    """Run ``gm`` on ``example_input`` (an :class:`Example` or one tensor; fake tensors first) and
+    record every node's shape.
 
     Raises AnalysisError, naming the input shape and how to pass another, when the graph cannot run.
     """
+    example = Example.of(example_input)
+    inputs = example.positional(gm)
     with torch.no_grad():
-        if _record_fake(gm, example_input):
+        if _record_fake(gm, inputs):
             return
         try:
-            ShapeRecorder(gm).run(example_input)
+            ShapeRecorder(gm).run(*inputs, enable_io_processing=False)
         except Exception as e:
             cause = e.__cause__ or e
             raise AnalysisError(
-                f"running {model_name} on an example batch of shape {tuple(example_input.shape)} failed: "
+                f"running {model_name} on an example batch of shape {tuple(example.image.shape)} failed: "
                 f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}\n"
                 "  Pass an input of the size the model expects (API: example_input=...; CLI: --input-size C,H,W).") from None
 
 
-def _record_fake(gm: fx.GraphModule, example_input: torch.Tensor) -> bool:
+def _record_fake(gm: fx.GraphModule, inputs: list) -> bool:
     """Shapes from fake tensors; False (and no shapes kept) when the graph needs real values."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -105,7 +267,8 @@ def _record_fake(gm: fx.GraphModule, example_input: torch.Tensor) -> bool:
     saved = [(m, dict(vars(m)), dict(m._parameters), dict(m._buffers)) for m in gm.modules()]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            ShapeRecorder(gm).run(mode.from_tensor(example_input))
+            fake = [mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for v in inputs]
+            ShapeRecorder(gm).run(*fake, enable_io_processing=False)
         return True
     except Exception:
         for n in gm.graph.nodes:

@@ -257,12 +257,12 @@ def _is_sdpa(n: fx.Node) -> bool:
                                         n.target in aten_overloads("scaled_dot_product_attention"))
 
 
-def drop_constant_masks(gm: fx.GraphModule, example_input: torch.Tensor) -> list[str]:
+def drop_constant_masks(gm: fx.GraphModule, inputs: list) -> list[str]:
     """Remove the SDPA ``attn_mask`` arguments that are constant and mask nothing (see module doc).
 
     A mask qualifies when it is computed from neither the image nor a parameter or buffer (sizes
-    of the image are allowed) and, evaluated on ``example_input``, is all True (boolean) or all
-    zero (float). Returns the names of the SDPA calls that lost their mask.
+    of the image are allowed) and, evaluated on the example ``inputs`` (in placeholder order), is all
+    True (boolean) or all zero (float). Returns the names of the SDPA calls that lost their mask.
     """
     candidates = {}
     for n in gm.graph.nodes:
@@ -277,7 +277,7 @@ def drop_constant_masks(gm: fx.GraphModule, example_input: torch.Tensor) -> list
         candidates[n] = mask
     if not candidates:
         return []
-    values = _values_of(gm, set(candidates.values()), example_input)
+    values = _values_of(gm, set(candidates.values()), inputs)
     dropped = []
     for call, mask in candidates.items():
         v = values.get(mask)
@@ -301,7 +301,7 @@ def _keep_guards(n: fx.Node) -> bool:
     return n.is_impure() or (n.op == "call_module" and str(n.target).startswith("_guards"))
 
 
-def _values_of(gm: fx.GraphModule, wanted: set[fx.Node], example_input: torch.Tensor) -> dict:
+def _values_of(gm: fx.GraphModule, wanted: set[fx.Node], inputs: list) -> dict:
     seen: dict = {}
 
     class Capture(fx.Interpreter):
@@ -312,7 +312,7 @@ def _values_of(gm: fx.GraphModule, wanted: set[fx.Node], example_input: torch.Te
             return out
 
     with torch.no_grad():
-        Capture(gm).run(example_input)
+        Capture(gm).run(*inputs, enable_io_processing=False)
     return seen
 
 

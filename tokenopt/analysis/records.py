@@ -107,6 +107,8 @@ class ModelAnalysis:
     # the graph as analysed, indexed; a snapshot: a rewrite that adds nodes needs a fresh one
     index: GraphIndex | None = field(default=None, repr=False, compare=False)
     capture: str = "fx"            # the front end that made ``graph``: "fx" | "export" (analysis.capture)
+    # the inputs the graph was captured and its shapes recorded with (analysis.example.Example)
+    example: object = field(default=None, repr=False, compare=False)
 
     @property
     def block_paths(self) -> list[str]:

@@ -184,9 +184,7 @@ def example_input(model, size: tuple[int, int, int] | None):
 
     from tokenopt.analysis import example_input_for
 
-    own = (getattr(model, "tokenopt_data_config", None) or {}).get("input_size")
-    size = size or (tuple(own) if own else None)   # a Hugging Face folder's image processor, open_clip's size
-    if size is None:
+    if size is None:    # the model's own size: the same rule as the API's (example_input_for)
         return example_input_for(model)
     p = next(iter(model.parameters()), None)
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
