@@ -139,7 +139,8 @@ def _stream_origin(analysis: ModelAnalysis, source: int, target: int) -> str:
     step = next((d for d in analysis.downsamples if d.target == target), None)
     if step is None:
         return f"it is on token stream {target}, after stream {source}"
-    return f"it is on token stream {target}: a {step.kind} at {step.node} makes it from the whole grid of stream {source}"
+    return (f"it is on token stream {target}: a {step.kind} at {step.node} makes it from the whole grid of "
+            f"stream {source}")
 
 
 def _first_of_last_stream(analysis: ModelAnalysis):

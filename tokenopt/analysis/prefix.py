@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 from torch import nn
 
