@@ -379,15 +379,16 @@ def test_an_input_of_the_wrong_size_names_its_shape():
 
 
 def test_imports_inside_the_package_point_one_way():
-    """records/nodes <- normalise/index/example <- cores/capture <- blocks <- refusals <- prefix/pooling <- __init__,
+    """records/nodes <- normalise/index/example <- cores/capture/branches <- blocks <- refusals
+    <- prefix/pooling/streams <- __init__,
     and nothing from the layers above the analysis."""
     import ast
     import pathlib
 
     import tokenopt.analysis as pkg
     layer = {"records": 0, "nodes": 0, "normalise": 1, "index": 1, "example": 1, "capture": 2, "cores": 2,
-             "blocks": 3, "refusals": 4,
-             "prefix": 5, "pooling": 5, "__init__": 6}
+             "branches": 2, "blocks": 3, "refusals": 4,
+             "prefix": 5, "pooling": 5, "streams": 5, "__init__": 6}
     above = ("tokenopt.rewrite", "tokenopt.passes", "tokenopt.plan", "tokenopt.pipeline", "tokenopt.cli",
              "tokenopt.report", "tokenopt.recipe", "tokenopt.io", "tokenopt.demo")
     folder = pathlib.Path(pkg.__file__).parent

@@ -1,9 +1,10 @@
 """Plan: a recipe and a model's analysis become one action per block, checked before rewriting.
 
 Rules apply in order and a later rule replaces an earlier one on the same block. Token counts are
-walked block by block so that a reduction too large for the tokens left is caught here, with the
-layer and the recipe line named, before any graph is touched. A count is a
-:class:`~tokenopt.tokens.TokenCount`: fixed for merges, "at most, about" for per-image gates.
+walked block by block, each token stream from its own first block's count, so that a reduction
+too large for the tokens left is caught here, with the layer and the recipe line named, before
+any graph is touched. A count is a :class:`~tokenopt.tokens.TokenCount`: fixed for merges, "at
+most, about" for per-image gates.
 """
 from __future__ import annotations
 
@@ -81,22 +82,14 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
             raise RecipeError(f"{where}: {rule.pass_name} cannot rewrite any block it selects "
                               f"({len(idx)} selected): {reasons}.\n  Select other layers, or use a pass that "
                               "supports this architecture.")
-    # a pass that changes the token count breaks every later block that needs the original grid
-    first_change = min((i for i, (r, _) in chosen.items() if get_pass(r.pass_name).changes_token_count),
-                       default=None)
-    if first_change is not None:
-        for b in blocks[first_change + 1:]:
-            if b.grid_bound:
-                rule = chosen[first_change][0]
-                raise PlanError(
-                    f"{rule.where(recipe.source)}: reducing tokens at {blocks[first_change].path} breaks "
-                    f"{b.path}, which needs the original token grid ({b.refusal}).\n"
-                    f"  Select only layers after {b.path}.")
+    _check_grids(recipe, analysis, chosen)
 
     layers, notes = [], []
-    tokens = TokenCount.fixed(blocks[0].tokens)
-    prefix = analysis.prefix_tokens
+    stream, tokens = blocks[0].stream, TokenCount.fixed(blocks[0].tokens)
     for b in blocks:
+        if b.stream != stream:      # a new stream starts at its own count: reductions end at a Downsample
+            stream, tokens = b.stream, TokenCount.fixed(b.tokens)
+        prefix = analysis.streams[stream].prefix_tokens if stream < len(analysis.streams) else analysis.prefix_tokens
         lp = LayerPlan(b.index, b.path, tokens, tokens)
         if b.index in chosen:
             rule, params = chosen[b.index]
@@ -116,3 +109,40 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
     for n in notes:
         warnings.warn(n, TokenoptWarning, stacklevel=3)
     return Plan(recipe, layers, notes, skipped)
+
+
+def _check_grids(recipe: Recipe, analysis: ModelAnalysis, chosen: dict[int, tuple[Rule, object]]) -> None:
+    """A pass that changes the token count breaks every later block of its stream that needs the
+    original grid, and every later stream: a Downsample (patch merging, a strided conv) reads the
+    whole grid of the stream before it."""
+    blocks = analysis.blocks
+    first_change = min((i for i, (r, _) in chosen.items() if get_pass(r.pass_name).changes_token_count),
+                       default=None)
+    if first_change is None:
+        return
+    changed = blocks[first_change]
+    where = chosen[first_change][0].where(recipe.source)
+    for b in blocks[first_change + 1:]:
+        if b.stream != changed.stream:
+            raise PlanError(
+                f"{where}: reducing tokens at {changed.path} breaks {b.path}, which needs the original token grid "
+                f"({_stream_origin(analysis, changed.stream, b.stream)}).\n"
+                f"  Select only layers on the last token stream (from {_first_of_last_stream(analysis).path} on).")
+        if b.grid_bound:
+            raise PlanError(
+                f"{where}: reducing tokens at {changed.path} breaks "
+                f"{b.path}, which needs the original token grid ({b.refusal}).\n"
+                f"  Select only layers after {b.path}.")
+
+
+def _stream_origin(analysis: ModelAnalysis, source: int, target: int) -> str:
+    step = next((d for d in analysis.downsamples if d.target == target), None)
+    if step is None:
+        return f"it is on token stream {target}, after stream {source}"
+    return (f"it is on token stream {target}: a {step.kind} at {step.node} makes it from the whole grid of "
+            f"stream {source}")
+
+
+def _first_of_last_stream(analysis: ModelAnalysis):
+    last = analysis.blocks[-1].stream
+    return next(b for b in analysis.blocks if b.stream == last)

@@ -6,32 +6,36 @@ plain records that name graph nodes. It never mutates the model. Every attention
 not become a reducible block carries a written reason.
 
     capture (fx | export + normalise) ─ example.record_shapes ─ index.GraphIndex ─ cores.find_cores
-          ─ blocks.block_for ─ prefix.find_prefix_tokens ─ refusals (named checks, first one refuses)
-          ─ pooling.find_pooling
+          ─ blocks.block_for ─ branches.join_cross_attention ─ prefix.find_prefix_tokens
+          ─ refusals (named checks, first one refuses) ─ streams.find_streams ─ pooling.find_pooling
 
 One module per question, imports pointing one way (each imports only from those before it):
 
-    records    the dataclasses (AttentionCore, BlockRecord, Pooling, ModelAnalysis) and NoMatch
+    records    the dataclasses (AttentionCore, Branch, BlockRecord, Stream, Downsample, Pooling,
+               ModelAnalysis) and NoMatch
     nodes      predicates on one node (is_add, is_softmax, shape_of, module_path ...), every spelling
     normalise  an ATen graph (torch.export) rewritten into fx's op vocabulary, token sizes freed
     index      GraphIndex: lookup by name, graph order, ancestors/descendants, built once
     example    the example batch and the shape recorder
     capture    the front ends: fx symbolic trace, torch.export; "auto" picks
     cores      attention cores: fused SDPA, explicit softmax(q @ k^T) @ v, nn.MultiheadAttention
+    branches   a block's residual branches; where an attention's keys come from; cross-attention joined
     blocks     residual adds, merge point and MLP around each core
     refusals   the named checks that keep a block on its original token grid
     prefix     cls / distillation / register tokens
+    streams    which blocks share a token stream (grid, layout), and the steps between streams
     pooling    what consumes the tokens after the last block, and the features node
 """
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from tokenopt.analysis.blocks import block_for
+from tokenopt.analysis.branches import join_cross_attention
 from tokenopt.analysis.capture import CAPTURE_MODES, Captured, capture as capture_graph, export_graph, family_of
 from tokenopt.analysis.cores import explicit_core, find_cores, mha_core, sdpa_core
 from tokenopt.analysis.example import Example, ShapeRecorder, example_input_for, record_shapes
@@ -41,13 +45,16 @@ from tokenopt.analysis.nodes import (common_module_prefix, is_add, is_core_node,
                                      module_path, shape_of, tensor_args)
 from tokenopt.analysis.pooling import find_pooling
 from tokenopt.analysis.prefix import find_prefix_tokens
-from tokenopt.analysis.records import CLASS_ATTENTION, AttentionCore, BlockRecord, ModelAnalysis, NoMatch, Pooling
+from tokenopt.analysis.records import (CLASS_ATTENTION, AttentionCore, BlockRecord, Branch, Downsample, ModelAnalysis,
+                                       NoMatch, Pooling, Stream)
 from tokenopt.analysis.refusals import CHECKS, Check, CheckContext, check, first_refusal
+from tokenopt.analysis.streams import find_streams
 from tokenopt.errors import AnalysisError
 
 __all__ = [
-    "AnalysisError", "analyse_graph", "AttentionCore", "BlockRecord", "CAPTURE_MODES", "CHECKS", "CLASS_ATTENTION",
-    "Captured", "Check", "CheckContext", "Example", "capture_graph", "export_graph", "family_of",
+    "AnalysisError", "analyse_graph", "AttentionCore", "BlockRecord", "Branch", "CAPTURE_MODES", "CHECKS",
+    "CLASS_ATTENTION", "Captured", "Check", "CheckContext", "Downsample", "Example", "Stream", "capture_graph",
+    "export_graph", "family_of",
     "GraphIndex", "ModelAnalysis", "NoMatch", "Pooling", "ShapeRecorder", "analyse", "block_for", "check",
     "common_module_prefix", "example_input_for", "explicit_core", "find_cores", "first_refusal", "is_add",
     "find_pooling", "find_prefix_tokens", "is_core_node", "is_matmul", "is_sdpa", "is_softmax", "mha_core",
@@ -66,7 +73,7 @@ def analyse(model: nn.Module, example_input=None, leaf_modules=(),
     example = Example.of(example_input if example_input is not None else example_input_for(model))
     captured = capture_graph(model, example, capture, leaf_modules)
     analysis = analyse_graph(captured.graph, model, tuple(example.image.shape), prefix_tokens)
-    return dataclasses.replace(analysis, example=example)
+    return replace(analysis, example=example)
 
 
 def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, ...] = (),
@@ -83,6 +90,7 @@ def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, 
             blocks.append(rec)
         else:
             no_matches.append(rec)
+    blocks = join_cross_attention(blocks)
     if localise_batch(gm, [(b.input, b.output) for b in blocks]):
         index = GraphIndex(gm.graph)      # a size read per block was inserted: index afresh
     unmatched = [(m.where, m.reason) for m in no_matches if m.near_miss]
@@ -99,7 +107,10 @@ def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, 
         if refused is not None:
             b.refused_by, why = refused
             b.refusal = str(why)
+    streams, downsamples, stream_of = find_streams(blocks, gm, index, prefix)
+    blocks = [b if b.stream == s else replace(b, stream=s) for b, s in zip(blocks, stream_of)]
     pools, features = find_pooling(blocks[-1], gm, index)
     return ModelAnalysis(gm, blocks, unmatched, prefix, source, pools, tuple(input_shape), features,
-                         no_matches=no_matches, index=index, capture=gm.meta.get("tokenopt_capture", "fx"))
+                         no_matches=no_matches, index=index, capture=gm.meta.get("tokenopt_capture", "fx"),
+                         streams=streams, downsamples=downsamples)
 

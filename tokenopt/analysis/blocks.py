@@ -15,6 +15,8 @@
    attention and MLP. A block without an MLP ends at r1.
 
 No r1 means the core is not inside a transformer block: :class:`NoMatch`, with the reason.
+The block's branches (:mod:`tokenopt.analysis.branches`) are the attention, r1 and, when there
+is one, the MLP and r2; the core learns where its keys and values come from.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dataclasses import replace
 
 import torch.fx as fx
 
+from tokenopt.analysis.branches import attention_branch, kv_source, mlp_branch
 from tokenopt.analysis.index import GraphIndex
 from tokenopt.analysis.nodes import common_module_prefix, is_add, is_core_node, module_path, shape_of
 from tokenopt.analysis.records import AttentionCore, BlockRecord, NoMatch
@@ -75,14 +78,17 @@ def block_for(core: AttentionCore, number: int, gm: fx.GraphModule, index: Graph
             break  # reached the next block's attention: this block has no MLP
     if r2 is not None and any(is_core_node(m, gm) for m in index.between(merge, r2)):
         r2 = None
-    if r2 is None:
+    has_mlp = r2 is not None
+    if not has_mlp:
         merge, r2 = chain[-1], chain[-1]
     path = common_module_prefix([module_path(n) for n in (c, r1, r2)]) or f"block{number}"
     x_shape = shape_of(skip)
     tokens = x_shape[1] if x_shape and len(x_shape) == 3 else (math.prod(x_shape[1:-1]) if x_shape else 0)
     dim = x_shape[-1] if x_shape else 0
-    core = _with_heads(core, index, x_shape, tokens)
-    return BlockRecord(number, path, skip.name, core, r1.name, merge.name, r2.name, tokens, dim)
+    core = replace(_with_heads(core, index, x_shape, tokens), kv_source=kv_source(core, skip, index))
+    branches = (attention_branch(core, skip, r1),) + ((mlp_branch(merge, r2),) if has_mlp else ())
+    return BlockRecord(number, path, skip.name, core, r1.name, merge.name, r2.name, tokens, dim,
+                       branches=branches)
 
 
 def _with_heads(core: AttentionCore, index: GraphIndex, x_shape, tokens: int) -> AttentionCore:

@@ -7,6 +7,7 @@
     index.descendants(n)             # every node computed from n (cached, frozenset)
     index.ancestors(end, stop=x)     # ... not looking past x: the nodes of a block between x and end
     index.between(a, b)              # nodes on some path a -> b
+    index.data_ancestors(n)          # ancestors n's *values* come from (not through x.shape, x.size(0))
     index.digraph                    # networkx view, for dominators and the like
 
 Names, positions and the cached ancestor/descendant sets are a snapshot of the graph when the
@@ -21,6 +22,8 @@ from typing import Iterable, Union
 
 import torch.fx as fx
 
+from tokenopt.analysis.nodes import is_size_query
+
 NodeRef = Union[fx.Node, str]      # a node, or its name
 
 
@@ -32,6 +35,7 @@ class GraphIndex:
         self._position = {n: i for i, n in enumerate(self.nodes)}
         self._ancestors: dict[fx.Node, frozenset] = {}
         self._descendants: dict[fx.Node, frozenset] = {}
+        self._data_ancestors: dict[fx.Node, frozenset] = {}
 
     # ---------------------------------------------------------------- lookup
     def node(self, ref: NodeRef) -> fx.Node:
@@ -95,6 +99,15 @@ class GraphIndex:
                 self._descendants[n] = self._walk(n, lambda m: m.users, ())
             return self._descendants[n]
         return self._walk(n, lambda m: m.users, self._stops(stop))
+
+    def data_ancestors(self, ref: NodeRef) -> frozenset:
+        """The ancestors ``ref``'s values are computed from: not looking through size queries
+        (``x.shape``, ``x.size(0)``: reading a shape is not reading the data). Cached."""
+        n = self.node(ref)
+        if n not in self._data_ancestors:
+            step = lambda m: () if is_size_query(m) else m.all_input_nodes    # noqa: E731
+            self._data_ancestors[n] = self._walk(n, step, ())
+        return self._data_ancestors[n]
 
     def between(self, a: NodeRef, b: NodeRef) -> frozenset:
         """Nodes strictly between ``a`` and ``b`` on some path a -> b."""

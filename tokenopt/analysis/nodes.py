@@ -62,6 +62,19 @@ def is_input_batch_size(n: fx.Node) -> bool:
             and n.args[1] == 0 and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder")
 
 
+SIZE_QUERY_FN = aten_overloads("sym_size.int", "sym_size", "sym_numel", "sym_stride.int")
+_METADATA_ATTRS = ("shape", "ndim", "dtype", "device")
+
+
+def is_size_query(n: fx.Node) -> bool:
+    """``x.shape``, ``x.size(0)``, ``x.dim()``, ``aten.sym_size.int(x, 0)`` ...: reads what ``x`` looks
+    like, not its values (a reshape by ``x.shape[0]`` does not compute from ``x``)."""
+    if n.op == "call_method":
+        return n.target in ("size", "dim", "numel")
+    return n.op == "call_function" and (n.target in SIZE_QUERY_FN or (
+        n.target is getattr and len(n.args) > 1 and n.args[1] in _METADATA_ATTRS))
+
+
 def is_add(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in ADD_FN) or (n.op == "call_method" and n.target in ("add", "add_"))
 
@@ -95,6 +108,19 @@ def is_module(n: fx.Node, gm: fx.GraphModule, cls: type) -> bool:
 def is_core_node(n: fx.Node, gm: fx.GraphModule) -> bool:
     """Any node that may be an attention core: SDPA, a softmax (function, method or module), MHA."""
     return is_sdpa(n) or is_softmax(n) or is_module(n, gm, nn.Softmax) or is_module(n, gm, nn.MultiheadAttention)
+
+
+def is_token_cat(n: fx.Node) -> bool:
+    """``torch.cat([...], dim=1)``: tensors joined along the token axis of (B, N, C)."""
+    if not (n.op == "call_function" and n.target is torch.cat):
+        return False
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+    return isinstance(cat_parts(n), (list, tuple)) and dim in (1, -2)
+
+
+def cat_parts(n: fx.Node):
+    """The tensors a ``torch.cat`` node joins."""
+    return n.args[0] if n.args else n.kwargs.get("tensors")
 
 
 def matmul_operands(n: fx.Node) -> tuple | None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from tokenopt.analysis.index import GraphIndex
-from tokenopt.analysis.nodes import shape_of
+from tokenopt.analysis.nodes import cat_parts, is_token_cat, shape_of
 from tokenopt.analysis.records import BlockRecord
 
 
@@ -60,9 +59,9 @@ def _prefix_of(n: fx.Node, img: fx.Node, memo: dict) -> tuple[int, bool]:
     tokens = shape[1] if shape is not None and len(shape) == 3 else None
     if not _tensor_from_image(n, img):
         result = (tokens or 0, False)
-    elif _is_token_cat(n):
+    elif is_token_cat(n):
         result, total = None, 0
-        for p in _cat_parts(n):
+        for p in cat_parts(n):
             count, patches = _prefix_of(p, img, memo)
             total += count
             if patches:
@@ -81,17 +80,6 @@ def _prefix_of(n: fx.Node, img: fx.Node, memo: dict) -> tuple[int, bool]:
         result = _prefix_of(same[0], img, memo) if same and tokens is not None else (0, True)
     memo[n] = result
     return result
-
-
-def _is_token_cat(n: fx.Node) -> bool:
-    if not (n.op == "call_function" and n.target is torch.cat):
-        return False
-    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-    return isinstance(_cat_parts(n), (list, tuple)) and dim in (1, -2)
-
-
-def _cat_parts(n: fx.Node):
-    return n.args[0] if n.args else n.kwargs.get("tensors")
 
 
 def _token_slice(n: fx.Node):
