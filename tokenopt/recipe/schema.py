@@ -1,29 +1,14 @@
-"""Recipes: the YAML that says which pass runs on which layers, validated before any model is seen.
-
-A recipe::
-
-    version: 1
-    strict: false          # true: a reduction too large for a layer is an error, not a warning
-    prefix_tokens: 1       # override the detected number of cls/dist/register tokens
-    outputs: logits        # logits | tokens
-    rules:                 # in order; a later rule replaces an earlier one on the same layer
-      - pass: tome
-        layers: 4-11       # all | 5 | "4-11" | "0-3,8" | [0, 2, "5-7"] | "blocks.1*" | "re:blocks\\.(1|2)"
-        r: 13              # every other key is an option of the pass (its pydantic Options)
+"""The recipe schema: top-level keys, versions, rules and their pass options, validated.
 
 :func:`load_recipe` checks everything that does not need a model (syntax, versions, pass names,
-option types, selector syntax) and names the file and line of each mistake. Selectors are
-matched against a model's blocks later, by :func:`resolve_layers`.
+option types, selector syntax) and names the file and line of each mistake; the data comes from
+:mod:`tokenopt.recipe.loader`, the selector syntax from :mod:`tokenopt.recipe.selectors`.
 """
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import os
-import re
-from collections.abc import Hashable
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 from pydantic import ValidationError
@@ -31,6 +16,8 @@ from pydantic import ValidationError
 from tokenopt.errors import RecipeError
 from tokenopt.passes import available_passes, get_pass
 from tokenopt.passes.base import PassOptions
+from tokenopt.recipe.loader import at as _at, line_of as _line_of, lower_first as _lower, read_data
+from tokenopt.recipe.selectors import check_selector
 
 SUPPORTED_VERSIONS = (1,)
 #: The schema version this tokenopt writes (``Recipe.to_dict``).
@@ -38,10 +25,6 @@ PASSES_SCHEMA_VERSION = SUPPORTED_VERSIONS[-1]
 OUTPUTS = ("logits", "tokens")
 TOP_LEVEL_KEYS = ("version", "strict", "prefix_tokens", "outputs", "rules")
 RULE_KEYS = ("pass", "layers")  # every other key of a rule is an option of its pass
-
-
-# --------------------------------------------------------------------------------------------
-# Data
 
 
 @dataclass
@@ -91,131 +74,6 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
 
-# --------------------------------------------------------------------------------------------
-# YAML with line numbers
-
-
-class _Mapping(dict):
-    """A YAML mapping that remembers its own line and the line of each key (1-based)."""
-
-    line: int | None = None
-    key_lines: dict
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader whose mappings carry line numbers, and which refuses duplicate keys.
-
-    PyYAML silently keeps the last of two equal keys; in a recipe that hides a typo-level
-    mistake (two ``r:`` in one rule), so it is reported instead.
-    """
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode):
-    if not isinstance(node, yaml.MappingNode):  # `!!map x`
-        raise yaml.constructor.ConstructorError(None, None, f"expected a mapping, but found a {node.id}",
-                                                node.start_mark)
-    data = _Mapping()
-    data.line = node.start_mark.line + 1
-    data.key_lines = {}
-    yield data  # yield first, as PyYAML does, so recursive structures still work
-    # `<<: *anchor` merge keys come first after flattening; the mapping's own keys may override
-    # them, so only duplicates among its own keys are mistakes.
-    own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
-    loader.flatten_mapping(node)
-    merged = len(node.value) - own
-    own_keys = set()
-    for i, (key_node, value_node) in enumerate(node.value):
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, Hashable):
-            raise yaml.constructor.ConstructorError(
-                None, None, "a key cannot be a list or a mapping", key_node.start_mark)
-        if i >= merged:
-            if key in own_keys:
-                raise yaml.constructor.ConstructorError(
-                    None, None,
-                    f"duplicate key {key!r} (first on line {data.key_lines[key]}); keep only one",
-                    key_node.start_mark)
-            own_keys.add(key)
-        data[key] = loader.construct_object(value_node, deep=True)
-        data.key_lines[key] = key_node.start_mark.line + 1
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _construct_object(loader: _LineLoader, node, deep=False):
-    """PyYAML's constructors fail with plain Python errors (ValueError, KeyError, IndexError,
-    AttributeError) on values such as ``2001-13-45`` (a timestamp), ``!!int abc``, ``!!bool maybe``,
-    ``!!timestamp x``, ``!!int`` or an integer of more than 4300 digits; give them the node's line."""
-    try:
-        return yaml.SafeLoader.construct_object(loader, node, deep)
-    except (yaml.YAMLError, RecursionError):
-        raise
-    except Exception as e:  # noqa: BLE001 - any failure to build a value is a mistake in the YAML
-        kind = node.tag.rsplit(":", 1)[-1]
-        value = node.value if isinstance(node.value, str) else ""
-        shown = repr(value if len(value) <= 40 else value[:37] + "...")
-        # Python's own reason helps for numbers and dates ("month must be in 1..12"), not elsewhere
-        why = f" ({_lower(str(e).split(';')[0])})" if isinstance(e, (ValueError, OverflowError)) and value \
-            and kind in ("int", "float", "timestamp") else ""
-        raise yaml.constructor.ConstructorError(
-            None, None, f"cannot read {shown} as {'an' if kind[:1] in 'aeiou' else 'a'} {kind}{why}; "
-            f"write a valid {kind}, or quote it to keep it as text", node.start_mark) from None
-
-
-_LineLoader.construct_object = _construct_object
-
-
-def _line_of(mapping, key=None) -> int | None:
-    """The line of ``mapping[key]`` (or of the mapping), when the recipe came from YAML."""
-    if not isinstance(mapping, _Mapping):
-        return None
-    if key is not None and key in mapping.key_lines:
-        return mapping.key_lines[key]
-    return mapping.line
-
-
-def _at(source: str, line: int | None) -> str:
-    return source if line is None else f"{source}, line {line}"
-
-
-def _parse_yaml(text: str, source: str):
-    try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        problem = e.problem or e.context or "invalid YAML"
-        if e.context and e.problem:
-            # an unclosed bracket or quote is reported where parsing gave up; where it opened helps
-            cm = e.context_mark
-            opened = f" (started on line {cm.line + 1})" if cm and mark and cm.line != mark.line else ""
-            problem = f"{e.context}{opened}; {e.problem}"
-        loc = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
-        # constructor errors (duplicate keys) are about content; the rest are syntax
-        hint = "" if isinstance(e, yaml.constructor.ConstructorError) else \
-            "\n  Check the indentation and quoting near that line."
-        raise RecipeError(f"{loc}: could not parse YAML: {problem}.{hint}") from None
-    except yaml.reader.ReaderError as e:  # a control character; the position is an offset in the text
-        if not isinstance(e.character, int):
-            raise RecipeError(f"{source}: could not parse YAML: {e}") from None
-        before = text[:e.position]
-        line, column = before.count("\n") + 1, e.position - before.rfind("\n")
-        raise RecipeError(f"{source}, line {line}, column {column}: could not parse YAML: the character "
-                          f"{chr(e.character)!r} (#x{e.character:04x}) is not allowed in YAML.\n"
-                          "  Remove it, or write it as an escape in a double-quoted string.") from None
-    except yaml.YAMLError as e:  # no position known
-        raise RecipeError(f"{source}: could not parse YAML: {e}") from None
-    except RecursionError:  # PyYAML composes and constructs nested nodes recursively
-        raise RecipeError(f"{source}: could not parse YAML: brackets or indentation nested too deeply.\n"
-                          "  A recipe needs only a few levels (rules, a rule, an option).") from None
-    except Exception as e:  # noqa: BLE001 - a constructor failed outside _construct_object: no line known
-        raise RecipeError(f"{source}: could not parse YAML: {type(e).__name__}: {e}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# Loading and validation
-
-
 def _suggest(word, choices) -> str:
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -225,49 +83,7 @@ def load_recipe(recipe: str | os.PathLike | dict | Recipe) -> Recipe:
     """Read and validate a recipe from a file path, YAML text, a dict, or return a Recipe as is."""
     if isinstance(recipe, Recipe):
         return recipe
-    if isinstance(recipe, dict):
-        return _from_data(recipe, "<dict>")
-    if isinstance(recipe, os.PathLike) or (isinstance(recipe, str) and (
-            ("\n" not in recipe and recipe.endswith((".yaml", ".yml"))) or _is_file(recipe))):
-        return _from_file(Path(recipe))
-    if isinstance(recipe, str):
-        data = _parse_yaml(recipe, "<string>")
-        if isinstance(data, str) and "\n" not in recipe.strip():
-            # A lone word is far more likely a mistyped file name than a YAML recipe.
-            raise RecipeError(f"recipe file not found: {recipe}\n"
-                              "  Check the spelling of the path, or pass the recipe as YAML text or a dict.")
-        return _from_data(data, "<string>")
-    raise RecipeError(f"a recipe must be a file path, YAML text, a dict or a Recipe, "
-                      f"not {type(recipe).__name__}")
-
-
-def _is_file(s: str) -> bool:
-    # YAML text can be long or multi-line; only a plausible path is worth a stat call.
-    try:
-        return "\n" not in s and len(s) < 4096 and Path(s).is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def _from_file(path: Path) -> Recipe:
-    try:
-        exists, is_dir = path.exists(), path.is_dir()
-    except (OSError, ValueError) as e:  # a name too long, a NUL byte
-        name = str(path) if len(str(path)) <= 80 else str(path)[:77] + "..."
-        raise RecipeError(f"cannot read recipe file {name}: {getattr(e, 'strerror', None) or e}.\n"
-                          "  Check the path, or pass the recipe as YAML text or a dict.") from None
-    if not exists:
-        raise RecipeError(f"recipe file not found: {path}"
-                          + ("" if path.is_absolute() else f" (relative to {Path.cwd()})")
-                          + "\n  Check the spelling of the path, or pass the recipe as YAML text or a dict.")
-    if is_dir:
-        raise RecipeError(f"recipe path is a directory, not a file: {path}\n"
-                          "  Name the .yaml file inside it.")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"cannot read recipe file {path}: {e}") from None
-    return _from_data(_parse_yaml(text, str(path)), str(path))
+    return _from_data(*read_data(recipe))
 
 
 #: Limits of what a recipe can hold; real recipes stay far below them. Past them, messages that
@@ -375,7 +191,7 @@ def _rule(raw, index: int, source: str, rules_line: int | None) -> Rule:
                           f"  Available passes: {', '.join(available_passes())}.")
     rule = Rule(name, raw.get("layers", "all"), None, index, line)
     where = rule.where(source)
-    _check_selector(rule.layers, where)
+    check_selector(rule.layers, where)
 
     options_cls = get_pass(name).Options
     options = {k: v for k, v in raw.items() if k not in RULE_KEYS}
@@ -390,10 +206,6 @@ def _rule(raw, index: int, source: str, rules_line: int | None) -> Rule:
     except ValidationError as e:
         raise RecipeError(f"{where}: {_explain(e, options_cls, options)}") from None
     return rule
-
-
-def _lower(msg: str) -> str:
-    return msg[:1].lower() + msg[1:]
 
 
 def _explain(error: ValidationError, options_cls, given: dict) -> str:
@@ -426,111 +238,3 @@ def _explain(error: ValidationError, options_cls, given: dict) -> str:
             text = f"option {name!r} = {value!r}: {_lower(err['msg'])}" + (f" (at {at})" if at else "")
         parts.append(text)
     return "; ".join(parts) + "."
-
-
-# --------------------------------------------------------------------------------------------
-# Layer selectors
-
-_RANGES = re.compile(r"\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*")
-_RANGE_CHARS = re.compile(r"[\d\s,\-]+")
-
-
-def _check_selector(selector, where: str) -> None:
-    """Syntax only: whether the selector can match anything is known once a model is."""
-    _parse(selector, where, top=True)
-
-
-def _parse(selector, where: str, top: bool):
-    """A selector as ("all",) | ("indices", [range, ..]) | ("glob", pat) | ("re", compiled) | ("any", [..]).
-
-    Index ranges stay ``range`` objects: "0-999999999999" must not become a list before the model
-    says how many blocks there are."""
-    bad = f"{where}: invalid layers selector {selector!r}"
-    forms = ('  Use all, first-half, second-half, an index (5), a range ("4-11"), a list ("0-3,8" or [0, 2, 5]), '
-             'a glob on block paths ("blocks.1*"), or "re:<regex>".')
-    if isinstance(selector, bool) or selector is None:
-        raise RecipeError(f"{bad}.\n{forms}")
-    if isinstance(selector, int):
-        if selector < 0:
-            raise RecipeError(f"{bad}: layer indices start at 0.\n{forms}")
-        return ("indices", [range(selector, selector + 1)])
-    if isinstance(selector, list):
-        if not top or not selector:
-            raise RecipeError(f"{bad}: {'an empty list' if not selector else 'lists cannot nest'}.\n{forms}")
-        return ("any", [_parse(s, where, top=False) for s in selector])
-    if not isinstance(selector, str) or not selector.strip():
-        raise RecipeError(f"{bad}.\n{forms}")
-    s = selector.strip()
-    if s == "all":
-        return ("all",)
-    if s in ("first-half", "second-half"):
-        # depth-relative, so one recipe fits models of any depth (ToFu's prune-early rule)
-        return ("half", s)
-    if s.startswith("re:"):
-        try:
-            return ("re", re.compile(s[3:]))
-        except (re.error, OverflowError, RecursionError) as e:
-            why = "groups nested too deeply" if isinstance(e, RecursionError) else e
-            raise RecipeError(f"{bad}: not a valid regular expression ({why}).") from None
-    # Digits, dashes and commas only can never be a block path glob, so they must be ranges.
-    if _RANGE_CHARS.fullmatch(s):
-        if not _RANGES.fullmatch(s):
-            raise RecipeError(f"{bad}: write ranges as \"4-11\" or \"0-3,8\".\n{forms}")
-        indices = []
-        for part in s.split(","):
-            lo, _, hi = part.partition("-")
-            try:
-                lo, hi = int(lo), int(hi or lo)
-            except ValueError:  # more digits than Python converts (4300)
-                raise RecipeError(f"{where}: invalid layers selector: a layer index of {len(s)} digits.\n"
-                                  f"{forms}") from None
-            if hi < lo:
-                raise RecipeError(f"{bad}: range {part.strip()!r} runs backwards; write it as {hi}-{lo}.")
-            indices.append(range(lo, hi + 1))
-        return ("indices", indices)
-    return ("glob", s)
-
-
-def _abbreviate(paths: list[str], keep: int = 3) -> str:
-    if len(paths) <= 2 * keep:
-        return ", ".join(paths)
-    return ", ".join(paths[:keep]) + f", ... ({len(paths) - 2 * keep} more), " + ", ".join(paths[-keep:])
-
-
-def resolve_layers(selector, block_paths: list[str], where: str) -> list[int]:
-    """The sorted, unique block indices that ``selector`` picks among ``block_paths``.
-
-    Every part of a selector must pick at least one block: a glob that matches nothing is
-    almost always a misspelt path, and silently doing nothing would hide it.
-    """
-    n = len(block_paths)
-    available = f"the model has {n} blocks (0-{n - 1}): {_abbreviate(block_paths)}" if n \
-        else "the model has no transformer blocks"
-
-    def pick(parsed) -> set[int]:
-        kind = parsed[0]
-        if kind == "all":
-            return set(range(n))
-        if kind == "half":
-            return set(range(n // 2)) if parsed[1] == "first-half" else set(range(n // 2, n))
-        if kind == "any":
-            return set().union(*(pick(p) for p in parsed[1]))
-        if kind == "indices":
-            out = [max(r.start, n) for r in parsed[1] if r.stop > n]   # the first index past the last block
-            if out:
-                raise RecipeError(f"{where}: layers {selector!r}: index {out[0]} is out of range; {available}.")
-            return {i for r in parsed[1] for i in r}
-        if kind == "glob":
-            hits = {i for i, p in enumerate(block_paths) if fnmatch.fnmatchcase(p, parsed[1])}
-            what = f"glob {parsed[1]!r}"
-        else:
-            hits = {i for i, p in enumerate(block_paths) if parsed[1].fullmatch(p)}
-            what = f"regex {parsed[1].pattern!r}"
-        if not hits:
-            raise RecipeError(f"{where}: layers {selector!r}: {what} matches no block; {available}.")
-        return hits
-
-    chosen = pick(_parse(selector, where, top=True))
-    if not chosen:
-        raise RecipeError(f"{where}: layers {selector!r} selects no block; {available}.")
-    return sorted(chosen)
