@@ -379,15 +379,16 @@ def test_an_input_of_the_wrong_size_names_its_shape():
 
 
 def test_imports_inside_the_package_point_one_way():
-    """records/nodes <- normalise/index/example <- cores/capture/branches <- blocks <- refusals
-    <- prefix/pooling/streams <- __init__,
+    """records/nodes <- aten_vocabulary/constant_masks/token_axis/batch_size/index/example
+    <- cores/capture/branches <- blocks <- refusals <- prefix/pooling/streams <- __init__,
     and nothing from the layers above the analysis."""
     import ast
     import pathlib
 
     import tokenopt.analysis as pkg
-    layer = {"records": 0, "nodes": 0, "normalise": 1, "index": 1, "example": 1, "capture": 2, "cores": 2,
-             "branches": 2, "blocks": 3, "refusals": 4,
+    layer = {"records": 0, "nodes": 0, "aten_vocabulary": 1, "constant_masks": 1, "token_axis": 1, "batch_size": 1,
+             "index": 1, "example": 1, "capture": 2, "cores": 2, "branches": 2,
+             "blocks": 3, "refusals": 4,
              "prefix": 5, "pooling": 5, "streams": 5, "__init__": 6}
     above = ("tokenopt.rewrite", "tokenopt.passes", "tokenopt.plan", "tokenopt.pipeline", "tokenopt.cli",
              "tokenopt.report", "tokenopt.recipe", "tokenopt.io", "tokenopt.demo")
@@ -407,3 +408,20 @@ def test_imports_inside_the_package_point_one_way():
                 if name.startswith("tokenopt.analysis."):
                     dep = name.split(".")[2]
                     assert layer[dep] < layer[path.stem], f"{path.name} imports {name}, which is not below it"
+
+
+def test_region_walks_back_to_the_start_and_with_an_order_stays_after_it():
+    """nodes.region: GraphRewriter.region's walk (everything end reads, stopping at start) and the
+    block body localise_batch needs (only nodes placed after start: not what the block reads from
+    earlier, such as a bias computed from the image before the block)."""
+    from tokenopt.analysis.nodes import region
+    g = fx.Graph()
+    image = g.placeholder("image")
+    bias = g.call_function(torch.neg, (image,))          # before the block, read inside it
+    x = g.call_function(torch.relu, (image,))           # the block's input
+    a = g.call_function(torch.add, (x, bias))
+    b = g.call_function(torch.mul, (a, x))
+    g.output(b)
+    assert region(x, b) == {a, b, bias, image}
+    order = {n: i for i, n in enumerate(g.nodes)}
+    assert region(x, b, order) == {a, b}

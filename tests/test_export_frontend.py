@@ -31,7 +31,10 @@ import tokenopt
 from reference_tome import merge_one_image, unmerge_one_image
 from tokenopt.analysis import analyse, analyse_graph, capture_graph, family_of
 from tokenopt.analysis.example import record_shapes
-from tokenopt.analysis.normalise import canonical_ops, drop_constant_masks, free_token_axis, localise_batch
+from tokenopt.analysis.aten_vocabulary import canonical_ops
+from tokenopt.analysis.batch_size import localise_batch
+from tokenopt.analysis.constant_masks import drop_constant_masks
+from tokenopt.analysis.token_axis import free_token_axis
 from tokenopt.errors import AnalysisError, RecipeError
 
 transformers = pytest.importorskip("transformers")

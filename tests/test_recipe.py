@@ -260,6 +260,10 @@ def test_missing_end_of_schedule_is_named():
     ("true", "invalid layers selector True"),
     ("", "invalid layers selector None"),
     ("'re:blocks.('", "not a valid regular expression"),
+    ("stage0", "stages are counted from 1 (stage1 is the first)"),
+    ("stage4-3", "stages 4-3 run backwards; write stage3-4"),
+    ("[1, stage0-2]", "stages are counted from 1"),
+    ("stage1234567", "a stage number of more than 6 digits"),
 ])
 def test_bad_selector_syntax_caught_without_a_model(layers, expect):
     msg = error(rules_yaml(f"- pass: tome\n  layers: {layers}\n  r: 1\n"))
@@ -337,6 +341,64 @@ def test_resolve_layers_bad_syntax():
 
 def test_resolve_layers_no_blocks():
     assert "the model has no transformer blocks" in resolve_error("all", [])
+
+
+# -- stage selectors: one token stream per stage of a hierarchical ViT --------------------------
+
+SWIN_STREAMS = [0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 3, 3]    # stages of 2, 2, 6, 2 blocks (Swin-T)
+SWIN_WHERE = "recipe.yaml, line 7 (rule 2, pass tome)"
+
+
+def test_stage_selectors_load_without_a_model():
+    rules = load_recipe(rules_yaml("- pass: tome\n  layers: stage3-4\n  r: 1\n- pass: tome\n  layers: [stage1, 7]\n"
+                                   "  r: 1\n")).rules
+    assert [r.layers for r in rules] == ["stage3-4", ["stage1", 7]]
+
+
+@pytest.mark.parametrize("selector, expect", [
+    ("stage1", [0, 1]),
+    ("stage3", [4, 5, 6, 7, 8, 9]),
+    ("stage3-4", [4, 5, 6, 7, 8, 9, 10, 11]),
+    ("stage1-4", list(range(12))),
+    (" stage4 ", [10, 11]),
+    (["stage1", 11], [0, 1, 11]),
+    (["stage2", "stage4", "blocks.5"], [2, 3, 5, 10, 11]),
+])
+def test_stage_selectors_pick_every_block_of_their_streams(selector, expect):
+    assert resolve_layers(selector, PATHS, "W", streams=SWIN_STREAMS) == expect
+
+
+def test_streams_in_any_order():
+    # a stage is its stream, wherever its blocks sit
+    assert resolve_layers("stage2", ["a", "b", "c", "d"], "W", streams=[1, 0, 1, 0]) == [0, 2]
+
+
+@pytest.mark.parametrize("streams", [None, [0] * 12])
+def test_stage1_of_a_model_with_one_stream_is_every_block(streams):
+    assert resolve_layers("stage1", PATHS, "W", streams=streams) == list(range(12))
+
+
+@pytest.mark.parametrize("streams", [None, [0] * 12])
+@pytest.mark.parametrize("selector, stage", [("stage2", 2), ("stage1-3", 2), ([0, "stage3"], 3)])
+def test_stage_selector_on_a_model_with_one_stream(streams, selector, stage):
+    with pytest.raises(RecipeError) as e:
+        resolve_layers(selector, PATHS, SWIN_WHERE, streams=streams)
+    assert str(e.value) == (f"{SWIN_WHERE}: layers {selector!r}: stage {stage} does not exist: the model has one "
+                            "token stream (a single stage, stage1).\n  Select its blocks by index, range or path "
+                            "instead.")
+
+
+@pytest.mark.parametrize("selector, stage", [("stage5", 5), ("stage3-6", 5), ("stage7-9", 7), (["stage1", "stage6"], 6)])
+def test_stage_selector_past_the_last_stage_says_how_many_there_are(selector, stage):
+    with pytest.raises(RecipeError) as e:
+        resolve_layers(selector, PATHS, SWIN_WHERE, streams=SWIN_STREAMS)
+    assert str(e.value) == (f"{SWIN_WHERE}: layers {selector!r}: stage {stage} is out of range; the model has 4 "
+                            "stages (stage1-stage4) of 2, 2, 6, 2 blocks.")
+
+
+def test_streams_must_cover_every_block():
+    with pytest.raises(ValueError, match="streams has 3 entries for 12 blocks"):
+        resolve_layers("stage1", PATHS, "W", streams=[0, 0, 1])
 
 
 @pytest.mark.filterwarnings("ignore:.*can merge")   # shallow tiny models run out of tokens: expected

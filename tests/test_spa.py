@@ -442,7 +442,7 @@ def test_cli_refuses_bad_spa_recipes_with_exit_2_and_writes_nothing(tmp_path, ru
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_prune_on_an_exported_hf_vit_equals_a_per_image_loop(layout):
     # torch.export reads the batch size once off the image; each block must read its own, since a
-    # packed block runs on a batch of 1 (analysis.normalise.localise_batch)
+    # packed block runs on a batch of 1 (analysis.batch_size.localise_batch)
     model = hf_vit()
     gm = trained(optimize(model, recipe(mode="prune", layout=layout), example_input=images(2), capture="export"))
     assert gm.tokenopt_capture == "export"

@@ -64,7 +64,7 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
     skipped: list[tuple[str, str]] = []
     for rule in recipe.rules:
         where = rule.where(recipe.source)
-        idx = resolve_layers(rule.layers, paths, where)
+        idx = resolve_layers(rule.layers, paths, where, streams=[b.stream for b in blocks])
         p = get_pass(rule.pass_name)()
         per_layer = p.resolve(rule.options, p.layer_options(rule.options, len(idx), where),
                               [blocks[i] for i in idx], context, where)

@@ -15,6 +15,7 @@ from tokenopt.analysis import Example, ModelAnalysis
 from tokenopt.flops import flops_by_node
 from tokenopt.plan import Plan
 from tokenopt.tokens import TokenCount
+from tokenopt.trace import values_at
 
 
 @dataclass
@@ -119,26 +120,18 @@ def measured_token_counts(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, 
 
     ``gm.tokenopt_token_counts`` maps a block index to the node holding its (B,) counts.
     """
-    wanted = {name: block for block, name in getattr(gm, "tokenopt_token_counts", {}).items()}
+    present = {n.name for n in gm.graph.nodes}      # a count node cleaned away since has nothing to measure
+    wanted = {name: block for block, name in getattr(gm, "tokenopt_token_counts", {}).items() if name in present}
     if not wanted:
         return {}
-    seen: dict[int, float] = {}
-
-    class Capture(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in wanted:
-                seen[wanted[n.name]] = float(torch.as_tensor(out).float().mean())
-            return out
-
     was_training = gm.training
     gm.eval()
     try:
         with torch.no_grad():
-            Capture(gm).run(*Example.of(batch).positional(gm))
+            values = values_at(gm, wanted, *Example.of(batch).positional(gm))
     finally:
         gm.train(was_training)
-    return seen
+    return {wanted[name]: float(torch.as_tensor(v).float().mean()) for name, v in values.items()}
 
 
 @dataclass

@@ -9,6 +9,9 @@ the analysis can match) except where that is impossible or unhelpful:
   as a whole), users can add their own leaves (``leaf_modules=``) by class or qualified name.
 * Optional forward arguments (timm's ``attn_mask=None``, ``is_causal=False``, ``pre_logits``)
   are made concrete with their defaults, so control flow on them is resolved at trace time.
+
+Running a graph node by node: :class:`NodeTaggingInterpreter` (an error names the node it came
+from) and :func:`values_at` (one run, the values of the nodes asked for).
 """
 from __future__ import annotations
 
@@ -128,3 +131,46 @@ class NodeTaggingInterpreter(fx.Interpreter):
             if getattr(e, "tokenopt_node", None) is None:
                 e.tokenopt_node = n
             raise
+
+
+class _KeepValues(NodeTaggingInterpreter):
+    """Runs a graph and keeps the values of the nodes named."""
+
+    def __init__(self, gm: fx.GraphModule, names):
+        super().__init__(gm)
+        self.names, self.values = set(names), {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.names and n.op != "output":
+            self.values[n.name] = out
+        return out
+
+
+def values_at(gm: fx.GraphModule, names, *inputs, **kwargs) -> dict[str, object]:
+    """Run ``gm`` once on ``inputs`` / ``kwargs`` and return ``{name: value}`` of the nodes named,
+    in graph order. The output node's value is what ``gm`` returns (the model's own output
+    structure, for an exported module).
+
+    Only the values asked for stay alive, so the activations of a whole network are not held at
+    once. Train/eval mode and ``torch.no_grad`` are the caller's to set. A name the graph does not
+    have is a KeyError: the caller asked for a node that is not there.
+    """
+    names = set(names)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    unknown = sorted(names - nodes.keys())
+    if unknown:
+        raise KeyError(f"no node named {', '.join(unknown)} in the graph")
+    if kwargs:
+        # an Interpreter fills the placeholders in order, so keywords become positions, as gm's forward binds them
+        bound = inspect.signature(gm.forward).bind(*inputs, **kwargs)
+        if bound.kwargs:
+            raise TypeError(f"values_at cannot pass keyword-only arguments ({', '.join(bound.kwargs)}) to the graph")
+        inputs = bound.args
+    run = _KeepValues(gm, names)
+    out = run.run(*inputs)
+    values = run.values
+    output = next((n.name for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    if output in names:
+        values[output] = out
+    return values

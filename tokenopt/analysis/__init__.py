@@ -5,26 +5,30 @@ where that fails), records shapes on an example batch and returns a :class:`Mode
 plain records that name graph nodes. It never mutates the model. Every attention core that does
 not become a reducible block carries a written reason.
 
-    capture (fx | export + normalise) ─ example.record_shapes ─ index.GraphIndex ─ cores.find_cores
-          ─ blocks.block_for ─ branches.join_cross_attention ─ prefix.find_prefix_tokens
-          ─ refusals (named checks, first one refuses) ─ streams.find_streams ─ pooling.find_pooling
+    capture (fx | export + aten_vocabulary, token_axis, constant_masks) ─ example.record_shapes
+          ─ index.GraphIndex ─ cores.find_cores ─ blocks.block_for ─ branches.join_cross_attention
+          ─ batch_size.localise_batch ─ prefix.find_prefix_tokens ─ refusals (named checks, first one
+          refuses) ─ streams.find_streams ─ pooling.find_pooling
 
 One module per question, imports pointing one way (each imports only from those before it):
 
-    records    the dataclasses (AttentionCore, Branch, BlockRecord, Stream, Downsample, Pooling,
-               ModelAnalysis) and NoMatch
-    nodes      predicates on one node (is_add, is_softmax, shape_of, module_path ...), every spelling
-    normalise  an ATen graph (torch.export) rewritten into fx's op vocabulary, token sizes freed
-    index      GraphIndex: lookup by name, graph order, ancestors/descendants, built once
-    example    the example batch and the shape recorder
-    capture    the front ends: fx symbolic trace, torch.export; "auto" picks
-    cores      attention cores: fused SDPA, explicit softmax(q @ k^T) @ v, nn.MultiheadAttention
-    branches   a block's residual branches; where an attention's keys come from; cross-attention joined
-    blocks     residual adds, merge point and MLP around each core
-    refusals   the named checks that keep a block on its original token grid
-    prefix     cls / distillation / register tokens
-    streams    which blocks share a token stream (grid, layout), and the steps between streams
-    pooling    what consumes the tokens after the last block, and the features node
+    records          the dataclasses (AttentionCore, Branch, BlockRecord, Stream, Downsample, Pooling,
+                     ModelAnalysis) and NoMatch
+    nodes            predicates on one node (is_add, is_softmax, shape_of, module_path ...), every spelling
+    aten_vocabulary  an ATen graph (torch.export) rewritten into fx's op vocabulary
+    token_axis       sizes an exported graph fixed on the token axis, read at run time again
+    constant_masks   all-True attention masks an export built from the token count, removed
+    batch_size       each block of an exported graph reads the batch size off its own input
+    index            GraphIndex: lookup by name, graph order, ancestors/descendants, built once
+    example          the example inputs (Example) and the shape recorder
+    capture          the front ends: fx symbolic trace, torch.export; "auto" picks
+    cores            attention cores: fused SDPA, explicit softmax(q @ k^T) @ v, nn.MultiheadAttention
+    branches         a block's residual branches; where an attention's keys come from; cross-attention joined
+    blocks           residual adds, merge point and MLP around each core
+    refusals         the named checks that keep a block on its original token grid
+    prefix           cls / distillation / register tokens
+    streams          which blocks share a token stream (grid, layout), and the steps between streams
+    pooling          what consumes the tokens after the last block, and the features node
 """
 from __future__ import annotations
 
@@ -34,13 +38,13 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from tokenopt.analysis.batch_size import localise_batch
 from tokenopt.analysis.blocks import block_for
 from tokenopt.analysis.branches import join_cross_attention
 from tokenopt.analysis.capture import CAPTURE_MODES, Captured, capture as capture_graph, export_graph, family_of
 from tokenopt.analysis.cores import explicit_core, find_cores, mha_core, sdpa_core
 from tokenopt.analysis.example import Example, ShapeRecorder, example_input_for, record_shapes
 from tokenopt.analysis.index import GraphIndex
-from tokenopt.analysis.normalise import localise_batch
 from tokenopt.analysis.nodes import (common_module_prefix, is_add, is_core_node, is_matmul, is_sdpa, is_softmax,
                                      module_path, shape_of, tensor_args)
 from tokenopt.analysis.pooling import find_pooling

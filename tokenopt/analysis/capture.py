@@ -4,8 +4,9 @@
             best (``blocks.3.attn.qkv``); fails on Python control flow over values, as in Hugging
             Face transformers 5 (no fx tracer of its own any more).
     export  torch.export.export(model, (x,), strict=False) with the batch axis dynamic, to an ATen
-            graph (``ep.module()``); rewritten into fx's op vocabulary (analysis.normalise), sizes
-            it fixed on the token axis freed, constant all-True masks removed.
+            graph (``ep.module()``); rewritten into fx's op vocabulary (analysis.aten_vocabulary),
+            sizes it fixed on the token axis freed (analysis.token_axis), constant all-True masks
+            removed (analysis.constant_masks).
     auto    fx, and export when fx cannot trace the model (the default).
 
 Both give an ``fx.GraphModule`` that takes what the model took and returns what it returned: an
@@ -21,8 +22,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from tokenopt.analysis.aten_vocabulary import canonical_ops
+from tokenopt.analysis.constant_masks import drop_constant_masks
 from tokenopt.analysis.example import Example, record_shapes
-from tokenopt.analysis.normalise import canonical_ops, drop_constant_masks, free_token_axis
+from tokenopt.analysis.token_axis import free_token_axis
 from tokenopt.errors import AnalysisError
 from tokenopt.trace import trace
 

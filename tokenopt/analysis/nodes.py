@@ -12,7 +12,7 @@ spelling fx records for it::
 
 and in the ATen spelling torch.export records (``aten.add.Tensor``, ``aten.scaled_dot_product_attention``
 ...), although the export front end rewrites those into the calls above first
-(:mod:`tokenopt.analysis.normalise`); the predicates accept both so a graph half rewritten by
+(:mod:`tokenopt.analysis.aten_vocabulary`); the predicates accept both so a graph half rewritten by
 hand still matches.
 
 Shapes come from ``node.meta["tensor_meta"]``, written when the analysis ran the graph on the
@@ -53,6 +53,39 @@ LAYER_NORM_FN = {F.layer_norm, torch.layer_norm} | aten_overloads("layer_norm")
 def shape_of(node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def captured_shape(node) -> tuple | None:
+    """:func:`shape_of`, or else the shape of the value torch.export recorded (``meta["val"]``):
+    an exported graph carries that before the analysis runs it on the example batch."""
+    shape = shape_of(node)
+    if shape is not None:
+        return shape
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if hasattr(val, "shape") else None
+
+
+def keeps_under_dce(n: fx.Node) -> bool:
+    """What dead-code elimination must keep (``is_impure_node=``): impure calls, and the input
+    checks an exported module runs (``_guards_fn``) although nothing reads their result."""
+    return n.is_impure() or (n.op == "call_module" and str(n.target).startswith("_guards"))
+
+
+def region(start: fx.Node, end: fx.Node, order: dict[fx.Node, int] | None = None) -> set[fx.Node]:
+    """The nodes ``end`` is computed from, back to (not including) ``start``, plus ``end``: e.g. a
+    block's body from its input to its output.
+
+    With ``order`` (each node's position in the graph) the walk also stops at nodes placed before
+    ``start``: what the block reads from earlier (the image's batch size, a mask built up front)
+    is then left out, only the nodes computed after its input are in.
+    """
+    seen, todo = {end}, [end]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a is not start and a not in seen and (order is None or order[a] > order[start]):
+                seen.add(a)
+                todo.append(a)
+    return seen
 
 
 def is_input_batch_size(n: fx.Node) -> bool:

@@ -225,7 +225,8 @@ def collect(recipes_dir: Path) -> dict[str, list[KeyDoc]]:
     rule_desc = {"pass": ("string", "**required**", ", ".join(f"`{p}`" for p in available_passes()),
                           "the pass this rule runs"),
                  "layers": ("selector", "`all`", "`all`, `first-half`, `second-half`, an index, a range `\"4-11\"`, "
-                            "a list, a glob on block paths, `\"re:<regex>\"`", "the blocks the rule applies to")}
+                            "a stage `stage3` or `stage3-4` (1-based), a list, a glob on block paths, "
+                            "`\"re:<regex>\"`", "the blocks the rule applies to")}
     for key in recipe_mod.RULE_KEYS:
         typ, default, allowed, desc = rule_desc.get(key, ("?", "?", "?", ""))
         bad, msg = _find_error(lambda v, k=key: {**base, "rules": [{**valid_rule, k: v}]})
@@ -278,7 +279,7 @@ def _table(docs: list[KeyDoc]) -> list[str]:
 def render(content: dict[str, list[KeyDoc]], titles: dict[str, str] | None = None) -> str:
     titles = titles or {}
     out = ["# Recipe reference", "",
-           "Generated from the recipe schema (`tokenopt/recipe.py` and each pass's pydantic `Options`) when "
+           "Generated from the recipe schema (`tokenopt/recipe/` and each pass's pydantic `Options`) when "
            "the site is built. Each error was produced by writing the bad value shown into a recipe file "
            f"(`{RECIPE_FILE}`) and loading it with `tokenopt.recipe.load_recipe`; the message is quoted "
            "as tokenopt prints it (`tokenopt validate` and `apply` show the same text after `error:`).", "",

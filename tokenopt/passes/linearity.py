@@ -19,6 +19,7 @@ from torch import nn
 from tokenopt.analysis import ModelAnalysis, analyse
 from tokenopt.errors import AnalysisError
 from tokenopt.subgraph import extract_block
+from tokenopt.trace import values_at
 
 
 @dataclass
@@ -31,19 +32,8 @@ class LinearityProfile:
 
 def block_inputs(analysis: ModelAnalysis, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run the traced model once and keep each block's input."""
-    wanted = {b.input for b in analysis.blocks}
-    captured: dict[str, torch.Tensor] = {}
-
-    class Capture(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in wanted:
-                captured[n.name] = out
-            return out
-
     with torch.no_grad():
-        Capture(analysis.graph).run(images)
-    return captured
+        return values_at(analysis.graph, {b.input for b in analysis.blocks}, images)
 
 
 def linearity_profile(model: nn.Module, images: torch.Tensor, alphas=(0.25, 0.5, 0.75),

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenopt.analysis import AttentionCore, BlockRecord, ModelAnalysis, is_matmul, is_softmax
+from tokenopt.analysis import nodes as analysis_nodes
 from tokenopt.errors import PlanError
 from tokenopt.ops import attention as attn_ops
 from tokenopt.ops import packing as packing_ops
@@ -172,13 +173,7 @@ class GraphRewriter:
     def region(self, start: fx.Node, end: fx.Node) -> set[fx.Node]:
         """The nodes ``end`` is computed from, back to (not including) ``start``, plus ``end``:
         e.g. a block's body from its input to its output."""
-        seen, todo = {end}, [end]
-        while todo:
-            for a in todo.pop().all_input_nodes:
-                if a is not start and a not in seen:
-                    seen.add(a)
-                    todo.append(a)
-        return seen
+        return analysis_nodes.region(start, end)
 
     def reroute(self, old: fx.Node, new: fx.Node, region: set[fx.Node]) -> int:
         """Make the consumers of ``old`` inside ``region`` read ``new`` instead; those outside keep

@@ -30,6 +30,7 @@ from tokenopt.ops import selection as ops
 import tokenopt.passes  # noqa: F401  (registers the passes, and so the kinds of learned part)
 from tokenopt.rewrite.learned import parts_of_type
 from tokenopt.train.trainers import Trainer, register_trainer
+from tokenopt.trace import values_at
 from tokenopt.train.loop import TrainResult, train
 
 
@@ -54,11 +55,12 @@ class AttentionTeacher:
                 wanted.add(core.node)
             else:
                 wanted.add(self._mha_input(b).name)
-        keep = _Keep(self.gm, wanted)
-        out = keep.run(x)
+        output = next(n.name for n in reversed(self.gm.graph.nodes) if n.op == "output")
+        v = values_at(self.gm, wanted | {output}, x)
+        out = v.pop(output)
         att = {}
         for b in blocks:
-            core, v = b.attention, keep.values
+            core = b.attention
             if core.kind == "sdpa":
                 sdpa = next(n for n in self.gm.graph.nodes if n.name == core.node)
                 scale = sdpa.kwargs.get("scale", sdpa.args[6] if len(sdpa.args) > 6 else None)
@@ -74,20 +76,6 @@ class AttentionTeacher:
 
     def _mha_input(self, block) -> fx.Node:
         return next(n for n in self.gm.graph.nodes if n.name == block.attention.node).args[0]
-
-
-class _Keep(fx.Interpreter):
-    """Runs a graph and keeps the values of some nodes."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names, self.values = names, {}
-
-    def run_node(self, n):
-        result = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = result
-        return result
 
 
 def selector_kl(prediction: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
