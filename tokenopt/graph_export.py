@@ -153,10 +153,12 @@ def _edges(nodes: list[Node], targets: list[Node] | None = None) -> list[tuple[N
 
 
 def _box_text(gm: torch.fx.GraphModule, node: Node, kind: str, labels: Mapping[str, str]) -> tuple[str, str]:
-    """A drawn box's two lines, the same in Mermaid and DOT; a removed node's label says why it went."""
+    """A drawn box's two lines, the same in Mermaid and DOT: the name, and what the node does with
+    its label after it; for a removed node, its label (why it went), else what it did and "removed"."""
     if kind != "removed":
         return _title_and_detail(gm, node, labels.get(node.name))
-    return _title_and_detail(gm, node, labels.get(node.name) or "removed")
+    title, detail = _title_and_detail(gm, node, "removed")
+    return title, labels.get(node.name) or detail
 
 
 def _styled(nodes: list[Node], *, highlight: Collection[str], removed: Collection[str],
