@@ -153,8 +153,9 @@ def _edges(nodes: list[Node], targets: list[Node] | None = None) -> list[tuple[N
 
 
 def _box_text(gm: torch.fx.GraphModule, node: Node, kind: str, labels: Mapping[str, str]) -> tuple[str, str]:
-    """A drawn box's two lines, the same in Mermaid and DOT: the name, and what the node does with
-    its label after it; for a removed node, its label (why it went), else what it did and "removed"."""
+    """A drawn box's two lines, the same in Mermaid and DOT: the node's name, and what it is (op or
+    module class) then its label; for a removed node the label alone (why it went), else what it
+    was then "removed"."""
     if kind != "removed":
         return _title_and_detail(gm, node, labels.get(node.name))
     title, detail = _title_and_detail(gm, node, "removed")
