@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import xml.etree.ElementTree as ET
 
 import pytest
 import timm
@@ -90,13 +92,15 @@ def test_inspect_artifact(applied):
     assert "blocks.1" in s and "prefix tokens: 1" in s and "inserted by the recipe" in s
 
 
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
 def test_inspect_artifact_graph_files(applied, work):
     _, out = applied
     svg = work / "graph.svg"
     result = run("inspect", out, "--graph", "svg", "-o", svg)
     assert result.exit_code == 0, result.output
     text = svg.read_text()
-    assert text.startswith("<svg") and "#ffd8a8" in text and "tome_merge" in text
+    assert "<svg" in text and "#ffd8a8" in text and "tome_merge" in text   # Graphviz's SVG, after its XML prolog
+    assert ET.fromstring(text).tag == "{http://www.w3.org/2000/svg}svg"
     mmd = work / "graph.mmd"  # format taken from the suffix
     assert run("inspect", out, "-o", mmd).exit_code == 0
     assert mmd.read_text().startswith("flowchart TD") and "class " in mmd.read_text()
@@ -241,6 +245,25 @@ def test_output_in_missing_folder(work, recipe, tiny_vit_spec):
 def test_inspect_graph_into_missing_folder(tiny_vit_spec, work):
     out = work / "nowhere" / "g.svg"
     assert_user_error(run("inspect", tiny_vit_spec, "--graph", "svg", "-o", out), out, "does not exist")
+
+
+def test_inspect_graph_svg_without_graphviz(applied, work, monkeypatch):
+    """No `dot`: --graph svg stops with how to install Graphviz and writes nothing; Mermaid and text
+    need no Graphviz and still work."""
+    from tokenopt import graph_export
+    _, artifact = applied
+    monkeypatch.setattr(graph_export.shutil, "which", lambda name: None)
+    out = work / "nodot.svg"
+    result = run("inspect", artifact, "--graph", "svg", "-o", out)
+    assert_user_error(result, out, "Graphviz's `dot` program is not on PATH")
+    assert "apt-get install graphviz" in result.stderr and "brew install graphviz" in result.stderr
+    assert "conda install" in result.stderr
+    assert result.stderr.count("error:") == 1 and result.stdout == ""   # failed before reading the model
+    mmd = work / "nodot.mmd"
+    assert run("inspect", artifact, "--graph", "mermaid", "-o", mmd).exit_code == 0
+    assert mmd.read_text().startswith("flowchart TD")
+    result = run("inspect", artifact, "--graph", "text")
+    assert result.exit_code == 0 and "* %tome_merge" in result.stdout
 
 
 def test_validate_bad_recipe(work):

@@ -1,4 +1,5 @@
-import re
+import dataclasses
+import shutil
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -6,9 +7,11 @@ import timm
 import torch
 import torch.fx
 
-from tokenopt.graph_export import drawn_nodes, to_mermaid, to_svg, to_text
+from tokenopt import graph_export, graph_style
+from tokenopt.graph_export import drawn_nodes, to_dot, to_mermaid, to_svg, to_text
 
 SVG = "{http://www.w3.org/2000/svg}"
+needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,7 @@ def module_targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_module"]
 
 
-@pytest.mark.parametrize("render", [to_text, to_mermaid, to_svg])
+@pytest.mark.parametrize("render", [to_text, to_mermaid, pytest.param(to_svg, marks=needs_dot)])
 def test_every_module_call_is_mentioned(gm, render):
     out = render(gm)
     missing = [t for t in module_targets(gm) if t not in out]
@@ -59,55 +62,96 @@ def test_mermaid_marks_highlights_and_escapes_labels(gm):
     assert not any("getattr_1" in line for line in lines)
 
 
-def _boxes(root):
-    return {
-        g.find(f"{SVG}title").text.split(" ")[0][1:]: g.find(f"{SVG}rect")
-        for g in root.iter(f"{SVG}g")
-        if g.find(f"{SVG}title") is not None
-    }
+def _svg_groups(root, cls):
+    """Graphviz's SVG: one ``<g class="node">`` per node and ``<g class="edge">`` per edge, each
+    titled with the node's name (the DOT id) or ``tail->head``."""
+    return {g.find(f"{SVG}title").text: g for g in root.iter(f"{SVG}g") if g.get("class") == cls}
 
 
+def _fill(group):
+    shape = next(e for e in group.iter() if e.tag in (f"{SVG}path", f"{SVG}polygon", f"{SVG}ellipse"))
+    return shape.get("fill")
+
+
+@needs_dot
 def test_svg_parses_and_fills_highlighted_boxes(gm):
     root = ET.fromstring(to_svg(gm, highlight={"add_1"}, labels={"add_1": "a<b & c"}))
-    boxes = _boxes(root)
+    boxes = _svg_groups(root, "node")
     assert set(boxes) == {n.name for n in drawn_nodes(gm)}
-    assert boxes["add_1"].get("fill") != boxes["add_2"].get("fill")
+    assert _fill(boxes["add_1"]) == "#ffd8a8" and _fill(boxes["add_2"]) == "#f8f9fa"
     texts = [t.text for t in root.iter(f"{SVG}text")]
     assert "add · a<b & c" in texts
-    edges = list(root.iter(f"{SVG}path"))[1:]  # the first path is the arrow head
-    assert all(e.get("marker-end") == "url(#arrow)" for e in edges)
-    assert len(edges) == sum(1 for n in drawn_nodes(gm) for p in n.all_input_nodes if p.name in boxes)
 
 
-def test_svg_edges_never_run_through_a_box(gm):
-    # The layout promise: vertical edge segments stay in lanes that no box occupies.
+@needs_dot
+def test_svg_draws_every_edge_between_drawn_boxes_once(gm):
+    # what the drawing promises about edges: each input of a drawn node from a drawn node, once,
+    # and none to or from a hidden node
     root = ET.fromstring(to_svg(gm))
-    rects = [
-        tuple(float(r.get(k)) for k in ("x", "y", "width", "height"))
-        for r in root.iter(f"{SVG}rect")
-        if r.get("x") is not None
-    ]
-    for path in list(root.iter(f"{SVG}path"))[1:]:
-        tokens = re.findall(r"[MVC]|-?[\d.]+", path.get("d"))
-        x = y = None
-        i = 0
-        while i < len(tokens):
-            if tokens[i] == "M":
-                x, y = float(tokens[i + 1]), float(tokens[i + 2])
-                i += 3
-            elif tokens[i] == "C":
-                x, y = float(tokens[i + 5]), float(tokens[i + 6])
-                i += 7
-            else:
-                y_end = float(tokens[i + 1])
-                for rx, ry, rw, rh in rects:
-                    crosses = rx < x < rx + rw and y < ry + rh and ry < y_end
-                    assert not crosses, f"edge {path.get('d')} crosses the box at ({rx}, {ry})"
-                y = y_end
-                i += 2
+    shown = {n.name for n in drawn_nodes(gm)}
+    expected = {f"{p.name}->{n.name}" for n in drawn_nodes(gm) for p in n.all_input_nodes if p.name in shown}
+    edges = [g.find(f"{SVG}title").text for g in root.iter(f"{SVG}g") if g.get("class") == "edge"]
+    assert sorted(edges) == sorted(expected)
+    assert "norm_pre->add_1" in edges          # the residual edge
 
 
+@needs_dot
 def test_svg_of_a_12_block_vit_stays_narrow():
-    gm = torch.fx.symbolic_trace(timm.create_model("vit_small_patch16_224").eval())
+    from tokenopt.trace import trace
+    gm = trace(timm.create_model("vit_small_patch16_224").eval())
     root = ET.fromstring(to_svg(gm))
-    assert float(root.get("height")) > 10 * float(root.get("width"))
+    width, height = (float(root.get(k).removesuffix("pt")) for k in ("width", "height"))
+    assert height > 10 * width
+
+
+# ------------------------------------------------------------------------- one style table
+
+
+def test_every_output_reads_the_one_style_table(gm, monkeypatch):
+    # a colour changed in the table shows up in Mermaid and DOT; the mark in the text form
+    inserted = dataclasses.replace(graph_style.STYLES["inserted"], fill="#123456", mark="+")
+    monkeypatch.setitem(graph_style.STYLES, "inserted", inserted)
+    assert "    classDef inserted fill:#123456,stroke:#e8590c,stroke-width:2px" in \
+        to_mermaid(gm, highlight={"add_1"}).splitlines()
+    dot_line = next(ln for ln in to_dot(gm, highlight={"add_1"}).splitlines() if ln.startswith('  "add_1" ['))
+    assert 'fillcolor="#123456"' in dot_line and "penwidth=2" in dot_line
+    assert "+ %add_1 = call_function add(%norm_pre, %blocks_0_drop_path1)" in to_text(gm, highlight={"add_1"})
+
+
+def test_a_labelled_node_is_drawn_as_a_block_node(gm):
+    # what `tokenopt inspect MODEL` passes: notes on a block's nodes, nothing highlighted
+    labels = {"blocks_0_attn_proj": "blocks.0: merge point"}
+    block = graph_style.STYLES["block"]
+    mermaid = to_mermaid(gm, labels=labels).splitlines()
+    assert "    class n_blocks_0_attn_proj block" in mermaid
+    assert f"    classDef block fill:{block.fill},stroke:{block.stroke}" in mermaid
+    dot_line = next(ln for ln in to_dot(gm, labels=labels).splitlines() if ln.startswith('  "blocks_0_attn_proj" ['))
+    assert f'fillcolor="{block.fill}"' in dot_line and "Linear · blocks.0: merge point" in dot_line
+    line = "  %blocks_0_attn_proj = call_module blocks.0.attn.proj(%blocks_0_attn_norm)  # Linear; blocks.0: merge point"
+    assert line in to_text(gm, labels=labels).splitlines()     # unmarked: the text form marks only inserted nodes
+
+
+def test_pass_colour_fills_an_inserted_node_and_no_pass_is_grey(gm):
+    colors = graph_style.pass_colors(["tome", "tosa"])
+    assert colors == {"tome": "#ffc9c9", "tosa": "#a5d8ff", "": graph_style.NO_PASS}
+    out = to_mermaid(gm, highlight={"add_1", "add_2"}, groups={"add_1": "tosa"}, colors=colors).splitlines()
+    assert "    class n_add_1 g_tosa" in out
+    assert "    classDef g_tosa fill:#a5d8ff,stroke:#343a40,stroke-width:2px" in out
+    assert "    class n_add_2 g_" in out          # in no group: inserted by no pass, as DOT draws it
+    dot = to_dot(gm, highlight={"add_1", "add_2"}, groups={"add_1": "tosa"}, colors=colors).splitlines()
+    assert f'fillcolor="{graph_style.NO_PASS}"' in next(ln for ln in dot if ln.startswith('  "add_2" ['))
+
+
+# ------------------------------------------------------------------------- without Graphviz
+
+
+def test_without_graphviz_svg_says_how_to_install_and_text_and_mermaid_still_work(gm, monkeypatch):
+    monkeypatch.setattr(graph_export.shutil, "which", lambda name: None)
+    with pytest.raises(graph_export.GraphvizMissing) as e:
+        to_svg(gm)
+    message = str(e.value)
+    assert message.startswith("Graphviz's `dot` program is not on PATH")
+    for how in ("apt-get install graphviz", "brew install graphviz", "conda install -c conda-forge graphviz"):
+        assert how in message
+    assert to_text(gm).startswith("  %x = placeholder x")
+    assert to_mermaid(gm).startswith("flowchart TD")

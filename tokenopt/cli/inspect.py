@@ -1,5 +1,6 @@
 """``tokenopt inspect``: the blocks tokenopt finds in a model (and why others do not match), or what an
-artifact's recipe rewrote; ``--graph`` writes the graph as text, SVG or Mermaid.
+artifact's recipe rewrote; ``--graph`` writes the graph as text, SVG (drawn by Graphviz's ``dot``,
+as the documentation's graphs are) or Mermaid.
 
     tokenopt inspect timm:swin_tiny_patch4_window7_224
     tokenopt inspect model.tokenopt.pt --graph svg -o graph.svg
@@ -28,7 +29,8 @@ class GraphFormat(str, enum.Enum):
 def inspect(
     target: Annotated[str, typer.Argument(metavar="MODEL|ARTIFACT", help=MODEL_HELP + " Or a tokenopt artifact.")],
     graph: Annotated[Optional[GraphFormat], typer.Option(
-        "--graph", "-g", help="Also write the (rewritten) graph; inserted nodes are highlighted.")] = None,
+        "--graph", "-g", help="Also write the (rewritten) graph; inserted nodes are highlighted. "
+                              "svg needs Graphviz's dot program.")] = None,
     output: Annotated[Optional[Path], typer.Option(
         "--output", "-o", metavar="FILE",
         help="Write the graph here (format from --graph or the suffix: .txt .svg .mmd) instead of stdout.")] = None,
@@ -48,6 +50,9 @@ def inspect(
         graph = _format_from_suffix(output)
     if output is not None:
         io.check_output_path(output)
+    if graph is GraphFormat.svg:
+        from tokenopt import graph_export
+        graph_export.dot_program()      # before the model is loaded and traced: fail at once without dot
     # The graph alone goes to stdout when it is not written to a file, so it can be piped.
     out = console(stderr=graph is not None and output is None)
 

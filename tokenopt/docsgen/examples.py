@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tokenopt import graph_export
+from tokenopt import graph_export, graph_style
 from tokenopt.analysis.capture import CAPTURE_MODES, capture
 from tokenopt.cleanup import is_noop_module
 from tokenopt.demo_specs import DEMOS
@@ -26,9 +26,6 @@ from tokenopt.errors import TokenoptError
 from tokenopt.passes import available_passes, get_pass
 
 SEED = 0
-#: Colours of the nodes each pass inserts, in the order of the registered pass names.
-PALETTE = ("#ffc9c9", "#a5d8ff", "#b2f2bb", "#ffec99", "#d0bfff", "#99e9f2", "#fcc2d7", "#ffd8a8")
-NO_PASS = "#dee2e6"
 NOOP = "no-op call, dropped by the cleanup"        # why a node of the original is gone
 DEAD = "unused, dropped as dead code"   # inserted for the model's outputs (pooling, token grid), by no pass
 
@@ -51,7 +48,8 @@ def _original_graph(model, x, frontend: str):
 
 
 def pass_colors() -> dict[str, str]:
-    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(available_passes())}
+    """The colour of the nodes each registered pass inserts (and ``""``: inserted by no pass)."""
+    return graph_style.pass_colors(available_passes())
 
 
 def recipe_passes(text: str) -> list[str]:
@@ -176,7 +174,7 @@ def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = 
     present = {n.name for n in gm.graph.nodes}
     labels = dict(gm.tokenopt_inserted)
     groups = dict(getattr(gm, "tokenopt_inserted_by", {}))
-    colors = {**pass_colors(), "": NO_PASS}
+    colors = pass_colors()
     inserted_here = [n for n in span_after if n in labels]
     removed = {}
     for name in span_before:
