@@ -34,7 +34,8 @@ def train_(
     recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The recipe YAML file (ToSA selectors are trained; any recipe can be fine-tuned in).")],
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     data: Annotated[str, typer.Option("--data", "-d", metavar="DATA",
-                                      help="Training images: digits | digits-clutter (built in) or an ImageFolder directory.")],
+                                      help="Training images: digits | digits-clutter (built in) or an ImageFolder directory (with train/ "
+                                           "and val/, or one folder of which 10% is held out for the test table).")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
                                          help="Where to write the trained model (a tokenopt artifact).")],
     selector_epochs: Annotated[int, typer.Option("--selector-epochs", "--gate-epochs", min=0,
@@ -146,13 +147,7 @@ def train_(
         # the user's data cannot draw masks itself: the same message as for any data without masks
         from tokenopt.train.gate_labels import check_source
         check_source("masks", open_dataset(data, base_model, "train", 2, pre), data)
-    train_set = open_dataset(data, base_model, "train", limit, pre, masks=want_masks)
-    test_set = None
-    if eval_images:
-        try:
-            test_set = open_dataset(data, base_model, "test", eval_images, pre)
-        except DataError as e:   # a folder with train/ only: train anyway, without the table
-            warn(f"no evaluation: {e}")
+    train_set, test_set, test_name = _train_and_test_sets(data, base_model, limit, eval_images, pre, want_masks)
     leaves = list(leaf or [])
     with status("tracing and rewriting"), quiet_plan_warnings():
         gm = optimize(base_model, rec, first_images(train_set, 2), leaf_modules=leaves, capture=capture)
@@ -217,7 +212,7 @@ def train_(
     if not is_main():   # under torchrun every rank has the same weights: rank 0 reports and saves
         return
     if rows:
-        t = Table(title=f"{model} on {data} (test, {len(test_set)} images)")
+        t = Table(title=f"{model} on {data} ({test_name}, {len(test_set)} images)")
         for col in ("model", "top-1 %", "patch tokens kept %" if spa else "selector KL"):
             t.add_column(col, justify="left" if col == "model" else "right")
         for name, top1, kl in rows:
@@ -230,6 +225,40 @@ def train_(
         gm.eval()
         artifact.save(gm, output, base=base)
     out.print(f"saved {output} ({output.stat().st_size / 1e6:.1f} MB); checkpoint {ckpt_path}")
+
+
+def _train_and_test_sets(data: str, model, limit, eval_images: int, pre: dict, masks):
+    """(training set, test set or None, the test set's name in the table).
+
+    A folder without train/ and val/ would give its training images back as the test split: a
+    seeded share of it is held out instead (tokenopt.data.holdout), and the run says so."""
+    import torch
+
+    from tokenopt.data.datasets import single_folder
+    from tokenopt.data.holdout import HOLDOUT_FRACTION, HOLDOUT_SEED, holdout_indices
+
+    root = single_folder(data)
+    if root is None:
+        train_set, test_set = open_dataset(data, model, "train", limit, pre, masks=masks), None
+        if eval_images:
+            try:
+                test_set = open_dataset(data, model, "test", eval_images, pre)
+            except DataError as e:   # a folder with train/ only: train anyway, without the table
+                warn(f"no evaluation: {e}")
+        return train_set, test_set, "test"
+    full = open_dataset(data, model, "train", None, pre, masks=masks)
+    train_idx, held_idx = holdout_indices(len(full), where=f"'{root}'")
+    train_set = torch.utils.data.Subset(full, train_idx[:limit])
+    test_set = None
+    if eval_images:
+        test_set = torch.utils.data.Subset(open_dataset(data, model, "test", None, pre), held_idx[:eval_images])
+    console(stderr=True).print(
+        f"note: '{root}' has no train/ and val/ folders, so {len(held_idx)} of its {len(full)} images "
+        f"({HOLDOUT_FRACTION:.0%}, chosen with seed {HOLDOUT_SEED}) are held out: training uses the other "
+        f"{len(train_idx)}" + (f" (the first {len(train_set)}, --limit)" if len(train_set) < len(train_idx) else "")
+        + (f"; the table reports {len(test_set)} held-out images" if test_set is not None else "") + ".",
+        soft_wrap=True, highlight=False)
+    return train_set, test_set, "held out"
 
 
 def _builtin_with_masks(data: str) -> bool:
