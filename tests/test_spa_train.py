@@ -5,6 +5,7 @@ References are written from the definitions, image by image, in float64 where it
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -279,6 +280,28 @@ def test_gate_training_lowers_the_gate_loss_and_reports_the_kept_fraction():
         for i in gates:
             per_step = [k[:, 1:].sum().item() / (k.shape[0] * 16) for k in seen[i][epoch * steps:(epoch + 1) * steps]]
             assert result.kept[epoch][i] == pytest.approx(sum(per_step) / len(per_step), abs=1e-9)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_fine_tuning_changes_the_original_only_when_parameters_are_shared(share):
+    """optimize(..., share_parameters=False): the rewritten module owns copies, so fine-tuning it leaves
+    the model the user passed bit-identical; the default shares them, and fine-tuning changes it."""
+    import tokenopt
+    from tokenopt.train.gate import train_gates
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", **TINY_KW).eval()
+    data = torch.utils.data.Subset(get_dataset("digits-clutter", "train", 32, masks="box"), range(32))
+    example = torch.stack([data[i][0] for i in range(2)])
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = tokenopt.optimize(model, {"version": 1, "rules": [SPA_RULE]}, example, report=False, share_parameters=share)
+    train_gates(gm, copy.deepcopy(model), data, "masks", epochs=1, batch_size=16, lr=1e-2, finetune=True, quiet=True)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, frozen[k])]
+    if share:
+        assert "blocks.0.attn.qkv.weight" in changed and "head.weight" in changed
+    else:
+        assert changed == []
+        assert not torch.equal(gm.get_parameter("head.weight"), frozen["head.weight"])   # the copy did train
 
 
 def test_the_task_loss_reaches_the_gate_through_the_packed_path():
