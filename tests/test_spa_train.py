@@ -128,6 +128,23 @@ def test_imagefolder_mask_of_another_size_or_missing_is_named(tmp_path):
         get_dataset(images, "train", 32, masks=masks)
     with pytest.raises(DataError, match="has none"):
         check_source("masks", get_dataset(images, "train", 32))
+    (masks / "0" / "im0.png").unlink()           # two missing: both named, and counted
+    with pytest.raises(DataError) as e:
+        get_dataset(images, "train", 32, masks=masks)
+    assert str(e.value) == (f"no mask for 2 of the 2 images under '{images}': expected '{masks}/0/im0.png', "
+                            f"'{masks}/1/im1.png' (one PNG per image, at the image's path relative to '{images}', "
+                            f"under '{masks}')")
+
+
+def test_many_missing_masks_are_counted_and_the_first_three_named():
+    from pathlib import Path
+
+    from tokenopt.data.masks import missing_masks_message
+
+    missing = [(Path(f"/d/c/{i}.jpg"), Path(f"/m/c/{i}.png")) for i in range(5)]
+    assert missing_masks_message(missing, 9, Path("/d"), Path("/m")) == (
+        "no mask for 5 of the 9 images under '/d': expected '/m/c/0.png', '/m/c/1.png', '/m/c/2.png' and 2 more "
+        "(one PNG per image, at the image's path relative to '/d', under '/m')")
 
 
 # ------------------------------------------------------------------------------------------------

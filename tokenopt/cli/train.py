@@ -38,9 +38,12 @@ def train_(
                                            "and val/, or one folder of which 10% is held out for the test table).")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
                                          help="Where to write the trained model (a tokenopt artifact).")],
-    selector_epochs: Annotated[int, typer.Option("--selector-epochs", "--gate-epochs", min=0,
-                                                 help="Epochs of selector training (ToSA: KL to the original's "
-                                                      "attention) or gate training (SPA: BCE against the labels).")] = 3,
+    selector_epochs: Annotated[Optional[int], typer.Option(
+        "--selector-epochs", min=0, show_default=False,
+        help="ToSA: epochs of selector training (KL to the original's attention). Default: 3.")] = None,
+    gate_epochs: Annotated[Optional[int], typer.Option(
+        "--gate-epochs", min=0, show_default=False,
+        help="SPA: epochs of gate training (BCE against the labels). Default: 3.")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0,
                                                  help="Epochs of backbone fine-tuning with the recipe in the loop.")] = 0,
     resume: Annotated[Optional[Path], typer.Option("--resume", metavar="CKPT",
@@ -62,8 +65,10 @@ def train_(
              "--masks) or attention (the original model's most-attended tokens). Default: masks with --masks, "
              "else attention.")] = None,
     masks: Annotated[Optional[Path], typer.Option(
-        "--masks", metavar="DIR", help="Object masks of an ImageFolder --data: one PNG per image at the same "
-                                       "relative path (non-zero pixels are the object).")] = None,
+        "--masks", metavar="DIR", help="Object masks of an ImageFolder --data: one PNG per training image, at "
+                                       "its path relative to the training folder (for --data D with train/: "
+                                       "image D/train/cat/1.jpg, mask DIR/cat/1.png); non-zero pixels are "
+                                       "the object.")] = None,
     gate_weight: Annotated[float, typer.Option(
         "--gate-weight", min=0.0, help="SPA: weight of the gates' BCE next to the task loss when fine-tuning.")] = 1.0,
     eval_images: Annotated[int, typer.Option("--eval-images", min=0,
@@ -106,6 +111,7 @@ def train_(
     if spa and "tosa" in passes:
         raise TokenoptError(f"{recipe}: has both ToSA selectors and SPA gates; `tokenopt train` trains one kind: "
                             "split the recipe, or train them from Python (train_selectors, train_gates)")
+    selector_epochs = _first_phase_epochs(selector_epochs, gate_epochs, spa, "tosa" in passes)
     if labels is None:
         labels = "masks" if masks is not None else "attention"
     if labels not in ("masks", "attention"):
@@ -225,6 +231,18 @@ def train_(
         gm.eval()
         artifact.save(gm, output, base=base)
     out.print(f"saved {output} ({output.stat().st_size / 1e6:.1f} MB); checkpoint {ckpt_path}")
+
+
+def _first_phase_epochs(selector_epochs: int | None, gate_epochs: int | None, spa: bool, tosa: bool) -> int:
+    """The epochs of the first phase: --gate-epochs for SPA's gates, --selector-epochs for ToSA's
+    selectors (3 when not given); the other flag names a phase this recipe does not have."""
+    mine, theirs, flag = (gate_epochs, selector_epochs, "--selector-epochs") if spa else \
+        (selector_epochs, gate_epochs, "--gate-epochs")
+    if theirs is not None:
+        what = "ToSA selectors" if spa else "SPA gates"
+        instead = "--gate-epochs" if spa else "--selector-epochs" if tosa else "--finetune-epochs"
+        raise TokenoptError(f"{flag} trains {what}, and the recipe has none: use {instead}")
+    return 3 if mine is None else mine
 
 
 def _train_and_test_sets(data: str, model, limit, eval_images: int, pre: dict, masks):
