@@ -425,3 +425,29 @@ def test_region_walks_back_to_the_start_and_with_an_order_stays_after_it():
     assert region(x, b) == {a, b, bias, image}
     order = {n: i for i, n in enumerate(g.nodes)}
     assert region(x, b, order) == {a, b}
+
+
+class _DtypeAndFlattenHead(ExplicitViT):
+    """After the blocks: a norm that reads x.dtype (as open_clip's LayerNorm does) and a head on
+    every token flattened (an nn.Flatten module)."""
+
+    def __init__(self):
+        super().__init__(depth=2)
+        self.flat = nn.Flatten(1)
+        self.fc = nn.Linear(17 * 64, 10)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        for layer in self.layers:
+            x = layer(x)
+        x = self.norm(x).to(x.dtype)
+        return self.fc(self.flat(x))
+
+
+def test_token_consumers_are_worded_for_a_person():
+    """The pooling line names the module (path and class) or the operation, never fx's node names:
+    it read "call_function <built-in function getattr> consumes every token" on open_clip."""
+    a = analyse(_DtypeAndFlattenHead().eval(), torch.randn(2, 3, 32, 32))
+    assert sorted(p.detail for p in a.pooling) == ["flat (Flatten) reads every token", "the tokens' .dtype is read"]
+    assert all(p.kind == "tokens" for p in a.pooling)

@@ -312,3 +312,38 @@ def assert_user_error(result, out, expect):
     assert not out.exists()
     if out.parent.exists():
         assert leftovers(out.parent) == []
+
+
+def test_train_help_names_every_epochs_option_in_80_columns():
+    """At COLUMNS=80 the option column must show each name whole: `--gate-epochs` was an alias of
+    `--selector-epochs` and showed only as `--selector-epochs,-…`."""
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    options = {line.split()[1] for line in result.output.splitlines() if line.startswith("│    --")}
+    assert {"--selector-epochs", "--gate-epochs", "--finetune-epochs", "--masks"} <= options
+    assert not any("…" in o or o.endswith(",") for o in options), options
+    assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
+@pytest.mark.parametrize("flag,recipe_text,message", [
+    ("--gate-epochs", "version: 1\nrules:\n  - pass: tosa\n    layers: 1\n    keep: 0.5\n",
+     "--gate-epochs trains SPA gates, and the recipe has none: use --selector-epochs"),
+    ("--gate-epochs", "version: 1\nrules:\n  - pass: tome\n    r: 1\n",
+     "--gate-epochs trains SPA gates, and the recipe has none: use --finetune-epochs"),
+    ("--selector-epochs", "version: 1\nrules:\n  - pass: spa\n    layers: 1\n",
+     "--selector-epochs trains ToSA selectors, and the recipe has none: use --gate-epochs"),
+])
+def test_train_epochs_flag_of_the_other_pass_is_refused(work, tiny_vit_spec, flag, recipe_text, message):
+    recipe = work / f"other-phase-{flag}-{len(recipe_text)}.yaml"
+    recipe.write_text(recipe_text)
+    out = work / "never.pt"
+    result = run("train", recipe, tiny_vit_spec, "--data", "digits", "-o", out, flag, "1", "--finetune-epochs", "1")
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and not out.exists()
+
+
+def test_train_help_says_masks_are_relative_to_the_training_folder():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())
+    assert ("one PNG per training image, at its path relative to the training folder (for --data D with train/: "
+            "image D/train/cat/1.jpg, mask DIR/cat/1.png)") in text

@@ -143,6 +143,63 @@ def test_check_tokens_at_r2_prints_the_real_difference(work, recipes, base):
     assert cos < 0.9999                                    # the tokens did change
 
 
+TORCHVISION_VIT = ("torchvision.models.vision_transformer:VisionTransformer?image_size=32&patch_size=8&num_layers=2"
+                   "&num_heads=2&hidden_dim=64&mlp_dim=128&num_classes=10")
+
+
+def _head_input(model, head: str, x):
+    got = []
+    h = model.get_submodule(head).register_forward_hook(lambda m, inp, out: got.append(inp[0]))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return got[0]
+
+
+def test_check_on_a_zero_head_says_so_and_compares_the_features(work, recipes):
+    """torchvision's ViT starts with a zero head: every output is 0, so "difference 0, 8/8 agree" would
+    mean nothing. --check says so and compares what goes into `heads.head` (values recomputed here)."""
+    import torchvision
+
+    with torch.random.fork_rng():
+        torch.manual_seed(7)
+        model = torchvision.models.vision_transformer.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10).eval()
+    torch.save(model.state_dict(), work / "tv.pth")
+    out = work / "tv.pt"
+    result = run("apply", recipes["r2"], work / "tv.pth", "--arch", TORCHVISION_VIT, "-o", out, "--check")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    m = re.search(r"check on 8 random inputs \(seed 0\): uninformative: the original model's output is all zero for "
+                  r"every input, so it cannot show a difference \(a zero-initialised or untrained head\?\)\. "
+                  r"Compared the features going into its head `heads.head` instead: max \|original - optimized\| = "
+                  r"(\S+), mean cosine similarity ([\d.]+)\. Load trained weights to check the outputs\.", text)
+    assert m is not None, text
+    assert "top-1 agreement" not in text
+    x = check_batch()
+    a, b = _head_input(model, "heads.head", x), _head_input(tokenopt.load(out), "heads.head", x)
+    diff = (a - b).abs().max().item()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).mean().item()
+    assert diff > 1e-3 and close_to_printed(m.group(1), diff, 3), (m.group(1), diff)
+    assert abs(float(m.group(2)) - cos) <= 0.5001e-4, (m.group(2), cos)
+
+
+@pytest.mark.parametrize("spec,dim", [
+    ("open_clip:ViT-B-32?image_size=32&patch_size=8&width=64&layers=2&head_width=32&embed_dim=16", 16),
+    ("timm:vit_small_patch16_224?img_size=32&patch_size=8&depth=2&num_classes=0&embed_dim=64&num_heads=2", 64),
+])
+def test_check_on_an_embedding_reports_cosine_not_top1(work, recipes, spec, dim):
+    """open_clip's image embedding and a timm ViT without a classifier: no classifier Linear makes the
+    output, so top-1 agreement would compare arbitrary feature indices; the check gives cosine similarity."""
+    if spec.startswith("open_clip"):
+        pytest.importorskip("open_clip")
+    result = run("apply", recipes["r2"], spec, "-o", work / f"emb{dim}.pt", "--check")
+    m = check_line(result)
+    assert m.group(3) is None and 0.9 < float(m.group(6)) < 1.0
+    assert (f"(the {dim}-d output is an embedding, not class logits: no classifier Linear produces it, so no top-1 "
+            "agreement)") in " ".join(result.stdout.split())
+
+
 # ------------------------------------------------------------------------------ usage errors, real files
 
 def flat(text: str) -> str:

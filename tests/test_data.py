@@ -171,3 +171,16 @@ def test_imagefolder_errors_name_the_problem(tmp_path):
     root = _write_folder(tmp_path / "many", classes=("a", "b", "c"), per_class=1)
     with pytest.raises(DataError, match="does not fit a model with 2 classes.*'c'"):
         get_dataset(root, "train", 16, num_classes=2)
+
+
+def test_holdout_is_seeded_disjoint_and_a_tenth():
+    from tokenopt.data.holdout import holdout_indices
+
+    train, held = holdout_indices(50)
+    assert len(held) == 5 and len(train) == 45
+    assert sorted(train + held) == list(range(50)) and train == sorted(train) and held == sorted(held)
+    assert holdout_indices(50) == (train, held)                  # the same on every run
+    assert holdout_indices(50, seed=1)[1] != held
+    assert holdout_indices(2) [0] and len(holdout_indices(2)[1]) == 1   # at least one each way
+    with pytest.raises(DataError, match="'x' has 1 image\\(s\\): holding some out for testing needs at least 2"):
+        holdout_indices(1, where="'x'")

@@ -25,7 +25,7 @@ import tokenopt
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (0, "base", ("tokenopt.errors", "tokenopt.version", "tokenopt.paths", "tokenopt.distributed", "tokenopt.tokens",
                  "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export",
-                 "tokenopt.graph_style", "tokenopt.model_outputs")),
+                 "tokenopt.graph_style", "tokenopt.model_outputs", "tokenopt.ownership")),
     (1, "ops", ("tokenopt.ops",)),
     (1, "load", ("tokenopt.io", "tokenopt.demo_specs", "tokenopt.families")),    # models from specs and files; never trains
     (1, "data", ("tokenopt.data",)),
@@ -33,7 +33,8 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (3, "rewrite", ("tokenopt.rewrite",)),
     (4, "passes", ("tokenopt.passes",)),
     (5, "plan", ("tokenopt.recipe", "tokenopt.plan", "tokenopt.report")),   # report: a plan with measured FLOPs
-    (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy")),   # both run the pipeline
+    (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy",
+                     "tokenopt.check")),   # all run or compare what the pipeline made
     (6, "train", ("tokenopt.train", "tokenopt.demo")),      # demo trains the demo models
     (7, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
     (8, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline

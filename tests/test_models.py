@@ -68,8 +68,10 @@ def test_position_tied_blocks_are_refused(name, kw, reason):
     m = timm_model(name, **kw)
     a = analyse(m)
     assert len(a.blocks) == 2 and all(reason in b.refusal for b in a.blocks)
-    with pytest.raises(RecipeError, match=reason):
+    with pytest.raises(RecipeError, match=reason) as e:
         tokenopt.optimize(m, tome(1), report=False)
+    assert str(e.value).endswith("None of tokenopt's passes (spa, tofu, tome, tosa) can reduce these blocks yet, "
+                                 "for the reason above; no block of this model can be reduced.")
 
 
 def test_swin_is_refused_with_reason():
@@ -77,8 +79,13 @@ def test_swin_is_refused_with_reason():
                           num_heads=(1, 2, 2, 2), num_classes=10).eval()
     a = analyse(m)
     assert a.blocks and all("window" in b.refusal for b in a.blocks)
-    with pytest.raises(RecipeError, match="window"):
+    with pytest.raises(RecipeError, match="window") as e:
         tokenopt.optimize(m, tome(2), report=False)
+    # one reason, counted once (the stages differ only in shape), and no promise of a pass that does not exist
+    msg = str(e.value)
+    assert msg.count("cannot lose tokens") == 1 and f"({len(a.blocks)} selected): {len(a.blocks)} blocks" in msg
+    assert "None of tokenopt's passes (spa, tofu, tome, tosa) can reduce these blocks yet" in msg
+    assert "supports this architecture" not in msg
 
 
 @pytest.mark.parametrize("cls,kind,prefix,pool", [(ExplicitViT, "softmax", 1, "cls"), (MHAViT, "mha", 0, "avg")])

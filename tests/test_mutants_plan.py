@@ -113,8 +113,42 @@ def test_nothing_usable_names_the_rule_the_count_and_the_reasons():
     with pytest.raises(RecipeError) as e:
         make_plan(recipe({"pass": "tosa", "layers": "1-2", "keep": 0.5}), an)
     assert str(e.value) == ("<dict> (rule 1, pass tosa): tosa cannot rewrite any block it selects (2 selected): "
-                            "RoPE; relative-position bias.\n  Select other layers, or use a pass that supports this "
-                            "architecture.")
+                            "blocks.1: RoPE; blocks.2: relative-position bias.\n  None of tokenopt's passes "
+                            "(spa, tofu, tome, tosa) can reduce these blocks yet, for the reasons above; select "
+                            "other layers: tosa can rewrite blocks.0, blocks.3.")
+
+
+def test_nothing_usable_anywhere_says_so_and_counts_one_reason_once():
+    an = analysis(4, refusals={i: "RoPE" for i in range(4)})
+    with pytest.raises(RecipeError) as e:
+        make_plan(recipe({"pass": "tome", "r": 1}), an)
+    assert str(e.value) == ("<dict> (rule 1, pass tome): tome cannot rewrite any block it selects (4 selected): "
+                            "4 blocks: RoPE.\n  None of tokenopt's passes (spa, tofu, tome, tosa) can reduce "
+                            "these blocks yet, for the reason above; no block of this model can be reduced.")
+
+
+def test_one_check_with_texts_that_differ_by_shape_is_one_reason():
+    an = analysis(3, refusals={i: f"a grid of {i + 2} x {i + 2}" for i in range(3)})
+    for b in an.blocks:
+        b.refused_by = "token_stream"
+    with pytest.raises(RecipeError) as e:
+        make_plan(recipe({"pass": "tome", "r": 1}), an)
+    assert "(3 selected): 3 blocks (as at blocks.0): a grid of 2 x 2.\n" in str(e.value)
+
+
+def test_nothing_usable_names_the_passes_that_would_accept_the_blocks(monkeypatch):
+    """Advice to use another pass only when a registered pass accepts those blocks."""
+
+    class Lenient(ToMe):
+        def refuse(self, b):
+            return None if b.index != 2 else "not block 2"
+
+    monkeypatch.setitem(passes_base._REGISTRY, "lenient", Lenient)
+    an = analysis(4, refusals={1: "RoPE", 2: "RoPE"})
+    with pytest.raises(RecipeError) as e:
+        make_plan(recipe({"pass": "tome", "layers": "1-2", "r": 1}), an)
+    assert str(e.value).endswith("(2 selected): 2 blocks: RoPE.\n  Use lenient (1 of them) for these blocks; "
+                                 "select other layers: tome can rewrite blocks.0, blocks.3.")
 
 
 def test_a_later_pass_that_refuses_a_block_takes_it_back_from_an_earlier_rule(monkeypatch):

@@ -5,6 +5,7 @@ References are written from the definitions, image by image, in float64 where it
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -127,6 +128,23 @@ def test_imagefolder_mask_of_another_size_or_missing_is_named(tmp_path):
         get_dataset(images, "train", 32, masks=masks)
     with pytest.raises(DataError, match="has none"):
         check_source("masks", get_dataset(images, "train", 32))
+    (masks / "0" / "im0.png").unlink()           # two missing: both named, and counted
+    with pytest.raises(DataError) as e:
+        get_dataset(images, "train", 32, masks=masks)
+    assert str(e.value) == (f"no mask for 2 of the 2 images under '{images}': expected '{masks}/0/im0.png', "
+                            f"'{masks}/1/im1.png' (one PNG per image, at the image's path relative to '{images}', "
+                            f"under '{masks}')")
+
+
+def test_many_missing_masks_are_counted_and_the_first_three_named():
+    from pathlib import Path
+
+    from tokenopt.data.masks import missing_masks_message
+
+    missing = [(Path(f"/d/c/{i}.jpg"), Path(f"/m/c/{i}.png")) for i in range(5)]
+    assert missing_masks_message(missing, 9, Path("/d"), Path("/m")) == (
+        "no mask for 5 of the 9 images under '/d': expected '/m/c/0.png', '/m/c/1.png', '/m/c/2.png' and 2 more "
+        "(one PNG per image, at the image's path relative to '/d', under '/m')")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -279,6 +297,28 @@ def test_gate_training_lowers_the_gate_loss_and_reports_the_kept_fraction():
         for i in gates:
             per_step = [k[:, 1:].sum().item() / (k.shape[0] * 16) for k in seen[i][epoch * steps:(epoch + 1) * steps]]
             assert result.kept[epoch][i] == pytest.approx(sum(per_step) / len(per_step), abs=1e-9)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_fine_tuning_changes_the_original_only_when_parameters_are_shared(share):
+    """optimize(..., share_parameters=False): the rewritten module owns copies, so fine-tuning it leaves
+    the model the user passed bit-identical; the default shares them, and fine-tuning changes it."""
+    import tokenopt
+    from tokenopt.train.gate import train_gates
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_224", **TINY_KW).eval()
+    data = torch.utils.data.Subset(get_dataset("digits-clutter", "train", 32, masks="box"), range(32))
+    example = torch.stack([data[i][0] for i in range(2)])
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = tokenopt.optimize(model, {"version": 1, "rules": [SPA_RULE]}, example, report=False, share_parameters=share)
+    train_gates(gm, copy.deepcopy(model), data, "masks", epochs=1, batch_size=16, lr=1e-2, finetune=True, quiet=True)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, frozen[k])]
+    if share:
+        assert "blocks.0.attn.qkv.weight" in changed and "head.weight" in changed
+    else:
+        assert changed == []
+        assert not torch.equal(gm.get_parameter("head.weight"), frozen["head.weight"])   # the copy did train
 
 
 def test_the_task_loss_reaches_the_gate_through_the_packed_path():

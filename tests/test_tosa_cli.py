@@ -133,3 +133,61 @@ def test_untrained_selectors_warn_and_strict_refuses_from_the_cli(tmp_path):
     assert out.exists()
     with pytest.warns(UntrainedSelectorWarning, match="never trained"):
         tokenopt.load(out)(torch.randn(2, 3, 32, 32))
+
+
+def _flat_folder(root, per_class=10):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def _files(ds):
+    return {ds.dataset.samples[i][0] for i in ds.indices}
+
+
+def test_a_folder_without_splits_holds_out_its_test_images(tmp_path, monkeypatch):
+    """`train --data /data/train` (one folder, no train/ and val/): the test table must not be made of
+    training images. A seeded 10% is held out, the run says how many, and training never sees them."""
+    import tokenopt.train as train_pkg
+    import tokenopt.train.selector as selector_mod
+
+    data = _flat_folder(tmp_path / "train")
+    recipe = tmp_path / "tosa.yaml"
+    recipe.write_text(RECIPE)
+    seen = {}
+    real_train, real_eval = selector_mod.train_selectors, train_pkg.evaluate
+
+    def train_selectors(gm, original, train_set, **kw):
+        seen["train"] = _files(train_set)
+        return real_train(gm, original, train_set, **kw)
+
+    def evaluate(m, loader, *a, **kw):
+        seen.setdefault("test", _files(loader.dataset))
+        return real_eval(m, loader, *a, **kw)
+
+    monkeypatch.setattr(selector_mod, "train_selectors", train_selectors)
+    monkeypatch.setattr(train_pkg, "evaluate", evaluate)
+    res = run("train", recipe, MODEL, "--data", data, "-o", tmp_path / "t.pt", "--selector-epochs", "1",
+              "--batch-size", "8")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert (f"note: '{data}' has no train/ and val/ folders, so 2 of its 20 images (10%, chosen with seed 0) are "
+            "held out: training uses the other 18; the table reports 2 held-out images.") in text
+    assert "(held out, 2 images)" in text and "(test," not in text
+    assert len(seen["train"]) == 18 and len(seen["test"]) == 2 and not seen["train"] & seen["test"]
+
+
+def test_eval_on_a_folder_without_splits_does_not_call_it_test(tmp_path):
+    data = _flat_folder(tmp_path / "imgs", per_class=2)
+    recipe = tmp_path / "tome.yaml"
+    recipe.write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n")
+    res = run("eval", MODEL, "--data", data, "--recipe", recipe)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "(every image of the folder: it has no train/ or val/ split, 4 images)" in text and "(test," not in text

@@ -16,6 +16,7 @@ from tokenopt.analysis import Example, ModelAnalysis, analyse, example_input_for
 from tokenopt.cleanup import drop_noop_calls
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import native
+from tokenopt.ownership import model_to_rewrite
 from tokenopt.passes import get_pass
 from tokenopt.plan import Plan, make_plan
 from tokenopt.recipe import Recipe, load_recipe
@@ -28,7 +29,7 @@ from tokenopt.trace import NodeTaggingInterpreter
 def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input=None,
              *, leaf_modules: Iterable[type | str] = (), outputs: str | None = None,
              calibration: torch.Tensor | None = None, context: dict | None = None,
-             report: bool = True, capture: str = "auto") -> fx.GraphModule:
+             report: bool = True, capture: str = "auto", share_parameters: bool = True) -> fx.GraphModule:
     """Rewrite ``model`` as ``recipe`` asks and return an ordinary ``nn.Module`` (an fx GraphModule).
 
     recipe: a path to a YAML file, a YAML string, a dict or a Recipe.
@@ -41,9 +42,14 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     capture: "auto" (torch.fx symbolic tracing; torch.export when that fails), "fx" or "export"
         (see :mod:`tokenopt.analysis.capture`). The result records the one used (``tokenopt_capture``).
 
+    share_parameters: True (default): the result uses the original's parameter tensors, so training
+        the result (fine-tuning) changes the original too. False: the result owns copies, and the
+        original stays untouched by anything done to the result.
+
     The result carries ``tokenopt_report`` (per-layer table, FLOPs before/after), ``tokenopt_recipe``
-    and ``tokenopt_analysis``. The original model is not modified; parameters are shared with it.
+    and ``tokenopt_analysis``. The rewrite itself does not modify the original model.
     """
+    model = model_to_rewrite(model, share_parameters)
     recipe = load_recipe(recipe)
     outputs = outputs or recipe.outputs
     if outputs not in ("logits", "tokens"):

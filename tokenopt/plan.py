@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tokenopt.analysis import ModelAnalysis
 from tokenopt.errors import PlanError, RecipeError, TokenoptError
-from tokenopt.passes import get_pass
+from tokenopt.passes import available_passes, get_pass
 from tokenopt.passes.base import LayerStep
 from tokenopt.recipe import Recipe, Rule, resolve_layers
 from tokenopt.tokens import TokenCount
@@ -68,7 +68,7 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
         p = get_pass(rule.pass_name)()
         per_layer = p.resolve(rule.options, p.layer_options(rule.options, len(idx), where),
                               [blocks[i] for i in idx], context, where)
-        usable = []
+        usable, refused = [], []
         for i, params in zip(idx, per_layer):
             why = p.refuse(blocks[i])
             if why is None:
@@ -77,11 +77,9 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
             else:
                 chosen.pop(i, None)
                 skipped.append((paths[i], why))
+                refused.append((blocks[i], why))
         if not usable:
-            reasons = "; ".join(sorted({f"{why}" for _, why in skipped})) or "refused"
-            raise RecipeError(f"{where}: {rule.pass_name} cannot rewrite any block it selects "
-                              f"({len(idx)} selected): {reasons}.\n  Select other layers, or use a pass that "
-                              "supports this architecture.")
+            raise RecipeError(_nothing_usable(where, p, refused, blocks))
     _check_grids(recipe, analysis, chosen)
 
     layers, notes = [], []
@@ -146,3 +144,39 @@ def _stream_origin(analysis: ModelAnalysis, source: int, target: int) -> str:
 def _first_of_last_stream(analysis: ModelAnalysis):
     last = analysis.blocks[-1].stream
     return next(b for b in analysis.blocks if b.stream == last)
+
+
+def _nothing_usable(where: str, p, refused: list, blocks: list) -> str:
+    """The message for a rule whose pass refuses every block it selects: each distinct reason once
+    (with how many blocks), then advice that is true for this model: the passes that would accept
+    those blocks, or that none would; other layers only where this pass accepts some."""
+    groups: dict[str, list] = {}
+    for b, why in refused:
+        # one check refuses with a text that may carry the block's shapes (Swin's stages): group by check
+        key = b.refused_by if (b.refused_by and why == b.refusal) else why
+        groups.setdefault(key, []).append((b, why))
+    parts = []
+    for members in groups.values():
+        (first, why), n = members[0], len(members)
+        if n == 1:
+            parts.append(f"{first.path}: {why}")
+        elif all(w == why for _, w in members):
+            parts.append(f"{n} blocks: {why}")
+        else:
+            parts.append(f"{n} blocks (as at {first.path}): {why}")
+    accepts = {name: sum(get_pass(name)().refuse(b) is None for b, _ in refused)
+               for name in available_passes() if name != p.name}
+    others = [f"{name}" + ("" if k == len(refused) else f" ({k} of them)") for name, k in accepts.items() if k]
+    elsewhere = [b.path for b in blocks if p.refuse(b) is None]
+    if others:
+        advice = f"Use {' or '.join(others)} for these blocks"
+    else:
+        advice = (f"None of tokenopt's passes ({', '.join(available_passes())}) can reduce these blocks yet, "
+                  f"for the reason{'s' if len(parts) > 1 else ''} above")
+        if not any(get_pass(name)().refuse(b) is None for name in available_passes() for b in blocks):
+            advice += "; no block of this model can be reduced"
+    if elsewhere:
+        shown = ", ".join(elsewhere[:3]) + (f" and {len(elsewhere) - 3} more" if len(elsewhere) > 3 else "")
+        advice += f"; select other layers: {p.name} can rewrite {shown}"
+    return (f"{where}: {p.name} cannot rewrite any block it selects ({len(refused)} selected): "
+            f"{'; '.join(parts)}.\n  {advice}.")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenopt.analysis.index import GraphIndex
-from tokenopt.analysis.nodes import is_layer_norm, is_linear, shape_of
+from tokenopt.analysis.nodes import is_layer_norm, is_linear, module_path, shape_of
 from tokenopt.analysis.records import BlockRecord, Pooling
 
 _TOKENWISE_MODULES = (nn.LayerNorm, nn.Linear, nn.Dropout, nn.Identity, nn.GELU)
@@ -69,8 +69,22 @@ def find_pooling(last: BlockRecord, gm: fx.GraphModule, index: GraphIndex) -> tu
                 if start == 0 and index.position(u) > index.position(features):
                     features = u
             else:
-                pools.append(Pooling("tokens", u.name, detail=f"{u.op} {u.target} consumes every token"))
+                pools.append(Pooling("tokens", u.name, detail=_consumer(u, gm)))
     return pools, features.name
+
+
+def _consumer(u: fx.Node, gm: fx.GraphModule) -> str:
+    """How ``u`` uses the tokens, worded for a person: the module (path and class) or the
+    operation, and the module it runs in; never fx's node names."""
+    if u.op == "call_module":
+        return f"{u.target} ({type(gm.get_submodule(u.target)).__name__}) reads every token"
+    if u.op == "call_function" and u.target is getattr:
+        what = f"the tokens' .{u.args[1]} is read"
+    else:
+        name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", str(u.target))
+        what = f"{name}() reads every token"
+    where = module_path(u)
+    return what + (f" in {where}" if where else "")
 
 
 def _token_wise(u: fx.Node, gm: fx.GraphModule) -> bool:

@@ -132,7 +132,7 @@ def _print_analysis(out, analysis) -> None:
     out.print(t)
     out.print(f"prefix tokens: {analysis.prefix_tokens}" + (f" ({analysis.prefix_source})"
                                                             if analysis.prefix_source else ""))
-    pooling = "; ".join(f"{p.kind}" + (f" at {p.node}" if p.node else "") + (f" ({p.detail})" if p.detail else "")
+    pooling = "; ".join(f"{p.kind}" + (f" ({p.detail})" if p.detail else "")   # node names are fx's, not the user's
                         for p in analysis.pooling) or "none found"
     out.print(f"pooling: {pooling}")
     if analysis.unmatched:

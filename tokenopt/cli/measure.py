@@ -105,7 +105,10 @@ def eval_(
             sweep_rows = ev.sweep(base_model, methods, loader, example, values, calibration, capture=capture)
         rows += [r for r in sweep_rows if not (r.method == "original" and rows)]
 
-    t = Table(title=f"{model} on {data} ({split}, {rows[0].n} images)")
+    from tokenopt.data.datasets import single_folder
+    # a folder without split folders is not a test split: the title must not say it is one
+    which = split if single_folder(data) is None else "every image of the folder: it has no train/ or val/ split"
+    t = Table(title=f"{model} on {data} ({which}, {rows[0].n} images)")
     for col in ("model", "setting", "GFLOPs", "top-1 %", "top-5 %", "drop (points)", "agreement %"):
         t.add_column(col, justify="left" if col in ("model", "setting") else "right")
     ref = rows[0].top1

@@ -34,12 +34,16 @@ def train_(
     recipe: Annotated[str, typer.Argument(metavar="RECIPE", help="The recipe YAML file (ToSA selectors are trained; any recipe can be fine-tuned in).")],
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
     data: Annotated[str, typer.Option("--data", "-d", metavar="DATA",
-                                      help="Training images: digits | digits-clutter (built in) or an ImageFolder directory.")],
+                                      help="Training images: digits | digits-clutter (built in) or an ImageFolder directory (with train/ "
+                                           "and val/, or one folder of which 10% is held out for the test table).")],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="OUT",
                                          help="Where to write the trained model (a tokenopt artifact).")],
-    selector_epochs: Annotated[int, typer.Option("--selector-epochs", "--gate-epochs", min=0,
-                                                 help="Epochs of selector training (ToSA: KL to the original's "
-                                                      "attention) or gate training (SPA: BCE against the labels).")] = 3,
+    selector_epochs: Annotated[Optional[int], typer.Option(
+        "--selector-epochs", min=0, show_default=False,
+        help="ToSA: epochs of selector training (KL to the original's attention). Default: 3.")] = None,
+    gate_epochs: Annotated[Optional[int], typer.Option(
+        "--gate-epochs", min=0, show_default=False,
+        help="SPA: epochs of gate training (BCE against the labels). Default: 3.")] = None,
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", min=0,
                                                  help="Epochs of backbone fine-tuning with the recipe in the loop.")] = 0,
     resume: Annotated[Optional[Path], typer.Option("--resume", metavar="CKPT",
@@ -61,8 +65,10 @@ def train_(
              "--masks) or attention (the original model's most-attended tokens). Default: masks with --masks, "
              "else attention.")] = None,
     masks: Annotated[Optional[Path], typer.Option(
-        "--masks", metavar="DIR", help="Object masks of an ImageFolder --data: one PNG per image at the same "
-                                       "relative path (non-zero pixels are the object).")] = None,
+        "--masks", metavar="DIR", help="Object masks of an ImageFolder --data: one PNG per training image, at "
+                                       "its path relative to the training folder (for --data D with train/: "
+                                       "image D/train/cat/1.jpg, mask DIR/cat/1.png); non-zero pixels are "
+                                       "the object.")] = None,
     gate_weight: Annotated[float, typer.Option(
         "--gate-weight", min=0.0, help="SPA: weight of the gates' BCE next to the task loss when fine-tuning.")] = 1.0,
     eval_images: Annotated[int, typer.Option("--eval-images", min=0,
@@ -107,6 +113,7 @@ def train_(
                             "them from Python (train_selectors, train_gates)")
     kind, trainer = next(iter(found.values()), (None, None))
     uses_labels = trainer is not None and trainer.uses_labels
+    selector_epochs = _first_phase_epochs(selector_epochs, gate_epochs, trainer)
     if labels is None:
         labels = "masks" if masks is not None else "attention"
     if labels not in ("masks", "attention"):
@@ -147,13 +154,7 @@ def train_(
         # the user's data cannot draw masks itself: the same message as for any data without masks
         from tokenopt.train.gate_labels import check_source
         check_source("masks", open_dataset(data, base_model, "train", 2, pre), data)
-    train_set = open_dataset(data, base_model, "train", limit, pre, masks=want_masks)
-    test_set = None
-    if eval_images:
-        try:
-            test_set = open_dataset(data, base_model, "test", eval_images, pre)
-        except DataError as e:   # a folder with train/ only: train anyway, without the table
-            warn(f"no evaluation: {e}")
+    train_set, test_set, test_name = _train_and_test_sets(data, base_model, limit, eval_images, pre, want_masks)
     leaves = list(leaf or [])
     with status("tracing and rewriting"), quiet_plan_warnings():
         gm = optimize(base_model, rec, first_images(train_set, 2), leaf_modules=leaves, capture=capture)
@@ -202,7 +203,7 @@ def train_(
     if not is_main():   # under torchrun every rank has the same weights: rank 0 reports and saves
         return
     if rows:
-        t = Table(title=f"{model} on {data} (test, {len(test_set)} images)")
+        t = Table(title=f"{model} on {data} ({test_name}, {len(test_set)} images)")
         column = trainer.column if trainer is not None else "selector KL"
         for col in ("model", "top-1 %", column):
             t.add_column(col, justify="left" if col == "model" else "right")
@@ -223,6 +224,55 @@ def finetune_backbone(model, original, data, *, labels=None, gate_weight=0.0, **
     from tokenopt.train.selector import finetune
 
     return finetune(model, original, data, **options)
+
+
+def _first_phase_epochs(selector_epochs: int | None, gate_epochs: int | None, trainer) -> int:
+    """The epochs of the first phase, from the option the recipe's trainer names (--selector-epochs,
+    --gate-epochs; 3 when not given); an option of another kind of learned part is refused."""
+    from tokenopt.train.trainers import learned_passes, trainers_for
+
+    given = {"--selector-epochs": selector_epochs, "--gate-epochs": gate_epochs}
+    mine = trainer.epochs_option if trainer is not None else None
+    for flag, value in given.items():
+        if value is not None and flag != mine:
+            what = next((f"{k.noun}" for k, t in trainers_for(learned_passes()).values() if t.epochs_option == flag),
+                        "learned parts")
+            raise TokenoptError(f"{flag} trains {what}, and the recipe has none: use {mine or '--finetune-epochs'}")
+    return 3 if given.get(mine) is None else given[mine]
+
+
+def _train_and_test_sets(data: str, model, limit, eval_images: int, pre: dict, masks):
+    """(training set, test set or None, the test set's name in the table).
+
+    A folder without train/ and val/ would give its training images back as the test split: a
+    seeded share of it is held out instead (tokenopt.data.holdout), and the run says so."""
+    import torch
+
+    from tokenopt.data.datasets import single_folder
+    from tokenopt.data.holdout import HOLDOUT_FRACTION, HOLDOUT_SEED, holdout_indices
+
+    root = single_folder(data)
+    if root is None:
+        train_set, test_set = open_dataset(data, model, "train", limit, pre, masks=masks), None
+        if eval_images:
+            try:
+                test_set = open_dataset(data, model, "test", eval_images, pre)
+            except DataError as e:   # a folder with train/ only: train anyway, without the table
+                warn(f"no evaluation: {e}")
+        return train_set, test_set, "test"
+    full = open_dataset(data, model, "train", None, pre, masks=masks)
+    train_idx, held_idx = holdout_indices(len(full), where=f"'{root}'")
+    train_set = torch.utils.data.Subset(full, train_idx[:limit])
+    test_set = None
+    if eval_images:
+        test_set = torch.utils.data.Subset(open_dataset(data, model, "test", None, pre), held_idx[:eval_images])
+    console(stderr=True).print(
+        f"note: '{root}' has no train/ and val/ folders, so {len(held_idx)} of its {len(full)} images "
+        f"({HOLDOUT_FRACTION:.0%}, chosen with seed {HOLDOUT_SEED}) are held out: training uses the other "
+        f"{len(train_idx)}" + (f" (the first {len(train_set)}, --limit)" if len(train_set) < len(train_idx) else "")
+        + (f"; the table reports {len(test_set)} held-out images" if test_set is not None else "") + ".",
+        soft_wrap=True, highlight=False)
+    return train_set, test_set, "held out"
 
 
 def _builtin_with_masks(data: str) -> bool:

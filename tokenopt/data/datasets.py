@@ -78,6 +78,18 @@ SPLIT_FOLDERS = {"train": ("train",), "test": ("test", "val", "validation"),
                  "val": ("val", "validation", "test"), "validation": ("validation", "val", "test")}
 
 
+def single_folder(name_or_path: str | Path) -> Path | None:
+    """The root of an ImageFolder DATA that has no split folders (so every split reads the same
+    images); None for a built-in name or a folder with ``train/`` / ``val/`` / ``test/``."""
+    name = str(name_or_path)
+    if name in BUILTIN:
+        return None
+    root = Path(name.removeprefix(IMAGEFOLDER_PREFIX)).expanduser()
+    if not root.is_dir() or any((root / n).is_dir() for n in ("train", "val", "validation", "test")):
+        return None
+    return root
+
+
 def _split_folder(root: Path, split: str) -> Path:
     for name in SPLIT_FOLDERS.get(split, (split,)):
         if (root / name).is_dir():

@@ -71,11 +71,12 @@ class ImageFolderDataset(Dataset):
         if not self.masks.is_dir():
             raise DataError(f"masks directory '{self.masks}' does not exist: give the root of a tree with one PNG "
                             f"per image at the same relative path as the image under '{self.root}'")
+        missing = [(path, M.mask_path(self.masks, self.root, path)) for path, _ in self.samples]
+        missing = [(path, mask) for path, mask in missing if not mask.is_file()]
+        if missing:
+            raise DataError(M.missing_masks_message(missing, len(self.samples), self.root, self.masks))
         for path, _ in self.samples:
             mask = M.mask_path(self.masks, self.root, path)
-            if not mask.is_file():
-                raise DataError(f"no mask for image '{path}': expected '{mask}' (one PNG per image, same relative "
-                                f"path under '{self.masks}')")
             wm, hm = M.image_size(mask, "mask")
             wi, hi = M.image_size(path)
             if (wm, hm) != (wi, hi):

@@ -55,6 +55,20 @@ def mask_path(masks_root: Path, images_root: Path, image: Path) -> Path:
     return (masks_root / image.relative_to(images_root)).with_suffix(".png")
 
 
+def missing_masks_message(missing: list[tuple[Path, Path]], total: int, images_root: Path, masks_root: Path,
+                          shown: int = 3) -> str:
+    """Every image without a mask counted, the first ``shown`` named with the file expected for each."""
+    (path, mask), n = missing[0], len(missing)
+    if n == 1:
+        head = f"no mask for image '{path}': expected '{mask}'"
+    else:
+        listed = ", ".join(f"'{m}'" for _, m in missing[:shown])
+        more = f" and {n - shown} more" if n > shown else ""
+        head = f"no mask for {n} of the {total} images under '{images_root}': expected {listed}{more}"
+    return (f"{head} (one PNG per image, at the image's path relative to '{images_root}', under "
+            f"'{masks_root}')")
+
+
 def read_mask(path: Path):
     """A mask file → PIL "L" image, 255 on the object, 0 elsewhere."""
     import numpy as np

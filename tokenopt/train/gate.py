@@ -226,5 +226,5 @@ def _kept_percent(model, original, images) -> float:
 
 GATE_TRAINER = register_trainer(TokenGate)(Trainer(
     noun="gates", fit=_fit, finetune=_finetune, measure=_kept_percent, column="patch tokens kept %",
-    number_format=".1f", uses_labels=True, weight_option="--gate-weight",
+    number_format=".1f", uses_labels=True, weight_option="--gate-weight", epochs_option="--gate-epochs",
     distill="fine-tuning uses the labels and the gates' BCE"))

@@ -39,6 +39,7 @@ class Trainer:
     uses_labels: bool = False          # trained against selection labels (--labels, --masks)
     distill: str = ""                  # "" when --distill works; else why not (a message)
     weight_option: str = "--selector-weight"   # the option weighing the parts' loss while fine-tuning
+    epochs_option: str = "--selector-epochs"   # the option giving the epochs of fitting the parts
 
     def describe_fit(self, epochs: int, labels: str) -> str:
         return f"{self.noun} trained ({epochs} ep{f', {labels} labels' if self.uses_labels else ''})"
