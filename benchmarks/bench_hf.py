@@ -29,6 +29,7 @@ import tokenopt
 from tokenopt.flops import count_flops
 from tokenopt.ops import native
 from tokenopt.timing import compile_all, interleaved_times, per_round_speedup
+from tokenopt.record import record_of
 
 
 def hf_vit_small() -> torch.nn.Module:
@@ -59,7 +60,7 @@ def main(argv=None):
             "timm original": tm,
             f"timm ToMe r={args.r}": tokenopt.optimize(tm, recipe, example, report=False),
         }
-    captures = {k: getattr(m, "tokenopt_capture", "-") for k, m in models.items()}
+    captures = {k: getattr(record_of(m), "capture", "-") for k, m in models.items()}
     reference = {k: ("HF original" if k.startswith("HF") else "timm original") for k in models}
     one = torch.randn(1, 3, 224, 224)
     gflops = {k: count_flops(m, one) / 1e9 for k, m in models.items()}

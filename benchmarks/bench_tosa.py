@@ -30,6 +30,7 @@ from tokenopt.flops import count_flops
 from tokenopt.timing import compile_all, interleaved_throughput
 from tokenopt.train import evaluate
 from tokenopt.train.selector import finetune, held_out_kl, train_selectors
+from tokenopt.record import record_of
 
 
 def tosa_recipe(keep, args):
@@ -134,7 +135,7 @@ def main(argv=None):
         base = copy.deepcopy(model)          # fine-tuning changes the weights the rewritten model shares
         recipe = tosa_recipe(keep, args)
         gm = tokenopt.optimize(base, recipe, one.repeat(2, 1, 1, 1))
-        reports.append((keep, gm.tokenopt_report))   # per layer: GFLOPs and what the selector costs
+        reports.append((keep, record_of(gm).report))   # per layer: GFLOPs and what the selector costs
         f = gflops(gm)
         add(f"tosa keep {keep}", gm, "untrained selectors", recipe, f, mean_kl(gm, base))
         with console.status(f"ToSA keep {keep}: training selectors"):

@@ -10,13 +10,14 @@ import tokenopt
 from tokenopt import artifact, io
 from tokenopt.errors import ModelLoadError, TokenoptError
 from tokenopt.pipeline import optimize
+from tokenopt.record import record_of, update_record
 
 
 @pytest.fixture(scope="module")
 def optimized(tiny_vit_spec, tome_recipe):
     model, base = io.load_model(tiny_vit_spec)
     gm = optimize(model, tome_recipe)
-    gm.tokenopt_base = base
+    update_record(gm, base=base)
     return gm
 
 
@@ -37,8 +38,8 @@ def test_round_trip_is_bit_exact(optimized, saved):
     with torch.no_grad():
         assert torch.equal(optimized(x), loaded(x))
     assert not loaded.training
-    assert loaded.tokenopt_recipe.to_dict() == optimized.tokenopt_recipe.to_dict()
-    assert [r.tokens_out for r in loaded.tokenopt_report.rows] == [15, 13]
+    assert record_of(loaded).recipe.to_dict() == record_of(optimized).recipe.to_dict()
+    assert [r.tokens_out for r in record_of(loaded).report.rows] == [15, 13]
 
 
 def test_file_is_plain_data(saved, tiny_vit_spec):

@@ -6,6 +6,8 @@ same computation written out by hand on the explicit model, one image at a time.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -140,8 +142,7 @@ def test_attend_within_images_refuses_a_refused_block_with_the_passes_words():
     models = three_vits()
     x = images()
     g, a = rewriter(models["sdpa"], x)
-    blk = a.blocks[2]
-    blk.refusal = "a relative position bias table"
+    blk = dataclasses.replace(a.blocks[2], refusal="a relative position bias table")
     g.state.oblige(AttendWithinImages(Packed("n", "n"), why="tokens were pruned per image (TEST)",
                                       fix="Do something else."))
     with pytest.raises(PlanError) as e:

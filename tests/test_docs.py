@@ -22,6 +22,7 @@ from tokenopt import graph_export
 from tokenopt.cli import app
 from tokenopt.docsgen import cli_ref, examples, recipe_ref, site
 from tokenopt.passes import available_passes, get_pass
+from tokenopt.record import record_of
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
@@ -127,9 +128,9 @@ def _inserted_by_pass_in_block(recipe: Path, block: str, pass_name: str) -> set[
     x = examples._example_batch(model)
     with pytest.warns() if False else _nowarn():
         gm = tokenopt.optimize(model, recipe, x, calibration=examples._example_batch(model, 4))
-    b = next(b for b in gm.tokenopt_analysis.blocks if b.path == block)
+    b = next(b for b in record_of(gm).analysis.blocks if b.path == block)
     span = set(graph_export.node_span(gm, b.input, b.output))
-    return {n for n, p in gm.tokenopt_inserted_by.items() if p == pass_name and n in span}
+    return {n for n, p in record_of(gm).inserted_by.items() if p == pass_name and n in span}
 
 
 def _nowarn():

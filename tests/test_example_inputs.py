@@ -13,6 +13,7 @@ import torch
 import tokenopt
 from tokenopt.analysis import Example
 from tokenopt.errors import AnalysisError
+from tokenopt.record import record_of, update_record
 from vit_models import ConditionedViT
 
 TOME = {"version": 1, "rules": [{"pass": "tome", "r": 3}]}
@@ -54,7 +55,7 @@ def test_two_input_model_is_optimized_with_tome(capture, keyword):
         # the conditioning really reaches the blocks: another vector, another output
         other = fast(x, cond=torch.zeros_like(cond)) if keyword else fast(x, torch.zeros_like(cond))
         assert (other - got).abs().max() > 1e-3
-    rows = fast.tokenopt_report.rows
+    rows = record_of(fast).report.rows
     assert [(r.tokens_in, r.tokens_out) for r in rows] == [(17, 14), (14, 11), (11, 8)]
 
 
@@ -72,7 +73,7 @@ def test_the_two_capture_front_ends_agree_on_a_two_input_model():
 def test_two_input_model_saves_and_reloads(tmp_path, capture):
     m, x, cond = model_and_inputs(2)
     fast = tokenopt.optimize(m, TOME, Example((x,), {"cond": cond}), capture=capture)
-    fast.tokenopt_base = {"kind": "class", "class": "vit_models:ConditionedViT"}
+    update_record(fast, base={"kind": "class", "class": "vit_models:ConditionedViT"})
     path = tokenopt.save(fast, tmp_path / "cond.tokenopt.pt")
     back = tokenopt.load(path)
     with torch.no_grad():

@@ -17,6 +17,7 @@ import tokenopt
 from tokenopt import deploy
 from tokenopt.cli import app
 from tokenopt.tokens import TokenCount
+from tokenopt.record import Record, update_record
 
 runner = CliRunner()
 KW = dict(img_size=32, patch_size=8, depth=3, num_classes=10, embed_dim=32, num_heads=2)
@@ -41,7 +42,7 @@ def saved(tmp_path, name: str):
     torch.manual_seed(0)
     model = timm.create_model("vit_small_patch16_224", **KW).eval()
     gm = tokenopt.optimize(model, {"version": 1, "rules": RECIPES[name]}, torch.randn(2, 3, 32, 32))
-    gm.tokenopt_base = BASE
+    update_record(gm, base=BASE)
     with torch.no_grad():   # selectors away from their init, so a wrong top-k would show
         for k, p in gm.named_parameters():
             if "selector" in k:
@@ -123,7 +124,7 @@ def test_token_counts_that_vary_per_image_are_refused(tmp_path, gate):
     gm = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "toy-gate", "layers": 1, "keep": 0.5},
                                                             {"pass": "tome", "layers": 2, "r": 2}]},
                            torch.randn(2, 3, 32, 32))
-    gm.tokenopt_base = BASE
+    update_record(gm, base=BASE)
     art = tmp_path / "gate.tokenopt.pt"
     tokenopt.save(gm, art)
     res = run("export", art, "-o", tmp_path / "gate.pt2")
@@ -136,7 +137,7 @@ def test_token_counts_that_vary_per_image_are_refused(tmp_path, gate):
 def _plan(*steps):
     layers = [SimpleNamespace(path=f"blocks.{i}", block=i, tokens_out=t, step=s, rule=None)
               for i, (t, s) in enumerate(steps)]
-    return SimpleNamespace(tokenopt_plan=SimpleNamespace(layers=layers))
+    return SimpleNamespace(meta={"tokenopt": Record(plan=SimpleNamespace(layers=layers))})
 
 
 def test_packed_layouts_export_only_with_a_capacity():

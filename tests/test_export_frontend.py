@@ -36,6 +36,7 @@ from tokenopt.analysis.batch_size import localise_batch
 from tokenopt.analysis.constant_masks import drop_constant_masks
 from tokenopt.analysis.token_axis import free_token_axis
 from tokenopt.errors import AnalysisError, RecipeError
+from tokenopt.record import record_of
 
 transformers = pytest.importorskip("transformers")
 
@@ -159,8 +160,8 @@ def run(model, x, grad=False):
 def test_r0_is_the_original_through_export(models, images, name):
     model = models(name)
     gm = tokenopt.optimize(model, tome(0), images[:2], capture="export", report=False)
-    assert gm.tokenopt_capture == "export"
-    assert gm.tokenopt_analysis.prefix_tokens == FAMILIES[name][1]
+    assert record_of(gm).capture == "export"
+    assert record_of(gm).analysis.prefix_tokens == FAMILIES[name][1]
     grad = name in MHA_FAMILIES
     want, got = run(model, images, grad), run(gm, images, grad)      # batch 3: the capture's batch was 2
     assert type(got) is type(want)
@@ -172,7 +173,7 @@ def test_r0_is_the_original_through_export(models, images, name):
 def test_r0_is_the_original_through_fx(models, images, name):
     model = models(name)
     gm = tokenopt.optimize(model, tome(0), images[:2], capture="fx", report=False)
-    assert gm.tokenopt_capture == "fx"
+    assert record_of(gm).capture == "fx"
     assert torch.equal(run(model, images), run(gm, images))
 
 
@@ -249,7 +250,7 @@ def test_tome_on_dinov2_with_registers_equals_the_per_image_reference(models, im
     model's last_hidden_state comes back on the original grid, its pooler output from the class token."""
     model = models("hf_dinov2_registers")
     gm = tokenopt.optimize(model, tome(3), images[:2], report=False)
-    assert gm.tokenopt_analysis.prefix_tokens == 5
+    assert record_of(gm).analysis.prefix_tokens == 5
     got = gm(images)
     assert type(got).__name__ == "BaseModelOutputWithPooling"
     grid, merged = hf_tome_reference(model, images, [3, 3, 3], prefix=5)
@@ -271,9 +272,9 @@ def test_timm_vit_through_both_front_ends_gives_the_same_model_and_report(models
     assert (a - b).abs().max().item() < 1e-6
     assert (a - run(model, images)).abs().max().item() > 1e-3
     rows = {c: [(r.index, r.path, str(r.tokens_in), str(r.tokens_out), r.flops_before, r.flops_after, r.acted)
-                for r in by[c].tokenopt_report.rows] for c in by}
+                for r in record_of(by[c]).report.rows] for c in by}
     assert rows["fx"] == rows["export"]
-    fx_report, ex_report = by["fx"].tokenopt_report, by["export"].tokenopt_report
+    fx_report, ex_report = record_of(by["fx"]).report, record_of(by["export"]).report
     assert (fx_report.flops_before, fx_report.flops_after) == (ex_report.flops_before, ex_report.flops_after)
     assert (fx_report.prefix_tokens, fx_report.pooling) == (ex_report.prefix_tokens, ex_report.pooling)
 
@@ -285,7 +286,7 @@ def test_tofu_runs_on_an_exported_graph_as_on_a_traced_one(models, images):
     recipe = {"version": 1, "rules": [{"pass": "tofu", "r": 3, "op": "auto"}]}
     by = {c: tokenopt.optimize(model, recipe, images[:2], capture=c, calibration=images, report=False)
           for c in ("fx", "export")}
-    assert by["fx"].tokenopt_context["linearity"] == pytest.approx(by["export"].tokenopt_context["linearity"],
+    assert record_of(by["fx"]).context["linearity"] == pytest.approx(record_of(by["export"]).context["linearity"],
                                                                    rel=1e-5)
     assert (run(by["fx"], images) - run(by["export"], images)).abs().max().item() < 1e-6
     hf = tokenopt.optimize(models("hf_vit"), {"version": 1, "rules": [{"pass": "tofu", "r": 3, "op": "mlerp"}]},
@@ -344,7 +345,7 @@ def test_tosa_selectors_train_on_an_hf_vit(models, images):
     gm = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "tosa", "layers": [1], "keep": 0.5,
                                                             "selector": {"input": "map", "hidden": 8}}]},
                            images[:2], report=False)
-    assert gm.tokenopt_capture == "export"
+    assert record_of(gm).capture == "export"
     data = torch.utils.data.TensorDataset(torch.randn(32, 3, IMG, IMG, generator=torch.Generator().manual_seed(2)),
                                           torch.zeros(32, dtype=torch.long))
     before = held_out_kl(gm, model, images)[1]
@@ -365,7 +366,7 @@ def test_an_artifact_of_an_exported_model_replays_the_export(models, images, tmp
     assert read(path)["manifest"]["capture"] == "export"
     fresh = hf_vit().eval()              # same config, other weights: the artifact's weights are loaded
     loaded = tokenopt.load(path, arch=fresh)
-    assert loaded.tokenopt_capture == "export"
+    assert record_of(loaded).capture == "export"
     assert torch.equal(loaded(images).logits, gm(images).logits)
 
 

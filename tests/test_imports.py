@@ -25,7 +25,7 @@ import tokenopt
 LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (0, "base", ("tokenopt.errors", "tokenopt.version", "tokenopt.paths", "tokenopt.distributed", "tokenopt.tokens",
                  "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export",
-                 "tokenopt.graph_style", "tokenopt.model_outputs", "tokenopt.ownership")),
+                 "tokenopt.graph_style", "tokenopt.model_outputs", "tokenopt.ownership", "tokenopt.record")),
     (1, "ops", ("tokenopt.ops",)),
     (1, "load", ("tokenopt.io", "tokenopt.demo_specs", "tokenopt.families")),    # models from specs and files; never trains
     (1, "data", ("tokenopt.data",)),

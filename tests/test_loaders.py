@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from tokenopt import io
 from tokenopt.cli import app
 from tokenopt.errors import ModelLoadError
+from tokenopt.record import record_of
 
 try:
     import transformers
@@ -87,7 +88,7 @@ def test_hf_folder_loads_the_saved_model(hf_dirs, name):
     for got, want in zip(outputs(model, x), outputs(saved, x), strict=True):
         assert torch.equal(got, want)
     assert base["kind"] == "hf" and base["spec"] == f"hf:{folder}" and base["class"] == type(saved).__name__
-    assert model.tokenopt_base is base
+    assert record_of(model).base is base
     assert io.base_to_spec(base) == f"hf:{folder}"
 
 
@@ -222,7 +223,7 @@ def test_torchvision_random_init():
     assert isinstance(model, torchvision.models.VisionTransformer) and model.image_size == 32
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert io.base_to_spec(base) == "torchvision:vit_b_32?image_size=32&num_classes=10"
-    assert model.tokenopt_base == base
+    assert record_of(model).base == base
 
 
 def test_unknown_names_suggest_close_ones():
@@ -253,7 +254,7 @@ def test_optimized_hf_model_saves_and_reloads_without_the_folder(hf_dirs, tmp_pa
     tokenopt.save(fast, tmp_path / "vit.tokenopt.pt")
     shutil.rmtree(copy)
     again = tokenopt.load(tmp_path / "vit.tokenopt.pt")
-    assert again.tokenopt_manifest["base"]["spec"] == f"hf:{copy}"
+    assert record_of(again).manifest["base"]["spec"] == f"hf:{copy}"
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         got, want = again(x), fast(x)

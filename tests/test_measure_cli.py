@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tokenopt.cli import app
+from tokenopt.record import record_of
 
 MODEL = "timm:vit_small_patch16_224?img_size=32&patch_size=4&depth=4&num_classes=10&embed_dim=64&num_heads=2"
 runner = CliRunner()
@@ -93,7 +94,7 @@ def test_apply_auto_with_calibration_round_trips(tmp_path):
     assert res.exit_code == 0, res.output
     assert "linearity error" in res.output
     loaded = tokenopt.load(out)
-    ops = [lp.step.params.op for lp in loaded.tokenopt_plan.layers]
+    ops = [lp.step.params.op for lp in record_of(loaded).plan.layers]
     assert sorted(ops) == ["mlerp", "mlerp", "prune", "prune"]
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -6,6 +6,7 @@ import torch
 import tokenopt
 from tokenopt.analysis import analyse
 from tokenopt.errors import AnalysisError, RecipeError
+from tokenopt.record import record_of
 from reference_tome import tome_reference, unit_gain_model
 from vit_models import ExplicitViT, MHAViT, SmallCNN
 
@@ -56,7 +57,7 @@ def test_layerscale_is_preserved():
     fast = tokenopt.optimize(m, tome(4), report=False)
     with torch.no_grad():
         got = fast(x)
-    assert [lp.tokens_out for lp in fast.tokenopt_plan.layers] == [13, 9]
+    assert [lp.tokens_out for lp in record_of(fast).plan.layers] == [13, 9]
     assert (got - tome_reference(m, x, [4, 4])).abs().max().item() < 1e-5
 
 
@@ -99,8 +100,8 @@ def test_user_written_vits(cls, kind, prefix, pool):
     with torch.no_grad():
         assert torch.equal(tokenopt.optimize(m, tome(0), report=False)(x), m(x))
     fast = tokenopt.optimize(m, tome(3), report=True)
-    assert [l.tokens_out for l in fast.tokenopt_report.rows] == [16 + prefix - 3 * i for i in (1, 2, 3)]
-    assert fast.tokenopt_report.flops_after < fast.tokenopt_report.flops_before
+    assert [l.tokens_out for l in record_of(fast).report.rows] == [16 + prefix - 3 * i for i in (1, 2, 3)]
+    assert record_of(fast).report.flops_after < record_of(fast).report.flops_before
     with torch.no_grad():
         assert fast(x).shape == (2, 10)
 
@@ -114,7 +115,7 @@ def test_report_counts_fused_attention():
     """The report's FLOPs include SDPA: the original ViT-S is about 4.6 GFLOPs."""
     m = timm.create_model("vit_small_patch16_224").eval()
     fast = tokenopt.optimize(m, tome(13))
-    rep = fast.tokenopt_report
+    rep = record_of(fast).report
     assert 4.5e9 < rep.flops_before < 4.7e9
     assert [r.tokens_out for r in rep.rows][-1] == 197 - 13 * 12
     assert 1.6 < rep.flops_ratio < 1.8
@@ -150,7 +151,7 @@ def test_compiled_inference_calls_the_native_step_and_training_does_not():
         return [str(n.target) for g in explained.graphs for n in g.graph.nodes if str(n.target).startswith("tokenopt.")]
     with torch.no_grad():
         inference = our_ops(torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32)))
-    assert inference == ["tokenopt.bipartite_reduce.default"] * len(fast.tokenopt_plan.layers)
+    assert inference == ["tokenopt.bipartite_reduce.default"] * len(record_of(fast).plan.layers)
     training = our_ops(torch._dynamo.explain(fast)(torch.randn(2, 3, 32, 32)))
     assert training == []   # autograd needs the operators
 
@@ -168,7 +169,7 @@ def test_cait_reduces_patch_blocks_and_keeps_class_attention():
         assert torch.equal(tokenopt.optimize(m, tome(0), report=False)(x), m(x))
         fast = tokenopt.optimize(m, tome(2, layers="0-1"))
         assert fast(x).shape == (2, 10)
-    assert [r.tokens_out for r in fast.tokenopt_report.rows][:2] == [14, 12]
+    assert [r.tokens_out for r in record_of(fast).report.rows][:2] == [14, 12]
 
 
 def test_xcit_is_refused_with_reason():
@@ -182,7 +183,7 @@ def test_xcit_is_refused_with_reason():
 def test_attention_pool_head_reads_the_restored_grid():
     m = timm_model("vit_small_patch16_224", global_pool="map")
     fast = tokenopt.optimize(m, tome(2))
-    assert fast.tokenopt_report.flops_after < fast.tokenopt_report.flops_before
+    assert record_of(fast).report.flops_after < record_of(fast).report.flops_before
     with torch.no_grad():
         assert fast(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
@@ -199,7 +200,7 @@ def test_a_hidden_grid_dependency_fails_once_with_the_place_named(tmp_path):
     with pytest.raises(PlanError, match=r"fails on the example batch at reshape.*\n.*Leave its blocks out"):
         tokenopt.optimize(GridConvViT().eval(), recipe)
     later = {"version": 1, "rules": [{"pass": "tome", "layers": "1-2", "r": 2}]}   # after the grid: fine
-    assert [lp.tokens_out for lp in tokenopt.optimize(GridConvViT().eval(), later).tokenopt_plan.layers] == [17, 15, 13]
+    assert [lp.tokens_out for lp in record_of(tokenopt.optimize(GridConvViT().eval(), later)).plan.layers] == [17, 15, 13]
     (tmp_path / "r.yaml").write_text("version: 1\nrules:\n  - pass: tome\n    r: 2\n")
     out = tmp_path / "out.pt"
     res = CliRunner().invoke(app, ["apply", str(tmp_path / "r.yaml"), "vit_models:grid_conv_vit", "-o", str(out)])

@@ -32,6 +32,7 @@ from tokenopt.passes.tofu import ToFu, ToFuOptions, ToFuParams
 from tokenopt.passes.tome import DecreasingSchedule, ToMe, ToMeOptions, ToMeParams, expand_r
 from tokenopt.passes.tosa import ToSA, ToSAOptions, UntrainedSelectorWarning
 from tokenopt.tokens import TokenCount
+from tokenopt.record import record_of, update_record
 
 # ------------------------------------------------------------------------------------------------
 # tiny ViTs in the three attention styles the analysis matches (16 patches, 2 heads of 8)
@@ -159,7 +160,7 @@ def expected_inputs(model, gm, values, kinds, prefix):
     out, full_map, full_stats, idx_prev = [], None, None, None
     for layer, kind in enumerate(kinds, start=1):
         prev = model.blocks[layer - 1]
-        x_prev = values[next(n for n in gm.graph.nodes if n.name == gm.tokenopt_analysis.blocks[layer - 1].input)]
+        x_prev = values[next(n for n in gm.graph.nodes if n.name == record_of(gm).analysis.blocks[layer - 1].input)]
         if idx_prev is not None:         # layer - 1 was selective: its attention saw its selected tokens only
             x_prev = x_prev.gather(1, idx_prev[..., None].expand(-1, -1, x_prev.shape[-1]))
         q, k, s = prev.qk(prev.n1(x_prev))
@@ -267,7 +268,7 @@ def test_bypassed_tokens_skip_the_block_or_only_the_attention():
         gm = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "tosa", "layers": 1, "keep": 6,
                                                                 "bypass": bypass}]}, report=False)
         values = node_values(gm, x)
-        block = gm.tokenopt_analysis.blocks[1]
+        block = record_of(gm).analysis.blocks[1]
         x_in = values[next(n for n in gm.graph.nodes if n.name == block.input)]
         out = values[next(n for n in gm.graph.nodes if n.name == block.output)]
         idx = values[selector_io(gm, 1)[1]]
@@ -287,13 +288,13 @@ def test_bypassed_tokens_skip_the_block_or_only_the_attention():
                 mid.scatter_(1, idx[..., None].expand(-1, -1, 16), xs + a)
                 want = mid + blk.mlp(blk.n2(mid))
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-        labels = set(gm.tokenopt_inserted.values())
+        labels = set(record_of(gm).inserted.values())
         assert f"restore: bypassed tokens skip the {bypass}" in labels
 
 
 def test_tosa_labels_and_overhead_name_the_selector_path():
     gm = tokenopt.optimize(vit("sdpa"), tosa_recipe("map", "pooled", keep=8), report=False)
-    labels = sorted(gm.tokenopt_inserted.values())
+    labels = sorted(record_of(gm).inserted.values())
     assert labels == sorted([
         "blocks.0 logits q k^T", "ToSA selector (map)", "token scores", "top-8 tokens (+ prefix)", "selected tokens",
         "restore: bypassed tokens skip the block",
@@ -301,32 +302,32 @@ def test_tosa_labels_and_overhead_name_the_selector_path():
         "ToSA selector (pooled)", "token scores", "top-8 tokens (+ prefix)", "selected tokens",
         "restore: bypassed tokens skip the block"])
     by_label = {}
-    for name, block in gm.tokenopt_overhead.items():
-        by_label.setdefault(block, set()).add(gm.tokenopt_inserted[name])
+    for name, block in record_of(gm).overhead.items():
+        by_label.setdefault(block, set()).add(record_of(gm).inserted[name])
     assert by_label == {1: {"blocks.0 logits q k^T", "ToSA selector (map)", "token scores", "top-8 tokens (+ prefix)"},
                         2: {"blocks.1 logits q k^T", "logits of the selected tokens over the previous map",
                             "blocks.1 logit stats", "ToSA selector (pooled)", "token scores",
                             "top-8 tokens (+ prefix)"}}
     gm = tokenopt.optimize(vit("sdpa"), tosa_recipe("pooled"), report=False)
-    assert sorted(gm.tokenopt_inserted.values()) == sorted([
+    assert sorted(record_of(gm).inserted.values()) == sorted([
         "blocks.0 logit stats", "ToSA selector (pooled)", "token scores", "top-8 tokens (+ prefix)", "selected tokens",
         "restore: bypassed tokens skip the block"])
     gm = tokenopt.optimize(vit("softmax"), tosa_recipe("pooled", "pooled"), report=False)
-    labels = set(gm.tokenopt_inserted.values())
+    labels = set(record_of(gm).inserted.values())
     assert {"blocks.0 logits", "blocks.0 logit stats", "blocks.1 logit stats",
             "logit stats of the selected tokens over the previous ones"} <= labels
     # an nn.MultiheadAttention is written out first (GraphRewriter.decompose_mha), then its q and k
     # are read like an SDPA's: logits q k^T for a map (or a map after a map), logit stats otherwise
     gm = tokenopt.optimize(vit("mha", cls=False), tosa_recipe("map", "pooled"), report=False)
-    labels = set(gm.tokenopt_inserted.values())
+    labels = set(record_of(gm).inserted.values())
     assert {"blocks.0 logits q k^T", "blocks.1 logits q k^T", "blocks.0.mha written out: k",
             "blocks.1.mha written out: k"} <= labels
     assert "blocks.1 logit stats" in labels and "blocks.0 logit stats" not in labels
     # writing the MHA out is the previous block's own work, not what choosing tokens costs
-    overhead = {gm.tokenopt_inserted[n] for n in gm.tokenopt_overhead}
+    overhead = {record_of(gm).inserted[n] for n in record_of(gm).overhead}
     assert "blocks.0 logits q k^T" in overhead and not any("written out" in o for o in overhead)
     gm = tokenopt.optimize(vit("mha", cls=False), tosa_recipe("pooled"), report=False)
-    labels = set(gm.tokenopt_inserted.values())
+    labels = set(record_of(gm).inserted.values())
     assert "blocks.0 logit stats" in labels and "blocks.0 logits q k^T" not in labels
 
 
@@ -446,7 +447,10 @@ def test_untrained_selector_check_skips_and_refuses():
             s.trained.fill_(t)
             m.tosa_selectors.add_module(str(i), s)
         for k, v in attrs.items():
-            setattr(m, k, v)
+            if k == "recipe":
+                update_record(m, recipe=v)      # what optimize() records on the module it returns
+            else:
+                setattr(m, k, v)
         return m
 
     with warnings.catch_warnings():
@@ -456,7 +460,7 @@ def test_untrained_selector_check_skips_and_refuses():
         assert trained._tosa_checked is True
         tosa_pass.check_selectors_trained(module(_tosa_checked=True), ())
         tosa_pass.check_selectors_trained(module(tokenopt_training=True), ())
-    strict = module((True, False), tokenopt_recipe=SimpleNamespace(strict=True))
+    strict = module((True, False), recipe=SimpleNamespace(strict=True))
     with pytest.raises(PlanError, match=r"(?s)layer\(s\) 2 were never trained.*\(refused because the recipe sets strict: "
                                         r"true\)$"):
         tosa_pass.check_selectors_trained(strict, ())
@@ -464,7 +468,7 @@ def test_untrained_selector_check_skips_and_refuses():
     bare = module((False,))                       # a module that never went through optimize()
     with pytest.warns(UntrainedSelectorWarning):
         tosa_pass.check_selectors_trained(bare, ())
-    lax = module((False,), tokenopt_recipe=SimpleNamespace(strict=False))
+    lax = module((False,), recipe=SimpleNamespace(strict=False))
     with pytest.warns(UntrainedSelectorWarning, match=r"^ToSA selectors of layer\(s\) 1 were never trained"):
         tosa_pass.check_selectors_trained(lax, ())
     assert lax._tosa_checked is True
@@ -611,8 +615,8 @@ def test_tome_and_tofu_rewrites_insert_their_steps():
             ([{"pass": "tofu", "r": 2, "op": "mlerp", "layers": [0, 2]}], ["ToFu mlerp r=2"] * 2)):
         gm = tokenopt.optimize(model, {"version": 1, "rules": rules}, outputs="tokens", report=False)
         steps = [n for n in gm.graph.nodes if n.target in (tome_ops.tome_merge, tome_ops.tofu_reduce)]
-        assert [gm.tokenopt_inserted[n.name] for n in steps] == want
-        labels = list(gm.tokenopt_inserted.values())
+        assert [record_of(gm).inserted[n.name] for n in steps] == want
+        labels = list(record_of(gm).inserted.values())
         assert labels.count("merged tokens") == labels.count("token sizes") == labels.count("token index map") - 1 \
             == len(want)
         op = rules[0].get("op")
@@ -625,7 +629,7 @@ def test_tome_and_tofu_rewrites_insert_their_steps():
         assert out.shape == (2, 16, 16)
         # logits only: no token index map is tracked, so no step hands one on
         gm = tokenopt.optimize(model, {"version": 1, "rules": rules}, report=False)
-        assert "token index map" not in gm.tokenopt_inserted.values()
+        assert "token index map" not in record_of(gm).inserted.values()
         steps = [n for n in gm.graph.nodes if n.target in (tome_ops.tome_merge, tome_ops.tofu_reduce)]
         assert len(steps) == len(want)
         assert all(u.target is operator.getitem for n in steps for u in n.users)
@@ -635,7 +639,7 @@ def test_tome_and_tofu_rewrites_insert_their_steps():
 def test_tome_r0_leaves_the_graph_untouched_but_sets_proportional_attention():
     model = vit("sdpa")
     gm = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "tome", "r": 0}]}, report=False)
-    assert gm.tokenopt_inserted == {}
+    assert record_of(gm).inserted == {}
     with torch.no_grad():
         assert torch.equal(gm(images()), model(images()))
     # after a real merge, later blocks add log(size) to their attention unless prop_attn is off
@@ -764,7 +768,7 @@ def test_calibration_measures_on_the_analysed_graph():
     assert linearity_profile(model, x, leaf_modules=[BranchyMLP]).errors == pytest.approx(got["linearity"])
     gm = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "tofu", "r": 2, "op": "auto"}]},
                            leaf_modules=[BranchyMLP], calibration=x, report=False)
-    assert gm.tokenopt_context["linearity"] == pytest.approx(got["linearity"])
+    assert record_of(gm).context["linearity"] == pytest.approx(got["linearity"])
 
 
 def test_a_profile_shorter_than_the_model_is_refused():
@@ -784,7 +788,7 @@ def test_tome_metric_node_is_labelled():
     gm = tokenopt.optimize(vit("sdpa"), {"version": 1, "rules": [{"pass": "tome", "r": 2}]}, report=False)
     metrics = [n for n in gm.graph.nodes if n.target is tome_ops.keys_per_token]
     assert len(metrics) == 3
-    assert {gm.tokenopt_inserted[n.name] for n in metrics} == {"metric: keys (mean over heads taken by the matching)"}
+    assert {record_of(gm).inserted[n.name] for n in metrics} == {"metric: keys (mean over heads taken by the matching)"}
 
 
 def test_linearity_profile_analyses_the_calibration_images():

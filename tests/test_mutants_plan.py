@@ -6,6 +6,7 @@ back from the code under test.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import warnings
@@ -129,8 +130,7 @@ def test_nothing_usable_anywhere_says_so_and_counts_one_reason_once():
 
 def test_one_check_with_texts_that_differ_by_shape_is_one_reason():
     an = analysis(3, refusals={i: f"a grid of {i + 2} x {i + 2}" for i in range(3)})
-    for b in an.blocks:
-        b.refused_by = "token_stream"
+    an = dataclasses.replace(an, blocks=[dataclasses.replace(b, refused_by="token_stream") for b in an.blocks])
     with pytest.raises(RecipeError) as e:
         make_plan(recipe({"pass": "tome", "r": 1}), an)
     assert "(3 selected): 3 blocks (as at blocks.0): a grid of 2 x 2.\n" in str(e.value)
@@ -253,7 +253,7 @@ def test_tofu_auto_reads_the_linearity_from_the_context():
 
 def test_prefix_tokens_must_leave_patch_tokens():
     an = analysis(2, prefix=17, token_counts=[17, 20])
-    an.prefix_source = "set in the recipe"
+    an = dataclasses.replace(an, prefix_source="set in the recipe")
     with pytest.raises(PlanError) as e:
         make_plan(recipe({"pass": "tome", "r": 1}), an)
     assert str(e.value) == ("<dict>: prefix_tokens is 17 (set in the recipe), but blocks.0, the first block, sees only 17 "

@@ -21,6 +21,7 @@ from tokenopt.plan import LayerPlan, make_plan
 from tokenopt.recipe import load_recipe
 from tokenopt.report import LayerRow
 from tokenopt.tokens import TokenCount
+from tokenopt.record import record_of
 
 
 def count_above(x: torch.Tensor, prefix: int, threshold: float) -> torch.Tensor:
@@ -112,12 +113,12 @@ def test_report_gives_the_mean_measured_on_the_example_batch(gate):
     assert 1 < want < 17
     recipe = {"version": 1, "rules": [{"pass": "toy-gate", "layers": 1, "keep": 0.5, "threshold": threshold}]}
     fast = tokenopt.optimize(m, recipe, example_input=x)
-    rows = fast.tokenopt_report.rows
+    rows = record_of(fast).report.rows
     assert rows[1].measured_out == pytest.approx(want)
     assert rows[0].measured_out is None and rows[2].measured_out is None
-    assert f"(measured {want:.1f})" in str(fast.tokenopt_report)
+    assert f"(measured {want:.1f})" in str(record_of(fast).report)
     # manifests keep a varying count as {max, expected} and read it back
-    d = fast.tokenopt_report.to_dict()["rows"][1]
+    d = record_of(fast).report.to_dict()["rows"][1]
     assert d["tokens_out"] == {"max": 17, "expected": 9.0} and d["tokens_in"] == 17
     assert LayerRow(**d).tokens_out == TokenCount(17, 9.0)
 

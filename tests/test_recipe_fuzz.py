@@ -65,8 +65,9 @@ def analyses() -> dict:
     a_vit, a_cait = analyse(vit), analyse(cait)
     assert [b.refusal for b in a_vit.blocks] == [None] * 4
     assert a_cait.blocks[-1].refusal and not a_cait.blocks[-1].grid_bound
-    blocks = [dataclasses.replace(b) for b in a_vit.blocks]
-    blocks[2].refusal = "relative-position bias: an attention bias indexed by a fixed N x N token grid (as in BEiT)"
+    blocks = list(a_vit.blocks)
+    blocks[2] = dataclasses.replace(blocks[2], refusal="relative-position bias: an attention bias indexed by a fixed "
+                                                      "N x N token grid (as in BEiT)")
     a_grid = dataclasses.replace(a_vit, blocks=blocks)
     assert a_grid.blocks[2].grid_bound and a_vit.blocks[2].refusal is None
     return {"vit": a_vit, "cait": a_cait, "grid-bound": a_grid}

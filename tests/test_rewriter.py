@@ -18,6 +18,7 @@ import tokenopt
 from tokenopt.analysis import ShapeRecorder, analyse, analyse_graph
 from tokenopt.errors import PlanError
 from tokenopt.rewrite import GraphRewriter
+from tokenopt.record import record_of
 
 DIM, HEADS, DEPTH = 32, 4, 4
 
@@ -344,7 +345,7 @@ def test_tome_cuts_the_same_flops_with_mha_as_with_explicit_attention():
     models = three_vits()
     cut = {}
     for kind, m in models.items():
-        rep = tokenopt.optimize(m, {"version": 1, "rules": [{"pass": "tome", "r": 4}]}).tokenopt_report
+        rep = record_of(tokenopt.optimize(m, {"version": 1, "rules": [{"pass": "tome", "r": 4}]})).report
         cut[kind] = 100 * (1 - rep.flops_after / rep.flops_before)
     assert cut["softmax"] > 10
     assert abs(cut["mha"] - cut["softmax"]) < 0.5, cut

@@ -17,6 +17,7 @@ from tokenopt.cli import app
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.passes.spa import UntrainedGateWarning, capture_gate_outputs, force_keep, gates_of
 from tokenopt.subgraph import extract_block
+from tokenopt.record import record_of
 from vit_models import ExplicitViT, MHAViT
 
 
@@ -118,7 +119,7 @@ def test_bypass_block_equals_a_per_image_loop_on_the_kept_tokens(kind, layout):
     _, v, seen = run_capturing(gm, images())
     assert sorted(seen) == [1, 2]
     for i in (1, 2):
-        block = gm.tokenopt_analysis.blocks[i]
+        block = record_of(gm).analysis.blocks[i]
         keep = seen[i].keep
         counts = keep.sum(1).tolist()
         assert len(set(counts)) > 1 and min(counts) < keep.shape[1]      # images keep different numbers
@@ -136,7 +137,7 @@ def prune_reference(model, gm, x, seen, head, capture="auto"):
     reference = analyse(model, x[:2], capture=capture)
     blocks = [extract_block(reference.graph, b) for b in reference.blocks]
     _, v, _ = run_capturing(gm, x)
-    first = v[gm.tokenopt_analysis.blocks[1].input]       # before the first SPA layer, as the original
+    first = v[record_of(gm).analysis.blocks[1].input]       # before the first SPA layer, as the original
     out = []
     for b in range(x.shape[0]):
         h, present = first[b:b + 1], torch.arange(first.shape[1])
@@ -348,7 +349,7 @@ def test_bypass_returns_every_patch_token_in_place():
     full = optimize(model, {"version": 1, "outputs": "tokens", "rules": [{"pass": "tome", "r": 0}]})
     out, v, seen = run_capturing(gm, x)
     assert out.shape == (4, 64, 48)
-    last = gm.tokenopt_analysis.blocks[2]
+    last = record_of(gm).analysis.blocks[2]
     skipped = ~seen[2].keep
     norm = model.norm(v[last.input])
     assert skipped.any()      # tokens the last layer skipped are the final norm of its input, in place
@@ -366,7 +367,7 @@ def test_prune_refuses_token_outputs():
 def test_report_gives_expected_and_maximum_tokens_and_the_gate_cost():
     model = tiny_timm()
     gm = optimize(model, recipe(mode="prune", max_keep=0.5, threshold=0.5, min_keep=4), report=True)
-    rows = gm.tokenopt_report.rows
+    rows = record_of(gm).report.rows
     assert rows[1].tokens_out.max == 1 + 32 and rows[1].tokens_out.varies
     assert rows[2].tokens_out.max == 1 + 16
     # (1 - 0.5) * 64 = 32 expected, but at 32 = max_keep images may still keep fewer: planned just below
@@ -377,7 +378,7 @@ def test_report_gives_expected_and_maximum_tokens_and_the_gate_cost():
     kept = rows[2].selector_flops / 48
     assert kept == int(kept) and 1 + 4 <= kept <= 33
     assert rows[0].selector_flops == 0
-    assert "≤ 33" in str(gm.tokenopt_report)
+    assert "≤ 33" in str(record_of(gm).report)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,7 +446,7 @@ def test_prune_on_an_exported_hf_vit_equals_a_per_image_loop(layout):
     # packed block runs on a batch of 1 (analysis.batch_size.localise_batch)
     model = hf_vit()
     gm = trained(optimize(model, recipe(mode="prune", layout=layout), example_input=images(2), capture="export"))
-    assert gm.tokenopt_capture == "export"
+    assert record_of(gm).capture == "export"
     x = images()
     out, _, seen = run_capturing(gm, x)
     assert (seen[2].valid.sum(1) < seen[1].valid.sum(1)).all()

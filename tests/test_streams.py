@@ -18,6 +18,7 @@ from torch import nn
 import tokenopt
 from tokenopt.analysis import ShapeRecorder, analyse, analyse_graph
 from tokenopt.errors import PlanError
+from tokenopt.record import record_of
 from vit_models import ExplicitBlock, ExplicitViT, GridConvViT, MHAViT
 
 X32 = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -85,7 +86,7 @@ def test_tome_walks_the_later_stream_from_its_own_count_and_runs():
     model = hierarchical()
     recipe = {"version": 1, "rules": [{"pass": "tome", "layers": "2-3", "r": 2}]}
     fast = tokenopt.optimize(model, recipe, example_input=X32)
-    assert [(int(lp.tokens_in.max), int(lp.tokens_out.max)) for lp in fast.tokenopt_plan.layers] == [
+    assert [(int(lp.tokens_in.max), int(lp.tokens_out.max)) for lp in record_of(fast).plan.layers] == [
         (64, 64), (64, 64), (16, 14), (14, 12)]
     with torch.no_grad():
         out, ref = fast(X32), model(X32)

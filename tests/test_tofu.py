@@ -9,6 +9,7 @@ import tokenopt
 from tokenopt.errors import RecipeError
 from tokenopt.ops.matching import bipartite_match, merge_mlerp, prune
 from tokenopt.ops.tome import tofu_reduce
+from tokenopt.record import record_of
 
 
 def _groups(m, n):
@@ -78,8 +79,8 @@ def test_mixed_recipe_token_counts():
         {"pass": "tofu", "layers": "0-1", "r": 10, "op": "prune"},
         {"pass": "tofu", "layers": "2-3", "r": [6, 4], "op": "mlerp"}]}
     fast = tokenopt.optimize(_model(), recipe)
-    assert [(r.tokens_in, r.tokens_out) for r in fast.tokenopt_report.rows] == [(65, 55), (55, 45), (45, 39), (39, 35)]
-    assert [r.acted.split(": ")[1] for r in fast.tokenopt_report.rows] == ["prune r=10", "prune r=10", "mlerp r=6", "mlerp r=4"]
+    assert [(r.tokens_in, r.tokens_out) for r in record_of(fast).report.rows] == [(65, 55), (55, 45), (45, 39), (39, 35)]
+    assert [r.acted.split(": ")[1] for r in record_of(fast).report.rows] == ["prune r=10", "prune r=10", "mlerp r=6", "mlerp r=4"]
     with torch.no_grad():
         assert fast(torch.randn(2, 3, 64, 64)).shape == (2, 10)
 
@@ -99,7 +100,7 @@ def test_auto_uses_the_probe_and_needs_calibration():
     with pytest.raises(RecipeError, match="calibration"):
         tokenopt.optimize(m, recipe)
     fast = tokenopt.optimize(m, recipe, calibration=torch.randn(8, 3, 64, 64))
-    ops = [r.acted for r in fast.tokenopt_report.rows]
+    ops = [r.acted for r in record_of(fast).report.rows]
     assert sum("prune" in o for o in ops) == 2 and sum("mlerp" in o for o in ops) == 2
 
 
@@ -111,4 +112,4 @@ def test_unknown_op_is_a_recipe_error():
 def test_fixed_rule_recipe_splits_by_depth():
     recipe = Path(__file__).parents[1] / "recipes" / "tofu-r8.yaml"
     fast = tokenopt.optimize(_model(), recipe)
-    assert [r.acted.split(": ")[1] for r in fast.tokenopt_report.rows] == ["prune r=8"] * 2 + ["mlerp r=8"] * 2
+    assert [r.acted.split(": ")[1] for r in record_of(fast).report.rows] == ["prune r=8"] * 2 + ["mlerp r=8"] * 2

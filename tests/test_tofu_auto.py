@@ -21,6 +21,7 @@ from tokenopt.cli import app
 from tokenopt.plan import make_plan
 from tokenopt.recipe import load_recipe
 from tokenopt.passes import linearity as probe_mod
+from tokenopt.record import record_of
 
 # (errors per block, threshold or None for the median, blocks expected to prune)
 CASES = {
@@ -101,7 +102,7 @@ def test_optimize_with_calibration_follows_the_measured_order(monkeypatch):
                             [f"blocks.{i}" for i in range(4)], [0.1, 0.9, 0.05, 0.5], len(images), (0.5,)))
     fast = tokenopt.optimize(tiny_timm(4), {"version": 1, "rules": [{"pass": "tofu", "r": 2, "op": "auto"}]},
                              calibration=torch.randn(4, 3, 32, 32), report=False)
-    assert [lp.step.params.op for lp in fast.tokenopt_plan.layers] == ["mlerp", "prune", "mlerp", "prune"]
+    assert [lp.step.params.op for lp in record_of(fast).plan.layers] == ["mlerp", "prune", "mlerp", "prune"]
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -6,6 +6,7 @@ import tokenopt
 from reference_tome import tome_reference, unit_gain_model
 from tokenopt.ops import native
 from tokenopt.passes.tome import expand_r
+from tokenopt.record import record_of
 
 TINY = dict(img_size=64, patch_size=8, depth=4, num_classes=10, embed_dim=96, num_heads=4)  # 64 patch tokens
 
@@ -47,7 +48,7 @@ def test_matches_reference(name, r, prop_attn, step_path):
     # and ToMe really changed the result (the test would be vacuous otherwise)
     with torch.no_grad():
         assert (got - model(x)).abs().max().item() > 1e-3
-    assert [l.tokens_out for l in fast.tokenopt_plan.layers][-1] < 64
+    assert [l.tokens_out for l in record_of(fast).plan.layers][-1] < 64
 
 
 def test_decreasing_schedule_values():

@@ -13,6 +13,7 @@ from tokenopt.analysis import analyse
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.passes.tosa import UntrainedSelectorWarning, selectors
 from tokenopt.subgraph import extract_block
+from tokenopt.record import record_of
 from vit_models import ExplicitViT, MHAViT
 
 
@@ -89,9 +90,9 @@ def test_bypassed_tokens_untouched_and_selected_run_the_block(kind, input):
     x = images()
     v = node_values(gm, x)
     for i in (1, 2):
-        block = gm.tokenopt_analysis.blocks[i]
+        block = record_of(gm).analysis.blocks[i]
         idx = v[selected(gm, i)]
-        prefix = gm.tokenopt_analysis.prefix_tokens
+        prefix = record_of(gm).analysis.prefix_tokens
         n = block.tokens
         assert idx.shape == (4, prefix + round(0.5 * (n - prefix)))
         assert torch.equal(idx[:, :prefix], torch.arange(prefix).expand(4, -1))
@@ -112,14 +113,14 @@ def test_bypass_attention_sends_every_token_through_the_mlp():
     model = tiny_timm()
     gm = tokenopt.optimize(model, recipe(bypass="attention"))
     v = node_values(gm, images())
-    block = gm.tokenopt_analysis.blocks[1]
+    block = record_of(gm).analysis.blocks[1]
     idx = v[selected(gm, 1)]
     h, x_in, y = v[block.merge_point], v[block.input], v[block.output]
     mask = torch.ones(h.shape[:2], dtype=torch.bool)
     mask[torch.arange(len(idx))[:, None], idx] = False
     assert torch.equal(h[mask], x_in[mask])          # skipped the attention ...
     assert not torch.equal(y[mask], x_in[mask])      # ... but not the MLP
-    assert gm.tokenopt_report.flops_after > tokenopt.optimize(model, recipe()).tokenopt_report.flops_after
+    assert record_of(gm).report.flops_after > record_of(tokenopt.optimize(model, recipe())).report.flops_after
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
@@ -144,7 +145,7 @@ def test_dense_outputs_keep_every_token_in_place(keep):
         return
     # tokens the last layer skipped are the final norm of its input, at their own positions
     v = node_values(dense, x)
-    last = dense.tokenopt_analysis.blocks[2]
+    last = record_of(dense).analysis.blocks[2]
     idx = v[selected(dense, 2)]
     norm = model.norm(v[last.input])[:, 1:]
     skipped = torch.ones(4, 65, dtype=torch.bool)
@@ -179,12 +180,12 @@ def test_selector_flops_are_counted():
     sel = [n.name for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("tosa_selectors")]
     conv = 2 * 65 * 65 * (4 * 8 * 3)        # two convolutions per query row, heads -> 8 -> heads, width 3
     assert all(per_node[s] == conv for s in sel)
-    row = gm.tokenopt_report.rows[1]
+    row = record_of(gm).report.rows[1]
     assert row.flops_after > conv and row.flops_after < row.flops_before
     # the report's selector column: the selector convolutions plus the logits q k^T it reads
     # (embed 48 = 4 heads x 12); layer 1 ran on its 32 + 1 selected tokens only, so the map
     # layer 2's selector reads costs 33 x 33; nothing in non-selective layers
-    report = gm.tokenopt_report
+    report = record_of(gm).report
     assert [r.selector_flops for r in report.rows] == [0, conv + 65 * 65 * 48, conv + 33 * 33 * 48]
     assert "of which selector MFLOPs" in str(report)
 
@@ -209,7 +210,7 @@ def test_shipped_recipes_plan_on_any_depth():
         path = Path(__file__).parents[1] / "recipes" / name
         for depth in (2, 4):
             gm = tokenopt.optimize(tiny_timm(depth), path)
-            acted = [r for r in gm.tokenopt_report.rows if r.acted != "-"]
+            acted = [r for r in record_of(gm).report.rows if r.acted != "-"]
             assert acted and acted[0].index >= 1
 
 

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import tokenopt
 from tokenopt.cli import app
 from tokenopt.passes.tosa import UntrainedSelectorWarning, selectors
+from tokenopt.record import record_of
 
 MODEL = "timm:vit_small_patch16_224?img_size=32&patch_size=4&depth=3&num_classes=10&embed_dim=48&num_heads=4"
 RECIPE = "version: 1\nrules:\n  - pass: tosa\n    layers: 1-2\n    keep: 0.5\n    selector: {input: pooled, hidden: 8}\n"
@@ -94,7 +95,7 @@ def test_fine_tuning_with_tome_in_the_loop(tmp_path):
     for line in ("original", "tome, training-free", "tome, fine-tuned (1 ep)"):
         assert line in res.output
     tuned = tokenopt.load(out)
-    assert [lp.tokens_out for lp in tuned.tokenopt_plan.layers] == [57, 49, 41]   # 64 patches + cls, r=8
+    assert [lp.tokens_out for lp in record_of(tuned).plan.layers] == [57, 49, 41]   # 64 patches + cls, r=8
     before, after = start.state_dict(), tuned.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert {"blocks.0.attn.qkv.weight", "blocks.2.mlp.fc2.weight", "head.weight"} <= changed

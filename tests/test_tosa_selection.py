@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import tokenopt
 from tokenopt.passes.tosa import UntrainedSelectorWarning, selectors
+from tokenopt.record import record_of
 from vit_models import ExplicitViT, MHAViT
 
 B = 4
@@ -150,7 +151,7 @@ def selector_node(gm, i):
 
 def observe(gm, x, layers):
     """Per selective layer: (selector output, block input, block output) as the rewritten model ran."""
-    blocks = gm.tokenopt_analysis.blocks
+    blocks = record_of(gm).analysis.blocks
     names = {i: (selector_node(gm, i).name, blocks[i].input, blocks[i].output) for i in layers}
     kept = run_keeping(gm, x, {n for t in names.values() for n in t})
     return {i: tuple(kept[n] for n in t) for i, t in names.items()}

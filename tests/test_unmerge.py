@@ -6,6 +6,7 @@ import torch
 import tokenopt
 from reference_tome import tome_reference, unit_gain_model
 from tokenopt.ops import native
+from tokenopt.record import record_of
 
 SMALL = dict(img_size=64, patch_size=8, depth=3, num_classes=10, embed_dim=96, num_heads=4)
 
@@ -34,7 +35,7 @@ def test_unmerged_tokens_cover_the_grid():
     with torch.no_grad():
         out = fast(x)
     assert out.shape == (2, 64, 96)
-    kept = fast.tokenopt_plan.layers[-1].tokens_out - 1        # non-prefix tokens after 3 merges
+    kept = record_of(fast).plan.layers[-1].tokens_out - 1        # non-prefix tokens after 3 merges
     assert kept == 64 - 24
     for img in out:
         assert len(torch.unique(img, dim=0)) == kept

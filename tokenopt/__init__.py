@@ -1,10 +1,11 @@
 """tokenopt: make Vision Transformers cheaper by rewriting their torch.fx graphs.
 
     fast = tokenopt.optimize(model, "recipe.yaml")      # any ViT class; returns an nn.Module
-    print(fast.tokenopt_report)                          # per-layer tokens and FLOPs
+    print(tokenopt.record_of(fast).report)               # per-layer tokens and FLOPs
     tokenopt.save(fast, "model.tokenopt.pt"); tokenopt.load("model.tokenopt.pt")
 """
 from tokenopt.errors import TokenoptError
+from tokenopt.record import Record, record_of
 from tokenopt.version import __version__
 
 
@@ -32,4 +33,13 @@ def unmerge(tokens, index):
     return _unmerge(tokens, index)
 
 
-__all__ = ["TokenoptError", "optimize", "save", "load", "unmerge", "__version__"]
+def __getattr__(name: str):
+    # tokenopt.Example (inputs of a model called with several): loaded on first use, like the
+    # functions above, so `import tokenopt` stays light
+    if name == "Example":
+        from tokenopt.analysis.example import Example
+        return Example
+    raise AttributeError(f"module 'tokenopt' has no attribute {name!r}")
+
+
+__all__ = ["Example", "Record", "TokenoptError", "optimize", "record_of", "save", "load", "unmerge", "__version__"]

@@ -28,6 +28,7 @@ from torch import nn
 from tokenopt import io
 from tokenopt.errors import ModelLoadError, TokenoptError
 from tokenopt.version import __version__
+from tokenopt.record import record_of, update_record
 
 FORMAT = "tokenopt-artifact"
 FORMAT_VERSION = 1
@@ -38,20 +39,20 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
     import timm
 
     if base is None:
-        base = getattr(module, "tokenopt_base", None)
+        base = getattr(record_of(module), "base", None)
     if base is None:
         # No record of how the model was built: its class, rebuilt on load with no arguments.
         source = getattr(module, "meta", {}).get("tokenopt_source_class")
         base = {"kind": "class", "class": source} if source else io.module_base(module)
-    analysis = getattr(module, "tokenopt_analysis", None)
+    analysis = getattr(record_of(module), "analysis", None)
     shape = list(getattr(analysis, "input_shape", ()) or ())
     example = getattr(analysis, "example", None)
     if not shape:
         raise TokenoptError("the optimized module does not record its example input shape "
-                            "(tokenopt_analysis is missing); save the module that tokenopt.optimize returned.")
+                            "(its tokenopt record has no analysis); save the module that tokenopt.optimize returned.")
     param = next((p for p in module.parameters() if p.is_floating_point()), None)
-    report = getattr(module, "tokenopt_report", None)
-    leaves = [m if isinstance(m, str) else m.__name__ for m in getattr(module, "tokenopt_leaf_modules", ()) or ()]
+    report = getattr(record_of(module), "report", None)
+    leaves = [m if isinstance(m, str) else m.__name__ for m in getattr(record_of(module), "leaf_modules", ()) or ()]
     return {
         "tokenopt": str(__version__),
         "torch": str(torch.__version__),
@@ -61,15 +62,15 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
         # every input the model was captured with (several for a denoiser); artifacts without it
         # (older ones) rebuild from example_input_shape, one image batch
         "example": example.to_manifest() if example is not None else None,
-        "outputs": getattr(module, "tokenopt_outputs", "logits"),
+        "outputs": getattr(record_of(module), "outputs", "logits"),
         "leaf_modules": leaves,
         # the capture front end the graph was made with; a rebuild uses the same one, so the
         # replayed graph is the saved one (an artifact without it predates export: fx)
-        "capture": str(getattr(module, "tokenopt_capture", "fx")),
+        "capture": str(getattr(record_of(module), "capture", "fx")),
         "dtype": str(param.dtype).removeprefix("torch.") if param is not None else "float32",
         "report": _plain(report.to_dict()) if report is not None and hasattr(report, "to_dict") else None,
         # measurements the plan used (ToFu's linearity profile): replayed, not re-measured, on load
-        "context": _plain(dict(getattr(module, "tokenopt_context", {}) or {})),
+        "context": _plain(dict(getattr(record_of(module), "context", {}) or {})),
     }
 
 
@@ -77,12 +78,12 @@ def save(module: nn.Module, path: str | os.PathLike, base: dict | None = None) -
     """Write ``module`` (returned by :func:`tokenopt.optimize`) to ``path`` as one artifact file.
 
     ``base`` says how to rebuild the unmodified model (the dict :func:`tokenopt.io.load_model`
-    returns); default: ``module.tokenopt_base``, else the model's class with no arguments. The
+    returns); default: ``record_of(module).base``, else the model's class with no arguments. The
     file appears only once it is complete; the folder must exist.
     """
-    recipe = getattr(module, "tokenopt_recipe", None)
+    recipe = getattr(record_of(module), "recipe", None)
     if recipe is None:
-        raise TokenoptError(f"{type(module).__name__} is not an optimized module (it has no tokenopt_recipe); "
+        raise TokenoptError(f"{type(module).__name__} is not an optimized module (it carries no tokenopt record); "
                             "save what tokenopt.optimize(model, recipe) returns.")
     io.check_output_path(path)
     payload = {
@@ -160,12 +161,12 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
     hint = "arch= (CLI: --arch) naming the base model's architecture"
     io.load_weights(gm, payload["state_dict"], source, arch_hint=hint, model_name=type(model).__name__)
     gm.eval()
-    gm.tokenopt_base = base
-    gm.tokenopt_manifest = manifest
-    gm.tokenopt_leaf_modules = list(manifest.get("leaf_modules") or ())
+    update_record(gm, base=base)
+    update_record(gm, manifest=manifest)
+    update_record(gm, leaf_modules=list(manifest.get("leaf_modules") or ()))
     report = report_from_dict(manifest.get("report"))
     if report is not None:
-        gm.tokenopt_report = report
+        update_record(gm, report=report)
     return gm
 
 

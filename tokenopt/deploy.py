@@ -29,6 +29,7 @@ from tokenopt import io
 from tokenopt.errors import TokenoptError
 from tokenopt.ops import native
 from tokenopt.ops.gates import sorting_for_onnx
+from tokenopt.record import record_of
 
 FORMATS = ("pt2", "onnx")
 TOLERANCE = 1e-4   # max abs difference accepted between exported and eager (tests hold 1e-5)
@@ -51,7 +52,7 @@ class ExportResult:
 def export_problem(gm: nn.Module) -> str | None:
     """None when ``gm`` (returned by :func:`tokenopt.optimize` or :func:`tokenopt.load`) has static
     shapes, else why not, naming the layer."""
-    plan = getattr(gm, "tokenopt_plan", None)
+    plan = getattr(record_of(gm), "plan", None)
     if plan is None:
         return None
     for lp in plan.layers:
@@ -153,7 +154,7 @@ def export(gm: nn.Module, out: str | os.PathLike, fmt: str = "pt2", example: tor
     check_exportable(gm, source)
     io.check_output_path(out)
     if example is None:
-        shape = tuple(getattr(getattr(gm, "tokenopt_analysis", None), "input_shape", ()) or ())
+        shape = tuple(getattr(getattr(record_of(gm), "analysis", None), "input_shape", ()) or ())
         if not shape:
             raise ExportError(f"{source} does not record its input shape; pass example=...")
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))

@@ -24,6 +24,7 @@ from tokenopt.report import block_flops, build_report
 from tokenopt.rewrite import GraphRewriter
 from tokenopt.rewrite.outputs import restore_pooling, return_tokens
 from tokenopt.trace import NodeTaggingInterpreter
+from tokenopt.record import record_of, update_record
 
 
 def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input=None,
@@ -37,17 +38,17 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
         model of several inputs a tuple of them or ``tokenopt.Example(args, kwargs)``.
     outputs: "logits" (the model's own output) or "tokens" (all patch tokens, original order).
     calibration: a batch of real images, for rules that measure the model (ToFu's op: auto).
-    context: measurements from an earlier run (``module.tokenopt_context``), used instead of
+    context: measurements from an earlier run (``record_of(module).context``), used instead of
         measuring again; artifacts replay with it so a loaded model is the one that was saved.
     capture: "auto" (torch.fx symbolic tracing; torch.export when that fails), "fx" or "export"
-        (see :mod:`tokenopt.analysis.capture`). The result records the one used (``tokenopt_capture``).
+        (see :mod:`tokenopt.analysis.capture`). The result records the one used (``record_of(m).capture``).
 
     share_parameters: True (default): the result uses the original's parameter tensors, so training
         the result (fine-tuning) changes the original too. False: the result owns copies, and the
         original stays untouched by anything done to the result.
 
-    The result carries ``tokenopt_report`` (per-layer table, FLOPs before/after), ``tokenopt_recipe``
-    and ``tokenopt_analysis``. The rewrite itself does not modify the original model.
+    The result carries one :class:`tokenopt.record.Record` (``tokenopt.record_of(result)``): the report
+    (per-layer table, FLOPs before/after), the recipe, the plan and the analysis. The rewrite itself does not modify the original model.
     """
     model = model_to_rewrite(model, share_parameters)
     recipe = load_recipe(recipe)
@@ -61,18 +62,18 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     context = calibrate(recipe, model, analysis, calibration, context)
     plan = make_plan(recipe, analysis, context)
     gm = apply_plan(analysis, plan, outputs)
-    gm.tokenopt_recipe = recipe
-    gm.tokenopt_context = context
+    update_record(gm, recipe=recipe)
+    update_record(gm, context=context)
     # what tokenopt.save needs to rebuild this module: how the base model was made, its leaves
-    if getattr(model, "tokenopt_base", None) is not None:
-        gm.tokenopt_base = model.tokenopt_base
-    gm.tokenopt_leaf_modules = [m if isinstance(m, str) else m.__name__ for m in leaf_modules]
-    gm.tokenopt_plan = plan
-    gm.tokenopt_outputs = outputs
-    gm.tokenopt_capture = analysis.capture
+    if getattr(model, "tokenopt_base", None) is not None:   # the loader's note of how it built the model
+        update_record(gm, base=model.tokenopt_base)
+    update_record(gm, leaf_modules=[m if isinstance(m, str) else m.__name__ for m in leaf_modules])
+    update_record(gm, plan=plan)
+    update_record(gm, outputs=outputs)
+    update_record(gm, capture=analysis.capture)
     if report:   # counting FLOPs runs the rewritten graph: that run is the verification too
         try:
-            gm.tokenopt_report = build_report(before, gm, analysis, plan, example.first(1), example)
+            update_record(gm, report=build_report(before, gm, analysis, plan, example.first(1), example))
         except Exception as e:
             _raise_if_rewritten_graph_failed(gm, e)
             raise
@@ -125,11 +126,11 @@ def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> 
     if outputs == "tokens":
         return_tokens(g, analysis)
     gm = g.finish()
-    gm.tokenopt_inserted = dict(g.inserted)
-    gm.tokenopt_inserted_by = inserted_by    # the rest of tokenopt_inserted: pooling/outputs
-    gm.tokenopt_overhead = dict(g.overhead)
-    gm.tokenopt_token_counts = dict(g.token_counts)
-    gm.tokenopt_analysis = analysis
+    update_record(gm, inserted=dict(g.inserted))
+    update_record(gm, inserted_by=inserted_by)    # the rest of inserted: pooling/outputs
+    update_record(gm, overhead=dict(g.overhead))
+    update_record(gm, token_counts=dict(g.token_counts))
+    update_record(gm, analysis=analysis)
     return gm
 
 

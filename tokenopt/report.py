@@ -16,6 +16,7 @@ from tokenopt.flops import flops_by_node
 from tokenopt.plan import Plan
 from tokenopt.tokens import TokenCount
 from tokenopt.trace import values_at
+from tokenopt.record import record_of
 
 
 @dataclass
@@ -118,10 +119,10 @@ def _per_block(gm: fx.GraphModule, analysis: ModelAnalysis, counts: dict[str, in
 def measured_token_counts(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, float]:
     """Mean tokens per image after each layer that recorded a per-image count node, on ``batch``.
 
-    ``gm.tokenopt_token_counts`` maps a block index to the node holding its (B,) counts.
+    ``record_of(gm).token_counts`` maps a block index to the node holding its (B,) counts.
     """
     present = {n.name for n in gm.graph.nodes}      # a count node cleaned away since has nothing to measure
-    wanted = {name: block for block, name in getattr(gm, "tokenopt_token_counts", {}).items() if name in present}
+    wanted = {name: block for block, name in getattr(record_of(gm), "token_counts", {}).items() if name in present}
     if not wanted:
         return {}
     was_training = gm.training
@@ -163,7 +164,7 @@ def build_report(before: BlockFlops, optimized: fx.GraphModule, analysis: ModelA
     after = block_flops(optimized, analysis, x)
     measured = measured_token_counts(optimized, batch if batch is not None else x)
     selector = [0] * len(after.per)
-    for name, block in getattr(optimized, "tokenopt_overhead", {}).items():
+    for name, block in getattr(record_of(optimized), "overhead", {}).items():
         selector[block] += after.by_node.get(name, 0)
     rows = [LayerRow(lp.block, lp.path, lp.tokens_in, lp.tokens_out, fb, fa, lp.acted, fs, measured.get(lp.block))
             for lp, fb, fa, fs in zip(plan.layers, before.per, after.per, selector)]

@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tokenopt.record import record_of
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_HF = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -130,7 +131,7 @@ def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) 
         row["refused"] = _reasons([b.refusal for b in a.blocks if b.refusal])
         try:
             fast = tokenopt.optimize(model, TOME, x, report=False)
-            counts = [a.blocks[0].tokens] + [lp.tokens_out.max for lp in fast.tokenopt_plan.layers]
+            counts = [a.blocks[0].tokens] + [lp.tokens_out.max for lp in record_of(fast).plan.layers]
             with torch.no_grad():
                 fast(x)
             row["tome_r2"] = " → ".join(map(str, counts))

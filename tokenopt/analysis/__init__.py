@@ -106,11 +106,11 @@ def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, 
             "If your attention lives in a module fx cannot see into, do not mark it as a leaf.")
     prefix, source = find_prefix_tokens(model, blocks, index, prefix_tokens)
     ctx = CheckContext(gm, index, prefix)
-    for b in blocks:
+    for i, b in enumerate(blocks):
         refused = first_refusal(b, ctx)
         if refused is not None:
-            b.refused_by, why = refused
-            b.refusal = str(why)
+            by, why = refused
+            blocks[i] = replace(b, refused_by=by, refusal=str(why))
     streams, downsamples, stream_of = find_streams(blocks, gm, index, prefix)
     blocks = [b if b.stream == s else replace(b, stream=s) for b, s in zip(blocks, stream_of)]
     pools, features = find_pooling(blocks[-1], gm, index)

@@ -53,7 +53,7 @@ class NoMatch:
         return replace(self, where=where)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionCore:
     kind: str                      # "sdpa" | "softmax" | "mha"
     node: str                      # the SDPA call, the softmax, or the MHA call_module
@@ -91,7 +91,7 @@ class Branch:
     core: AttentionCore | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class BlockRecord:
     index: int
     path: str                      # module path, e.g. "blocks.3"
@@ -151,7 +151,7 @@ class Downsample:
     kind: str                      # "merge" | "conv" | "upsample" | "other"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Pooling:
     kind: str                      # "cls" | "avg" | "max" | "tokens"
     node: str | None               # the node that reduces the token axis (None for "tokens")
@@ -159,7 +159,7 @@ class Pooling:
     detail: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelAnalysis:
     graph: fx.GraphModule
     blocks: list[BlockRecord]

@@ -14,6 +14,7 @@ from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, InputSizeOpt, 
                                  WeightsOpt, console,
                                  example_input, first_images, load_model, load_recipe, open_dataset,
                                  parse_input_size, print_notes, quiet_plan_warnings, status, user_errors, warn)
+from tokenopt.record import record_of, update_record
 
 
 @user_errors
@@ -53,13 +54,13 @@ def apply(
         calib = first_images(open_dataset(calibration, base_model, "train", None), 64)
     with status("tracing, rewriting and counting FLOPs"), quiet_plan_warnings():
         gm = optimize(base_model, rec, x, leaf_modules=leaves, calibration=calib, capture=capture)
-    gm.tokenopt_base = base
-    gm.tokenopt_leaf_modules = leaves
+    update_record(gm, base=base)
+    update_record(gm, leaf_modules=leaves)
     if rec.strict:   # refuse untrained learned parts now, not when the saved model is first used
         from tokenopt.rewrite.learned import check_trained
         check_trained(gm)
     out = console()
-    report = gm.tokenopt_report
+    report = record_of(gm).report
     out.print(report.rich_table())
     print_notes(report.skipped, report.warnings, console(stderr=True))
     if native.needed_by(gm):
@@ -68,7 +69,7 @@ def apply(
                   f"PyTorch operators ({state.removeprefix('off: ')})"))
     if check:
         with status("comparing the original and optimized model"):
-            line = _check(base_model, gm, x, leaves, capture=gm.tokenopt_capture)
+            line = _check(base_model, gm, x, leaves, capture=record_of(gm).capture)
         out.print(line)
     if base.get("kind") == "class":
         warn(f"the artifact records the base model only as its class {base['class']}; if that class cannot be "
@@ -87,7 +88,7 @@ def _check(model, gm, x, leaves, n: int = 8, capture: str = "auto") -> str:
 
     batch = torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
     reference = None
-    if getattr(gm, "tokenopt_outputs", "logits") == "tokens":
+    if getattr(record_of(gm), "outputs", "logits") == "tokens":
         reference = _token_reference(model, x, leaves, capture)
     return compare(model, gm, batch, reference)
 

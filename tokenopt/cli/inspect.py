@@ -17,6 +17,7 @@ import typer
 from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, InputSizeOpt, LeafOpt, TrustOpt, WeightsOpt,
                                  console, example_input, load_model, parse_input_size, print_notes, status,
                                  user_errors)
+from tokenopt.record import record_of
 
 
 class GraphFormat(str, enum.Enum):
@@ -64,9 +65,9 @@ def inspect(
     if obj is not None and artifact.is_artifact(obj):
         with status("rebuilding the optimized model"):
             gm = artifact.rebuild(artifact.validate_payload(obj, path), arch, source=str(path))
-        analysis = gm.tokenopt_analysis
+        analysis = record_of(gm).analysis
         _print_artifact(out, path, gm)
-        labels = dict(getattr(gm, "tokenopt_inserted", {}) or {})
+        labels = dict(getattr(record_of(gm), "inserted", {}) or {})
         highlight, graph_module = set(labels), gm
     else:
         if obj is not None:
@@ -144,7 +145,7 @@ def _print_analysis(out, analysis) -> None:
 def _print_artifact(out, path: Path, gm) -> None:
     from tokenopt import io
 
-    m = gm.tokenopt_manifest
+    m = record_of(gm).manifest
     base = m.get("base") or {}
     spec = io.base_to_spec(base) or base.get("class") or str(base)
     out.print(f"artifact {path}: tokenopt {m.get('tokenopt')}, torch {m.get('torch')}, timm {m.get('timm')}",
@@ -154,11 +155,11 @@ def _print_artifact(out, path: Path, gm) -> None:
     out.print(f"example input {tuple(m.get('example_input_shape', ()))}, outputs {m.get('outputs')}, "
               f"dtype {m.get('dtype')}", markup=False)
     out.print("recipe:")
-    out.print(gm.tokenopt_recipe.to_yaml().rstrip(), markup=False)
-    _print_analysis(out, gm.tokenopt_analysis)
-    report = getattr(gm, "tokenopt_report", None)
+    out.print(record_of(gm).recipe.to_yaml().rstrip(), markup=False)
+    _print_analysis(out, record_of(gm).analysis)
+    report = getattr(record_of(gm), "report", None)
     if report is not None:
         out.print(report.rich_table())
         print_notes(report.skipped, report.warnings, out)
-    inserted = getattr(gm, "tokenopt_inserted", {}) or {}
+    inserted = getattr(record_of(gm), "inserted", {}) or {}
     out.print(f"{len(inserted)} node(s) inserted by the recipe (see --graph).")

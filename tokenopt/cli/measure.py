@@ -14,6 +14,7 @@ from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, CropPctOpt, Da
                                  load_recipe, open_dataset, preprocess_options, print_notes, quiet_plan_warnings,
                                  status, user_errors)
 from tokenopt.errors import TokenoptError
+from tokenopt.record import record_of
 
 DataOpt = Annotated[str, typer.Option(
     "--data", "-d", metavar="DATA", help="digits | digits-clutter (built in) or an ImageFolder directory.")]
@@ -91,13 +92,13 @@ def eval_(
         from tokenopt.pipeline import optimize
         with status("rewriting"), quiet_plan_warnings():
             gm = optimize(base_model, rec, example[:2], calibration=calibration, capture=capture)
-        print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, console(stderr=True))
+        print_notes(record_of(gm).report.skipped, record_of(gm).report.warnings, console(stderr=True))
         with status(f"evaluating on {len(ds)} images"):
             res = ev.evaluate_many({"original": base_model, "optimized": gm}, loader)
         one = example[:1]
         rows += [ev.EvalRow("original", "", count_flops(base_model, one) / 1e9, res["original"]["top1"],
                             res["original"]["top5"], 1.0, res["original"]["n"]),
-                 ev.EvalRow(Path(recipe).stem, "", gm.tokenopt_report.flops_after / 1e9, res["optimized"]["top1"],
+                 ev.EvalRow(Path(recipe).stem, "", record_of(gm).report.flops_after / 1e9, res["optimized"]["top1"],
                             res["optimized"]["top5"], res["optimized"]["agreement"], res["optimized"]["n"])]
     sweep_rows = []
     if methods:

@@ -27,6 +27,7 @@ from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, CropPctOpt, Da
                                  load_recipe, open_dataset, preprocess_options, print_notes, quiet_plan_warnings,
                                  status, user_errors, warn)
 from tokenopt.errors import DataError, TokenoptError
+from tokenopt.record import record_of, update_record
 
 
 @user_errors
@@ -158,9 +159,9 @@ def train_(
     leaves = list(leaf or [])
     with status("tracing and rewriting"), quiet_plan_warnings():
         gm = optimize(base_model, rec, first_images(train_set, 2), leaf_modules=leaves, capture=capture)
-    gm.tokenopt_base, gm.tokenopt_leaf_modules = base, leaves
+    update_record(gm, base=base, leaf_modules=leaves)
     out = console()
-    print_notes(gm.tokenopt_report.skipped, gm.tokenopt_report.warnings, console(stderr=True))
+    print_notes(record_of(gm).report.skipped, record_of(gm).report.warnings, console(stderr=True))
     original = copy.deepcopy(base_model).eval()   # gm shares base_model's weights; fine-tuning changes them
     images = first_images(test_set, eval_images) if test_set is not None else None
     loader = get_loader(test_set, 128, train=False) if test_set is not None else None
@@ -210,7 +211,7 @@ def train_(
         for name, top1, value in rows:
             t.add_row(name, f"{100 * top1:.1f}", "" if value is None else format(value, trainer.number_format))
         out.print(t)
-    r = gm.tokenopt_report
+    r = record_of(gm).report
     parts_line = f"{len(learned_modules(gm, kind))} {trainer.noun}" if kind is not None else "0 selectors"
     out.print(f"GFLOPs {r.flops_before / 1e9:.4f} -> {r.flops_after / 1e9:.4f} ({r.flops_ratio:.2f}x), {parts_line}")
     with status(f"saving {output}"):

@@ -24,6 +24,7 @@ from tokenopt.cleanup import is_noop_module
 from tokenopt.demo_specs import DEMOS
 from tokenopt.errors import TokenoptError
 from tokenopt.passes import available_passes, get_pass
+from tokenopt.record import record_of, update_record
 
 SEED = 0
 NOOP = "no-op call, dropped by the cleanup"        # why a node of the original is gone
@@ -111,7 +112,7 @@ def build_model():
     from tokenopt import io
     torch.manual_seed(SEED)
     model, base = io.load_model(demo_arch_spec())
-    model.tokenopt_base = base
+    update_record(model, base=base)
     return model.eval()
 
 
@@ -127,7 +128,7 @@ def _choose_block(gm, analysis, before_names: set[str]) -> int:
     span can be cut from both graphs is a candidate."""
     after_names = [n.name for n in gm.graph.nodes]
     present = set(after_names)
-    inserted = set(gm.tokenopt_inserted)
+    inserted = set(record_of(gm).inserted)
     best, best_count = None, -1
     for b in analysis.blocks:
         if not {b.input, b.output} <= present or not {b.input, b.output} <= before_names:
@@ -165,15 +166,15 @@ def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = 
     # from the recipes' parent folder, so messages name "recipes/x.yaml" rather than this machine's path
     with _quiet(), _chdir(path.parent.parent):
         gm = tokenopt.optimize(model, Path(path.parent.name) / path.name, x, calibration=calibration, **choose)
-    analysis = gm.tokenopt_analysis
+    analysis = record_of(gm).analysis
     before_names = {n.name for n in original.graph.nodes}
     index = _choose_block(gm, analysis, before_names)
     b_after = analysis.blocks[index]
     span_after = graph_export.node_span(gm, b_after.input, b_after.output)
     span_before = graph_export.node_span(original, b_after.input, b_after.output)
     present = {n.name for n in gm.graph.nodes}
-    labels = dict(gm.tokenopt_inserted)
-    groups = dict(getattr(gm, "tokenopt_inserted_by", {}))
+    labels = dict(record_of(gm).inserted)
+    groups = dict(getattr(record_of(gm), "inserted_by", {}))
     colors = pass_colors()
     inserted_here = [n for n in span_after if n in labels]
     removed = {}
@@ -193,7 +194,7 @@ def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = 
                                      title=f"{title} ({path.stem})")
     after_dot = graph_export.to_dot(gm, set(labels), labels, groups=groups, colors=colors, only=span_after,
                                     title=f"{b_after.path} after {path.stem}")
-    report = gm.tokenopt_report
+    report = record_of(gm).report
     node_ops = {n.name: n for n in gm.graph.nodes}
     inserted = [(n, _op_name(gm, node_ops[n]), labels[n], groups.get(n, "")) for n in inserted_here]
     # the artifact, and what `tokenopt inspect` says about it

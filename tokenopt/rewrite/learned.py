@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from tokenopt.errors import PlanError
+from tokenopt.record import record_of
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,4 @@ def hook_for(kind: LearnedKind) -> Callable:
 
 def recipe_is_strict(module: nn.Module) -> bool:
     """Whether the recipe ``module`` was rewritten with sets ``strict: true``."""
-    from_meta = getattr(module, "meta", {}).get("tokenopt") if isinstance(getattr(module, "meta", None), dict) else None
-    recipe = getattr(from_meta, "recipe", None) or getattr(module, "tokenopt_recipe", None)
-    return bool(getattr(recipe, "strict", False))
+    return bool(getattr(getattr(record_of(module), "recipe", None), "strict", False))

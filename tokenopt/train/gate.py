@@ -41,6 +41,7 @@ from tokenopt.train.trainers import Trainer, register_trainer
 from tokenopt.train.gate_labels import DEFAULT_COVER, DEFAULT_MASS, attention_labels, check_source, mask_labels
 from tokenopt.train.loop import TrainResult, train
 from tokenopt.train.selector import _keep_requires_grad, _teacher_for
+from tokenopt.record import record_of
 
 
 @dataclass
@@ -116,7 +117,7 @@ def capture_gate_outputs(model: nn.Module):
 
 
 def _prefix_of(model: nn.Module) -> int:
-    analysis = getattr(model, "tokenopt_analysis", None)
+    analysis = getattr(record_of(model), "analysis", None)
     if analysis is None:
         raise TokenoptError("the model does not record its analysis: pass what tokenopt.optimize returned")
     return analysis.prefix_tokens

@@ -32,6 +32,7 @@ from tokenopt.rewrite.learned import parts_of_type
 from tokenopt.train.trainers import Trainer, register_trainer
 from tokenopt.trace import values_at
 from tokenopt.train.loop import TrainResult, train
+from tokenopt.record import record_of
 
 
 class AttentionTeacher:
@@ -89,15 +90,15 @@ def selector_kl(prediction: torch.Tensor, attention: torch.Tensor) -> torch.Tens
 
 
 def _teacher_for(model: nn.Module, original: nn.Module) -> AttentionTeacher:
-    shape = getattr(getattr(model, "tokenopt_analysis", None), "input_shape", None)
+    shape = getattr(getattr(record_of(model), "analysis", None), "input_shape", None)
     if not shape:
         raise TokenoptError("the model does not record its input shape: pass what tokenopt.optimize returned")
     p = next(original.parameters())
     example = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
-    recipe = getattr(model, "tokenopt_recipe", None)
-    return AttentionTeacher(original, example, getattr(model, "tokenopt_leaf_modules", ()) or (),
+    recipe = getattr(record_of(model), "recipe", None)
+    return AttentionTeacher(original, example, getattr(record_of(model), "leaf_modules", ()) or (),
                             recipe.prefix_tokens if recipe is not None else None,
-                            capture=getattr(model, "tokenopt_capture", "auto"))
+                            capture=getattr(record_of(model), "capture", "auto"))
 
 
 def selectors(model: nn.Module) -> dict[int, ops.TokenSelector]:

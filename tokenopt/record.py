@@ -1,0 +1,78 @@
+"""The one record a rewritten module carries: what tokenopt made it from and what it did.
+
+``tokenopt.optimize`` returns an ``fx.GraphModule``; everything tokenopt knows about it lives in
+one frozen :class:`Record` at ``module.meta["tokenopt"]`` (as torch.ao keeps its bookkeeping in
+one dataclass), never in loose attributes::
+
+    rec = tokenopt.record_of(fast)        # None for a module tokenopt did not make
+    rec.report, rec.plan, rec.recipe       # per-layer table, the plan, the recipe
+    fast = update_record(fast, base=...)   # records are frozen: a change is a new record
+
+It is read through wrappers that hold the module (DistributedDataParallel's ``.module``,
+``torch.compile``'s ``_orig_mod``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
+
+KEY = "tokenopt"
+
+
+@dataclass(frozen=True)
+class Record:
+    """What tokenopt knows about a module it rewrote.
+
+    recipe, plan, analysis, report: the Recipe, the Plan, the ModelAnalysis of the original graph,
+        the Report (None when not counted).
+    context: the measurements the plan used (ToFu's linearity profile), replayed by artifacts.
+    outputs: "logits" | "tokens"; capture: "fx" | "export", the front end the graph came from.
+    leaf_modules: names of the modules kept whole by the trace; base: how to rebuild the unmodified
+        model (tokenopt.io's dict), None when unknown; manifest: the artifact's, for a loaded one.
+    inserted: node name -> what tokenopt inserted there; inserted_by: node name -> the pass that did;
+    overhead: node name -> the block whose tokens it chooses (a selector's cost);
+    token_counts: block index -> the node holding its (B,) tokens per image, where they vary.
+    """
+
+    recipe: Any = None
+    plan: Any = None
+    analysis: Any = None
+    report: Any = None
+    context: Mapping = field(default_factory=dict)
+    outputs: str = "logits"
+    capture: str = "fx"
+    leaf_modules: tuple = ()
+    base: Mapping | None = None
+    manifest: Mapping | None = None
+    inserted: Mapping = field(default_factory=dict)
+    inserted_by: Mapping = field(default_factory=dict)
+    overhead: Mapping = field(default_factory=dict)
+    token_counts: Mapping = field(default_factory=dict)
+
+
+def _holder(module):
+    """The module that holds the record, looking through DDP and torch.compile wrappers."""
+    for _ in range(4):
+        if isinstance(getattr(module, "meta", None), dict) and KEY in module.meta:
+            return module
+        inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+        if inner is None or inner is module:
+            break
+        module = inner
+    return module
+
+
+def record_of(module) -> Record | None:
+    """The record of a module tokenopt rewrote (or loaded), else None."""
+    meta = getattr(_holder(module), "meta", None)
+    return meta.get(KEY) if isinstance(meta, dict) else None
+
+
+def update_record(module, **changes) -> Record:
+    """Give ``module`` a new record: its current one (or an empty one) with ``changes``."""
+    holder = _holder(module)
+    if not isinstance(getattr(holder, "meta", None), dict):
+        holder.meta = {}
+    new = replace(holder.meta.get(KEY) or Record(), **changes)
+    holder.meta[KEY] = new
+    return new
