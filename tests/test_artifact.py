@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import tokenopt
-from tokenopt import artifact, io
+from tokenopt import artifact, sources
 from tokenopt.errors import ModelLoadError, TokenoptError
 from tokenopt.pipeline import optimize
 
 
 @pytest.fixture(scope="module")
 def optimized(tiny_vit_spec, tome_recipe):
-    model, base = io.load_model(tiny_vit_spec)
+    model, base = sources.load_model(tiny_vit_spec)
     gm = optimize(model, tome_recipe)
     gm.tokenopt_base = base
     return gm
@@ -48,7 +48,7 @@ def test_file_is_plain_data(saved, tiny_vit_spec):
                                           "order": "original"}]
     m = payload["manifest"]
     assert m["tokenopt"] == tokenopt.__version__ and m["torch"] == str(torch.__version__)
-    assert io.base_to_spec(m["base"]) == tiny_vit_spec
+    assert sources.base_to_spec(m["base"]) == tiny_vit_spec
     assert m["example_input_shape"] == [2, 3, 32, 32] and m["outputs"] == "logits"
     assert m["report"]["rows"][0]["tokens_out"] == 15
     assert "blocks.0.attn.qkv.weight" in payload["state_dict"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenopt import io
+from tokenopt import files, sources
 from tokenopt.errors import ModelLoadError, TokenoptError
 from tokenopt.version import __version__
 
@@ -42,7 +42,7 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
     if base is None:
         # No record of how the model was built: its class, rebuilt on load with no arguments.
         source = getattr(module, "meta", {}).get("tokenopt_source_class")
-        base = {"kind": "class", "class": source} if source else io.module_base(module)
+        base = {"kind": "class", "class": source} if source else sources.module_base(module)
     analysis = getattr(module, "tokenopt_analysis", None)
     shape = list(getattr(analysis, "input_shape", ()) or ())
     if not shape:
@@ -72,7 +72,7 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
 def save(module: nn.Module, path: str | os.PathLike, base: dict | None = None) -> Path:
     """Write ``module`` (returned by :func:`tokenopt.optimize`) to ``path`` as one artifact file.
 
-    ``base`` says how to rebuild the unmodified model (the dict :func:`tokenopt.io.load_model`
+    ``base`` says how to rebuild the unmodified model (the dict :func:`tokenopt.sources.load_model`
     returns); default: ``module.tokenopt_base``, else the model's class with no arguments. The
     file appears only once it is complete; the folder must exist.
     """
@@ -80,7 +80,7 @@ def save(module: nn.Module, path: str | os.PathLike, base: dict | None = None) -
     if recipe is None:
         raise TokenoptError(f"{type(module).__name__} is not an optimized module (it has no tokenopt_recipe); "
                             "save what tokenopt.optimize(model, recipe) returns.")
-    io.check_output_path(path)
+    files.check_output_path(path)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -88,14 +88,14 @@ def save(module: nn.Module, path: str | os.PathLike, base: dict | None = None) -
         "recipe": _plain(recipe.to_dict()),
         "manifest": manifest_for(module, base),
     }
-    with io.atomic_write(path) as f:
+    with files.atomic_write(path) as f:
         torch.save(payload, f)
     return Path(path)
 
 
 def read(path: str | os.PathLike) -> dict:
     """The validated payload of an artifact file (``weights_only=True``; nothing is rebuilt)."""
-    return validate_payload(io.read_checkpoint(path), path)
+    return validate_payload(files.read_checkpoint(path), path)
 
 
 def validate_payload(payload, path: str | os.PathLike) -> dict:
@@ -103,7 +103,7 @@ def validate_payload(payload, path: str | os.PathLike) -> dict:
     if not is_artifact(payload):
         raise ModelLoadError(f"{path} is not a tokenopt artifact (no 'format: {FORMAT}' inside).\n"
                              "  Artifacts are written by `tokenopt apply ... -o FILE` or tokenopt.save(); "
-                             "to load a plain model use tokenopt.io.load_model.")
+                             "to load a plain model use tokenopt.sources.load_model.")
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelLoadError(f"{path} is a tokenopt artifact of format version {version!r}; this tokenopt "
@@ -150,7 +150,7 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
     if dtype != torch.float32:
         gm = gm.to(dtype)
     hint = "arch= (CLI: --arch) naming the base model's architecture"
-    io.load_weights(gm, payload["state_dict"], source, arch_hint=hint, model_name=type(model).__name__)
+    files.load_weights(gm, payload["state_dict"], source, arch_hint=hint, model_name=type(model).__name__)
     gm.eval()
     gm.tokenopt_base = base
     gm.tokenopt_manifest = manifest
@@ -163,13 +163,13 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
 
 def _base_model(base: dict, arch, source: str) -> tuple[nn.Module, dict]:
     if isinstance(arch, nn.Module):
-        return arch, io.module_base(arch) if base.get("kind") == "class" else dict(base)
+        return arch, sources.module_base(arch) if base.get("kind") == "class" else dict(base)
     if arch is not None:
-        return io.build_arch(arch)
+        return sources.build_arch(arch)
     try:
-        return io.build_base(base), dict(base)
+        return sources.build_base(base), dict(base)
     except ModelLoadError as e:
-        what = io.base_to_spec(base) or base.get("class") or repr(base)
+        what = sources.base_to_spec(base) or base.get("class") or repr(base)
         reason = str(e).splitlines()[0]  # its own hint is about CLI specs; the one below fits here
         raise ModelLoadError(f"cannot rebuild the base model of {source} ({what}): {reason}\n"
                              "  Pass arch= (CLI: --arch) naming the architecture: timm:<name>?key=value or "

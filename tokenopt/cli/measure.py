@@ -69,7 +69,7 @@ def eval_(
         raise TokenoptError(f"--sweep: unknown method {bad[0]!r}; choose from {', '.join(ev.SWEEP_METHODS)}")
     for out in (csv_out, plot_out):
         if out is not None:
-            from tokenopt.io import check_output_path
+            from tokenopt.files import check_output_path
             check_output_path(out)
     values = None
     if r_values:
@@ -157,7 +157,7 @@ def probe(
     from tokenopt.passes.linearity import linearity_profile
 
     if output is not None:
-        from tokenopt.io import check_output_path
+        from tokenopt.files import check_output_path
         check_output_path(output)
     pre = preprocess_options(input_size, mean, std, interpolation, crop_pct)
     base_model, _ = load_model(model, arch, trust_pickle, weights)
@@ -180,7 +180,7 @@ def probe(
     out.print(t)
     out.print(f"threshold {tau:.4f} ({'given' if threshold is not None else 'median'}): blocks at or above it prune")
     if output is not None:
-        from tokenopt.io import atomic_write
+        from tokenopt.files import atomic_write
         rules = []
         for op in ("prune", "mlerp"):
             idx = [i for i, o in enumerate(ops) if o == op]

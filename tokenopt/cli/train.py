@@ -86,7 +86,7 @@ def train_(
     """
     from rich.table import Table
 
-    from tokenopt import artifact, io
+    from tokenopt import artifact, files
     from tokenopt.data import get_loader
     from tokenopt.passes.tosa import UntrainedSelectorWarning, selectors
     from tokenopt.pipeline import optimize
@@ -120,9 +120,9 @@ def train_(
         from tokenopt.passes.spa import UntrainedGateWarning, gates_of
         from tokenopt.train.gate import measure_kept, train_gates
     label = "+".join(dict.fromkeys(r.pass_name for r in rec.rules))
-    io.check_output_path(output)
+    files.check_output_path(output)
     ckpt_path = checkpoint or resume or Path(f"{output}.ckpt")
-    io.check_output_path(ckpt_path)
+    files.check_output_path(ckpt_path)
     parts = [rec.to_yaml(), model, str(arch), data, str(limit)]
     if spa:                          # ToSA fingerprints stay as they were
         parts += [labels, str(masks)]

@@ -110,9 +110,9 @@ class FrontendFailure:
 
 def build_model():
     """The demo architecture with seeded random weights, and the base record artifacts need."""
-    from tokenopt import io
+    from tokenopt import sources
     torch.manual_seed(SEED)
-    model, base = io.load_model(demo_arch_spec())
+    model, base = sources.load_model(demo_arch_spec())
     model.tokenopt_base = base
     return model.eval()
 

@@ -1,35 +1,30 @@
-"""Model families beyond timm: Hugging Face ``save_pretrained`` folders, open_clip and torchvision ViTs.
+"""``hf:<dir>``: a Hugging Face ``save_pretrained`` folder (config.json + weights), float32, eval mode.
 
-    hf:<dir>                        a folder written by ``save_pretrained`` (config.json + weights)
-    open_clip:<arch>[?key=value]    an open_clip architecture, its visual tower, random init
-    torchvision:<name>[?key=value]  a torchvision model (``torchvision.models.get_model``), random init
+Nothing is downloaded (``local_files_only=True``). transformers is optional (``pip install
+'tokenopt[hf]'``): a missing install is one message naming the command. Multimodal folders
+(CLIP, SigLIP) give their vision tower.
 
-Nothing is downloaded: Hugging Face loads with ``local_files_only=True``, open_clip with
-``pretrained=None``, torchvision with ``weights=None``; trained weights come from local files
-(the folder itself for ``hf:``, ``--weights FILE`` for the others, read ``weights_only``).
+The base dict carries the whole config, so an artifact rebuilds the model without the folder::
 
-transformers and open_clip are optional (``pip install 'tokenopt[hf]'``, ``'tokenopt[openclip]'``):
-the core install stays lean and a missing one is one message naming the command.
+    {"kind": "hf", "spec": "hf:DIR", "class": "ViTModel", "config": {...}, "data_config": {...}}
 
-Each builder returns ``(model, base)``; ``base`` is what an artifact stores to rebuild the model
-without the original folder (a Hugging Face base carries its whole config) plus ``"spec"``, the
-string the user gave. A model may carry ``tokenopt_data_config``: its own preprocessing (from the
-folder's ``preprocessor_config.json``, or open_clip's mean/std), in timm's data-config keys, which
+The model carries ``tokenopt_data_config``: its own preprocessing, from the folder's
+``preprocessor_config.json``, in timm's data-config keys, which
 :func:`tokenopt.data.config.data_config` uses instead of timm's defaults.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from tokenopt.errors import ModelLoadError
+from tokenopt.sources.registry import Source, register_source, require
+from tokenopt.sources.spec import first_line
 
-EXTRAS = {"transformers": "hf", "open_clip": "openclip"}
+if TYPE_CHECKING:
+    from torch import nn
 
 # architectures (config.json) -> the class tokenopt builds. Multimodal models give their vision
 # tower (its weights sit under the same ``vision_model.`` keys in both).
@@ -57,16 +52,6 @@ _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
-def require(module: str, what: str):
-    """Import an optional dependency, or one message naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        extra = EXTRAS[module]
-        raise ModelLoadError(f"{what} needs the Python package {module!r}, which is not installed.\n"
-                             f"  Install it with: pip install 'tokenopt[{extra}]'") from None
-
-
 @contextlib.contextmanager
 def _quiet_transformers(transformers):
     """No progress bars or load reports: tokenopt reports missing weights itself, as an error."""
@@ -83,8 +68,24 @@ def _quiet_transformers(transformers):
             log.enable_progress_bar()
 
 
-# ----------------------------------------------------------------------------------------------
-# Hugging Face
+@register_source
+class HFSource(Source):
+    kind, prefix = "hf", "hf:"
+    help = "hf:<folder> (a save_pretrained folder)"
+
+    def load(self, spec: str):
+        return load_hf(spec[len(self.prefix):].strip())
+
+    def build(self, base: dict):
+        return build_hf(base)
+
+    def to_spec(self, base: dict) -> str | None:
+        return base.get("spec")
+
+    def arch_conflict(self, spec: str) -> str:
+        return (f"{spec} is a Hugging Face folder: config.json names the architecture and the folder holds "
+                "the weights; --arch is only for weight files.")
+
 
 def hf_class_name(config: dict, where: str) -> str:
     """The class tokenopt builds for a config.json: from ``architectures``, else ``model_type``."""
@@ -140,7 +141,7 @@ def load_hf(directory: str) -> tuple[nn.Module, dict]:
                 model, info = cls(conf), {}
         except Exception as e:
             raise ModelLoadError(f"{spec}: transformers could not load {class_name}: {type(e).__name__}: "
-                                 f"{_first_line(e)}") from None
+                                 f"{first_line(e)}") from None
     missing = list((info or {}).get("missing_keys") or ())
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -209,94 +210,3 @@ def hf_data_config(root: Path) -> dict:
     elif not p.get("do_normalize", True):
         cfg["mean"], cfg["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# open_clip
-
-# the text tower is thrown away: build a tiny one instead of the real one (fast, and it never
-# asks for a Hugging Face tokenizer or text model)
-_TINY_TEXT = {"context_length": 4, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1}
-_OPEN_CLIP_TOP = ("embed_dim", "quick_gelu", "force_image_size", "force_patch_dropout")
-
-
-def build_open_clip(name: str, kwargs: dict) -> nn.Module:
-    """open_clip's ``<name>`` visual tower, random init. Keyword arguments change the vision config
-    (``image_size``, ``patch_size``, ``width``, ``layers``, ``head_width``...), except ``embed_dim``
-    and ``quick_gelu``, which are the model's."""
-    open_clip = require("open_clip", f"open_clip:{name}")
-    if not name:
-        raise ModelLoadError("open_clip: needs an architecture name, e.g. open_clip:ViT-B-32")
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        import difflib
-
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelLoadError(f"unknown open_clip architecture {name!r}.{hint}\n"
-                             "  List them with `python -c \"import open_clip; print(open_clip.list_models())\"`.")
-    top = {k: v for k, v in kwargs.items() if k in _OPEN_CLIP_TOP}
-    vision = {**cfg["vision_cfg"], **{k: v for k, v in kwargs.items() if k not in _OPEN_CLIP_TOP}}
-    import logging
-
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)   # "no pretrained weights loaded": that is the point
-    try:
-        model = open_clip.create_model(name, pretrained=None, vision_cfg=vision, text_cfg=dict(_TINY_TEXT), **top)
-    except Exception as e:
-        raise ModelLoadError(f"open_clip could not build {name!r} with {kwargs or 'no arguments'}: "
-                             f"{type(e).__name__}: {_first_line(e)}") from None
-    finally:
-        logger.setLevel(level)
-    visual = model.visual.float().eval()
-    pre = getattr(visual, "preprocess_cfg", None) or {}
-    size = pre.get("size") or getattr(visual, "image_size", None)
-    if isinstance(size, int):
-        size = (size, size)
-    data_cfg = {"interpolation": pre.get("interpolation", "bicubic"), "crop_pct": 1.0, "crop_mode": "center"}
-    if size:
-        data_cfg["input_size"] = (3, int(size[0]), int(size[1]))
-    if pre.get("mean") is not None:
-        data_cfg["mean"], data_cfg["std"] = tuple(map(float, pre["mean"])), tuple(map(float, pre["std"]))
-    visual.tokenopt_data_config = data_cfg
-    return visual
-
-
-def open_clip_visual_state(state: dict) -> dict:
-    """The visual tower's weights from an open_clip checkpoint: the ``visual.`` keys of a whole
-    CLIP state dict (prefix removed), or the state dict itself when it is the tower's alone."""
-    if any(k.startswith("visual.") for k in state):
-        return {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
-# torchvision
-
-def build_torchvision(name: str, kwargs: dict) -> nn.Module:
-    """``torchvision.models.get_model(name, weights=None, **kwargs)``: random init, never downloads."""
-    import torchvision
-
-    if not name:
-        raise ModelLoadError("torchvision: needs a model name, e.g. torchvision:vit_b_16")
-    names = torchvision.models.list_models()
-    if name not in names:
-        import difflib
-
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelLoadError(f"unknown torchvision model {name!r}.{hint}\n  Its ViTs: "
-                             f"{', '.join(n for n in names if n.startswith('vit_'))}.")
-    kwargs = {k: v for k, v in kwargs.items() if k != "weights"}
-    try:
-        return torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    except Exception as e:
-        raise ModelLoadError(f"torchvision could not build {name!r} with {kwargs or 'no arguments'}: "
-                             f"{type(e).__name__}: {_first_line(e)}\n"
-                             "  Check the keyword arguments after '?' (e.g. image_size=64&num_classes=10).") from None
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__
