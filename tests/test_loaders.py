@@ -6,8 +6,10 @@ cut off for the whole module, so a loader that tried to download would fail here
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sys
+import warnings
 
 import pytest
 import torch
@@ -158,6 +160,68 @@ def test_hf_unknown_architecture_exits_2(tmp_path):
     res = run("inspect", f"hf:{tmp_path}")
     assert res.exit_code == 2
     assert "does not know how to build BertModel" in res.output and "Supported: ViT" in res.output
+
+
+HF_REFUSED = {   # family -> (model, what the message must say about it)
+    "swin": (lambda T: T.SwinForImageClassification(T.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=3)),
+        ["SwinForImageClassification is a Swin model, not yet supported", "within windows",
+         "relative position bias", "(B, H, W, C)"]),
+    "vit_mae": (lambda T: T.ViTMAEModel(T.ViTMAEConfig(**TINY, intermediate_size=64)),
+                ["ViTMAEModel is a ViTMAE (masked autoencoder), not supported",
+                 "masks a random subset of the patches", "outputs change from one call to the next"]),
+}
+
+
+@needs_hf
+@pytest.mark.parametrize("family", list(HF_REFUSED))
+def test_hf_family_that_cannot_be_rewritten_says_why(tmp_path, family):
+    make, says = HF_REFUSED[family]
+    make(transformers).save_pretrained(tmp_path)
+    res = run("inspect", f"hf:{tmp_path}")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    text = " ".join(res.output.split())    # rich wraps long lines
+    for phrase in says:
+        assert phrase in text
+    assert "pass a factory" not in text and "does not know how to build" not in text
+
+
+@needs_hf
+def test_vitmae_through_a_factory_names_its_random_masking(tmp_path, monkeypatch):
+    """fx cannot trace ViTMAE and export's check fails: because the model differs from itself, not the graph."""
+    (tmp_path / "tokenopt_mae_factory.py").write_text(
+        "import transformers as T\n\n\ndef mae():\n    return T.ViTMAEModel(T.ViTMAEConfig(image_size=32, "
+        "patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = run("inspect", "tokenopt_mae_factory:mae")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    text = " ".join(res.output.split())
+    assert "cannot trace ViTMAEModel with torch.fx" in text
+    assert "ViTMAEModel gives different outputs on two calls with the same input" in text
+    assert "--capture fx" not in text and "does not reproduce" not in text
+
+
+@needs_hf
+def test_hf_folder_without_image_processor_warns_once(hf_dirs, tmp_path):
+    from tokenopt.sources import SourceWarning
+
+    folder, _ = hf_dirs["vit"]
+    with pytest.warns(SourceWarning) as caught:
+        sources.load_model(f"hf:{folder}")
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert msg.startswith(f"hf:{folder}: the folder has no preprocessor_config.json, so images will be "
+                          "preprocessed with defaults: 32x32 (the config's image_size), bicubic resize, "
+                          "crop_pct 0.875, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).")
+    res = run("inspect", f"hf:{folder}")
+    assert res.exit_code == 0 and res.output.count("warning: ") == 1
+    assert "no preprocessor_config.json" in res.output
+    processor_folder = tmp_path / "with-processor"     # the same model, with its image processor saved
+    shutil.copytree(folder, processor_folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(processor_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SourceWarning)
+        sources.load_model(f"hf:{processor_folder}")
 
 
 @pytest.mark.parametrize("module,spec,extra", [("transformers", "hf:{dir}", "hf"),

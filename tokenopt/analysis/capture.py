@@ -159,5 +159,20 @@ def _check_same(model: nn.Module, gm: fx.GraphModule, x: torch.Tensor, name: str
             same = same and diff <= 1e-5 * (1 + u.detach().abs().max().item())
     gm.meta["tokenopt_capture_max_diff"] = worst
     if not same:
+        if _differs_from_itself(model, x, a):
+            raise AnalysisError(
+                f"{name} gives different outputs on two calls with the same input, even in eval mode (its forward "
+                "draws random numbers, e.g. ViTMAE's random masking of patches), so no captured or rewritten graph "
+                "can be checked against it.\n  tokenopt needs a model whose eval-mode forward is deterministic.")
+        # the hint goes on a line of its own: capture() keeps only the first line when fx failed already
         raise AnalysisError(f"the graph torch.export captured from {name} does not reproduce the model's outputs "
-                            "on the example batch; use --capture fx (API: capture='fx') or report the model.")
+                            "on the example batch.\n  Try --capture fx (API: capture='fx'), or report the model.")
+
+
+def _differs_from_itself(model: nn.Module, x: torch.Tensor, first: list) -> bool:
+    """Whether a second call of ``model`` on ``x`` gives other outputs than ``first`` (random in its forward)."""
+    with torch.enable_grad():
+        again = torch.utils._pytree.tree_leaves(model(x))
+    return len(again) != len(first) or any(
+        isinstance(u, torch.Tensor) and (not isinstance(v, torch.Tensor) or u.shape != v.shape or not torch.equal(u, v))
+        for u, v in zip(first, again))

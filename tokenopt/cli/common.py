@@ -195,8 +195,15 @@ def load_model(spec: str, arch: str | None, trust_pickle: bool, weights: Path | 
     """``(model, base)`` for the MODEL argument (see :func:`tokenopt.sources.load_model`)."""
     from tokenopt import sources
 
-    with status(f"loading {spec}"):
-        return sources.load_model(spec, arch, trust_pickle, weights=weights)
+    with status(f"loading {spec}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", sources.SourceWarning)
+        loaded = sources.load_model(spec, arch, trust_pickle, weights=weights)
+    for w in caught:   # a loader's note is one "warning:" line like the others; the rest as Python shows them
+        if issubclass(w.category, sources.SourceWarning):
+            warn(str(w.message), console(stderr=True))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
 
 
 def load_recipe(path: str, strict: bool = False):

@@ -25,8 +25,9 @@ architecture (artifacts store it; the weights travel separately)::
 plus ``"weights": <path>`` when the model came from a file (for the record only). Reading and
 writing files is :mod:`tokenopt.files`.
 """
-from tokenopt.sources.registry import (Source, arch_help, base_to_spec, build_arch, build_base, model_help,  # noqa: I001
-                                       parse_arch, register_source, registered, require, source_for_spec)
+from tokenopt.sources.registry import (Source, SourceWarning, arch_help, base_to_spec, build_arch,  # noqa: I001
+                                       build_base, model_help, parse_arch, register_source, registered, require,
+                                       source_for_spec)
 # each module registers its source when imported; the order is the MODEL help's
 from tokenopt.sources import timm, open_clip, torchvision, hf, demo, factory  # noqa: F401
 from tokenopt.sources.checkpoint import arch_with_weights, model_from_checkpoint
@@ -36,7 +37,7 @@ from tokenopt.sources.load import load_model
 from tokenopt.sources.rebuild import rebuilt_shapes, shape_difference, state_shapes
 from tokenopt.sources.spec import format_kwargs, is_factory_spec, parse_query, parse_value
 
-__all__ = ["Source", "arch_help", "arch_with_weights", "base_to_spec", "build_arch", "build_base", "build_factory",
+__all__ = ["Source", "SourceWarning", "arch_help", "arch_with_weights", "base_to_spec", "build_arch", "build_base", "build_factory",
            "cached_demo", "format_kwargs", "is_factory_spec", "load_demo", "load_model", "model_from_checkpoint",
            "model_help", "module_base", "parse_arch", "parse_query", "parse_value", "rebuilt_shapes",
            "register_source", "registered", "require", "resolve_callable", "shape_difference", "source_for_spec",

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenopt.errors import ModelLoadError
-from tokenopt.sources.registry import Source, register_source, require
+from tokenopt.sources.registry import Source, SourceWarning, register_source, require
 from tokenopt.sources.spec import first_line
 
 if TYPE_CHECKING:
@@ -47,9 +48,20 @@ HF_MODEL_TYPES = {
     "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
     "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
 }
+# model_type -> why tokenopt refuses the family: ones people reach for that no rewrite can serve (yet)
+_WINDOWED = ("its attention runs within windows, with a relative position bias, on a (B, H, W, C) token stream "
+             "that merges patches between stages. Windowed ViTs are not yet supported (support is planned).")
+HF_UNSUPPORTED = {
+    "swin": f"a Swin model, not yet supported: {_WINDOWED}",
+    "swinv2": f"a Swin V2 model, not yet supported: {_WINDOWED}",
+    "vit_mae": ("a ViTMAE (masked autoencoder), not supported: its forward masks a random subset of the patches "
+                "and shuffles the rest on every call (in eval mode too, and with mask_ratio=0), so its outputs "
+                "change from one call to the next and no graph rewrite can be checked against it."),
+}
 # PIL resample codes in preprocessor_config.json -> timm's interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 @contextlib.contextmanager
@@ -95,6 +107,9 @@ def hf_class_name(config: dict, where: str) -> str:
     model_type = config.get("model_type")
     if model_type in HF_MODEL_TYPES and not config.get("architectures"):
         return HF_MODEL_TYPES[model_type]
+    if model_type in HF_UNSUPPORTED:
+        named = ", ".join(config.get("architectures") or ()) or f"model_type {model_type!r}"
+        raise ModelLoadError(f"{where}: {named} is {HF_UNSUPPORTED[model_type]}")
     named = ", ".join(config.get("architectures") or ()) or f"model_type {model_type!r}"
     raise ModelLoadError(f"{where}: tokenopt does not know how to build {named} as a vision model.\n"
                          "  Supported: ViT, DeiT, BEiT, CLIP and SigLIP vision towers, DINOv2 (with and without "
@@ -155,6 +170,8 @@ def load_hf(directory: str) -> tuple[nn.Module, dict]:
         data_cfg["input_size"] = (3, side, side)
     if data_cfg:
         model.tokenopt_data_config = data_cfg
+    if not (root / PREPROCESSOR_FILE).is_file():
+        warnings.warn(_default_preprocessing_note(spec, model), SourceWarning, stacklevel=2)
     base = {"kind": "hf", "spec": spec, "class": class_name, "config": conf.to_dict(), "data_config": data_cfg}
     return model, base
 
@@ -171,6 +188,25 @@ def build_hf(base: dict) -> nn.Module:
     return model
 
 
+def _default_preprocessing_note(spec: str, model) -> str:
+    """What preprocessing a folder without an image processor gets (timm's defaults at the config's size)."""
+    from timm.data import resolve_data_config
+
+    cfg = {**resolve_data_config({}, model=model), **(getattr(model, "tokenopt_data_config", None) or {})}
+    _, h, w = cfg["input_size"]
+    size = "the config's image_size" if getattr(model.config, "image_size", None) else "the default size"
+    return (f"{spec}: the folder has no {PREPROCESSOR_FILE}, so images will be preprocessed with defaults: "
+            f"{h}x{w} ({size}), "
+            f"{cfg['interpolation']} resize, crop_pct {cfg['crop_pct']:g}, mean {_numbers(cfg['mean'])}, "
+            f"std {_numbers(cfg['std'])}.\n  If the model was trained with other preprocessing, save its image "
+            "processor into the folder (processor.save_pretrained(folder)) or pass --mean, --std, "
+            "--interpolation and --crop-pct.")
+
+
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
 def hf_data_config(root: Path) -> dict:
     """preprocessor_config.json as timm data-config keys (input_size, interpolation, mean, std,
     crop_pct, crop_mode); {} when the folder has none.
@@ -178,7 +214,7 @@ def hf_data_config(root: Path) -> dict:
     Hugging Face resizes either the shortest edge (then centre-crops: timm's ``center`` mode with
     ``crop_pct = crop / shortest_edge``) or straight to height x width (timm's ``squash`` mode).
     """
-    path = root / "preprocessor_config.json"
+    path = root / PREPROCESSOR_FILE
     if not path.is_file():
         return {}
     try:

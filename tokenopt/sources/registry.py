@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 EXTRAS = {"transformers": "hf", "open_clip": "openclip"}
 
 
+class SourceWarning(UserWarning):
+    """A model loaded, with something the user should know (e.g. default preprocessing); the CLI prints it."""
+
+
 class Source:
     """One kind of model spec; a subclass sets the class attributes and overrides what applies."""
 
