@@ -77,7 +77,7 @@ def capture(model: nn.Module, example_input: torch.Tensor, mode: str = "auto",
             fx_error = str(e).splitlines()[0]
         else:
             record_shapes(gm, example_input, name)
-            return Captured(gm, "fx")
+            return Captured(_remember_source(gm, model), "fx")
     else:
         fx_error = ""
     try:
@@ -86,7 +86,17 @@ def capture(model: nn.Module, example_input: torch.Tensor, mode: str = "auto",
         if fx_error:
             raise AnalysisError(f"{fx_error}\n  torch.export failed too: {str(e).splitlines()[0]}") from None
         raise
-    return Captured(gm, "export", note=fx_error)
+    return Captured(_remember_source(gm, model), "export", note=fx_error)
+
+
+def _remember_source(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Record what the model was: its state-dict shapes (saving checks that the recorded base rebuilds
+    exactly this) and, for timm, its architecture name (the ``arch=`` a message suggests)."""
+    gm.meta["tokenopt_source_shapes"] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if type(model).__module__.startswith("timm.") and isinstance(arch, str):
+        gm.meta["tokenopt_source_arch"] = f"timm:{arch}"
+    return gm
 
 
 def export_graph(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
