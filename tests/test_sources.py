@@ -1,7 +1,5 @@
-"""Loading models from timm names, factories, state dicts, safetensors and pickles; atomic writes."""
+"""Loading models from timm names, factories, state dicts, safetensors and pickles (tokenopt.sources)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import timm
@@ -9,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tokenopt import files, sources
-from tokenopt.errors import ModelLoadError, TokenoptError
+from tokenopt import sources
+from tokenopt.errors import ModelLoadError
 
 TINY_KW = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
 
@@ -180,24 +178,37 @@ def test_artifact_is_not_a_base_model(tmp_path):
     assert "tokenopt artifact" in load_error(path)
 
 
-# ------------------------------------------------------------------------------ writing
+# ------------------------------------------------------------------------------ the registry
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with files.atomic_write(target) as f:
-            f.write(b"partial")
-            raise RuntimeError("boom")
-    assert target.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["out.bin"]
-    with files.atomic_write(target) as f:
-        f.write(b"new")
-    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+def test_model_help_lists_every_source():
+    from tokenopt.cli.common import MODEL_HELP
+
+    for spec in ("timm:<name>", "open_clip:<arch>", "torchvision:<name>", "hf:<folder>", "demo:digits",
+                 "package.module:factory", "--trust-pickle"):
+        assert spec in MODEL_HELP
 
 
-def test_output_folder_must_exist(tmp_path):
-    with pytest.raises(TokenoptError, match="output folder does not exist: .*missing"):
-        files.check_output_path(tmp_path / "missing" / "out.pt")
-    with pytest.raises(TokenoptError, match="is a directory"):
-        files.check_output_path(tmp_path)
+def test_a_registered_source_loads_rebuilds_and_shows_in_the_help(monkeypatch):
+    from tokenopt.sources import registry
+
+    class ToySource(registry.Source):
+        kind, prefix, help, names_arch = "toy", "toy:", "toy:<width>", True
+
+        def parse(self, spec):
+            return {"kind": self.kind, "width": int(spec[len(self.prefix):])}
+
+        def build(self, base):
+            return nn.Linear(base["width"], 2)
+
+        def to_spec(self, base):
+            return f"toy:{base['width']}"
+
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))   # registered for this test only
+    registry.register_source(ToySource)
+    model, base = sources.load_model("toy:5")
+    assert isinstance(model, nn.Linear) and model.in_features == 5 and model.tokenopt_base == base
+    assert sources.build_base(base).in_features == 5 and sources.base_to_spec(base) == "toy:5"
+    assert "toy:<width>" in sources.model_help() and "toy:<width>" in sources.arch_help()
+    assert "already names the architecture" in load_error("toy:5", arch="timm:vit_small_patch16_224")
+    with pytest.raises(ValueError, match="needs a kind of its own"):
+        registry.register_source(ToySource)
