@@ -391,7 +391,7 @@ def test_imports_inside_the_package_point_one_way():
              "blocks": 3, "refusals": 4,
              "prefix": 5, "pooling": 5, "streams": 5, "__init__": 6}
     above = ("tokenopt.rewrite", "tokenopt.passes", "tokenopt.plan", "tokenopt.pipeline", "tokenopt.cli",
-             "tokenopt.report", "tokenopt.recipe", "tokenopt.io", "tokenopt.demo")
+             "tokenopt.report", "tokenopt.recipe", "tokenopt.sources", "tokenopt.files", "tokenopt.demo")
     folder = pathlib.Path(pkg.__file__).parent
     assert {p.stem for p in folder.glob("*.py")} == set(layer)
     for path in folder.glob("*.py"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tokenopt
-from tokenopt import artifact, io
+from tokenopt import artifact, sources
 from tokenopt.errors import ModelLoadError, TokenoptError
 from tokenopt.pipeline import optimize
 from tokenopt.record import record_of, update_record
@@ -15,7 +15,7 @@ from tokenopt.record import record_of, update_record
 
 @pytest.fixture(scope="module")
 def optimized(tiny_vit_spec, tome_recipe):
-    model, base = io.load_model(tiny_vit_spec)
+    model, base = sources.load_model(tiny_vit_spec)
     gm = optimize(model, tome_recipe)
     update_record(gm, base=base)
     return gm
@@ -49,7 +49,7 @@ def test_file_is_plain_data(saved, tiny_vit_spec):
                                           "order": "original"}]
     m = payload["manifest"]
     assert m["tokenopt"] == tokenopt.__version__ and m["torch"] == str(torch.__version__)
-    assert io.base_to_spec(m["base"]) == tiny_vit_spec
+    assert sources.base_to_spec(m["base"]) == tiny_vit_spec
     assert m["example_input_shape"] == [2, 3, 32, 32] and m["outputs"] == "logits"
     assert m["report"]["rows"][0]["tokens_out"] == 15
     assert "blocks.0.attn.qkv.weight" in payload["state_dict"]
@@ -134,3 +134,65 @@ def test_newer_format_version_is_refused(saved, tmp_path):
     torch.save(payload, path)
     with pytest.raises(ModelLoadError, match="format version 99.*Upgrade tokenopt"):
         artifact.load(path)
+
+
+# ------------------------------------------------------------------------------ a base that rebuilds exactly
+
+SMALL_KW = dict(img_size=64, depth=4, num_classes=3)
+SMALL_ARCH = "timm:vit_small_patch16_224?img_size=64&depth=4&num_classes=3"
+
+
+@pytest.fixture(scope="module")
+def python_built(tome_recipe):
+    """What a user writes: a timm model made in Python (no spec, no pretrained weights), optimized."""
+    import timm
+
+    model = timm.create_model("vit_small_patch16_224", **SMALL_KW).eval()
+    return tokenopt.optimize(model, tome_recipe, torch.randn(2, 3, 64, 64))
+
+
+def test_save_refuses_a_base_that_rebuilds_another_model(python_built, tmp_path):
+    # recorded as its class alone, it would rebuild timm's default: 224 px, 12 blocks, 1000 classes
+    with pytest.raises(ModelLoadError) as e:
+        tokenopt.save(python_built, tmp_path / "small.pt")
+    msg = str(e.value)
+    assert msg.startswith(f"cannot save {tmp_path / 'small.pt'}: its manifest would rebuild the base model as "
+                          "timm.models.vision_transformer:VisionTransformer called with no arguments")
+    assert "96 extra: blocks.4.norm1.weight" in msg and "pos_embed (1, 17, 384) vs (1, 197, 768)" in msg
+    assert 'arch="timm:vit_small_patch16_224?' in msg and "--arch" in msg
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_with_arch_loads_the_same_model(python_built, tmp_path):
+    path = tokenopt.save(python_built, tmp_path / "small.pt", arch=SMALL_ARCH)
+    assert sources.base_to_spec(torch.load(path, weights_only=True)["manifest"]["base"]) == SMALL_ARCH
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(tokenopt.load(path)(x), python_built(x))
+    with pytest.raises(ModelLoadError, match="timm could not build"):   # a named arch that cannot be built
+        tokenopt.save(python_built, tmp_path / "bad.pt", arch="timm:vit_small_patch16_224?depth=x")
+
+
+def test_model_loaded_from_a_spec_records_its_base(tome_recipe, tmp_path):
+    model, _ = sources.load_model(SMALL_ARCH)
+    fast = tokenopt.optimize(model, tome_recipe, torch.randn(2, 3, 64, 64))
+    path = tokenopt.save(fast, tmp_path / "spec.pt")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(tokenopt.load(path)(x), fast(x))
+
+
+def test_an_artifact_whose_base_rebuilds_otherwise_asks_for_arch(python_built, tmp_path):
+    """Files written before save checked: the replay fails, and the message names arch=, not --input-size."""
+    path = tokenopt.save(python_built, tmp_path / "small.pt", arch=SMALL_ARCH)
+    payload = torch.load(path, weights_only=True)
+    payload["manifest"]["base"] = {"kind": "class", "class": "timm.models.vision_transformer:VisionTransformer"}
+    torch.save(payload, path)
+    with pytest.raises(TokenoptError) as e:
+        tokenopt.load(path)
+    msg = str(e.value)
+    assert f"replaying the recipe saved in {path} failed" in msg
+    assert "pass arch= (CLI: --arch) naming its architecture" in msg and "--input-size" not in msg
+    with torch.no_grad():
+        x = torch.randn(2, 3, 64, 64)
+        assert torch.equal(tokenopt.load(path, arch=SMALL_ARCH)(x), python_built(x))

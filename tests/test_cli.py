@@ -148,7 +148,7 @@ def test_apply_from_files(work, recipe, weights, tiny_vit_spec, source):
     model_file, extra = {
         "state dict": (work / "w.pth", ["--arch", tiny_vit_spec]),
         "safetensors": (work / "w.safetensors", ["--arch", tiny_vit_spec]),
-        "pickle": (work / "whole.pt", ["--trust-pickle"]),
+        "pickle": (work / "whole.pt", ["--trust-pickle", "--arch", tiny_vit_spec]),
     }[source]
     out = work / f"from-{source.replace(' ', '-')}.pt"
     result = run("apply", recipe, model_file, "-o", out, *extra)
@@ -156,9 +156,20 @@ def test_apply_from_files(work, recipe, weights, tiny_vit_spec, source):
     payload = torch.load(out, weights_only=True)
     base = payload["manifest"]["base"]
     assert base["weights"] == str(model_file)
-    assert base["kind"] == ("class" if source == "pickle" else "timm")
+    assert base["kind"] == "timm"
     # the artifact holds the file's weights, not a fresh random init
     assert torch.equal(payload["state_dict"]["head.weight"], weights.state_dict()["head.weight"])
+
+
+def test_apply_pickle_whose_class_rebuilds_another_model_asks_for_arch(work, recipe, weights):
+    """A pickled timm model is known only by its class, which builds timm's default ViT-B: refused, not saved."""
+    out = work / "from-pickle-alone.pt"
+    result = run("apply", recipe, work / "whole.pt", "--trust-pickle", "-o", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.stderr.split())
+    assert f"cannot save {out}: its manifest would rebuild the base model as " \
+           "timm.models.vision_transformer:VisionTransformer called with no arguments" in text
+    assert "pass --arch naming it" in text and not out.exists()
 
 
 def test_apply_check_with_token_outputs(work, tiny_vit_spec):

@@ -88,12 +88,12 @@ def test_demo_models_reach_their_accuracy(name):
 
 
 def test_loading_a_demo_spec_reads_the_cache_and_never_trains(tmp_path, monkeypatch):
-    from tokenopt import io
+    from tokenopt import sources
 
     monkeypatch.setenv("TOKENOPT_CACHE", str(tmp_path))
     monkeypatch.setitem(demo.DEMOS, "tiny", TINY)
     with pytest.raises(ModelLoadError, match=r"demo:tiny is not trained yet(.|\n)*`tokenopt demo --model tiny`"):
-        io.load_model("demo:tiny")
+        sources.load_model("demo:tiny")
     assert not (tmp_path / "demos").exists()                 # nothing was trained or written
 
     trained, _ = demo.demo_model("tiny", quiet=True)         # what `tokenopt demo --model tiny` does
@@ -102,16 +102,16 @@ def test_loading_a_demo_spec_reads_the_cache_and_never_trains(tmp_path, monkeypa
         raise AssertionError("loading a demo spec must not train")
 
     monkeypatch.setattr(demo, "_train_demo", no_training)
-    model, base = io.load_model("demo:tiny")
+    model, base = sources.load_model("demo:tiny")
     assert base == {"kind": "demo", "name": "tiny"} and not model.training
     assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), model.state_dict().values()))
 
     # weights trained from another spec are stale: refused, not reused
     monkeypatch.setitem(demo.DEMOS, "tiny", demo.DemoSpec(**{**TINY.__dict__, "lr": 1e-3}))
     with pytest.raises(ModelLoadError, match="not trained yet"):
-        io.load_model("demo:tiny")
+        sources.load_model("demo:tiny")
     with pytest.raises(ModelLoadError, match="unknown demo model 'mnist'"):
-        io.load_model("demo:mnist")
+        sources.load_model("demo:mnist")
 
 
 def test_cli_on_an_untrained_demo_is_exit_2_with_the_command_to_run(tmp_path, monkeypatch):

@@ -219,7 +219,7 @@ def test_hugging_face_vit_exports(tmp_path):
     cfg = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                                  num_attention_heads=2, intermediate_size=64, num_labels=10)
     transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
-    model, _ = tokenopt.io.load_model(f"hf:{tmp_path / 'vit'}")
+    model, _ = tokenopt.sources.load_model(f"hf:{tmp_path / 'vit'}")
     fast = tokenopt.optimize(model, {"version": 1, "rules": RECIPES["tome"]}, torch.randn(2, 3, 32, 32))
     tokenopt.save(fast, tmp_path / "vit.tokenopt.pt")
     res = deploy.export_artifact(tmp_path / "vit.tokenopt.pt", tmp_path / "vit.pt2")

@@ -27,7 +27,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
                  "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export",
                  "tokenopt.graph_style", "tokenopt.model_outputs", "tokenopt.ownership", "tokenopt.record")),
     (1, "ops", ("tokenopt.ops",)),
-    (1, "load", ("tokenopt.io", "tokenopt.demo_specs", "tokenopt.families")),    # models from specs and files; never trains
+    (1, "load", ("tokenopt.sources", "tokenopt.files", "tokenopt.demo_specs")),    # models from specs and files; never trains
     (1, "data", ("tokenopt.data",)),
     (2, "analysis", ("tokenopt.analysis", "tokenopt.subgraph", "tokenopt.flops")),   # flops: counts a graph
     (3, "rewrite", ("tokenopt.rewrite",)),
@@ -212,7 +212,7 @@ def test_the_graph_is_read_from_the_source():
     graph = import_graph()
     assert {"tokenopt.cli.apply", "tokenopt.cli.inspect", "tokenopt.cli.measure", "tokenopt.cli.train"} <= \
         graph["tokenopt.cli"]                                   # from tokenopt.cli import apply, ...: submodules
-    assert "tokenopt.io" in graph["tokenopt.demo"]              # from tokenopt import io
+    assert "tokenopt.sources" in graph["tokenopt.demo"]         # from tokenopt import sources
     assert "tokenopt.passes" in graph["tokenopt.plan"]          # from tokenopt.passes import get_pass: the package
     assert "tokenopt.ops.native.build" in graph["tokenopt.ops.native"]   # the __init__ of a subpackage
     assert "tokenopt.analysis" in graph["tokenopt.cli.common"]  # an import inside a function counts

@@ -6,14 +6,16 @@ cut off for the whole module, so a loader that tried to download would fail here
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import sys
+import warnings
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from tokenopt import io
+from tokenopt import sources
 from tokenopt.cli import app
 from tokenopt.errors import ModelLoadError
 from tokenopt.record import record_of
@@ -82,14 +84,14 @@ def outputs(model, x):
 @pytest.mark.parametrize("name", ["vit", "deit", "beit", "clip", "clip-bare", "siglip", "dinov2", "dinov2-reg"])
 def test_hf_folder_loads_the_saved_model(hf_dirs, name):
     folder, saved = hf_dirs[name]
-    model, base = io.load_model(f"hf:{folder}")
+    model, base = sources.load_model(f"hf:{folder}")
     assert type(model) is type(saved) and not model.training
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for got, want in zip(outputs(model, x), outputs(saved, x), strict=True):
         assert torch.equal(got, want)
     assert base["kind"] == "hf" and base["spec"] == f"hf:{folder}" and base["class"] == type(saved).__name__
-    assert record_of(model).base is base
-    assert io.base_to_spec(base) == f"hf:{folder}"
+    assert model.tokenopt_base is base
+    assert sources.base_to_spec(base) == f"hf:{folder}"
 
 
 @needs_hf
@@ -98,11 +100,11 @@ def test_hf_base_rebuilds_without_the_folder(hf_dirs, tmp_path):
     folder, saved = hf_dirs["dinov2-reg"]
     moved = tmp_path / "copy"
     saved.save_pretrained(moved)
-    model, base = io.load_model(f"hf:{moved}")
+    model, base = sources.load_model(f"hf:{moved}")
     for f in moved.iterdir():
         f.unlink()
     moved.rmdir()
-    rebuilt = io.build_base(base)
+    rebuilt = sources.build_base(base)
     assert type(rebuilt) is type(model)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
     rebuilt.load_state_dict(model.state_dict())
@@ -119,7 +121,7 @@ def test_multimodal_folder_gives_its_vision_tower(tmp_path):
                                                      intermediate_size=16, vocab_size=50, max_position_embeddings=8),
                                     projection_dim=8)).eval()
     clip.save_pretrained(tmp_path / "clip")
-    model, base = io.load_model(f"hf:{tmp_path / 'clip'}")
+    model, base = sources.load_model(f"hf:{tmp_path / 'clip'}")
     assert type(model).__name__ == "CLIPVisionModelWithProjection"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():   # CLIP's image embedding: the projected pooled output of its vision model
@@ -131,7 +133,7 @@ def test_hf_folder_without_weights_is_random_init(tmp_path):
     cfg = transformers.ViTConfig(**TINY, intermediate_size=64)
     cfg.architectures = ["ViTModel"]
     tmp_path.joinpath("config.json").write_text(cfg.to_json_string())
-    model, _ = io.load_model(f"hf:{tmp_path}")
+    model, _ = sources.load_model(f"hf:{tmp_path}")
     assert type(model).__name__ == "ViTModel"
     assert model.tokenopt_data_config == {"input_size": (3, 32, 32)}   # the config's image size
 
@@ -143,7 +145,7 @@ def test_hf_weights_that_do_not_cover_the_class_are_an_error(tmp_path):
     cfg["architectures"] = ["ViTForImageClassification"]   # the classifier is not in the weights
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ModelLoadError, match=r"do not cover ViTForImageClassification: 2 missing, e.g. classifier"):
-        io.load_model(f"hf:{tmp_path}")
+        sources.load_model(f"hf:{tmp_path}")
 
 
 def test_hf_folder_without_config_exits_2_naming_it(tmp_path):
@@ -159,6 +161,68 @@ def test_hf_unknown_architecture_exits_2(tmp_path):
     res = run("inspect", f"hf:{tmp_path}")
     assert res.exit_code == 2
     assert "does not know how to build BertModel" in res.output and "Supported: ViT" in res.output
+
+
+HF_REFUSED = {   # family -> (model, what the message must say about it)
+    "swin": (lambda T: T.SwinForImageClassification(T.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=3)),
+        ["SwinForImageClassification is a Swin model, not yet supported", "within windows",
+         "relative position bias", "(B, H, W, C)"]),
+    "vit_mae": (lambda T: T.ViTMAEModel(T.ViTMAEConfig(**TINY, intermediate_size=64)),
+                ["ViTMAEModel is a ViTMAE (masked autoencoder), not supported",
+                 "masks a random subset of the patches", "outputs change from one call to the next"]),
+}
+
+
+@needs_hf
+@pytest.mark.parametrize("family", list(HF_REFUSED))
+def test_hf_family_that_cannot_be_rewritten_says_why(tmp_path, family):
+    make, says = HF_REFUSED[family]
+    make(transformers).save_pretrained(tmp_path)
+    res = run("inspect", f"hf:{tmp_path}")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    text = " ".join(res.output.split())    # rich wraps long lines
+    for phrase in says:
+        assert phrase in text
+    assert "pass a factory" not in text and "does not know how to build" not in text
+
+
+@needs_hf
+def test_vitmae_through_a_factory_names_its_random_masking(tmp_path, monkeypatch):
+    """fx cannot trace ViTMAE and export's check fails: because the model differs from itself, not the graph."""
+    (tmp_path / "tokenopt_mae_factory.py").write_text(
+        "import transformers as T\n\n\ndef mae():\n    return T.ViTMAEModel(T.ViTMAEConfig(image_size=32, "
+        "patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    res = run("inspect", "tokenopt_mae_factory:mae")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    text = " ".join(res.output.split())
+    assert "cannot trace ViTMAEModel with torch.fx" in text
+    assert "ViTMAEModel gives different outputs on two calls with the same input" in text
+    assert "--capture fx" not in text and "does not reproduce" not in text
+
+
+@needs_hf
+def test_hf_folder_without_image_processor_warns_once(hf_dirs, tmp_path):
+    from tokenopt.sources import SourceWarning
+
+    folder, _ = hf_dirs["vit"]
+    with pytest.warns(SourceWarning) as caught:
+        sources.load_model(f"hf:{folder}")
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert msg.startswith(f"hf:{folder}: the folder has no preprocessor_config.json, so images will be "
+                          "preprocessed with defaults: 32x32 (the config's image_size), bicubic resize, "
+                          "crop_pct 0.875, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225).")
+    res = run("inspect", f"hf:{folder}")
+    assert res.exit_code == 0 and res.output.count("warning: ") == 1
+    assert "no preprocessor_config.json" in res.output
+    processor_folder = tmp_path / "with-processor"     # the same model, with its image processor saved
+    shutil.copytree(folder, processor_folder)
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(processor_folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SourceWarning)
+        sources.load_model(f"hf:{processor_folder}")
 
 
 @pytest.mark.parametrize("module,spec,extra", [("transformers", "hf:{dir}", "hf"),
@@ -181,12 +245,12 @@ OPEN_CLIP = "open_clip:ViT-B-32?image_size=32&patch_size=8&width=64&layers=2&hea
 
 def test_open_clip_random_init_is_the_visual_tower():
     open_clip = pytest.importorskip("open_clip")
-    model, base = io.load_model(OPEN_CLIP)
+    model, base = sources.load_model(OPEN_CLIP)
     assert isinstance(model, open_clip.transformer.VisionTransformer)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 16)
     assert base == {"kind": "open_clip", "name": "ViT-B-32", "kwargs": {
         "image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32, "embed_dim": 16}}
-    assert io.base_to_spec(base) == OPEN_CLIP
+    assert sources.base_to_spec(base) == OPEN_CLIP
     assert model.tokenopt_data_config["mean"] == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     assert model.tokenopt_data_config["input_size"] == (3, 32, 32)
 
@@ -194,7 +258,7 @@ def test_open_clip_random_init_is_the_visual_tower():
 @pytest.mark.parametrize("layout", ["whole-clip", "visual-only"])
 def test_open_clip_weights_from_a_local_checkpoint(tmp_path, layout):
     pytest.importorskip("open_clip")
-    trained, _ = io.load_model(OPEN_CLIP)
+    trained, _ = sources.load_model(OPEN_CLIP)
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(torch.randn_like(p))
@@ -203,7 +267,7 @@ def test_open_clip_weights_from_a_local_checkpoint(tmp_path, layout):
         state = {"state_dict": {**{f"module.visual.{k}": v for k, v in state.items()},
                                 "module.logit_scale": torch.tensor(1.0)}, "epoch": 3}
     torch.save(state, tmp_path / "ckpt.pt")
-    model, base = io.load_model(OPEN_CLIP, weights=tmp_path / "ckpt.pt")
+    model, base = sources.load_model(OPEN_CLIP, weights=tmp_path / "ckpt.pt")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x), trained(x))
@@ -219,19 +283,19 @@ def test_open_clip_checkpoint_is_read_weights_only(tmp_path):
 
 def test_torchvision_random_init():
     torchvision = pytest.importorskip("torchvision")
-    model, base = io.load_model("torchvision:vit_b_32?image_size=32&num_classes=10")
+    model, base = sources.load_model("torchvision:vit_b_32?image_size=32&num_classes=10")
     assert isinstance(model, torchvision.models.VisionTransformer) and model.image_size == 32
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
-    assert io.base_to_spec(base) == "torchvision:vit_b_32?image_size=32&num_classes=10"
-    assert record_of(model).base == base
+    assert sources.base_to_spec(base) == "torchvision:vit_b_32?image_size=32&num_classes=10"
+    assert model.tokenopt_base == base
 
 
 def test_unknown_names_suggest_close_ones():
     with pytest.raises(ModelLoadError, match="Did you mean vit_b_16"):
-        io.load_model("torchvision:vit_b_61")
+        sources.load_model("torchvision:vit_b_61")
     pytest.importorskip("open_clip")
     with pytest.raises(ModelLoadError, match="Did you mean ViT-B-32"):
-        io.load_model("open_clip:ViT-B-23")
+        sources.load_model("open_clip:ViT-B-23")
 
 
 def test_weights_and_arch_together_is_one_message(tmp_path):
@@ -249,7 +313,7 @@ def test_optimized_hf_model_saves_and_reloads_without_the_folder(hf_dirs, tmp_pa
     folder, saved = hf_dirs["vit"]
     copy = tmp_path / "vit"
     shutil.copytree(folder, copy)
-    model, _ = io.load_model(f"hf:{copy}")
+    model, _ = sources.load_model(f"hf:{copy}")
     fast = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "tome", "r": 2}]}, torch.randn(2, 3, 32, 32))
     tokenopt.save(fast, tmp_path / "vit.tokenopt.pt")
     shutil.rmtree(copy)

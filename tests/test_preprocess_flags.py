@@ -93,10 +93,10 @@ def hf_folder(tmp_path):
 
 
 def test_hf_image_processor_config_is_the_models_preprocessing(folder, hf_folder):
-    from tokenopt import io
+    from tokenopt import sources
 
     path, processor = hf_folder
-    model, _ = io.load_model(f"hf:{path}")
+    model, _ = sources.load_model(f"hf:{path}")
     ds = open_dataset(str(folder), model, "test", None, {})
     image = first_image(folder)
     want = T.Compose([T.Resize(36, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
@@ -112,7 +112,7 @@ def test_hf_image_processor_config_is_the_models_preprocessing(folder, hf_folder
 
 
 def test_hf_height_width_resize_squashes(tmp_path):
-    from tokenopt.families import hf_data_config
+    from tokenopt.sources.hf import hf_data_config
 
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(
         {"do_resize": True, "size": {"height": 48, "width": 48}, "resample": 2, "do_normalize": False}))

@@ -301,8 +301,8 @@ def test_trained_artifact_round_trips_bit_exact(trained, tmp_path):
     model, out, held_out = trained
     gm = out["map"][0]
     path = tmp_path / "tosa.tokenopt.pt"
-    tokenopt.save(gm, path)
-    loaded = tokenopt.load(path, arch=own_vit("softmax"))   # ExplicitViT() alone would be dim 64
+    tokenopt.save(gm, path, arch="vit_models:ExplicitViT?img=32&patch=4&dim=48&depth=3")   # ExplicitViT() alone
+    loaded = tokenopt.load(path, arch=own_vit("softmax"))                                    # would be dim 64
     assert set(loaded.state_dict()) == set(gm.state_dict())
     assert any(k.startswith("tosa_selectors.1.conv1") for k in loaded.state_dict())
     with warnings.catch_warnings(), torch.no_grad():

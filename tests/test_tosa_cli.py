@@ -85,7 +85,7 @@ def test_fine_tuning_with_tome_in_the_loop(tmp_path):
     recipe = tmp_path / "tome.yaml"
     recipe.write_text("version: 1\nrules:\n  - pass: tome\n    r: 8\n")
     torch.manual_seed(0)
-    start = tokenopt.io.build_arch(MODEL)[0]
+    start = tokenopt.sources.build_arch(MODEL)[0]
     weights = tmp_path / "start.pt"
     torch.save(start.state_dict(), weights)
     out = tmp_path / "tome.pt"

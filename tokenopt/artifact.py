@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenopt import io
+from tokenopt import files, sources
 from tokenopt.errors import ModelLoadError, TokenoptError
 from tokenopt.version import __version__
 from tokenopt.record import record_of, update_record
@@ -43,7 +43,7 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
     if base is None:
         # No record of how the model was built: its class, rebuilt on load with no arguments.
         source = getattr(module, "meta", {}).get("tokenopt_source_class")
-        base = {"kind": "class", "class": source} if source else io.module_base(module)
+        base = {"kind": "class", "class": source} if source else sources.module_base(module)
     analysis = getattr(record_of(module), "analysis", None)
     shape = list(getattr(analysis, "input_shape", ()) or ())
     example = getattr(analysis, "example", None)
@@ -74,33 +74,67 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
     }
 
 
-def save(module: nn.Module, path: str | os.PathLike, base: dict | None = None) -> Path:
+def save(module: nn.Module, path: str | os.PathLike, base: dict | None = None, arch: str | None = None) -> Path:
     """Write ``module`` (returned by :func:`tokenopt.optimize`) to ``path`` as one artifact file.
 
-    ``base`` says how to rebuild the unmodified model (the dict :func:`tokenopt.io.load_model`
-    returns); default: ``record_of(module).base``, else the model's class with no arguments. The
-    file appears only once it is complete; the folder must exist.
+    ``base`` says how to rebuild the unmodified model (the dict :func:`tokenopt.sources.load_model`
+    returns); default: ``record_of(module).base``, else the model's class with no arguments. ``arch``
+    names it as a spec instead (``timm:<name>?key=value&...``, ``package.module:factory?key=value``).
+    A base that would rebuild another architecture than the one optimized (other state-dict keys or
+    shapes) is refused here, not discovered on load. The file appears only once it is complete; the
+    folder must exist.
     """
     recipe = getattr(record_of(module), "recipe", None)
     if recipe is None:
         raise TokenoptError(f"{type(module).__name__} is not an optimized module (it carries no tokenopt record); "
                             "save what tokenopt.optimize(model, recipe) returns.")
-    io.check_output_path(path)
+    if arch is not None:
+        if base is not None:
+            raise TokenoptError("give tokenopt.save either base= or arch=, not both.")
+        base = sources.parse_arch(arch)
+    files.check_output_path(path)
+    manifest = manifest_for(module, base)
+    _check_rebuilds(module, manifest["base"], path, named=arch is not None)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "state_dict": {k: v.detach().cpu() for k, v in module.state_dict().items()},
         "recipe": _plain(recipe.to_dict()),
-        "manifest": manifest_for(module, base),
+        "manifest": manifest,
     }
-    with io.atomic_write(path) as f:
+    with files.atomic_write(path) as f:
         torch.save(payload, f)
     return Path(path)
 
 
+def _check_rebuilds(module: nn.Module, base: dict, path, named: bool) -> None:
+    """Refuse a base that builds another architecture than the model ``module`` was made from."""
+    meta = getattr(module, "meta", None) or {}
+    want = meta.get("tokenopt_source_shapes")
+    if not want:
+        return
+    try:
+        got = sources.rebuilt_shapes(base)
+    except ModelLoadError:
+        if named:
+            raise
+        return    # cannot be built at all: loading asks for arch= (API) / --arch (CLI), as it always has
+    difference = sources.shape_difference(want, got) if got is not None else None
+    if difference is None:
+        return
+    what = sources.base_to_spec(base) or f"{base.get('class')} called with no arguments"
+    example = meta.get("tokenopt_source_arch", "timm:<name>")
+    raise ModelLoadError(
+        f"cannot save {path}: its manifest would rebuild the base model as {what}, which is not the model that "
+        f"was optimized ({difference}).\n  Name the architecture as it was built: tokenopt.save(module, path, "
+        f"arch=\"{example}?img_size=...&depth=...&num_classes=...\") with the keyword arguments it was created with, "
+        "or arch=\"package.module:factory?key=value\"; on the command line, pass --arch naming it with the weights "
+        "file (a state dict or the pickled model).")
+
+
 def read(path: str | os.PathLike) -> dict:
     """The validated payload of an artifact file (``weights_only=True``; nothing is rebuilt)."""
-    return validate_payload(io.read_checkpoint(path), path)
+    return validate_payload(files.read_checkpoint(path), path)
 
 
 def validate_payload(payload, path: str | os.PathLike) -> dict:
@@ -108,7 +142,7 @@ def validate_payload(payload, path: str | os.PathLike) -> dict:
     if not is_artifact(payload):
         raise ModelLoadError(f"{path} is not a tokenopt artifact (no 'format: {FORMAT}' inside).\n"
                              "  Artifacts are written by `tokenopt apply ... -o FILE` or tokenopt.save(); "
-                             "to load a plain model use tokenopt.io.load_model.")
+                             "to load a plain model use tokenopt.sources.load_model.")
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelLoadError(f"{path} is a tokenopt artifact of format version {version!r}; this tokenopt "
@@ -155,11 +189,19 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
                           outputs=manifest.get("outputs"), context=manifest.get("context") or None, report=False,
                           capture=manifest.get("capture", "fx"))
         except TokenoptError as e:
-            raise type(e)(f"replaying the recipe saved in {source} failed: {e}") from None
+            # the usual cause is a base rebuilt otherwise than it was built; the error's own hint (an
+            # --input-size that load and export do not have) does not apply to a saved model
+            reason = str(e).splitlines()[0]
+            fix = ("check arch= (CLI: --arch): it must build the base model exactly as it was built"
+                   if arch is not None else
+                   f"the base model rebuilt from the manifest ({sources.base_to_spec(base) or base.get('class')}) "
+                   "is probably not the one that was optimized: pass arch= (CLI: --arch) naming its architecture "
+                   "exactly as it was built")
+            raise type(e)(f"replaying the recipe saved in {source} failed: {reason}\n  {fix}.") from None
     if dtype != torch.float32:
         gm = gm.to(dtype)
     hint = "arch= (CLI: --arch) naming the base model's architecture"
-    io.load_weights(gm, payload["state_dict"], source, arch_hint=hint, model_name=type(model).__name__)
+    files.load_weights(gm, payload["state_dict"], source, arch_hint=hint, model_name=type(model).__name__)
     gm.eval()
     update_record(gm, base=base)
     update_record(gm, manifest=manifest)
@@ -172,13 +214,13 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
 
 def _base_model(base: dict, arch, source: str) -> tuple[nn.Module, dict]:
     if isinstance(arch, nn.Module):
-        return arch, io.module_base(arch) if base.get("kind") == "class" else dict(base)
+        return arch, sources.module_base(arch) if base.get("kind") == "class" else dict(base)
     if arch is not None:
-        return io.build_arch(arch)
+        return sources.build_arch(arch)
     try:
-        return io.build_base(base), dict(base)
+        return sources.build_base(base), dict(base)
     except ModelLoadError as e:
-        what = io.base_to_spec(base) or base.get("class") or repr(base)
+        what = sources.base_to_spec(base) or base.get("class") or repr(base)
         reason = str(e).splitlines()[0]  # its own hint is about CLI specs; the one below fits here
         raise ModelLoadError(f"cannot rebuild the base model of {source} ({what}): {reason}\n"
                              "  Pass arch= (CLI: --arch) naming the architecture: timm:<name>?key=value or "

@@ -12,7 +12,7 @@ What each model is (architecture, data, training recipe) is data in :mod:`tokeno
 this module trains them. Weights are cached as safetensors beside a json of what they are
 (``$TOKENOPT_CACHE``, else ``$XDG_CACHE_HOME/tokenopt``, else ``~/.cache/tokenopt``, see
 :mod:`tokenopt.paths`). The json records a hash of the spec that trained them, so changing a spec
-retrains rather than reusing stale weights. Loading ``demo:NAME`` (:mod:`tokenopt.io`) only reads
+retrains rather than reusing stale weights. Loading ``demo:NAME`` (:mod:`tokenopt.sources.demo`) only reads
 this cache: training happens here, through ``tokenopt demo``.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tokenopt import io
+from tokenopt import sources
 from tokenopt.demo_specs import DEMOS, FORMAT_VERSION, MEAN, STD, DemoSpec, demo_files, demo_names, describe
 from tokenopt.errors import ModelLoadError, TokenoptError
 from tokenopt.paths import cache_root as default_cache_dir
@@ -34,20 +34,20 @@ __all__ = ["DEMOS", "FORMAT_VERSION", "MEAN", "STD", "DemoSpec", "build_arch", "
 
 
 def format_arch(timm_name: str, kwargs: dict) -> str:
-    """``timm:NAME?k=v&...``: the model spec (as ``tokenopt.io`` reads it) that rebuilds a demo architecture."""
-    return io.base_to_spec({"kind": "timm", "name": timm_name, "kwargs": kwargs})
+    """``timm:NAME?k=v&...``: the model spec (as ``tokenopt.sources`` reads it) that rebuilds a demo architecture."""
+    return sources.base_to_spec({"kind": "timm", "name": timm_name, "kwargs": kwargs})
 
 
 def parse_arch(arch: str) -> tuple[str, dict]:
     """Inverse of :func:`format_arch`: (timm model name, create_model kwargs)."""
     if not arch.startswith("timm:"):
         raise ModelLoadError(f"architecture '{arch}' is not of the form timm:NAME?key=value&...")
-    return io.parse_query(arch[len("timm:"):])
+    return sources.parse_query(arch[len("timm:"):])
 
 
 def build_arch(arch: str) -> nn.Module:
     """An untrained model of architecture ``arch`` (``timm:...``), never downloading weights."""
-    return io.build_arch(arch)[0]
+    return sources.build_arch(arch)[0]
 
 
 def demo_model(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False,
@@ -56,13 +56,13 @@ def demo_model(name: str, cache_dir: str | os.PathLike | None = None, force: boo
 
     ``force`` retrains even if a cached copy exists. Training is deterministic for a given
     torch build and thread count, and takes a few minutes on 2 CPU cores. (Loading ``demo:NAME``
-    through :func:`tokenopt.io.load_model` only reads the cache this fills.)
+    through :func:`tokenopt.sources.load_model` only reads the cache this fills.)
     """
     if name not in DEMOS:
         raise TokenoptError(f"unknown demo model '{name}': choose one of {', '.join(DEMOS)}")
     spec = DEMOS[name]
     if not force:
-        cached = io.cached_demo(name, cache_dir)
+        cached = sources.cached_demo(name, cache_dir)
         if cached is not None:
             return cached
     weights, meta = demo_files(name, cache_dir)

@@ -1,8 +1,8 @@
 """The demo models as data: what each is (architecture, data set, training recipe) and where its cache lives.
 
 Kept apart from the training code (``tokenopt.demo``) so that loading a ``demo:NAME`` spec
-(``tokenopt.io``) reads a cached model without being able to train one: io imports this module,
-demo imports io.
+(``tokenopt.sources``) reads a cached model without being able to train one: sources imports this
+module, demo imports sources.
 
 Weights are cached as ``<cache>/demos/NAME.safetensors`` beside ``NAME.json``, a record of what
 they are. The json carries :meth:`DemoSpec.digest`, so changing a spec here makes the cached

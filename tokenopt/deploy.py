@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from tokenopt import io
+from tokenopt import files
 from tokenopt.errors import TokenoptError
 from tokenopt.ops import native
 from tokenopt.ops.gates import sorting_for_onnx
@@ -152,7 +152,7 @@ def export(gm: nn.Module, out: str | os.PathLike, fmt: str = "pt2", example: tor
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}: choose {' or '.join(FORMATS)}")
     check_exportable(gm, source)
-    io.check_output_path(out)
+    files.check_output_path(out)
     if example is None:
         shape = tuple(getattr(getattr(record_of(gm), "analysis", None), "input_shape", ()) or ())
         if not shape:
@@ -167,12 +167,12 @@ def export(gm: nn.Module, out: str | os.PathLike, fmt: str = "pt2", example: tor
             x = check_batch(example, dynamic)
             diff = max_diff(eager_outputs(gm, x), [t for t in tree_leaves(ep.module()(x))])
             _check(diff, source, fmt)
-            with io.atomic_write(out) as f:
+            with files.atomic_write(out) as f:
                 torch.export.save(ep, f)
         else:
             prog, dynamic = export_onnx(gm, example, dynamic_batch)
             x = check_batch(example, dynamic)
-            with io.atomic_path(out) as tmp:
+            with files.atomic_path(out) as tmp:
                 prog.save(str(tmp))
                 got = run_onnx(tmp, x)
                 diff = None if got is None else max_diff(eager_outputs(gm, x), got)
@@ -201,6 +201,6 @@ def export_artifact(path: str | os.PathLike, out: str | os.PathLike, fmt: str = 
     from tokenopt import artifact
 
     payload = artifact.read(path)
-    io.check_output_path(out)
+    files.check_output_path(out)
     gm = artifact.rebuild(payload, arch, source=str(path))
     return export(gm, out, fmt, dynamic_batch=dynamic_batch, source=str(path))

@@ -125,7 +125,7 @@ def sweep(model: nn.Module, methods: Iterable[str], loader: DataLoader, example:
 
 
 def write_csv(rows: list[EvalRow], path: str | Path) -> None:
-    from tokenopt.io import atomic_write
+    from tokenopt.files import atomic_write
     with atomic_write(path, "w") as f:
         w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         w.writeheader()
@@ -139,7 +139,7 @@ def plot(rows: list[EvalRow], path: str | Path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tokenopt.io import atomic_write
+    from tokenopt.files import atomic_write
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     orig = next((r for r in rows if r.method == "original"), None)

@@ -28,7 +28,7 @@ class Record:
     context: the measurements the plan used (ToFu's linearity profile), replayed by artifacts.
     outputs: "logits" | "tokens"; capture: "fx" | "export", the front end the graph came from.
     leaf_modules: names of the modules kept whole by the trace; base: how to rebuild the unmodified
-        model (tokenopt.io's dict), None when unknown; manifest: the artifact's, for a loaded one.
+        model (tokenopt.sources' dict), None when unknown; manifest: the artifact's, for a loaded one.
     inserted: node name -> what tokenopt inserted there; inserted_by: node name -> the pass that did;
     overhead: node name -> the block whose tokens it chooses (a selector's cost);
     token_counts: block index -> the node holding its (B,) tokens per image, where they vary.

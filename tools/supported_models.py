@@ -43,7 +43,7 @@ def _hf(config: str, model: str, **kw) -> Callable[[], nn.Module]:
 
 
 def _open_clip() -> nn.Module:
-    from tokenopt.io import load_model
+    from tokenopt.sources import load_model
 
     return load_model("open_clip:ViT-B-32?image_size=32&patch_size=8&width=64&layers=2&head_width=32")[0]
 

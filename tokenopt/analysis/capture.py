@@ -82,7 +82,7 @@ def capture(model: nn.Module, example_input, mode: str = "auto",
             fx_error = str(e).splitlines()[0]
         else:
             record_shapes(gm, example_input, name)
-            return Captured(gm, "fx")
+            return Captured(_remember_source(gm, model), "fx")
     else:
         fx_error = ""
     try:
@@ -91,7 +91,17 @@ def capture(model: nn.Module, example_input, mode: str = "auto",
         if fx_error:
             raise AnalysisError(f"{fx_error}\n  torch.export failed too: {str(e).splitlines()[0]}") from None
         raise
-    return Captured(gm, "export", note=fx_error)
+    return Captured(_remember_source(gm, model), "export", note=fx_error)
+
+
+def _remember_source(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
+    """Record what the model was: its state-dict shapes (saving checks that the recorded base rebuilds
+    exactly this) and, for timm, its architecture name (the ``arch=`` a message suggests)."""
+    gm.meta["tokenopt_source_shapes"] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if type(model).__module__.startswith("timm.") and isinstance(arch, str):
+        gm.meta["tokenopt_source_arch"] = f"timm:{arch}"
+    return gm
 
 
 def export_graph(model: nn.Module, example_input) -> fx.GraphModule:
@@ -168,5 +178,20 @@ def _check_same(model: nn.Module, gm: fx.GraphModule, x: Example, name: str) -> 
             same = same and diff <= 1e-5 * (1 + u.detach().abs().max().item())
     gm.meta["tokenopt_capture_max_diff"] = worst
     if not same:
+        if _differs_from_itself(model, x, a):
+            raise AnalysisError(
+                f"{name} gives different outputs on two calls with the same input, even in eval mode (its forward "
+                "draws random numbers, e.g. ViTMAE's random masking of patches), so no captured or rewritten graph "
+                "can be checked against it.\n  tokenopt needs a model whose eval-mode forward is deterministic.")
+        # the hint goes on a line of its own: capture() keeps only the first line when fx failed already
         raise AnalysisError(f"the graph torch.export captured from {name} does not reproduce the model's outputs "
-                            "on the example batch; use --capture fx (API: capture='fx') or report the model.")
+                            "on the example batch.\n  Try --capture fx (API: capture='fx'), or report the model.")
+
+
+def _differs_from_itself(model: nn.Module, x: torch.Tensor, first: list) -> bool:
+    """Whether a second call of ``model`` on ``x`` gives other outputs than ``first`` (random in its forward)."""
+    with torch.enable_grad():
+        again = torch.utils._pytree.tree_leaves(model(x))
+    return len(again) != len(first) or any(
+        isinstance(u, torch.Tensor) and (not isinstance(v, torch.Tensor) or u.shape != v.shape or not torch.equal(u, v))
+        for u, v in zip(first, again))

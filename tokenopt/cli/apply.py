@@ -39,13 +39,13 @@ def apply(
     capture: CaptureOpt = "auto",
 ) -> None:
     """Rewrite MODEL as RECIPE asks and save the result to OUT."""
-    from tokenopt import artifact, io
+    from tokenopt import artifact, files
     from tokenopt.ops import native
     from tokenopt.pipeline import optimize
 
     size = parse_input_size(input_size)
     rec = load_recipe(recipe, strict)
-    io.check_output_path(output)  # fail before the slow part, not after it
+    files.check_output_path(output)  # fail before the slow part, not after it
     base_model, base = load_model(model, arch, trust_pickle, weights)
     x = example_input(base_model, size)
     leaves = list(leaf or [])

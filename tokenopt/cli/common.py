@@ -16,13 +16,11 @@ from typing import Annotated, Optional
 import typer
 
 from tokenopt.errors import DataError, TokenoptError
+from tokenopt.sources.registry import arch_help, model_help
 
-MODEL_HELP = ("timm:<name>[?key=value&...] (random weights), demo:digits | demo:digits-clutter (demo ViTs "
-              "trained by `tokenopt demo`), package.module:factory[?key=value], a state dict "
-              "(.pt/.pth/.bin/.safetensors, with --arch) or a pickled model (with --trust-pickle).")
+MODEL_HELP = model_help()    # one entry per registered model source
 ArchOpt = Annotated[Optional[str], typer.Option(
-    "--arch", "-a", metavar="ARCH",
-    help="Architecture for a state dict: timm:<name>[?key=value&...] or package.module:factory[?key=value&...].")]
+    "--arch", "-a", metavar="ARCH", help=f"Architecture for a state dict: {arch_help()}.")]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-pickle", help="Allow a checkpoint that is a pickled Python object (runs code from the file).")]
 StrictOpt = Annotated[bool, typer.Option(
@@ -192,11 +190,18 @@ def example_input(model, size: tuple[int, int, int] | None):
 
 
 def load_model(spec: str, arch: str | None, trust_pickle: bool, weights: Path | None = None):
-    """``(model, base)`` for the MODEL argument (see :func:`tokenopt.io.load_model`)."""
-    from tokenopt import io
+    """``(model, base)`` for the MODEL argument (see :func:`tokenopt.sources.load_model`)."""
+    from tokenopt import sources
 
-    with status(f"loading {spec}"):
-        return io.load_model(spec, arch, trust_pickle, weights=weights)
+    with status(f"loading {spec}"), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", sources.SourceWarning)
+        loaded = sources.load_model(spec, arch, trust_pickle, weights=weights)
+    for w in caught:   # a loader's note is one "warning:" line like the others; the rest as Python shows them
+        if issubclass(w.category, sources.SourceWarning):
+            warn(str(w.message), console(stderr=True))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return loaded
 
 
 def load_recipe(path: str, strict: bool = False):

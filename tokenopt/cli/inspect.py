@@ -43,14 +43,14 @@ def inspect(
     capture: CaptureOpt = "auto",
 ) -> None:
     """Show the blocks tokenopt finds in a model, or what an artifact's recipe rewrote."""
-    from tokenopt import artifact, io
+    from tokenopt import artifact, files, sources
     from tokenopt.analysis import analyse
 
     size = parse_input_size(input_size)
     if output is not None and graph is None:
         graph = _format_from_suffix(output)
     if output is not None:
-        io.check_output_path(output)
+        files.check_output_path(output)
     if graph is GraphFormat.svg:
         from tokenopt import graph_export
         graph_export.dot_program()      # before the model is loaded and traced: fail at once without dot
@@ -61,7 +61,7 @@ def inspect(
     path = Path(target)
     if path.is_file():
         with status(f"reading {target}"):
-            obj = io.read_checkpoint(path, trust_pickle=trust_pickle)
+            obj = files.read_checkpoint(path, trust_pickle=trust_pickle)
     if obj is not None and artifact.is_artifact(obj):
         with status("rebuilding the optimized model"):
             gm = artifact.rebuild(artifact.validate_payload(obj, path), arch, source=str(path))
@@ -71,7 +71,7 @@ def inspect(
         highlight, graph_module = set(labels), gm
     else:
         if obj is not None:
-            model, _ = io.model_from_checkpoint(obj, path, arch)
+            model, _ = sources.model_from_checkpoint(obj, path, arch)
         else:
             model, _ = load_model(target, arch, trust_pickle, weights)
         x = example_input(model, size)
@@ -94,7 +94,7 @@ def _format_from_suffix(path: Path) -> GraphFormat:
 
 
 def _write_graph(gm, fmt: GraphFormat, output: Path | None, highlight, labels) -> None:
-    from tokenopt import graph_export, io
+    from tokenopt import files, graph_export
 
     render = {GraphFormat.text: graph_export.to_text, GraphFormat.svg: graph_export.to_svg,
               GraphFormat.mermaid: graph_export.to_mermaid}[fmt]
@@ -103,7 +103,7 @@ def _write_graph(gm, fmt: GraphFormat, output: Path | None, highlight, labels) -
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    with io.atomic_write(output, "w") as f:
+    with files.atomic_write(output, "w") as f:
         f.write(text)
     console(stderr=True).print(f"wrote the {fmt.value} graph to {output} ({len(highlight)} inserted node(s) "
                                 "highlighted)")
@@ -143,11 +143,11 @@ def _print_analysis(out, analysis) -> None:
 
 
 def _print_artifact(out, path: Path, gm) -> None:
-    from tokenopt import io
+    from tokenopt import sources
 
     m = record_of(gm).manifest
     base = m.get("base") or {}
-    spec = io.base_to_spec(base) or base.get("class") or str(base)
+    spec = sources.base_to_spec(base) or base.get("class") or str(base)
     out.print(f"artifact {path}: tokenopt {m.get('tokenopt')}, torch {m.get('torch')}, timm {m.get('timm')}",
               markup=False)
     out.print(f"base model: {spec}" + (f" (weights from {base['weights']})" if base.get("weights") else ""),

@@ -70,7 +70,7 @@ def eval_(
         raise TokenoptError(f"--sweep: unknown method {bad[0]!r}; choose from {', '.join(ev.SWEEP_METHODS)}")
     for out in (csv_out, plot_out):
         if out is not None:
-            from tokenopt.io import check_output_path
+            from tokenopt.files import check_output_path
             check_output_path(out)
     values = None
     if r_values:
@@ -159,7 +159,7 @@ def probe(
     from tokenopt.passes.base import Pass, registered_passes
 
     if output is not None:
-        from tokenopt.io import check_output_path
+        from tokenopt.files import check_output_path
         check_output_path(output)
     pre = preprocess_options(input_size, mean, std, interpolation, crop_pct)
     base_model, _ = load_model(model, arch, trust_pickle, weights)
@@ -184,7 +184,7 @@ def probe(
         rules += found.rules
         comments.append(found.comment)
     if output is not None:
-        from tokenopt.io import atomic_write
+        from tokenopt.files import atomic_write
         import yaml
         head = "\n".join(f"# {line}" for c in comments for line in c.splitlines())
         text = (f"# from `tokenopt probe {model} --data {data}`\n{head}\n"

@@ -93,7 +93,7 @@ def train_(
     """
     from rich.table import Table
 
-    from tokenopt import artifact, io
+    from tokenopt import artifact, files
     from tokenopt.data import get_loader
     from tokenopt.pipeline import optimize
     from tokenopt.rewrite.learned import kinds_in, learned_modules
@@ -129,9 +129,9 @@ def train_(
         raise TokenoptError(f"--distill is not available for {kind.noun}: {trainer.distill}")
 
     label = "+".join(dict.fromkeys(r.pass_name for r in rec.rules))
-    io.check_output_path(output)
+    files.check_output_path(output)
     ckpt_path = checkpoint or resume or Path(f"{output}.ckpt")
-    io.check_output_path(ckpt_path)
+    files.check_output_path(ckpt_path)
     parts = [rec.to_yaml(), model, str(arch), data, str(limit)]
     if uses_labels:                  # fingerprints of trainers without labels stay as they were
         parts += [labels, str(masks)]

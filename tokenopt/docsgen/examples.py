@@ -109,10 +109,10 @@ class FrontendFailure:
 
 def build_model():
     """The demo architecture with seeded random weights, and the base record artifacts need."""
-    from tokenopt import io
+    from tokenopt import sources
     torch.manual_seed(SEED)
-    model, base = io.load_model(demo_arch_spec())
-    update_record(model, base=base)
+    model, base = sources.load_model(demo_arch_spec())
+    model.tokenopt_base = base
     return model.eval()
 
 

@@ -222,7 +222,7 @@ BEIT = "timm:beit_base_patch16_224?img_size=32&patch_size=8&embed_dim=64&depth=2
 def troubleshooting(recipes_dir: Path) -> str:
     import torch
 
-    from tokenopt import io
+    from tokenopt import sources
 
     m = MODEL
     with session(recipes_dir) as s:
@@ -263,7 +263,7 @@ def troubleshooting(recipes_dir: Path) -> str:
         tosa_first = _expect(s.run("validate", "tosa-all.yaml", m), False)
         untrained = _expect(s.run("apply", "recipes/tosa-keep50.yaml", m, "-o", "tosa.tokenopt.pt", "--check"), True)
         torch.manual_seed(0)
-        model, _ = io.load_model(m)
+        model, _ = sources.load_model(m)
         torch.save(model, s.work / "whole_model.pt")
         pickled = _expect(s.run("inspect", "whole_model.pt"), False)
         demo = _expect(s.run("eval", "demo:digits", "--data", "digits"), False)

@@ -1,7 +1,5 @@
-"""Loading models from timm names, factories, state dicts, safetensors and pickles; atomic writes."""
+"""Loading models from timm names, factories, state dicts, safetensors and pickles (tokenopt.sources)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import timm
@@ -9,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tokenopt import io
-from tokenopt.errors import ModelLoadError, TokenoptError
+from tokenopt import sources
+from tokenopt.errors import ModelLoadError
 
 TINY_KW = dict(img_size=32, patch_size=8, depth=2, num_classes=10)
 
@@ -21,7 +19,7 @@ def tiny_vit():
 
 def load_error(*args, **kwargs) -> str:
     with pytest.raises(ModelLoadError) as e:
-        io.load_model(*args, **kwargs)
+        sources.load_model(*args, **kwargs)
     return str(e.value)
 
 
@@ -33,7 +31,7 @@ def same_weights(a: nn.Module, b: nn.Module) -> bool:
 # ------------------------------------------------------------------------------ specs
 
 def test_query_values_are_typed():
-    name, kw = io.parse_query("vit_small_patch16_224?img_size=64,48&drop_rate=0.1&class_token=false"
+    name, kw = sources.parse_query("vit_small_patch16_224?img_size=64,48&drop_rate=0.1&class_token=false"
                               "&global_pool=avg&depth=4&init_values=none")
     assert name == "vit_small_patch16_224"
     assert kw == {"img_size": (64, 48), "drop_rate": 0.1, "class_token": False, "global_pool": "avg",
@@ -46,11 +44,11 @@ def test_bad_query_is_an_error():
 
 
 def test_timm_spec_builds_random_model_with_kwargs(tiny_vit_spec):
-    model, base = io.load_model(tiny_vit_spec)
+    model, base = sources.load_model(tiny_vit_spec)
     assert not model.training
     assert model.patch_embed.img_size == (32, 32) and len(model.blocks) == 2
     assert base == {"kind": "timm", "name": "vit_small_patch16_224", "kwargs": TINY_KW}
-    assert io.base_to_spec(base) == tiny_vit_spec
+    assert sources.base_to_spec(base) == tiny_vit_spec
 
 
 def test_unknown_timm_name_suggests_close_ones():
@@ -64,7 +62,7 @@ def test_bad_timm_kwarg_names_it():
 
 
 def test_factory_spec(user_models):
-    model, base = io.load_model("tokenopt_user_models:make_vit?dim=16&depth=1")
+    model, base = sources.load_model("tokenopt_user_models:make_vit?dim=16&depth=1")
     assert len(model.blocks) == 1 and model.head.in_features == 16
     assert base == {"kind": "factory", "factory": "tokenopt_user_models:make_vit", "kwargs": {"dim": 16, "depth": 1}}
 
@@ -94,7 +92,7 @@ def test_state_dict_with_arch(tmp_path, tiny_vit_spec, wrap):
     src = tiny_vit()
     path = tmp_path / "w.pth"
     torch.save(wrap(src.state_dict()), path)
-    model, base = io.load_model(path, arch=tiny_vit_spec)
+    model, base = sources.load_model(path, arch=tiny_vit_spec)
     assert same_weights(model, src) and not model.training
     assert base["kind"] == "timm" and base["weights"] == str(path)
 
@@ -103,7 +101,7 @@ def test_safetensors_with_arch(tmp_path, tiny_vit_spec):
     src = tiny_vit()
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
-    model, _ = io.load_model(path, arch=tiny_vit_spec)
+    model, _ = sources.load_model(path, arch=tiny_vit_spec)
     assert same_weights(model, src)
 
 
@@ -111,7 +109,7 @@ def test_state_dict_into_built_module(tmp_path):
     src = tiny_vit()
     path = tmp_path / "w.pt"
     torch.save(src.state_dict(), path)
-    model, _ = io.load_model(path, arch=timm.create_model("vit_small_patch16_224", **TINY_KW))
+    model, _ = sources.load_model(path, arch=timm.create_model("vit_small_patch16_224", **TINY_KW))
     assert same_weights(model, src)
 
 
@@ -161,7 +159,7 @@ def test_pickled_module_needs_trust(tmp_path):
     msg = load_error(path)
     assert "timm.models.vision_transformer.VisionTransformer" in msg.split("and run code from:")[1][:60]
     assert "--trust-pickle" in msg and "--arch" in msg
-    model, base = io.load_model(path, trust_pickle=True)
+    model, base = sources.load_model(path, trust_pickle=True)
     assert isinstance(model, nn.Module) and same_weights(model, src)
     assert base["kind"] == "class" and base["class"] == "timm.models.vision_transformer:VisionTransformer"
 
@@ -170,7 +168,7 @@ def test_pickled_module_with_arch_uses_its_weights(tmp_path, tiny_vit_spec):
     path = tmp_path / "whole.pt"
     src = tiny_vit()
     torch.save({"model": src, "epoch": 1}, path)
-    model, base = io.load_model(path, arch=tiny_vit_spec, trust_pickle=True)
+    model, base = sources.load_model(path, arch=tiny_vit_spec, trust_pickle=True)
     assert same_weights(model, src) and base["kind"] == "timm"
 
 
@@ -180,24 +178,37 @@ def test_artifact_is_not_a_base_model(tmp_path):
     assert "tokenopt artifact" in load_error(path)
 
 
-# ------------------------------------------------------------------------------ writing
+# ------------------------------------------------------------------------------ the registry
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        with io.atomic_write(target) as f:
-            f.write(b"partial")
-            raise RuntimeError("boom")
-    assert target.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["out.bin"]
-    with io.atomic_write(target) as f:
-        f.write(b"new")
-    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+def test_model_help_lists_every_source():
+    from tokenopt.cli.common import MODEL_HELP
+
+    for spec in ("timm:<name>", "open_clip:<arch>", "torchvision:<name>", "hf:<folder>", "demo:digits",
+                 "package.module:factory", "--trust-pickle"):
+        assert spec in MODEL_HELP
 
 
-def test_output_folder_must_exist(tmp_path):
-    with pytest.raises(TokenoptError, match="output folder does not exist: .*missing"):
-        io.check_output_path(tmp_path / "missing" / "out.pt")
-    with pytest.raises(TokenoptError, match="is a directory"):
-        io.check_output_path(tmp_path)
+def test_a_registered_source_loads_rebuilds_and_shows_in_the_help(monkeypatch):
+    from tokenopt.sources import registry
+
+    class ToySource(registry.Source):
+        kind, prefix, help, names_arch = "toy", "toy:", "toy:<width>", True
+
+        def parse(self, spec):
+            return {"kind": self.kind, "width": int(spec[len(self.prefix):])}
+
+        def build(self, base):
+            return nn.Linear(base["width"], 2)
+
+        def to_spec(self, base):
+            return f"toy:{base['width']}"
+
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))   # registered for this test only
+    registry.register_source(ToySource)
+    model, base = sources.load_model("toy:5")
+    assert isinstance(model, nn.Linear) and model.in_features == 5 and model.tokenopt_base == base
+    assert sources.build_base(base).in_features == 5 and sources.base_to_spec(base) == "toy:5"
+    assert "toy:<width>" in sources.model_help() and "toy:<width>" in sources.arch_help()
+    assert "already names the architecture" in load_error("toy:5", arch="timm:vit_small_patch16_224")
+    with pytest.raises(ValueError, match="needs a kind of its own"):
+        registry.register_source(ToySource)

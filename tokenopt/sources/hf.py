@@ -1,35 +1,31 @@
-"""Model families beyond timm: Hugging Face ``save_pretrained`` folders, open_clip and torchvision ViTs.
+"""``hf:<dir>``: a Hugging Face ``save_pretrained`` folder (config.json + weights), float32, eval mode.
 
-    hf:<dir>                        a folder written by ``save_pretrained`` (config.json + weights)
-    open_clip:<arch>[?key=value]    an open_clip architecture, its visual tower, random init
-    torchvision:<name>[?key=value]  a torchvision model (``torchvision.models.get_model``), random init
+Nothing is downloaded (``local_files_only=True``). transformers is optional (``pip install
+'tokenopt[hf]'``): a missing install is one message naming the command. Multimodal folders
+(CLIP, SigLIP) give their vision tower.
 
-Nothing is downloaded: Hugging Face loads with ``local_files_only=True``, open_clip with
-``pretrained=None``, torchvision with ``weights=None``; trained weights come from local files
-(the folder itself for ``hf:``, ``--weights FILE`` for the others, read ``weights_only``).
+The base dict carries the whole config, so an artifact rebuilds the model without the folder::
 
-transformers and open_clip are optional (``pip install 'tokenopt[hf]'``, ``'tokenopt[openclip]'``):
-the core install stays lean and a missing one is one message naming the command.
+    {"kind": "hf", "spec": "hf:DIR", "class": "ViTModel", "config": {...}, "data_config": {...}}
 
-Each builder returns ``(model, base)``; ``base`` is what an artifact stores to rebuild the model
-without the original folder (a Hugging Face base carries its whole config) plus ``"spec"``, the
-string the user gave. A model may carry ``tokenopt_data_config``: its own preprocessing (from the
-folder's ``preprocessor_config.json``, or open_clip's mean/std), in timm's data-config keys, which
+The model carries ``tokenopt_data_config``: its own preprocessing, from the folder's
+``preprocessor_config.json``, in timm's data-config keys, which
 :func:`tokenopt.data.config.data_config` uses instead of timm's defaults.
 """
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
+import warnings
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from tokenopt.errors import ModelLoadError
+from tokenopt.sources.registry import Source, SourceWarning, register_source, require
+from tokenopt.sources.spec import first_line
 
-EXTRAS = {"transformers": "hf", "open_clip": "openclip"}
+if TYPE_CHECKING:
+    from torch import nn
 
 # architectures (config.json) -> the class tokenopt builds. Multimodal models give their vision
 # tower (its weights sit under the same ``vision_model.`` keys in both).
@@ -52,19 +48,20 @@ HF_MODEL_TYPES = {
     "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
     "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
 }
+# model_type -> why tokenopt refuses the family: ones people reach for that no rewrite can serve (yet)
+_WINDOWED = ("its attention runs within windows, with a relative position bias, on a (B, H, W, C) token stream "
+             "that merges patches between stages. Windowed ViTs are not yet supported (support is planned).")
+HF_UNSUPPORTED = {
+    "swin": f"a Swin model, not yet supported: {_WINDOWED}",
+    "swinv2": f"a Swin V2 model, not yet supported: {_WINDOWED}",
+    "vit_mae": ("a ViTMAE (masked autoencoder), not supported: its forward masks a random subset of the patches "
+                "and shuffles the rest on every call (in eval mode too, and with mask_ratio=0), so its outputs "
+                "change from one call to the next and no graph rewrite can be checked against it."),
+}
 # PIL resample codes in preprocessor_config.json -> timm's interpolation names
 _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
-
-
-def require(module: str, what: str):
-    """Import an optional dependency, or one message naming the extra that installs it."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        extra = EXTRAS[module]
-        raise ModelLoadError(f"{what} needs the Python package {module!r}, which is not installed.\n"
-                             f"  Install it with: pip install 'tokenopt[{extra}]'") from None
+PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 @contextlib.contextmanager
@@ -83,8 +80,24 @@ def _quiet_transformers(transformers):
             log.enable_progress_bar()
 
 
-# ----------------------------------------------------------------------------------------------
-# Hugging Face
+@register_source
+class HFSource(Source):
+    kind, prefix = "hf", "hf:"
+    help = "hf:<folder> (a save_pretrained folder)"
+
+    def load(self, spec: str):
+        return load_hf(spec[len(self.prefix):].strip())
+
+    def build(self, base: dict):
+        return build_hf(base)
+
+    def to_spec(self, base: dict) -> str | None:
+        return base.get("spec")
+
+    def arch_conflict(self, spec: str) -> str:
+        return (f"{spec} is a Hugging Face folder: config.json names the architecture and the folder holds "
+                "the weights; --arch is only for weight files.")
+
 
 def hf_class_name(config: dict, where: str) -> str:
     """The class tokenopt builds for a config.json: from ``architectures``, else ``model_type``."""
@@ -94,6 +107,9 @@ def hf_class_name(config: dict, where: str) -> str:
     model_type = config.get("model_type")
     if model_type in HF_MODEL_TYPES and not config.get("architectures"):
         return HF_MODEL_TYPES[model_type]
+    if model_type in HF_UNSUPPORTED:
+        named = ", ".join(config.get("architectures") or ()) or f"model_type {model_type!r}"
+        raise ModelLoadError(f"{where}: {named} is {HF_UNSUPPORTED[model_type]}")
     named = ", ".join(config.get("architectures") or ()) or f"model_type {model_type!r}"
     raise ModelLoadError(f"{where}: tokenopt does not know how to build {named} as a vision model.\n"
                          "  Supported: ViT, DeiT, BEiT, CLIP and SigLIP vision towers, DINOv2 (with and without "
@@ -140,7 +156,7 @@ def load_hf(directory: str) -> tuple[nn.Module, dict]:
                 model, info = cls(conf), {}
         except Exception as e:
             raise ModelLoadError(f"{spec}: transformers could not load {class_name}: {type(e).__name__}: "
-                                 f"{_first_line(e)}") from None
+                                 f"{first_line(e)}") from None
     missing = list((info or {}).get("missing_keys") or ())
     if missing:
         more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -154,6 +170,8 @@ def load_hf(directory: str) -> tuple[nn.Module, dict]:
         data_cfg["input_size"] = (3, side, side)
     if data_cfg:
         model.tokenopt_data_config = data_cfg
+    if not (root / PREPROCESSOR_FILE).is_file():
+        warnings.warn(_default_preprocessing_note(spec, model), SourceWarning, stacklevel=2)
     base = {"kind": "hf", "spec": spec, "class": class_name, "config": conf.to_dict(), "data_config": data_cfg}
     return model, base
 
@@ -170,6 +188,25 @@ def build_hf(base: dict) -> nn.Module:
     return model
 
 
+def _default_preprocessing_note(spec: str, model) -> str:
+    """What preprocessing a folder without an image processor gets (timm's defaults at the config's size)."""
+    from timm.data import resolve_data_config
+
+    cfg = {**resolve_data_config({}, model=model), **(getattr(model, "tokenopt_data_config", None) or {})}
+    _, h, w = cfg["input_size"]
+    size = "the config's image_size" if getattr(model.config, "image_size", None) else "the default size"
+    return (f"{spec}: the folder has no {PREPROCESSOR_FILE}, so images will be preprocessed with defaults: "
+            f"{h}x{w} ({size}), "
+            f"{cfg['interpolation']} resize, crop_pct {cfg['crop_pct']:g}, mean {_numbers(cfg['mean'])}, "
+            f"std {_numbers(cfg['std'])}.\n  If the model was trained with other preprocessing, save its image "
+            "processor into the folder (processor.save_pretrained(folder)) or pass --mean, --std, "
+            "--interpolation and --crop-pct.")
+
+
+def _numbers(values) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
 def hf_data_config(root: Path) -> dict:
     """preprocessor_config.json as timm data-config keys (input_size, interpolation, mean, std,
     crop_pct, crop_mode); {} when the folder has none.
@@ -177,7 +214,7 @@ def hf_data_config(root: Path) -> dict:
     Hugging Face resizes either the shortest edge (then centre-crops: timm's ``center`` mode with
     ``crop_pct = crop / shortest_edge``) or straight to height x width (timm's ``squash`` mode).
     """
-    path = root / "preprocessor_config.json"
+    path = root / PREPROCESSOR_FILE
     if not path.is_file():
         return {}
     try:
@@ -209,94 +246,3 @@ def hf_data_config(root: Path) -> dict:
     elif not p.get("do_normalize", True):
         cfg["mean"], cfg["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return cfg
-
-
-# ----------------------------------------------------------------------------------------------
-# open_clip
-
-# the text tower is thrown away: build a tiny one instead of the real one (fast, and it never
-# asks for a Hugging Face tokenizer or text model)
-_TINY_TEXT = {"context_length": 4, "vocab_size": 16, "width": 8, "heads": 1, "layers": 1}
-_OPEN_CLIP_TOP = ("embed_dim", "quick_gelu", "force_image_size", "force_patch_dropout")
-
-
-def build_open_clip(name: str, kwargs: dict) -> nn.Module:
-    """open_clip's ``<name>`` visual tower, random init. Keyword arguments change the vision config
-    (``image_size``, ``patch_size``, ``width``, ``layers``, ``head_width``...), except ``embed_dim``
-    and ``quick_gelu``, which are the model's."""
-    open_clip = require("open_clip", f"open_clip:{name}")
-    if not name:
-        raise ModelLoadError("open_clip: needs an architecture name, e.g. open_clip:ViT-B-32")
-    cfg = open_clip.get_model_config(name)
-    if cfg is None:
-        import difflib
-
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelLoadError(f"unknown open_clip architecture {name!r}.{hint}\n"
-                             "  List them with `python -c \"import open_clip; print(open_clip.list_models())\"`.")
-    top = {k: v for k, v in kwargs.items() if k in _OPEN_CLIP_TOP}
-    vision = {**cfg["vision_cfg"], **{k: v for k, v in kwargs.items() if k not in _OPEN_CLIP_TOP}}
-    import logging
-
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)   # "no pretrained weights loaded": that is the point
-    try:
-        model = open_clip.create_model(name, pretrained=None, vision_cfg=vision, text_cfg=dict(_TINY_TEXT), **top)
-    except Exception as e:
-        raise ModelLoadError(f"open_clip could not build {name!r} with {kwargs or 'no arguments'}: "
-                             f"{type(e).__name__}: {_first_line(e)}") from None
-    finally:
-        logger.setLevel(level)
-    visual = model.visual.float().eval()
-    pre = getattr(visual, "preprocess_cfg", None) or {}
-    size = pre.get("size") or getattr(visual, "image_size", None)
-    if isinstance(size, int):
-        size = (size, size)
-    data_cfg = {"interpolation": pre.get("interpolation", "bicubic"), "crop_pct": 1.0, "crop_mode": "center"}
-    if size:
-        data_cfg["input_size"] = (3, int(size[0]), int(size[1]))
-    if pre.get("mean") is not None:
-        data_cfg["mean"], data_cfg["std"] = tuple(map(float, pre["mean"])), tuple(map(float, pre["std"]))
-    visual.tokenopt_data_config = data_cfg
-    return visual
-
-
-def open_clip_visual_state(state: dict) -> dict:
-    """The visual tower's weights from an open_clip checkpoint: the ``visual.`` keys of a whole
-    CLIP state dict (prefix removed), or the state dict itself when it is the tower's alone."""
-    if any(k.startswith("visual.") for k in state):
-        return {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
-# torchvision
-
-def build_torchvision(name: str, kwargs: dict) -> nn.Module:
-    """``torchvision.models.get_model(name, weights=None, **kwargs)``: random init, never downloads."""
-    import torchvision
-
-    if not name:
-        raise ModelLoadError("torchvision: needs a model name, e.g. torchvision:vit_b_16")
-    names = torchvision.models.list_models()
-    if name not in names:
-        import difflib
-
-        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise ModelLoadError(f"unknown torchvision model {name!r}.{hint}\n  Its ViTs: "
-                             f"{', '.join(n for n in names if n.startswith('vit_'))}.")
-    kwargs = {k: v for k, v in kwargs.items() if k != "weights"}
-    try:
-        return torchvision.models.get_model(name, weights=None, **kwargs).eval()
-    except Exception as e:
-        raise ModelLoadError(f"torchvision could not build {name!r} with {kwargs or 'no arguments'}: "
-                             f"{type(e).__name__}: {_first_line(e)}\n"
-                             "  Check the keyword arguments after '?' (e.g. image_size=64&num_classes=10).") from None
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else type(e).__name__

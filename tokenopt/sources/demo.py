@@ -1,0 +1,74 @@
+"""``demo:NAME``: a trained demo ViT, read from the cache; loading never trains.
+
+Training is ``tokenopt demo`` (or :func:`tokenopt.demo.demo_model`): loading a model must not
+start minutes of work, and a model that is missing or stale is a user error that says so. The
+registry of demo models is :mod:`tokenopt.demo_specs`; an entry trained from another spec is
+stale and not used.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from tokenopt.demo_specs import DEMOS, demo_files, describe
+from tokenopt.errors import ModelLoadError
+from tokenopt.sources.registry import Source, build_arch, register_source
+
+
+@register_source
+class DemoSource(Source):
+    kind, prefix = "demo", "demo:"
+    help = " | ".join(f"demo:{name}" for name in DEMOS) + " (demo ViTs trained by `tokenopt demo`)"
+    file_wins = True
+
+    def load(self, spec: str):
+        name = spec[len(self.prefix):]
+        return load_demo(name), {"kind": self.kind, "name": name}
+
+    def build(self, base: dict):
+        return load_demo(base["name"])
+
+    def to_spec(self, base: dict) -> str:
+        return f"{self.prefix}{base['name']}"
+
+    def arch_conflict(self, spec: str) -> str:
+        return f"{spec} is a trained demo model; --arch is only for weight files."
+
+
+def load_demo(name: str):
+    """The trained demo model ``name`` (eval mode) from the cache, or a message saying how to train it."""
+    if name not in DEMOS:
+        raise ModelLoadError(f"unknown demo model '{name}': choose one of {', '.join(DEMOS)}")
+    found = cached_demo(name)
+    if found is None:
+        weights, _ = demo_files(name)
+        raise ModelLoadError(
+            f"demo:{name} is not trained yet (no up-to-date weights at {weights}).\n"
+            f"  Run `tokenopt demo --model {name}` first: it trains the demo model once (a few CPU minutes) "
+            "and caches it under $TOKENOPT_CACHE (default ~/.cache/tokenopt).")
+    return found[0]
+
+
+def cached_demo(name: str, cache_dir: str | os.PathLike | None = None):
+    """The cached demo model ``name`` (eval mode) and its info dict, if it was trained from its current spec.
+
+    None when there is no cache entry, when it was trained from another spec, or when it cannot
+    be read: a damaged or foreign entry is retrained (by ``tokenopt demo``) rather than trusted.
+    """
+    spec = DEMOS[name]
+    weights, meta = demo_files(name, cache_dir)
+    if not (weights.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        if info.get("spec_digest") != spec.digest():
+            return None
+        from safetensors.torch import load_file
+
+        model = build_arch(info["arch"])[0]
+        model.load_state_dict(load_file(weights))
+    except Exception:
+        return None
+    describe(model, spec)
+    info["weights"] = str(weights)
+    return model.eval(), info

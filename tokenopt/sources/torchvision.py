@@ -1,0 +1,47 @@
+"""``torchvision:<name>[?key=value&...]``: ``torchvision.models.get_model(name, weights=None, **kwargs)``,
+random init, never downloads; trained weights come from ``--weights FILE`` (read ``weights_only``)."""
+from __future__ import annotations
+
+import difflib
+
+from tokenopt.errors import ModelLoadError
+from tokenopt.sources.registry import Source, register_source
+from tokenopt.sources.spec import first_line, parse_query, with_query
+
+
+@register_source
+class TorchvisionSource(Source):
+    kind, prefix = "torchvision", "torchvision:"
+    help = "torchvision:<name>[?key=value&...] (random weights)"
+    names_arch = True
+
+    def parse(self, spec: str) -> dict:
+        name, kwargs = parse_query(spec[len(self.prefix):])
+        return {"kind": self.kind, "name": name, "kwargs": kwargs}
+
+    def build(self, base: dict):
+        return build_torchvision(base["name"], dict(base.get("kwargs") or {}))
+
+    def to_spec(self, base: dict) -> str:
+        return self.prefix + with_query(base["name"], base.get("kwargs"))
+
+
+def build_torchvision(name: str, kwargs: dict):
+    """``torchvision.models.get_model(name, weights=None, **kwargs)``: random init, never downloads."""
+    import torchvision
+
+    if not name:
+        raise ModelLoadError("torchvision: needs a model name, e.g. torchvision:vit_b_16")
+    names = torchvision.models.list_models()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ModelLoadError(f"unknown torchvision model {name!r}.{hint}\n  Its ViTs: "
+                             f"{', '.join(n for n in names if n.startswith('vit_'))}.")
+    kwargs = {k: v for k, v in kwargs.items() if k != "weights"}
+    try:
+        return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    except Exception as e:
+        raise ModelLoadError(f"torchvision could not build {name!r} with {kwargs or 'no arguments'}: "
+                             f"{type(e).__name__}: {first_line(e)}\n"
+                             "  Check the keyword arguments after '?' (e.g. image_size=64&num_classes=10).") from None
