@@ -34,7 +34,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (4, "passes", ("tokenopt.passes",)),
     (5, "plan", ("tokenopt.recipe", "tokenopt.plan", "tokenopt.report")),   # report: a plan with measured FLOPs
     (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy",
-                     "tokenopt.check")),   # all run or compare what the pipeline made
+                     "tokenopt.check", "tokenopt.calling")),   # all run or compare what the pipeline made
     (6, "train", ("tokenopt.train", "tokenopt.demo")),      # demo trains the demo models
     (7, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
     (8, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline

@@ -203,9 +203,7 @@ def rebuild(payload: dict, arch: str | dict | nn.Module | None = None, source: s
     hint = "arch= (CLI: --arch) naming the base model's architecture"
     files.load_weights(gm, payload["state_dict"], source, arch_hint=hint, model_name=type(model).__name__)
     gm.eval()
-    update_record(gm, base=base)
-    update_record(gm, manifest=manifest)
-    update_record(gm, leaf_modules=list(manifest.get("leaf_modules") or ()))
+    update_record(gm, base=base, manifest=manifest, leaf_modules=tuple(manifest.get("leaf_modules") or ()))
     report = report_from_dict(manifest.get("report"))
     if report is not None:
         update_record(gm, report=report)

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 from tokenopt.analysis import Example, ModelAnalysis, analyse, example_input_for
+from tokenopt import calling
 from tokenopt.cleanup import drop_noop_calls
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import native
@@ -62,15 +63,12 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     context = calibrate(recipe, model, analysis, calibration, context)
     plan = make_plan(recipe, analysis, context)
     gm = apply_plan(analysis, plan, outputs)
-    update_record(gm, recipe=recipe)
-    update_record(gm, context=context)
-    # what tokenopt.save needs to rebuild this module: how the base model was made, its leaves
-    if getattr(model, "tokenopt_base", None) is not None:   # the loader's note of how it built the model
-        update_record(gm, base=model.tokenopt_base)
-    update_record(gm, leaf_modules=[m if isinstance(m, str) else m.__name__ for m in leaf_modules])
-    update_record(gm, plan=plan)
-    update_record(gm, outputs=outputs)
-    update_record(gm, capture=analysis.capture)
+    # what tokenopt.save needs to rebuild this module: how the base model was made (the loader's
+    # note on the model), its leaves, the measurements the plan used
+    update_record(gm, recipe=recipe, context=context, plan=plan, outputs=outputs, capture=analysis.capture,
+                  base=getattr(model, "tokenopt_base", None),
+                  leaf_modules=tuple(m if isinstance(m, str) else m.__name__ for m in leaf_modules))
+    calling.install(gm, model, example, analysis.capture)   # called as the original is, or a clear refusal
     if report:   # counting FLOPs runs the rewritten graph: that run is the verification too
         try:
             update_record(gm, report=build_report(before, gm, analysis, plan, example.first(1), example))
@@ -126,11 +124,9 @@ def apply_plan(analysis: ModelAnalysis, plan: Plan, outputs: str = "logits") -> 
     if outputs == "tokens":
         return_tokens(g, analysis)
     gm = g.finish()
-    update_record(gm, inserted=dict(g.inserted))
-    update_record(gm, inserted_by=inserted_by)    # the rest of inserted: pooling/outputs
-    update_record(gm, overhead=dict(g.overhead))
-    update_record(gm, token_counts=dict(g.token_counts))
-    update_record(gm, analysis=analysis)
+    # inserted_by misses what pooling/outputs inserted after the blocks
+    update_record(gm, inserted=dict(g.inserted), inserted_by=inserted_by, overhead=dict(g.overhead),
+                  token_counts=dict(g.token_counts), analysis=analysis)
     return gm
 
 

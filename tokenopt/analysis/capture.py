@@ -188,10 +188,10 @@ def _check_same(model: nn.Module, gm: fx.GraphModule, x: Example, name: str) -> 
                             "on the example batch.\n  Try --capture fx (API: capture='fx'), or report the model.")
 
 
-def _differs_from_itself(model: nn.Module, x: torch.Tensor, first: list) -> bool:
+def _differs_from_itself(model: nn.Module, x: Example, first: list) -> bool:
     """Whether a second call of ``model`` on ``x`` gives other outputs than ``first`` (random in its forward)."""
     with torch.enable_grad():
-        again = torch.utils._pytree.tree_leaves(model(x))
+        again = torch.utils._pytree.tree_leaves(x.call(model))
     return len(again) != len(first) or any(
         isinstance(u, torch.Tensor) and (not isinstance(v, torch.Tensor) or u.shape != v.shape or not torch.equal(u, v))
         for u, v in zip(first, again))
