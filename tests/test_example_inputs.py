@@ -81,3 +81,16 @@ def test_two_input_model_saves_and_reloads(tmp_path, capture):
     manifest = tokenopt.artifact.read(path)["manifest"]
     assert manifest["example"]["kwargs"]["cond"]["shape"] == [2, 64]
     assert manifest["example_input_shape"] == [2, 3, 32, 32]
+
+
+def test_the_analysis_keeps_describing_the_original_graph():
+    """The rewrite works on a copy: the analysis's graph, recorded on the result, is the original's."""
+    m, x, cond = model_and_inputs(3)
+    fast = tokenopt.optimize(m, TOME, (x, cond))
+    analysis = record_of(fast).analysis
+    assert analysis.graph is not fast
+    targets = {getattr(n.target, "__name__", str(n.target)) for n in analysis.graph.graph.nodes}
+    assert "tome_merge" not in targets
+    assert "tome_merge" in {getattr(n.target, "__name__", "") for n in fast.graph.nodes}
+    with torch.no_grad():
+        assert torch.equal(analysis.graph(x, cond), m(x, cond))

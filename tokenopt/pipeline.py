@@ -49,7 +49,8 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
         original stays untouched by anything done to the result.
 
     The result carries one :class:`tokenopt.record.Record` (``tokenopt.record_of(result)``): the report
-    (per-layer table, FLOPs before/after), the recipe, the plan and the analysis. The rewrite itself does not modify the original model.
+    (per-layer table, FLOPs before/after), the recipe, the plan and the analysis. The rewrite works on a copy
+    of the analysed graph: neither the original model nor the analysis changes.
     """
     model = model_to_rewrite(model, share_parameters)
     recipe = load_recipe(recipe)
@@ -58,7 +59,7 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
         raise RecipeError(f"outputs must be 'logits' or 'tokens', got {outputs!r}")
     example = Example.of(example_input if example_input is not None else example_input_for(model))
     analysis = analyse(model, example, leaf_modules, prefix_tokens=recipe.prefix_tokens, capture=capture)
-    # the original's FLOPs, counted on the analysis's graph while it is still the original's
+    # the original's FLOPs, counted on the analysis's graph (the rewrite works on a copy of it)
     before = block_flops(analysis.graph, analysis, example.first(1)) if report else None
     context = calibrate(recipe, model, analysis, calibration, context)
     plan = make_plan(recipe, analysis, context)
@@ -79,7 +80,7 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
         verify_runs(gm, example)
     if native.needed_by(gm):
         native.prepare()   # built now, so a torch.compile of this module can call it too
-    # last, because the analysis and the report name nodes that are about to go
+    # after the report, which counts FLOPs per node by the names the analysis gave them
     if drop_noop_calls(gm):
         gm.graph.eliminate_dead_code()
         gm.recompile()

@@ -119,10 +119,10 @@ def _per_block(gm: fx.GraphModule, analysis: ModelAnalysis, counts: dict[str, in
 def measured_token_counts(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, float]:
     """Mean tokens per image after each layer that recorded a per-image count node, on ``batch``.
 
-    ``record_of(gm).token_counts`` maps a block index to the node holding its (B,) counts.
+    ``record_of(gm).token_counts`` maps a site (a block) to the node holding its (B,) counts.
     """
     present = {n.name for n in gm.graph.nodes}      # a count node cleaned away since has nothing to measure
-    wanted = {name: block for block, name in getattr(record_of(gm), "token_counts", {}).items() if name in present}
+    wanted = {name: site.block for site, name in getattr(record_of(gm), "token_counts", {}).items() if name in present}
     if not wanted:
         return {}
     was_training = gm.training
@@ -164,8 +164,8 @@ def build_report(before: BlockFlops, optimized: fx.GraphModule, analysis: ModelA
     after = block_flops(optimized, analysis, x)
     measured = measured_token_counts(optimized, batch if batch is not None else x)
     selector = [0] * len(after.per)
-    for name, block in getattr(record_of(optimized), "overhead", {}).items():
-        selector[block] += after.by_node.get(name, 0)
+    for name, site in getattr(record_of(optimized), "overhead", {}).items():
+        selector[site.block] += after.by_node.get(name, 0)
     rows = [LayerRow(lp.block, lp.path, lp.tokens_in, lp.tokens_out, fb, fa, lp.acted, fs, measured.get(lp.block))
             for lp, fb, fa, fs in zip(plan.layers, before.per, after.per, selector)]
     return Report(rows, before.total, after.total, before.other, after.other,

@@ -49,7 +49,7 @@ from tokenopt.analysis.nodes import (common_module_prefix, is_add, is_core_node,
                                      module_path, shape_of, tensor_args)
 from tokenopt.analysis.pooling import find_pooling
 from tokenopt.analysis.prefix import find_prefix_tokens
-from tokenopt.analysis.records import (CLASS_ATTENTION, AttentionCore, BlockRecord, Branch, Downsample, ModelAnalysis,
+from tokenopt.analysis.records import (CLASS_ATTENTION, AttentionCore, Site, BlockRecord, Branch, Downsample, ModelAnalysis,
                                        NoMatch, Pooling, Stream)
 from tokenopt.analysis.refusals import CHECKS, Check, CheckContext, check, first_refusal
 from tokenopt.analysis.streams import find_streams
@@ -57,7 +57,7 @@ from tokenopt.errors import AnalysisError
 
 __all__ = [
     "AnalysisError", "analyse_graph", "AttentionCore", "BlockRecord", "Branch", "CAPTURE_MODES", "CHECKS",
-    "CLASS_ATTENTION", "Captured", "Check", "CheckContext", "Downsample", "Example", "Stream", "capture_graph",
+    "CLASS_ATTENTION", "Site", "Captured", "Check", "CheckContext", "Downsample", "Example", "Stream", "capture_graph",
     "export_graph", "family_of",
     "GraphIndex", "ModelAnalysis", "NoMatch", "Pooling", "ShapeRecorder", "analyse", "block_for", "check",
     "common_module_prefix", "example_input_for", "explicit_core", "find_cores", "first_refusal", "is_add",

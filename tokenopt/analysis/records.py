@@ -92,6 +92,18 @@ class Branch:
 
 
 @dataclass(frozen=True)
+class Site:
+    """Where in a model a pass acts: a stream, a block on it, a branch of the block ("block": the
+    whole block). Per-site data of a rewrite (token counts, a pass's overhead) is keyed by it.
+    Block indices run across the whole model, so ``block`` alone is unique; the stream and the
+    branch say where it sits."""
+
+    stream: int
+    block: int
+    branch: str = "block"
+
+
+@dataclass(frozen=True)
 class BlockRecord:
     index: int
     path: str                      # module path, e.g. "blocks.3"
@@ -108,6 +120,9 @@ class BlockRecord:
     # (self_attention, cross_attention, mlp) for a diffusers BasicTransformerBlock
     branches: tuple[Branch, ...] = ()
     stream: int = 0                # index into ModelAnalysis.streams
+
+    def site(self, branch: str = "block") -> Site:
+        return Site(self.stream, self.index, branch)
 
     @property
     def grid_bound(self) -> bool:

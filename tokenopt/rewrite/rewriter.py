@@ -21,6 +21,7 @@ Everything a pass carries from one of its layers to the next is a dataclass of i
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import operator
@@ -31,7 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from tokenopt.analysis import AttentionCore, BlockRecord, ModelAnalysis, is_matmul, is_softmax
+from tokenopt.analysis import AttentionCore, BlockRecord, ModelAnalysis, Site, is_matmul, is_softmax
 from tokenopt.analysis import nodes as analysis_nodes
 from tokenopt.errors import PlanError
 from tokenopt.ops import attention as attn_ops
@@ -48,16 +49,18 @@ _SDPA_KWARGS = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 class GraphRewriter:
     def __init__(self, analysis: ModelAnalysis, track_index: bool = False):
         self.analysis = analysis
-        self.gm = analysis.graph
+        # a copy of the analysed graph (the same node names, shapes and parameters): the analysis
+        # keeps describing the original, whatever this rewrite does
+        self.gm = _copy_of(analysis.graph)
         self.graph = self.gm.graph
         self.state = TokenState()
         self.track_index = track_index
         self.inserted: dict[str, str] = {}   # node name -> short description, for reports and graphs
         # inserted nodes that are a pass's own cost rather than the block's work (ToSA's selector
         # path): node name -> the block they serve, so reports can show what a selection costs
-        self.overhead: dict[str, int] = {}
+        self.overhead: dict[str, Site] = {}
         # block index -> the node holding its (B,) tokens per image, where the count varies by image
-        self.token_counts: dict[int, str] = {}
+        self.token_counts: dict[Site, str] = {}
         self._pass_state: dict[type, object] = {}
         self._by_name = {n.name: n for n in self.graph.nodes}
         # the attention core of each block as rewritten so far (block index -> record): the analysis's
@@ -85,7 +88,7 @@ class GraphRewriter:
 
     def record_token_count(self, block: BlockRecord, counts: fx.Node) -> None:
         """``counts`` holds the (B,) tokens per image after ``block``; the report measures it."""
-        self.token_counts[block.index] = counts.name
+        self.token_counts[block.site()] = counts.name
 
     # ---------------------------------------------------------------- lookup and insertion
     def node(self, name: str) -> fx.Node:
@@ -141,7 +144,7 @@ class GraphRewriter:
     def mark_overhead(self, block: BlockRecord, *nodes: fx.Node) -> None:
         """``nodes`` are a pass's own cost of serving ``block`` (choosing tokens), not the block's work:
         reports show them apart."""
-        self.overhead.update(dict.fromkeys((n.name for n in nodes), block.index))
+        self.overhead.update(dict.fromkeys((n.name for n in nodes), block.site()))
 
     def call_module_after(self, anchor: fx.Node, target: str, *args, label: str = "") -> fx.Node:
         """Insert a call of the submodule ``target`` (see :meth:`add_module`) after ``anchor``."""
@@ -434,6 +437,19 @@ class GraphRewriter:
         self.graph.lint()
         self.gm.recompile()
         return self.gm
+
+
+def _copy_of(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph: node names and meta (shapes) kept, the code
+    generator kept (an exported graph's pytree inputs and outputs), parameters and submodules shared."""
+    graph = copy.deepcopy(gm.graph)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    new.meta = dict(getattr(gm, "meta", {}))
+    new.train(gm.training)
+    return new
 
 
 def _with_value(core: AttentionCore, v: str, output: str) -> AttentionCore:
