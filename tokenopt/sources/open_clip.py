@@ -11,8 +11,8 @@ import difflib
 import logging
 
 from tokenopt.errors import ModelLoadError
-from tokenopt.sources.registry import Source, register_source, require
-from tokenopt.sources.spec import first_line, parse_query, with_query
+from tokenopt.sources.registry import NamedSource, register_source, require
+from tokenopt.sources.spec import first_line
 
 # the text tower is thrown away: build a tiny one instead of the real one (fast, and it never
 # asks for a Hugging Face tokenizer or text model)
@@ -21,20 +21,12 @@ _OPEN_CLIP_TOP = ("embed_dim", "quick_gelu", "force_image_size", "force_patch_dr
 
 
 @register_source
-class OpenClipSource(Source):
+class OpenClipSource(NamedSource):
     kind, prefix = "open_clip", "open_clip:"
     help = "open_clip:<arch>[?key=value&...] (its visual tower, random weights)"
-    names_arch = True
 
-    def parse(self, spec: str) -> dict:
-        name, kwargs = parse_query(spec[len(self.prefix):])
-        return {"kind": self.kind, "name": name, "kwargs": kwargs}
-
-    def build(self, base: dict):
-        return build_open_clip(base["name"], dict(base.get("kwargs") or {}))
-
-    def to_spec(self, base: dict) -> str:
-        return self.prefix + with_query(base["name"], base.get("kwargs"))
+    def build_named(self, name: str, kwargs: dict):
+        return build_open_clip(name, kwargs)
 
     def weights_for(self, state: dict) -> dict:
         return open_clip_visual_state(state)

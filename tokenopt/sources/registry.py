@@ -18,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from tokenopt.errors import ModelLoadError
+from tokenopt.sources.spec import parse_query, with_query
 
 if TYPE_CHECKING:
     from torch import nn
@@ -67,6 +68,26 @@ class Source:
     def weights_for(self, state: dict) -> dict:
         """The part of a checkpoint's state dict that this architecture holds (``--weights``)."""
         return state
+
+
+class NamedSource(Source):
+    """A source whose spec is ``prefix<name>[?key=value&...]``: a named architecture with keyword
+    arguments (timm, torchvision, open_clip); a subclass says how to build one (:meth:`build_named`)."""
+
+    names_arch = True
+
+    def parse(self, spec: str) -> dict:
+        name, kwargs = parse_query(spec[len(self.prefix):])
+        return {"kind": self.kind, "name": name, "kwargs": kwargs}
+
+    def build(self, base: dict):
+        return self.build_named(base["name"], dict(base.get("kwargs") or {}))
+
+    def build_named(self, name: str, kwargs: dict):
+        raise NotImplementedError
+
+    def to_spec(self, base: dict) -> str:
+        return self.prefix + with_query(base["name"], base.get("kwargs"))
 
 
 _SOURCES: dict[str, Source] = {}     # kind -> source, in registration order

@@ -8,25 +8,17 @@ from __future__ import annotations
 import difflib
 
 from tokenopt.errors import ModelLoadError
-from tokenopt.sources.registry import Source, register_source
-from tokenopt.sources.spec import first_line, parse_query, with_query
+from tokenopt.sources.registry import NamedSource, register_source
+from tokenopt.sources.spec import first_line
 
 
 @register_source
-class TimmSource(Source):
+class TimmSource(NamedSource):
     kind, prefix = "timm", "timm:"
     help = "timm:<name>[?key=value&...] (random weights)"
-    names_arch = True
 
-    def parse(self, spec: str) -> dict:
-        name, kwargs = parse_query(spec[len(self.prefix):])
-        return {"kind": self.kind, "name": name, "kwargs": kwargs}
-
-    def build(self, base: dict):
-        return build_timm(base["name"], dict(base.get("kwargs") or {}))
-
-    def to_spec(self, base: dict) -> str:
-        return self.prefix + with_query(base["name"], base.get("kwargs"))
+    def build_named(self, name: str, kwargs: dict):
+        return build_timm(name, kwargs)
 
 
 def build_timm(name: str, kwargs: dict):

@@ -5,25 +5,17 @@ from __future__ import annotations
 import difflib
 
 from tokenopt.errors import ModelLoadError
-from tokenopt.sources.registry import Source, register_source
-from tokenopt.sources.spec import first_line, parse_query, with_query
+from tokenopt.sources.registry import NamedSource, register_source
+from tokenopt.sources.spec import first_line
 
 
 @register_source
-class TorchvisionSource(Source):
+class TorchvisionSource(NamedSource):
     kind, prefix = "torchvision", "torchvision:"
     help = "torchvision:<name>[?key=value&...] (random weights)"
-    names_arch = True
 
-    def parse(self, spec: str) -> dict:
-        name, kwargs = parse_query(spec[len(self.prefix):])
-        return {"kind": self.kind, "name": name, "kwargs": kwargs}
-
-    def build(self, base: dict):
-        return build_torchvision(base["name"], dict(base.get("kwargs") or {}))
-
-    def to_spec(self, base: dict) -> str:
-        return self.prefix + with_query(base["name"], base.get("kwargs"))
+    def build_named(self, name: str, kwargs: dict):
+        return build_torchvision(name, kwargs)
 
 
 def build_torchvision(name: str, kwargs: dict):
