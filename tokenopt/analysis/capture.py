@@ -118,7 +118,8 @@ def export_graph(model: nn.Module, example_input) -> fx.GraphModule:
     name = type(model).__name__
     example_input = Example.of(example_input)
     was_training = model.training
-    batch = torch.export.Dim("batch", min=1)
+    # a model may cap its batch (diffusers' Upsample2D branches on batch >= 64): the loader says so
+    batch = torch.export.Dim("batch", min=1, max=getattr(model, "tokenopt_max_batch", None))
     try:
         with torch.no_grad():
             ep = torch.export.export(model, example_input.args, example_input.kwargs or None, strict=False,

@@ -171,8 +171,13 @@ class Example:
                    tuple(d["batch_dims"]) if d.get("batch_dims") is not None else None)
 
 
-def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
+def example_input_for(model: nn.Module, batch: int = 2, size: tuple[int, int] | None = None) -> torch.Tensor | Example:
     """An input batch of the size the model expects; the same rule for the API, the CLI and artifacts.
+
+    A model of several inputs that its loader gave a ``tokenopt_example`` (a callable
+    ``(batch, size) -> (args, kwargs, batch_dims)``, e.g. a diffusers denoiser's
+    :class:`~tokenopt.sources.diffusers.DenoiserInputs`) gets the :class:`Example` it makes;
+    ``size`` (H, W) overrides its spatial size.
 
     The model's own word first: the preprocessing its loader attached (a Hugging Face folder's image
     processor, open_clip's transform: ``tokenopt_data_config["input_size"]``), then a Hugging Face
@@ -183,6 +188,11 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
     p = next(iter(model.parameters()), None)
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
     device = p.device if p is not None else "cpu"
+    make = getattr(model, "tokenopt_example", None)
+    if callable(make):
+        args, kwargs, dims = make(batch, size)
+        args, kwargs = pytree.tree_map(lambda t: _like(t, device, dtype), (args, kwargs))
+        return Example(args, kwargs, dims)
     gen = torch.Generator().manual_seed(0)
     own = (getattr(model, "tokenopt_data_config", None) or {}).get("input_size")
     if own:
@@ -223,6 +233,13 @@ def example_input_for(model: nn.Module, batch: int = 2) -> torch.Tensor:
                 continue
             return torch.randn(batch, *size, generator=gen).to(device, dtype)
     return torch.randn(batch, *candidates[0], generator=gen).to(device, dtype)
+
+
+def _like(value, device, dtype):
+    """A made input on the model's device; floating tensors in its dtype (integer ones, timesteps and labels, kept)."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    return value.to(device, dtype) if value.is_floating_point() else value.to(device)
 
 
 class ShapeRecorder(fx.Interpreter):

@@ -184,6 +184,8 @@ def example_input(model, size: tuple[int, int, int] | None):
 
     if size is None:    # the model's own size: the same rule as the API's (example_input_for)
         return example_input_for(model)
+    if callable(getattr(model, "tokenopt_example", None)):   # a denoiser: --input-size is the latent's H,W
+        return example_input_for(model, size=size[1:])
     p = next(iter(model.parameters()), None)
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     return x.to(p.device, p.dtype) if p is not None and p.is_floating_point() else x

@@ -7,6 +7,7 @@ registered by prefix in its own module::
     open_clip:ViT-B-32[?key=value]                     open_clip.py    open_clip's visual tower, random init
     torchvision:vit_b_16[?key=value]                   torchvision.py  a torchvision model, random init
     hf:path/to/folder                                  hf.py           a Hugging Face save_pretrained folder
+    diffusers:path/to/folder                           diffusers.py    a diffusers UNet/DiT (or pipeline) folder
     demo:digits-clutter                                demo.py         a trained demo ViT from the cache
     mypkg.models:make_vit?dim=256                      factory.py      a factory (any callable returning an nn.Module)
     model.pt / .pth / .bin / .safetensors + arch       checkpoint.py   a state dict or checkpoint, plus ``arch``
@@ -20,6 +21,7 @@ architecture (artifacts store it; the weights travel separately)::
     {"kind": "class", "class": "mypkg.models:MyViT"}          # rebuilt by calling MyViT()
     {"kind": "demo", "name": "digits-clutter"}                # tokenopt's embedded demo models
     {"kind": "hf", "spec": "hf:DIR", "class": "ViTModel", "config": {...}}   # rebuilt from the config alone
+    {"kind": "diffusers", "spec": "diffusers:DIR", "class": "UNet2DConditionModel", "config": {...}}
     {"kind": "open_clip" | "torchvision", "name": "...", "kwargs": {...}}
 
 plus ``"weights": <path>`` when the model came from a file (for the record only). Reading and
@@ -29,7 +31,7 @@ from tokenopt.sources.registry import (Source, SourceWarning, arch_help, base_to
                                        build_base, model_help, parse_arch, register_source, registered, require,
                                        source_for_spec)
 # each module registers its source when imported; the order is the MODEL help's
-from tokenopt.sources import timm, open_clip, torchvision, hf, demo, factory  # noqa: F401
+from tokenopt.sources import timm, open_clip, torchvision, hf, diffusers, demo, factory  # noqa: F401
 from tokenopt.sources.checkpoint import arch_with_weights, model_from_checkpoint
 from tokenopt.sources.demo import cached_demo, load_demo
 from tokenopt.sources.factory import build_factory, module_base, resolve_callable

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 # optional dependency -> the extra of tokenopt that installs it
-EXTRAS = {"transformers": "hf", "open_clip": "openclip"}
+EXTRAS = {"transformers": "hf", "open_clip": "openclip", "diffusers": "diffusion"}
 
 
 class SourceWarning(UserWarning):
