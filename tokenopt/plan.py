@@ -70,7 +70,7 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
                               [blocks[i] for i in idx], context, where)
         usable, refused = [], []
         for i, params in zip(idx, per_layer):
-            why = p.refuse(blocks[i])
+            why = p.refuse_layer(blocks[i], params, analysis)
             if why is None:
                 usable.append(i)
                 chosen[i] = (rule, params)
@@ -114,7 +114,7 @@ def _check_grids(recipe: Recipe, analysis: ModelAnalysis, chosen: dict[int, tupl
     original grid, and every later stream: a Downsample (patch merging, a strided conv) reads the
     whole grid of the stream before it."""
     blocks = analysis.blocks
-    first_change = min((i for i, (r, _) in chosen.items() if get_pass(r.pass_name).changes_token_count),
+    first_change = min((i for i, (r, _) in chosen.items() if get_pass(r.pass_name)().changes_tokens(r.options)),
                        default=None)
     if first_change is None:
         return

@@ -43,6 +43,7 @@ from tokenopt.analysis.blocks import block_for
 from tokenopt.analysis.branches import join_cross_attention
 from tokenopt.analysis.capture import CAPTURE_MODES, Captured, capture as capture_graph, export_graph, family_of
 from tokenopt.analysis.cores import explicit_core, find_cores, mha_core, sdpa_core
+from tokenopt.analysis.dense import keeps_every_token
 from tokenopt.analysis.example import Example, ShapeRecorder, example_input_for, record_shapes
 from tokenopt.analysis.index import GraphIndex
 from tokenopt.analysis.nodes import (common_module_prefix, is_add, is_core_node, is_matmul, is_sdpa, is_softmax,
@@ -80,6 +81,17 @@ def analyse(model: nn.Module, example_input=None, leaf_modules=(),
     return replace(analysis, example=example)
 
 
+def _mark_kept_streams(blocks: list[BlockRecord], streams, gm: fx.GraphModule) -> list[BlockRecord]:
+    """Every block of a stream whose tokens become a feature map again carries why (see analysis.dense)."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for s in streams:
+        last = blocks[s.blocks[-1]]
+        why = keeps_every_token(s, nodes[last.output])
+        if why is not None:
+            blocks = [replace(b, keeps_tokens=why) if b.stream == s.index else b for b in blocks]
+    return blocks
+
+
 def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, ...] = (),
                   prefix_tokens: int | None = None) -> ModelAnalysis:
     """Describe the blocks of a graph already captured, whose nodes carry their shapes
@@ -113,6 +125,7 @@ def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, 
             blocks[i] = replace(b, refused_by=by, refusal=str(why))
     streams, downsamples, stream_of = find_streams(blocks, gm, index, prefix)
     blocks = [b if b.stream == s else replace(b, stream=s) for b, s in zip(blocks, stream_of)]
+    blocks = _mark_kept_streams(blocks, streams, gm)
     pools, features = find_pooling(blocks[-1], gm, index)
     return ModelAnalysis(gm, blocks, unmatched, prefix, source, pools, tuple(input_shape), features,
                          no_matches=no_matches, index=index, capture=gm.meta.get("tokenopt_capture", "fx"),

@@ -120,6 +120,9 @@ class BlockRecord:
     # (self_attention, cross_attention, mlp) for a diffusers BasicTransformerBlock
     branches: tuple[Branch, ...] = ()
     stream: int = 0                # index into ModelAnalysis.streams
+    # why no token may be lost in this block's stream (it becomes a feature map again: a UNet's
+    # spatial transformer), or None; passes that drop tokens refuse it, op-level merging does not
+    keeps_tokens: str | None = None
 
     def site(self, branch: str = "block") -> Site:
         return Site(self.stream, self.index, branch)

@@ -2,7 +2,7 @@
 merge the tokens an op reads, run the op on fewer tokens, copy its outputs back to every position.
 
     match = grid_matching(x, grid, sx, sy, r)       # once per block, from the block's input tokens
-    y = unmerge_tokens(op(merge_tokens(n, match)), match)    # around each op: n = norm(x), (B, N, C)
+    y = unmerge_tokens(match, op(merge_tokens(n, match)))    # around each op: n = norm(x), (B, N, C)
 
 The tokens are split in two sets: *destinations*, one per ``sx x sy`` cell of the ``H x W`` grid
 (the cell's first, top-left position; a seeded random one with ``use_rand``), plus the prefix
@@ -80,7 +80,7 @@ def merge_tokens(x: torch.Tensor, m: GridMatch) -> torch.Tensor:
     return torch.cat([unm, dst], dim=1)
 
 
-def unmerge_tokens(y: torch.Tensor, m: GridMatch) -> torch.Tensor:
+def unmerge_tokens(m: GridMatch, y: torch.Tensor) -> torch.Tensor:
     """(B, N - r, C') -> (B, N, C'): every position gets the output of the token that stood for it."""
     bsz, _, c = y.shape
     n_unm = m.unm.shape[1]

@@ -98,7 +98,18 @@ class Pass:
 
     def refuse(self, block) -> str | None:
         """None when the block can be rewritten, else the reason shown to the user."""
+        if block.refusal is None and self.changes_token_count and block.keeps_tokens:
+            return block.keeps_tokens
         return block.refusal
+
+    def refuse_layer(self, block, params, analysis) -> str | None:
+        """:meth:`refuse` for one layer's ``params`` (a pass whose options change what it needs, e.g.
+        ToMe's op-level placement, overrides this); may raise a RecipeError for a request that is wrong."""
+        return self.refuse(block)
+
+    def changes_tokens(self, options: PassOptions) -> bool:
+        """Whether a rule with ``options`` changes the token count later blocks see."""
+        return self.changes_token_count
 
     def layer_options(self, options: PassOptions, n_layers: int, where: str) -> list:
         """Expand a rule's options into one Params per selected layer (schedules live here)."""

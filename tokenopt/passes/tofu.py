@@ -92,6 +92,9 @@ class ToFu(ToMe):
         return {self.calibration_key: linearity.linearity_profile(model, images, analysis=analysis).errors}
 
     def layer_options(self, options: ToFuOptions, n_layers: int, where: str) -> list[ToFuParams]:
+        if options.placement == "op":
+            raise RecipeError(f"{where}: tofu does not offer placement: op yet (ToMe does: pass: tome).\n"
+                              "  Use pass: tome with placement: op, or tofu with placement: stream.")
         return [ToFuParams(r, options.prop_attn, options.order, options.op)
                 for r in expand_r(options.r, n_layers, where)]
 

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.ops.matching import max_reduction
-from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
+from tokenopt.passes.base import LayerStep, Pass, register_pass
+from tokenopt.passes.op_level import OpLevelOptions, OpLevelParams, op_params, refuse_op_level, rewrite_op_level
 from tokenopt.rewrite.state import KeyBias
 from tokenopt.tokens import Dense, TokenCount
 
@@ -39,7 +40,7 @@ class DecreasingSchedule(BaseModel):
     end: int = Field(ge=0)
 
 
-class ToMeOptions(PassOptions):
+class ToMeOptions(OpLevelOptions):
     r: Union[NonNegativeInt, Annotated[list[NonNegativeInt], Field(min_length=1)], DecreasingSchedule] = Field(
         description="tokens merged per layer: an int, a per-layer list, or {start, end}")
     prop_attn: bool = Field(True, description="add log(size) to every later attention's logits")
@@ -87,10 +88,25 @@ class ToMe(Pass):
     def sweep_curves(cls) -> dict:
         return {"tome": lambda r: [{"pass": "tome", "r": r}]}
 
-    def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list[ToMeParams]:
+    def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list:
+        if options.placement == "op":
+            return [op_params(options)] * n_layers
         return [ToMeParams(r, options.prop_attn, options.order) for r in expand_r(options.r, n_layers, where)]
 
-    def plan_layer(self, block, params: ToMeParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
+    def changes_tokens(self, options) -> bool:
+        return options.placement != "op"     # op-level: every token comes back after each op
+
+    def refuse_layer(self, block, params, analysis) -> str | None:
+        if isinstance(params, OpLevelParams):
+            return refuse_op_level(block, params, analysis, self.name)
+        return self.refuse(block)
+
+    def plan_layer(self, block, params, tokens_in: TokenCount, prefix: int) -> LayerStep:
+        if isinstance(params, OpLevelParams):   # the stream keeps its count; each op runs on fewer tokens
+            r = int(block.tokens * params.ratio)
+            ops_ = "/".join({"self_attention": "attn", "cross_attention": "cross", "mlp": "mlp"}[b]
+                            for b in params.branches)
+            return LayerStep(tokens_in, replace(params, r=r), f"op-level merge r={r} around {ops_}")
         want = params.r
         # the matching splits the tokens an image has; with a varying count only the images at
         # the maximum are guaranteed r merges, so the cap (and the shortfall) use the maximum
@@ -104,6 +120,10 @@ class ToMe(Pass):
         return f"merge r={params.r}"
 
     def rewrite(self, g, block, step: LayerStep) -> None:
+        if isinstance(step.params, OpLevelParams):
+            stream = g.analysis.streams[block.stream]
+            rewrite_op_level(g, block, step.params, stream.grid, stream.prefix_tokens)
+            return
         r = step.params.r
         if not isinstance(g.state.layout, Dense):
             # a varying count alone is fine (merges cap by the maximum); a packed stream is not (B, N, C)

@@ -1,0 +1,149 @@
+"""The op-level placement of a merge: reduce -> op -> restore around each branch of a block.
+
+Stream-level merging (the default, ``placement: stream``) removes tokens from a block on, for
+every later block. Op-level merging (``placement: op``, as ToMe for Stable Diffusion places it)
+keeps the stream whole: in each chosen block the normed tokens an op reads are merged, the op
+runs on fewer tokens, and its output is unmerged back to every position before the residual add::
+
+    match = grid_matching(x, grid, sx, sy, r = int(N * ratio))     # once per block, from its input x
+    x = x + unmerge(attn(merge(norm1(x), match)), match)           # merge_attn
+    x = x + unmerge(cross_attn(merge(norm2(x), match), text), match)   # merge_crossattn
+    x = x + unmerge(mlp(merge(norm3(x), match)), match)            # merge_mlp
+
+Each branch is one :meth:`GraphRewriter.bracket` (entry: the normed tokens; exit: the branch's
+output), so the token state outside it is untouched. It needs the block's token grid; blocks more
+than ``max_downsample`` times below the model's largest grid are left as they are. Prefix tokens
+(a ViT's class token) are destinations: they are never merged away.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+
+from tokenopt.analysis.nodes import is_layer_norm
+from tokenopt.errors import PlanError, RecipeError
+from tokenopt.ops import grid_merge as ops
+from tokenopt.passes.base import PassOptions
+
+OP_KEYS = ("ratio", "sx", "sy", "use_rand", "seed", "max_downsample", "merge_attn", "merge_crossattn", "merge_mlp")
+BRANCH_OPTION = {"self_attention": "merge_attn", "cross_attention": "merge_crossattn", "mlp": "merge_mlp"}
+
+
+class OpLevelOptions(PassOptions):
+    """The recipe keys of the op-level placement, for a merging pass's Options to extend."""
+
+    placement: Literal["stream", "op"] = Field(
+        "stream", description="stream: tokens leave the stream from the block on; op: merge around each op "
+                              "(attention, cross-attention, MLP) and unmerge its output, the stream keeps every token")
+    ratio: Optional[float] = Field(None, ge=0, lt=1, description="placement: op — fraction of a block's tokens "
+                                                                 "merged, in [0, 1)")
+    sx: PositiveInt = Field(2, description="placement: op — grid cell width: one destination token per sx x sy cell")
+    sy: PositiveInt = Field(2, description="placement: op — grid cell height")
+    use_rand: bool = Field(False, description="placement: op — a random destination per cell (seeded) instead of "
+                                              "its top-left token")
+    seed: NonNegativeInt = Field(0, description="placement: op, use_rand — the seed of the destination draw")
+    max_downsample: PositiveInt = Field(1, description="placement: op — merge only in blocks whose grid is at most "
+                                                       "this many times smaller (per side) than the largest")
+    merge_attn: bool = Field(True, description="placement: op — merge around the self-attention")
+    merge_crossattn: bool = Field(False, description="placement: op — merge around the cross-attention")
+    merge_mlp: bool = Field(False, description="placement: op — merge around the MLP (feed-forward)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _placement_keys(cls, data):
+        """``placement: op`` takes ``ratio`` instead of ``r``; ``placement: stream`` takes none of the op keys."""
+        if not isinstance(data, dict):
+            return data
+        if data.get("placement") == "op":
+            if "r" in data:
+                raise ValueError("r does not go with placement: op; give ratio (the fraction of each block's "
+                                 "tokens merged) instead")
+            if "ratio" not in data:
+                raise ValueError("placement: op needs ratio (the fraction of each block's tokens merged, in [0, 1))")
+            return {**data, "r": 0}
+        given = [k for k in OP_KEYS if k in data]
+        if given:
+            raise ValueError(f"{', '.join(given)} only go(es) with placement: op")
+        return data
+
+
+@dataclass(frozen=True)
+class OpLevelParams:
+    """One layer of op-level merging: the fraction merged and how the destinations are chosen."""
+
+    ratio: float
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = False
+    seed: int = 0
+    max_downsample: int = 1
+    branches: tuple[str, ...] = ("self_attention",)
+    r: int = 0                      # filled in by the planner: int(tokens * ratio)
+
+
+def op_params(options) -> OpLevelParams:
+    branches = tuple(kind for kind, key in BRANCH_OPTION.items() if getattr(options, key))
+    return OpLevelParams(options.ratio, options.sx, options.sy, options.use_rand, options.seed,
+                         options.max_downsample, branches)
+
+
+def downsample_of(block, analysis) -> int:
+    """How many times smaller (per side) the block's grid is than the largest in the model."""
+    top = max(b.tokens for b in analysis.blocks)
+    return int(math.ceil(math.sqrt(top // block.tokens)))
+
+
+def refuse_op_level(block, params: OpLevelParams, analysis, pass_name: str) -> str | None:
+    """Why ``block`` is left alone (below max_downsample), None to merge; RecipeError for a block
+    that cannot take op-level merging at all (no grid, a grid the cells do not tile)."""
+    if block.refusal is not None:
+        return block.refusal
+    stream = analysis.streams[block.stream] if block.stream < len(analysis.streams) else None
+    if stream is None or stream.grid is None:
+        raise RecipeError(f"{block.path}: {pass_name} placement: op needs the block's token grid (H x W), and the "
+                          "shapes do not show one.\n  Use placement: stream for this block, or select only "
+                          "blocks whose tokens come from a (B, C, H, W) map.")
+    h, w = stream.grid
+    if h % params.sy or w % params.sx:
+        raise RecipeError(f"{block.path}: sx={params.sx}, sy={params.sy} do not tile its {h}x{w} token grid "
+                          f"(H must divide by sy, W by sx).\n  Choose sx dividing {w} and sy dividing {h}.")
+    ds = downsample_of(block, analysis)
+    if ds > params.max_downsample:
+        return (f"its grid ({h}x{w}) is {ds}x below the largest, beyond max_downsample={params.max_downsample} "
+                "(raise max_downsample to merge there)")
+    if not any(br.kind in params.branches for br in block.branches):
+        return "it has none of the branches the rule merges around"
+    return None
+
+
+def normed_input(g, block, branch):
+    """The node a branch's op reads: the norm right after the branch's entry (norm1/norm2/norm3)."""
+    entry = g.node(branch.entry)
+    body = g.region(entry, g.node(branch.exit))
+    norms = [u for u in entry.users if u in body and is_layer_norm(u, g.gm)]
+    if len(norms) != 1:
+        raise PlanError(f"{block.path}: the {branch.kind.replace('_', ' ')} branch does not start with one "
+                        "LayerNorm of the token stream, so op-level merging cannot tell which tokens the op reads.\n"
+                        "  Use placement: stream, or leave this branch out (merge_attn / merge_crossattn / merge_mlp).")
+    return norms[0]
+
+
+def rewrite_op_level(g, block, params: OpLevelParams, grid: tuple[int, int], prefix: int) -> None:
+    """Bracket each chosen branch of ``block``: merge its normed tokens, unmerge its output."""
+    if params.r <= 0:
+        return      # nothing merged: the graph is the original's, bit for bit
+    x = g.node(block.input)
+    match = g.insert_after(x, ops.grid_matching, x, grid, params.sx, params.sy, params.r, prefix,
+                           params.use_rand, params.seed,
+                           label=f"op-level matching r={params.r} ({params.sx}x{params.sy} cells)")
+    for branch in block.branches:
+        if branch.kind not in params.branches:
+            continue
+        start = normed_input(g, block, branch)
+        g.bracket(start, g.node(branch.exit),
+                  enter=lambda s, kind=branch.kind: g.insert_after(s, ops.merge_tokens, s, match,
+                                                                   label=f"merge before {kind}"),
+                  exit=lambda s, end, kind=branch.kind: (ops.unmerge_tokens, (match,), f"unmerge {kind} output"))
