@@ -1,0 +1,245 @@
+"""Diffusion denoisers: the diffusers:DIR source, the UNet's analysis, and op-level merging (tomesd's
+placement) against a plain per-image reference and against tomesd itself."""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tokenopt.analysis import Example, analyse, example_input_for
+from tokenopt.cli import app
+from tokenopt.errors import RecipeError
+from tokenopt.ops import grid_merge
+from tokenopt.pipeline import apply_plan
+from tokenopt.plan import make_plan
+from tokenopt.recipe import load_recipe
+
+runner = CliRunner()
+
+TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                 attention_head_dim=8, norm_num_groups=8)
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def diffusers():
+    return pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def unet_dir(diffusers, tmp_path_factory):
+    """A random-init SD-shaped tiny UNet: two resolutions of spatial transformers, cross-attention to text."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("unet")
+    diffusers.UNet2DConditionModel(**TINY_UNET).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unet(unet_dir):
+    from tokenopt.sources import load_model
+
+    model, _ = load_model(f"diffusers:{unet_dir}")
+    return model
+
+
+@pytest.fixture(scope="module")
+def unet_analysis(unet):
+    return analyse(unet)
+
+
+def op_recipe(**options):
+    return load_recipe({"version": 1, "rules": [{"pass": "tome", "placement": "op", **options}]})
+
+
+def optimized(analysis, **options):
+    return apply_plan(analysis, make_plan(op_recipe(**options), analysis))
+
+
+# ------------------------------------------------------------------------------------------ the op
+
+def reference_merge_op_unmerge(x, n, grid, sx, sy, r, op):
+    """Per image, with Python loops: destinations are the top-left token of each sx x sy cell; each
+    other token's best destination by cosine similarity of ``x``; the r best-matched sources are
+    averaged into their destination with it; ``op`` runs on the kept tokens of ``n``; every
+    position gets the output of the token that stands for it."""
+    h, w = grid
+    out = []
+    for xi, ni in zip(x, n):
+        dst = [i * w + j for i in range(0, h, sy) for j in range(0, w, sx)]
+        src = [p for p in range(h * w) if p not in dst]
+        unit = xi / xi.norm(dim=-1, keepdim=True)
+        best = {s: max(dst, key=lambda d: float(unit[s] @ unit[d])) for s in src}
+        sim = {s: float(unit[s] @ unit[best[s]]) for s in src}
+        merged = sorted(src, key=lambda s: -sim[s])[:r]
+        groups = {d: [d] + [s for s in merged if best[s] == d] for d in dst}
+        kept = [s for s in src if s not in merged]
+        tokens = torch.stack([ni[s] for s in kept] + [ni[groups[d]].mean(0) for d in dst])
+        y = op(tokens)
+        res = torch.empty(h * w, y.shape[-1])
+        for i, s in enumerate(kept):
+            res[s] = y[i]
+        for j, d in enumerate(dst):
+            res[groups[d]] = y[len(kept) + j]
+        out.append(res)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("grid,sx,sy,r", [((4, 4), 2, 2, 5), ((6, 4), 2, 3, 9), ((4, 6), 3, 2, 0)])
+def test_op_equals_the_per_image_reference(grid, sx, sy, r):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, grid[0] * grid[1], 8, generator=gen)
+    n = torch.randn(3, grid[0] * grid[1], 8, generator=gen)
+    lin = torch.nn.Linear(8, 5)
+    m = grid_merge.grid_matching(x, grid, sx, sy, r)
+    with torch.no_grad():
+        got = grid_merge.unmerge_tokens(m, lin(grid_merge.merge_tokens(n, m)))
+        want = reference_merge_op_unmerge(x, n, grid, sx, sy, r, lin)
+    assert grid_merge.merge_tokens(n, m).shape == (3, grid[0] * grid[1] - r, 8)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_prefix_tokens_are_never_merged_and_use_rand_is_seeded():
+    src, dst = grid_merge.destination_positions((4, 4), 2, 2, prefix=1)
+    assert dst.tolist() == [0, 1, 3, 9, 11]          # the class token, then each cell's top-left
+    assert sorted(src.tolist() + dst.tolist()) == list(range(17))
+    a = grid_merge.destination_positions((8, 8), 2, 2, use_rand=True, seed=3)[1]
+    assert torch.equal(a, grid_merge.destination_positions((8, 8), 2, 2, use_rand=True, seed=3)[1])
+    assert not torch.equal(a, grid_merge.destination_positions((8, 8), 2, 2, use_rand=True, seed=4)[1])
+    assert a.numel() == 16 and len({(int(p) // 8 // 2, int(p) % 8 // 2) for p in a}) == 16   # one per cell
+
+
+# ------------------------------------------------------------------------------------------ source
+
+def test_unet_folder_gives_its_example_and_input_size_overrides_it(unet):
+    ex = example_input_for(unet)
+    assert isinstance(ex, Example)
+    assert [tuple(t.shape) for t in ex.tensors()] == [(2, 4, 16, 16), (2,), (2, 77, 32)]
+    assert ex.kwargs.keys() == {"encoder_hidden_states"} and ex.batch_dims == (0, 0, 0)
+    small = example_input_for(unet, size=(8, 8))
+    assert tuple(small.image.shape) == (2, 4, 8, 8)
+    from tokenopt.cli.common import example_input
+    assert tuple(example_input(unet, (4, 24, 24)).image.shape) == (2, 4, 24, 24)
+
+
+def test_inspect_finds_the_unet_transformer_blocks(unet_dir):
+    res = run("inspect", f"diffusers:{unet_dir}")
+    assert res.exit_code == 0, res.output
+    assert "7 transformer block(s), input (2, 4, 16, 16)" in res.output
+    for path in ("down_blocks.0.attentions.0.transformer_blocks.0", "mid_block.attentions.0.transformer_blocks.0",
+                 "up_blocks.1.attentions.1.transformer_blocks.0"):
+        assert path in res.output
+
+
+def test_unet_analysis_branches_and_streams(unet_analysis):
+    a = unet_analysis
+    assert [b.tokens for b in a.blocks] == [256, 64, 64, 64, 64, 256, 256]
+    assert [s.grid for s in a.streams] == [(16, 16), (8, 8), (16, 16)]
+    for b in a.blocks:
+        assert [br.kind for br in b.branches] == ["self_attention", "cross_attention", "mlp"]
+        assert b.branches[1].core.kv_source == "encoder_hidden_states"
+        assert b.keeps_tokens and "feature map" in b.keeps_tokens
+
+
+def test_stream_level_merge_is_refused_on_unet_blocks(unet_analysis):
+    rec = load_recipe({"version": 1, "rules": [{"pass": "tome", "r": 4}]})
+    with pytest.raises(RecipeError, match="tokens go back to a 16x16 feature map.*use placement: op"):
+        make_plan(rec, unet_analysis)
+
+
+def _write(folder, name, data):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(data))
+
+
+def test_missing_diffusers_names_the_extra(monkeypatch, tmp_path):
+    _write(tmp_path, "config.json", {"_class_name": "UNet2DConditionModel"})
+    monkeypatch.setitem(sys.modules, "diffusers", None)   # `import diffusers` now raises ImportError
+    res = run("inspect", f"diffusers:{tmp_path}")
+    assert res.exit_code == 2, res.output
+    assert "needs the Python package 'diffusers', which is not installed" in res.output
+    assert "pip install 'tokenopt[diffusion]'" in res.output and "Traceback" not in res.output
+
+
+def test_unsupported_class_and_pipeline_without_denoiser(tmp_path):
+    _write(tmp_path / "vae", "config.json", {"_class_name": "AutoencoderKL"})
+    res = run("inspect", f"diffusers:{tmp_path / 'vae'}")
+    assert res.exit_code == 2, res.output
+    assert "holds a AutoencoderKL, which tokenopt does not support" in res.output
+    assert "UNet2DConditionModel, UNet2DModel, DiTTransformer2DModel, PixArtTransformer2DModel" in res.output
+    _write(tmp_path, "model_index.json", {"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"]})
+    res = run("inspect", f"diffusers:{tmp_path}")
+    assert res.exit_code == 2, res.output
+    assert "has neither unet/ nor transformer/" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+def test_ratio_zero_is_the_original_exactly(unet, unet_analysis):
+    ex = unet_analysis.example
+    gm = optimized(unet_analysis, ratio=0.0, merge_crossattn=True, merge_mlp=True)
+    with torch.no_grad():
+        assert torch.equal(ex.call(gm).sample, ex.call(unet).sample)
+
+
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+@pytest.mark.parametrize("flags", [{}, {"merge_crossattn": True}, {"merge_mlp": True},
+                                   {"merge_attn": False, "merge_crossattn": True, "merge_mlp": True}])
+def test_matches_tomesd(unet, unet_analysis, ratio, flags):
+    tomesd = pytest.importorskip("tomesd")
+    ex = unet_analysis.example
+    gm = optimized(unet_analysis, ratio=ratio, **flags)
+    patched = copy.deepcopy(unet)
+    tomesd.apply_patch(patched, ratio=ratio, use_rand=False, **flags)
+    with torch.no_grad():
+        got, want, original = ex.call(gm).sample, ex.call(patched).sample, ex.call(unet).sample
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - original).abs().max() > 1e-3       # it did merge
+
+
+def test_max_downsample_two_merges_the_lower_resolution_too(unet, unet_analysis):
+    tomesd = pytest.importorskip("tomesd")
+    ex = unet_analysis.example
+    plan = make_plan(op_recipe(ratio=0.5, max_downsample=2), unet_analysis)
+    assert [lp.step.params.r for lp in plan.layers] == [128, 32, 32, 32, 32, 128, 128]
+    patched = copy.deepcopy(unet)
+    tomesd.apply_patch(patched, ratio=0.5, use_rand=False, max_downsample=2)
+    with torch.no_grad():
+        torch.testing.assert_close(ex.call(apply_plan(unet_analysis, plan)).sample, ex.call(patched).sample,
+                                   rtol=0, atol=1e-5)
+    left = make_plan(op_recipe(ratio=0.5), unet_analysis)
+    assert [lp.step is not None for lp in left.layers] == [True, False, False, False, False, True, True]
+    assert "beyond max_downsample=1" in left.skipped[0][1]
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_ratio_outside_zero_one(ratio):
+    with pytest.raises(RecipeError, match="option 'ratio' = .*: input should be (less than 1|greater than or equal to 0)"):
+        op_recipe(ratio=ratio)
+
+
+def test_sx_sy_that_do_not_tile_the_grid(unet_analysis):
+    with pytest.raises(RecipeError, match=r"sx=3, sy=2 do not tile its 16x16 token grid"):
+        make_plan(op_recipe(ratio=0.5, sx=3), unet_analysis)
+
+
+def test_op_keys_need_placement_op_and_r_does_not_go_with_it(unet_analysis):
+    with pytest.raises(RecipeError, match="ratio only go"):
+        load_recipe({"version": 1, "rules": [{"pass": "tome", "r": 2, "ratio": 0.5}]})
+    with pytest.raises(RecipeError, match="r does not go with placement: op"):
+        op_recipe(r=2, ratio=0.5)
+    with pytest.raises(RecipeError, match="placement: op needs ratio"):
+        op_recipe()
+    with pytest.raises(RecipeError, match="tofu does not offer placement: op yet"):
+        make_plan(load_recipe({"version": 1, "rules": [{"pass": "tofu", "placement": "op", "ratio": 0.5}]}), unet_analysis)
