@@ -235,11 +235,11 @@ def test_sx_sy_that_do_not_tile_the_grid(unet_analysis):
 
 
 def test_op_keys_need_placement_op_and_r_does_not_go_with_it(unet_analysis):
-    with pytest.raises(RecipeError, match="ratio only go"):
+    with pytest.raises(RecipeError, match="option 'ratio' only goes with placement: op"):
         load_recipe({"version": 1, "rules": [{"pass": "tome", "r": 2, "ratio": 0.5}]})
-    with pytest.raises(RecipeError, match="r does not go with placement: op"):
+    with pytest.raises(RecipeError, match="option 'r' does not go with placement: op; give 'ratio'"):
         op_recipe(r=2, ratio=0.5)
-    with pytest.raises(RecipeError, match="placement: op needs ratio"):
+    with pytest.raises(RecipeError, match="option 'ratio' is required with placement: op"):
         op_recipe()
     with pytest.raises(RecipeError, match="tofu does not offer placement: op yet"):
         make_plan(load_recipe({"version": 1, "rules": [{"pass": "tofu", "placement": "op", "ratio": 0.5}]}), unet_analysis)

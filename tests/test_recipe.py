@@ -222,7 +222,8 @@ def test_unknown_option_lists_valid_keys():
     msg = error(rules_yaml("- pass: tome\n  r: 1\n  prop_atn: false\n"))
     assert msg.startswith("<string>, line 5 (rule 1, pass tome): unknown option 'prop_atn' "
                           "(did you mean 'prop_attn'?)")
-    assert "Options of tome: pass, layers, r, prop_attn, order." in msg
+    assert ("Options of tome: pass, layers, placement, ratio, sx, sy, use_rand, seed, max_downsample, merge_attn, "
+            "merge_crossattn, merge_mlp, r, prop_attn, order.") in msg
 
 
 def test_unknown_option_from_dict_has_no_line():

@@ -120,6 +120,14 @@ small = st.integers(0, 10)
 big = st.sampled_from([20, 1000, 10 ** 30, 10 ** 400])        # more than any layer can give, or absurd
 # GOOD: the right type, including values a model cannot honour (these reach the planner);
 # BAD: the wrong type or out of the schema's bounds (these must fail at load time).
+# the op-level placement's keys (ToMe's placement: op); on a stream-level rule each is refused by name too
+OP_LEVEL_GOOD = {"placement": st.just("stream"), "ratio": st.floats(0, 0.99), "sx": st.integers(1, 4),
+                 "sy": st.integers(1, 4), "use_rand": st.booleans(), "seed": small, "max_downsample": st.integers(1, 4),
+                 "merge_attn": st.booleans(), "merge_crossattn": st.booleans(), "merge_mlp": st.booleans()}
+OP_LEVEL_WRONG = {"placement": ["Op", "around", "", None, 1, True], "ratio": [1.0, 1.5, -0.1, math.nan, "0.5", True],
+                  "sx": [0, -1, 1.5, True, "2"], "sy": [0, -2, 2.0, None], "use_rand": ["yes", 1, None],
+                  "seed": [-1, 0.5, "0", True], "max_downsample": [0, -1, 1.5, True],
+                  "merge_attn": ["no", 0, None], "merge_crossattn": ["yes", 1], "merge_mlp": [2, "true"]}
 GOOD = {
     "r": st.one_of(small, small, big, st.lists(small, min_size=1, max_size=5),
                    st.fixed_dictionaries({"start": small | big, "end": small})),
@@ -129,6 +137,7 @@ GOOD = {
     "threshold": st.none() | st.floats(0, 2) | st.just(math.inf),
     "keep": st.floats(0.001, 1.0) | st.integers(1, 20) | big,
     "bypass": st.sampled_from(["block", "attention"]),
+    **OP_LEVEL_GOOD,
     "selector": st.fixed_dictionaries({}, optional={
         "input": st.sampled_from(["map", "pooled"]), "hidden": st.integers(1, 64) | st.just(4096),
         "kernel": st.sampled_from([1, 3, 5, 99, 1023]), "residual": st.booleans()}),
@@ -144,6 +153,7 @@ BAD = {
     "threshold": st.sampled_from([math.nan, -1.0, -math.inf, "0.5"]) | junk,
     "keep": st.sampled_from([0, -1, 0.0, 1.5, math.nan, math.inf, True, "0.5"]) | junk,
     "bypass": st.sampled_from(["mlp", "Block", ""]) | junk,
+    **{k: st.sampled_from(v) | junk for k, v in OP_LEVEL_WRONG.items()},
     "selector": st.fixed_dictionaries({}, optional={
         "input": st.just("mean") | junk, "hidden": st.sampled_from([0, -1, True, 1.5]) | junk,
         "kernel": st.sampled_from([0, 2, 4, -1, True, 3.0]) | junk, "residual": st.sampled_from(["no", 2]) | junk,
@@ -159,6 +169,7 @@ WRONG = {
     "threshold": [math.nan, -1.0, -math.inf, "0.5", True, [0.5]],
     "keep": [0, -1, 0.0, 1.5, math.nan, math.inf, -math.inf, True, "0.5", None, [0.5], {"k": 1}],
     "bypass": ["mlp", "Block", "", None, True],
+    **OP_LEVEL_WRONG,
     "selector": [{"input": "mean"}, {"hidden": 0}, {"hidden": True}, {"hidden": 1.5}, {"hidden": "8"}, {"kernel": 2},
                  {"kernel": True}, {"kernel": 3.0}, {"residual": "no"}, {"residual": 1}, {"hiden": 3}, "map", None,
                  [], True, {"hidden": 10 ** 30}, {"kernel": 10 ** 30 + 1}],     # too big to build: TypeError
@@ -172,7 +183,8 @@ MISSPELT_OPTIONS = {"R": small, "layer": st.just("all"), "prop-attn": st.boolean
 
 def rule_for(pass_name, junk_values: bool):
     valid = PASS_OPTIONS.get(pass_name, ["r"])
-    options = {k: (OPTION_VALUES if junk_values else GOOD)[k] for k in valid}
+    # the op-level keys go with placement: op, which takes ratio instead of r: these rules stay stream-level
+    options = {k: (OPTION_VALUES if junk_values else GOOD)[k] for k in valid if k not in OP_LEVEL_GOOD}
     required = {"pass": st.just(pass_name)}
     if pass_name in ("tome", "tofu"):
         required["r"] = options.pop("r")

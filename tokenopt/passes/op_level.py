@@ -59,15 +59,29 @@ class OpLevelOptions(PassOptions):
             return data
         if data.get("placement") == "op":
             if "r" in data:
-                raise ValueError("r does not go with placement: op; give ratio (the fraction of each block's "
-                                 "tokens merged) instead")
+                raise ValueError("option 'r' does not go with placement: op; give 'ratio' (the fraction of each "
+                                 "block's tokens merged) instead")
             if "ratio" not in data:
-                raise ValueError("placement: op needs ratio (the fraction of each block's tokens merged, in [0, 1))")
+                raise ValueError("option 'ratio' is required with placement: op (the fraction of each block's "
+                                 "tokens merged, in [0, 1))")
             return {**data, "r": 0}
-        given = [k for k in OP_KEYS if k in data]
+        given = [k for k in OP_KEYS if k in data and data.get("placement", "stream") == "stream"]
         if given:
-            raise ValueError(f"{', '.join(given)} only go(es) with placement: op")
+            named = ", ".join(repr(k) for k in given)
+            raise ValueError(f"option{'s' if len(given) > 1 else ''} {named} only go{'' if len(given) > 1 else 'es'} "
+                             "with placement: op (merging around each op); add placement: op and ratio, or remove "
+                             f"{'them' if len(given) > 1 else 'it'}")
         return data
+
+    def model_dump(self, **kwargs) -> dict:
+        """Only the keys of the rule's placement, so the dump loads back (a saved recipe, Recipe.to_dict)."""
+        out = super().model_dump(**kwargs)
+        if out.get("placement") == "op":
+            out.pop("r", None)
+        else:
+            for key in ("placement", *OP_KEYS):
+                out.pop(key, None)
+        return out
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,9 @@ def _explain(error: ValidationError, options_cls, given: dict) -> str:
     parts = []
     for name, errs in by_field.items():
         info = options_cls.model_fields.get(name)
+        if not errs[0]["loc"] and errs[0]["type"] == "value_error":   # a rule across options (a model validator)
+            parts.append(str(errs[0]["ctx"]["error"]))
+            continue
         if errs[0]["type"] == "missing" and len(errs[0]["loc"]) == 1:
             hint = f" ({info.description})" if info and info.description else ""
             parts.append(f"option {name!r} is required{hint}")
