@@ -93,6 +93,17 @@ def _constant(t: torch.Tensor) -> bool:
     return (t - t[:1]).abs().max().item() <= 1e-6 * t.abs().max().item()
 
 
+def compare_call(model: nn.Module, gm: nn.Module, example) -> str:
+    """The check for a model of several inputs (a denoiser): both called on the example's inputs,
+    the first tensor of their outputs compared (max difference, mean cosine similarity)."""
+    with torch.no_grad():
+        a, b = first_tensor(example.call(model)), first_tensor(example.call(gm))
+    if a.shape != b.shape:
+        return f"check: output shapes differ: original {tuple(a.shape)}, optimized {tuple(b.shape)}"
+    return (f"check on the example inputs ({example.batch} random inputs, seed 0): {_difference(a, b)}, "
+            f"mean cosine similarity {_cosine(a, b):.4f}")
+
+
 def _difference(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"max |original - optimized| = {(a.float() - b.float()).abs().max().item():.3g}"
 

@@ -84,8 +84,11 @@ def _check(model, gm, x, leaves, n: int = 8, capture: str = "auto") -> str:
     """The comparison line on a seeded random batch of ``n`` (what it compares: tokenopt.check)."""
     import torch
 
-    from tokenopt.check import compare
+    from tokenopt.analysis import Example
+    from tokenopt.check import compare, compare_call
 
+    if isinstance(x, Example):     # several inputs (a denoiser): one call on the example, as the capture made it
+        return compare_call(model, gm, x)
     batch = torch.randn(n, *x.shape[1:], generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)
     reference = None
     if getattr(record_of(gm), "outputs", "logits") == "tokens":
