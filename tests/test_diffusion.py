@@ -243,3 +243,51 @@ def test_op_keys_need_placement_op_and_r_does_not_go_with_it(unet_analysis):
         op_recipe()
     with pytest.raises(RecipeError, match="tofu does not offer placement: op yet"):
         make_plan(load_recipe({"version": 1, "rules": [{"pass": "tofu", "placement": "op", "ratio": 0.5}]}), unet_analysis)
+
+
+# ------------------------------------------------------------------------------------------ plain ViTs
+
+def test_op_level_on_a_plain_vit_equals_merge_op_unmerge_by_hand():
+    """The same placement on a cls-token ViT: the class token is a destination, never merged away."""
+    from tests.vit_models import ExplicitViT
+
+    torch.manual_seed(0)
+    vit = ExplicitViT().eval()              # 32x32 images, 8x8 patches: a 4x4 grid and a class token
+    x = torch.randn(2, 3, 32, 32)
+    analysis = analyse(vit, x)
+    plan = make_plan(op_recipe(ratio=0.4, merge_mlp=True), analysis)
+    assert [lp.step.params.r for lp in plan.layers] == [6, 6, 6]
+    gm = apply_plan(analysis, plan)
+
+    def by_hand(img):
+        t = vit.embed(img).flatten(2).transpose(1, 2)
+        t = torch.cat([vit.cls.expand(t.shape[0], -1, -1), t], dim=1) + vit.pos
+        for layer in vit.layers:
+            m = grid_merge.grid_matching(t, (4, 4), 2, 2, 6, prefix=1)
+            t = t + grid_merge.unmerge_tokens(m, layer.attn(grid_merge.merge_tokens(layer.ln1(t), m)))
+            t = t + grid_merge.unmerge_tokens(m, layer.ff(grid_merge.merge_tokens(layer.ln2(t), m)))
+        return vit.fc(vit.norm(t)[:, 0])
+
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), by_hand(x), rtol=0, atol=1e-5)
+        assert torch.equal(apply_plan(analysis, make_plan(op_recipe(ratio=0.0), analysis))(x), vit(x))
+
+
+class TokensIn(torch.nn.Module):
+    """Blocks over tokens given as the input: no conv map, so no grid."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.vit_models import ExplicitBlock
+        self.layers = torch.nn.ModuleList(ExplicitBlock(32, 4) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.mean(1)
+
+
+def test_op_level_on_a_block_without_grid_is_refused_by_name():
+    analysis = analyse(TokensIn().eval(), torch.randn(2, 15, 32))     # 15 tokens: no square grid either
+    with pytest.raises(RecipeError, match=r"layers\.0: tome placement: op needs the block's token grid"):
+        make_plan(op_recipe(ratio=0.5), analysis)
