@@ -196,7 +196,7 @@ def test_apply_with_input_size_and_leaf(work, recipe, user_models):
 BAD_RECIPES = {
     "malformed YAML": ("version: 1\nrules:\n  - pass: tome\n    r: 2\n   layers: all\n", "line 5"),
     "unknown pass": ("version: 1\nrules:\n  - pass: tomme\n    r: 2\n", "unknown pass 'tomme'"),
-    "unknown key": ("version: 1\nrules:\n  - pass: tome\n    r: 2\n    ratio: 3\n", "unknown option 'ratio'"),
+    "unknown key": ("version: 1\nrules:\n  - pass: tome\n    r: 2\n    rate: 3\n", "unknown option 'rate'"),
     "selector matching nothing": ("version: 1\nrules:\n  - pass: tome\n    layers: 'stages.*'\n    r: 2\n",
                                   "matches no block"),
     "r too large under strict": ("version: 1\nstrict: true\nrules:\n  - pass: tome\n    r: 9\n", "r=9"),
