@@ -15,6 +15,7 @@ parameters are the model's own tensors, under the same state-dict keys.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -117,20 +118,107 @@ def export_graph(model: nn.Module, example_input) -> fx.GraphModule:
     """
     name = type(model).__name__
     example_input = Example.of(example_input)
-    was_training = model.training
-    batch = torch.export.Dim("batch", min=1)
+    spatial = spatial_axes(model, example_input)
+    if spatial is not None:
+        try:
+            return _finish(model, _export(model, example_input, spatial), example_input, spatial)
+        except Exception:
+            pass    # the model's code fixes its grid somewhere export sees (a guard, a branch): static capture
     try:
-        with torch.no_grad():
-            ep = torch.export.export(model, example_input.args, example_input.kwargs or None, strict=False,
-                                     dynamic_shapes=example_input.dynamic_shapes(model, batch))
+        ep = _export(model, example_input, None)
     except Exception as e:   # export raises many types (UserError, GuardOnDataDependent...); one message
         first = (str(e).strip().splitlines() or [""])[0]
         raise AnalysisError(
             f"cannot capture {name} with torch.export: {type(e).__name__}: {first}\n"
             "  Check that the model runs on a batch of the example's shape "
             f"{tuple(example_input.image.shape)} (CLI: --input-size C,H,W).") from None
+    return _finish(model, ep, example_input, None)
+
+
+def _export(model: nn.Module, example_input: Example, spatial: tuple | None):
+    """torch.export of ``model``: the batch axes dynamic, and with ``spatial`` (patch, (h, w) axes of
+    the image) the image's height and width too, as multiples of the patch."""
+    was_training = model.training
+    batch = torch.export.Dim("batch", min=1)
+    axes = None
+    if spatial is not None:
+        patch, (h, w) = spatial
+        grid = example_input.image.shape[h] // patch, example_input.image.shape[w] // patch
+        (lo, hi_h), (_, hi_w) = _grid_range(grid[0]), _grid_range(grid[1])
+        axes = {h: patch * torch.export.Dim("grid_h", min=lo, max=hi_h),
+                w: patch * torch.export.Dim("grid_w", min=lo, max=hi_w)}
+    try:
+        # Hugging Face models interpolate their position embeddings "always when tracing, so the
+        # exported model works for dynamic input shapes" (at the native grid that interpolation is
+        # exact); without it, export would keep the branch of the example's size only
+        with torch.no_grad(), _tracing(spatial is not None):
+            return torch.export.export(model, example_input.args, example_input.kwargs or None, strict=False,
+                                       dynamic_shapes=example_input.dynamic_shapes(model, batch, axes))
     finally:
         model.train(was_training)
+
+
+def _grid_range(grid: int) -> tuple[int, int]:
+    """The patches per side a dynamic capture takes: from 2 (1 would be specialised by export) to 8
+    times the example's, at least 64."""
+    return 2, max(64, 8 * grid)
+
+
+def dynamic_axes_of(spatial: tuple | None, example: Example) -> dict:
+    """What the graph's meta records of a dynamic capture: input (pytree position) -> {axis: (the
+    multiple the size must be, smallest, largest)}; empty for a static one."""
+    if spatial is None:
+        return {}
+    patch, axes = spatial
+    out = {}
+    for a in axes:
+        lo, hi = _grid_range(example.image.shape[a] // patch)
+        out[a] = (patch, patch * lo, patch * hi)
+    return {0: out}
+
+
+@contextlib.contextmanager
+def _tracing(on: bool):
+    if not on:
+        yield
+        return
+    saved = torch.jit.is_tracing
+    torch.jit.is_tracing = lambda: True
+    try:
+        yield
+    finally:
+        torch.jit.is_tracing = saved
+
+
+def spatial_axes(model: nn.Module, example: Example) -> tuple | None:
+    """(patch, (h, w)) when the model itself runs on an image one patch taller and wider than the
+    example's (DINOv2, timm's dynamic_img_size, ...): then export tries those axes dynamic too.
+    None when it does not, or the first input is not an image batch (N, C, H, W)."""
+    x = example.image
+    if x.dim() != 4 or example.batch_dims[0] != 0 or not x.is_floating_point():
+        return None
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    patch = conv.stride[0] if conv is not None and conv.stride[0] == conv.stride[1] else 16
+    if x.shape[2] % patch or x.shape[3] % patch:
+        return None
+    bigger = Example((x[:1].new_zeros(1, x.shape[1], x.shape[2] + patch, x.shape[3] + patch), *example.args[1:]),
+                     example.first(1).kwargs) if example.args and example.args[0] is x else None
+    if bigger is None or len(example.tensors()) > 1:
+        return None      # several tensor inputs: which of their axes follow the image is not known
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            bigger.call(model)
+    except Exception:
+        return None
+    finally:
+        model.train(was_training)
+    return patch, (2, 3)
+
+
+def _finish(model: nn.Module, ep, example_input: Example, spatial: tuple | None) -> fx.GraphModule:
+    name = type(model).__name__
     gm = _plain_graph_module(ep.module(), name)
     gm.meta["tokenopt_source_class"] = f"{type(model).__module__}:{type(model).__qualname__}"
     gm.meta["tokenopt_capture"] = "export"
@@ -141,6 +229,15 @@ def export_graph(model: nn.Module, example_input) -> fx.GraphModule:
     free_token_axis(gm)
     record_shapes(gm, example_input, name)
     _check_same(model, gm, example_input, name)
+    gm.meta["tokenopt_dynamic_axes"] = dynamic_axes_of(spatial, example_input)
+    if spatial is not None:      # the second size must run too, and agree with the model, or no dynamic sizes
+        patch, (h, w) = spatial
+        x = example_input.image[:1]
+        shape = (1, x.shape[1], x.shape[h] + patch, x.shape[w] + patch)
+        bigger = Example((torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x),))
+        worst = gm.meta["tokenopt_capture_max_diff"]
+        _check_same(model, gm, bigger, name)
+        gm.meta["tokenopt_capture_max_diff"] = max(worst, gm.meta["tokenopt_capture_max_diff"])
     return gm
 
 
