@@ -53,6 +53,7 @@ class _Convention:
     signature: inspect.Signature | None
     sizes: dict | None                  # input name -> (batch axis, shape) where sizes are checked
     dynamic: dict                       # input name -> {axis: (multiple, smallest, largest)} that may change
+                                        # (largest None: any size, the multiple only counts the patches)
     layers: list                        # [_Layer] of the plan's steps
     prefix: int = 0
     capture: str = "export"
@@ -61,7 +62,8 @@ class _Convention:
 
 def install(gm: nn.Module, model: nn.Module, example, analysis, plan=None) -> dict:
     """Make ``gm`` accept what ``model`` accepts (see the module docstring). Returns the input axes
-    that may change size: input (pytree position) -> {axis: (multiple, smallest, largest)}."""
+    that may change size: input (pytree position) -> {axis: (multiple, smallest, largest)}, largest
+    None for an fx graph, which takes any size its model takes (the multiple is the patch)."""
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -77,8 +79,8 @@ def install(gm: nn.Module, model: nn.Module, example, analysis, plan=None) -> di
         spatial = spatial_axes(model, example)
         if spatial is not None:
             checked = True
-            if _runs_bigger(gm, example, spatial):
-                dynamic = dynamic_axes_of(spatial, example)
+            if _runs_bigger(gm, example, spatial):     # the traced code takes any size the model's does
+                dynamic = {0: {a: (spatial[0], 1, None) for a in spatial[1]}}
     sizes = None
     if checked and signature is not None:
         batch_dim = {id(t): d for t, d in zip(example.tensors(), example.batch_dims)}
@@ -200,12 +202,18 @@ def _check_sizes(conv: _Convention, args: tuple, kwargs: dict) -> None:
             raise CallError(_fixed_size(conv, name, built, _size_text(got, d) if len(got) == len(want) else
                                         "x".join(map(str, got)), free))
         for i, (multiple, lo, hi) in free.items():
-            if got[i] % multiple or not lo <= got[i] <= hi:
+            if hi is not None and (got[i] % multiple or not lo <= got[i] <= hi):
                 raise CallError(
-                    f"the optimized {conv.name} takes {name} whose axis {i} is a multiple of {multiple} from {lo} "
-                    f"to {hi} (it was built for {built}), got {got[i]}. Resize the input, or optimize again with an "
-                    f"example of that size (API: example_input=...; CLI: --input-size).")
+                    f"the optimized {conv.name} takes {name} of {_axes_text(free)} that are multiples of {multiple} "
+                    f"from {lo} to {hi} (it was built for {built}), got {_size_text(got, d)}: its graph was captured "
+                    f"by torch.export for that range. Resize the input, or optimize again with an example of that "
+                    f"size (API: example_input=...; CLI: --input-size).")
         _check_plan(conv, name, built, got, want, free)
+
+
+def _axes_text(free: dict) -> str:
+    """How messages name the axes that may change: an image's height and width, else their numbers."""
+    return "height and width" if sorted(free) == [2, 3] else "axes " + ", ".join(map(str, free))
 
 
 def _size_text(shape: tuple, batch_dim) -> str:
@@ -214,9 +222,8 @@ def _size_text(shape: tuple, batch_dim) -> str:
 
 def _fixed_size(conv: _Convention, name: str, built: str, got: str, free: dict) -> str:
     if free:
-        which = " and ".join(f"axis {i}" for i in free)
         return (f"the optimized {conv.name} was built for {name} of size {built} (besides the batch), got {got}: "
-                f"only {which} may change. Optimize again with an example of the new size (API: example_input=...; "
+                f"only its {_axes_text(free)} may change. Optimize again with an example of the new size (API: example_input=...; "
                 f"CLI: --input-size).")
     why = ("a graph captured by torch.export keeps the sizes it was captured with" if conv.capture == "export" else
            "the original runs at other sizes, but its graph traced by torch.fx does not after the rewrite")

@@ -3,8 +3,10 @@
     fx      torch.fx symbolic tracing (tokenopt.trace): module calls stay in the graph, which reads
             best (``blocks.3.attn.qkv``); fails on Python control flow over values, as in Hugging
             Face transformers 5 (no fx tracer of its own any more).
-    export  torch.export.export(model, (x,), strict=False) with the batch axis dynamic, to an ATen
-            graph (``ep.module()``); rewritten into fx's op vocabulary (analysis.aten_vocabulary),
+    export  torch.export.export(model, (x,), strict=False) with the batch axis dynamic (and the
+            image's height and width, as multiples of the patch, where the model itself runs on an
+            image one patch larger and the capture reproduces it there; else the example's size), to
+            an ATen graph (``ep.module()``; the axes made dynamic in ``meta["tokenopt_dynamic_axes"]``); rewritten into fx's op vocabulary (analysis.aten_vocabulary),
             sizes it fixed on the token axis freed (analysis.token_axis), constant all-True masks
             removed (analysis.constant_masks).
     auto    fx, and export when fx cannot trace the model (the default).
@@ -109,7 +111,9 @@ def export_graph(model: nn.Module, example_input) -> fx.GraphModule:
     """``model`` captured by torch.export (non-strict, any batch size), in fx's op vocabulary.
 
     ``example_input``: an :class:`Example` (several inputs, keyword ones too) or one tensor; every
-    input's batch axis is dynamic.
+    input's batch axis is dynamic, and the image's height and width where :func:`spatial_axes` finds
+    the model runs at another size and the dynamic capture reproduces it at both sizes (silently
+    static otherwise).
 
     The result is checked once against the model on ``example_input``: the same outputs, bit for
     bit as a rule; where torch.export itself orders floating-point work differently from eager
