@@ -159,6 +159,24 @@ def test_a_recipe_tied_to_its_grid_refuses_another_size_naming_the_size_it_was_b
         "optimize again with an example of the new size (API: example_input=...; CLI: --input-size).")
 
 
+def test_an_hf_vit_optimized_with_interpolate_pos_encoding_takes_other_sizes():
+    """HF ViT takes another size with interpolate_pos_encoding=True: optimized from an example with that
+    flag, the result does too, and a call that leaves the flag out gets it (no TypeError)."""
+    model = hf_vit()
+    x = torch.randn(2, 3, 32, 32)
+    example = tokenopt.Example((x,), {"interpolate_pos_encoding": True})
+    same = tokenopt.optimize(model, {"version": 1, "rules": [{"pass": "tome", "r": 0}]}, example, report=False)
+    fast = tokenopt.optimize(model, TOME, example, report=False)
+    assert record_of(fast).dynamic_axes == {0: {2: (8, 16, 512), 3: (8, 16, 512)}}
+    y = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        want = model(y, interpolate_pos_encoding=True).logits
+        assert torch.equal(same(y, interpolate_pos_encoding=True).logits, want)
+        assert torch.equal(same(y).logits, want)
+        assert torch.equal(same(x).logits, model(x).logits)
+        assert fast(y).logits.shape == (2, 5)
+
+
 timm = pytest.importorskip("timm")
 
 

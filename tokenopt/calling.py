@@ -21,12 +21,12 @@ guards on the sizes it was captured with. :func:`install` puts a forward pre-hoo
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from tokenopt.analysis.capture import dynamic_axes_of, spatial_axes
+from tokenopt.analysis.capture import one_patch_bigger, spatial_axes
 from tokenopt.errors import TokenoptError
 from tokenopt.tokens import TokenCount
 
@@ -57,6 +57,8 @@ class _Convention:
     layers: list                        # [_Layer] of the plan's steps
     prefix: int = 0
     capture: str = "export"
+    flags: dict = field(default_factory=dict)       # the example's keyword inputs that are not tensors
+    positions: dict = field(default_factory=dict)   # input name -> its position among the example's inputs
     as_tuple: bool = False              # set by the pre-hook for the forward hook of the same call
 
 
@@ -93,7 +95,9 @@ def install(gm: nn.Module, model: nn.Module, example, analysis, plan=None) -> di
         by_name = {name: dynamic[position[id(v)]] for name, v in bound.items()
                    if isinstance(v, torch.Tensor) and position[id(v)] in dynamic}
     conv = _Convention(type(model).__name__, frozenset(names), signature, sizes, by_name, layers,
-                       analysis.prefix_tokens, capture)
+                       analysis.prefix_tokens, capture,
+                       {k: v for k, v in example.kwargs.items() if not isinstance(v, torch.Tensor)},
+                       {k: i for i, k in enumerate(names)})
     gm.register_forward_pre_hook(lambda m, args, kwargs: _before(conv, args, kwargs), with_kwargs=True)
     gm.register_forward_hook(lambda m, args, kwargs, out: _after(conv, out), with_kwargs=True)
     return dynamic if by_name else {}
@@ -116,15 +120,11 @@ def _layers(analysis, plan) -> list:
 
 def _runs_bigger(gm: nn.Module, example, spatial) -> bool:
     """Whether the rewritten graph runs on an image one patch taller and wider than the example's."""
-    patch, (h, w) = spatial
-    x = example.image[:1]
-    bigger = torch.randn(1, x.shape[1], x.shape[h] + patch, x.shape[w] + patch,
-                         generator=torch.Generator().manual_seed(0)).to(x)
     was_training = gm.training
     try:
         gm.eval()
         with torch.no_grad():
-            gm(bigger)
+            one_patch_bigger(example, spatial).call(gm)
         return True
     except Exception:
         return False
@@ -146,7 +146,10 @@ def _before(conv: _Convention, args: tuple, kwargs: dict):
     if conv.sizes is not None:
         _check_sizes(conv, args, kwargs)
     extra = [k for k in kwargs if k not in conv.takes]
-    if not extra:
+    # a flag the example set (interpolate_pos_encoding=True) is an input of the captured graph:
+    # a call that leaves it out gets the example's value, not a TypeError about a missing argument
+    missing = {k: v for k, v in conv.flags.items() if k not in kwargs and conv.positions[k] >= len(args)}
+    if not extra and not missing:
         return None
     params = conv.signature.parameters if conv.signature is not None else {}
     for k in extra:
@@ -160,7 +163,7 @@ def _before(conv: _Convention, args: tuple, kwargs: dict):
         if _asks_nothing(v, p.default if p is not None else inspect.Parameter.empty):
             continue
         raise CallError(_refusal(conv, k, v, in_signature=p is not None))
-    return args, {k: v for k, v in kwargs.items() if k in conv.takes}
+    return args, {**missing, **{k: v for k, v in kwargs.items() if k in conv.takes}}
 
 
 def _after(conv: _Convention, out):

@@ -96,7 +96,8 @@ def hand_written_vit(**kw) -> nn.Module:
 def _hf(config: str, model: str, **kw) -> Callable[[], nn.Module]:
     def build():
         import transformers
-        return getattr(transformers, model)(getattr(transformers, config)(**{**HF, **kw}))
+        given = {k: v for k, v in {**HF, **kw}.items() if v is not None}    # None: the config's own default
+        return getattr(transformers, model)(getattr(transformers, config)(**given))
     return build
 
 
@@ -133,8 +134,7 @@ MODELS: list[tuple[str, str, Callable[[], nn.Module], int]] = [
                                 "&num_classes=5"), 56),
     ("timm", "convnext_atto", _spec("timm:convnext_atto?num_classes=5"), 64),
     ("timm", "vit reg4", _spec("timm:vit_medium_patch16_reg4_gap_256?img_size=64&depth=2&num_classes=5"), 64),
-    ("torchvision", "vit_b_16", _spec("torchvision:vit_b_16?image_size=32&patch_size=8&num_layers=2&num_heads=2"
-                                      "&hidden_dim=32&mlp_dim=64&num_classes=5"), 32),
+    ("torchvision", "vit_b_16 (32 px)", _spec("torchvision:vit_b_16?image_size=32&num_classes=5"), 32),
     ("open_clip", "ViT-B-32", _spec("open_clip:ViT-B-32?image_size=32&patch_size=8&width=64&layers=2&head_width=32"),
      32),
     ("own", "hand-written ViT (q/k/v)", _spec("own_models_trial:hand_written_vit"), 32),

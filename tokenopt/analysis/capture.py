@@ -205,10 +205,9 @@ def spatial_axes(model: nn.Module, example: Example) -> tuple | None:
     patch = conv.stride[0] if conv is not None and conv.stride[0] == conv.stride[1] else 16
     if x.shape[2] % patch or x.shape[3] % patch:
         return None
-    bigger = Example((x[:1].new_zeros(1, x.shape[1], x.shape[2] + patch, x.shape[3] + patch), *example.args[1:]),
-                     example.first(1).kwargs) if example.args and example.args[0] is x else None
-    if bigger is None or len(example.tensors()) > 1:
+    if not example.args or example.args[0] is not x or len(example.tensors()) > 1:
         return None      # several tensor inputs: which of their axes follow the image is not known
+    bigger = one_patch_bigger(example, (patch, (2, 3)))
     was_training = model.training
     try:
         model.eval()
@@ -219,6 +218,17 @@ def spatial_axes(model: nn.Module, example: Example) -> tuple | None:
     finally:
         model.train(was_training)
     return patch, (2, 3)
+
+
+def one_patch_bigger(example: Example, spatial: tuple) -> Example:
+    """The example's first image, one patch taller and wider (random values), with its other inputs."""
+    patch, (h, w) = spatial
+    x = example.image[:1]
+    shape = list(x.shape)
+    shape[h] += patch
+    shape[w] += patch
+    big = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x)
+    return Example((big, *example.args[1:]), example.first(1).kwargs)
 
 
 def _finish(model: nn.Module, ep, example_input: Example, spatial: tuple | None) -> fx.GraphModule:
@@ -235,10 +245,7 @@ def _finish(model: nn.Module, ep, example_input: Example, spatial: tuple | None)
     _check_same(model, gm, example_input, name)
     gm.meta["tokenopt_dynamic_axes"] = dynamic_axes_of(spatial, example_input)
     if spatial is not None:      # the second size must run too, and agree with the model, or no dynamic sizes
-        patch, (h, w) = spatial
-        x = example_input.image[:1]
-        shape = (1, x.shape[1], x.shape[h] + patch, x.shape[w] + patch)
-        bigger = Example((torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(x),))
+        bigger = one_patch_bigger(example_input, spatial)
         worst = gm.meta["tokenopt_capture_max_diff"]
         _check_same(model, gm, bigger, name)
         gm.meta["tokenopt_capture_max_diff"] = max(worst, gm.meta["tokenopt_capture_max_diff"])
