@@ -23,6 +23,7 @@ from typing import Iterable
 
 import torch
 import torch.fx as fx
+import torch.utils._python_dispatch
 from torch import nn
 
 from tokenopt.analysis.aten_vocabulary import canonical_ops
@@ -196,7 +197,8 @@ def _tracing(on: bool):
 
 def spatial_axes(model: nn.Module, example: Example) -> tuple | None:
     """(patch, (h, w)) when the model itself runs on an image one patch taller and wider than the
-    example's (DINOv2, timm's dynamic_img_size, ...): then export tries those axes dynamic too.
+    example's, resampling its position embeddings to it (DINOv2, timm's dynamic_img_size, Hugging
+    Face's interpolate_pos_encoding=True): then export tries those axes dynamic too.
     None when it does not, or the first input is not an image batch (N, C, H, W)."""
     x = example.image
     if x.dim() != 4 or example.batch_dims[0] != 0 or not x.is_floating_point():
@@ -211,13 +213,27 @@ def spatial_axes(model: nn.Module, example: Example) -> tuple | None:
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _Resamples() as seen:
             bigger.call(model)
     except Exception:
         return None
     finally:
         model.train(was_training)
-    return patch, (2, 3)
+    # only a model that resamples something (its position embeddings) to the new grid: one that takes
+    # another size otherwise (Swin pads to its windows, a ConvNeXt has no grid) can take minutes for
+    # torch.export to make dynamic, and then guards on the size anyway
+    return (patch, (2, 3)) if seen.found else None
+
+
+class _Resamples(torch.utils._python_dispatch.TorchDispatchMode):
+    """Notes whether an upsampling op runs (position embeddings resampled to the image's grid)."""
+
+    found = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "upsample" in func.__name__ or "grid_sampler" in func.__name__:
+            self.found = True
+        return func(*args, **(kwargs or {}))
 
 
 def one_patch_bigger(example: Example, spatial: tuple) -> Example:
