@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -358,3 +359,20 @@ def test_train_help_says_masks_are_relative_to_the_training_folder():
     text = " ".join(result.output.replace("│", " ").split())
     assert ("one PNG per training image, at its path relative to the training folder (for --data D with train/: "
             "image D/train/cat/1.jpg, mask DIR/cat/1.png)") in text
+
+
+@pytest.mark.parametrize("verb", ["apply", "inspect"])
+def test_arch_help_is_whole_in_80_columns(verb):
+    """At COLUMNS=80 the --arch help showed `timm:<name>[?key=valu…`: every name must show whole."""
+    result = runner.invoke(app, [verb, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    option = re.compile(r"^│\s+(\*\s+)?--")
+    start = next(i for i, line in enumerate(lines) if option.match(line) and "--arch " in line)
+    end = next(i for i in range(start + 1, len(lines)) if option.match(lines[i]) or lines[i].startswith("╰"))
+    text = " ".join(" ".join(line.replace("│", " ").split()) for line in lines[start:end])
+    text = text.split("Architecture for a state dict: ", 1)[1]
+    assert "…" not in text, text
+    assert ("timm:<name>, open_clip:<arch>, torchvision:<name> or package.module:factory, each optionally followed "
+            "by ?key=value&... (constructor arguments).") in text, text
+    assert max(len(line) for line in lines) <= 80

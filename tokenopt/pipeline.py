@@ -69,7 +69,8 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     update_record(gm, recipe=recipe, context=context, plan=plan, outputs=outputs, capture=analysis.capture,
                   base=getattr(model, "tokenopt_base", None),
                   leaf_modules=tuple(m if isinstance(m, str) else m.__name__ for m in leaf_modules))
-    calling.install(gm, model, example, analysis.capture)   # called as the original is, or a clear refusal
+    # called as the original is, or a clear refusal; the input axes that may change size go in the record
+    update_record(gm, dynamic_axes=calling.install(gm, model, example, analysis, plan))
     if report:   # counting FLOPs runs the rewritten graph: that run is the verification too
         try:
             update_record(gm, report=build_report(before, gm, analysis, plan, example.first(1), example))

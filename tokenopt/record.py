@@ -32,6 +32,8 @@ class Record:
     inserted: node name -> what tokenopt inserted there; inserted_by: node name -> the pass that did;
     overhead: node name -> the block whose tokens it chooses (a selector's cost);
     token_counts: block index -> the node holding its (B,) tokens per image, where they vary.
+    dynamic_axes: input (pytree position) -> {axis: (multiple, smallest, largest)}: the input axes the
+        module takes at other sizes (the image's height and width, where the original does too).
     """
 
     recipe: Any = None
@@ -48,6 +50,7 @@ class Record:
     inserted_by: Mapping = field(default_factory=dict)
     overhead: Mapping = field(default_factory=dict)
     token_counts: Mapping = field(default_factory=dict)
+    dynamic_axes: Mapping = field(default_factory=dict)
 
 
 def _holder(module):

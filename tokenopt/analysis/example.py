@@ -122,16 +122,20 @@ class Example:
                 raise AnalysisError(f"the example inputs give no value for the model's input {p.target!r}")
         return values
 
-    def dynamic_shapes(self, model: nn.Module, batch) -> dict | tuple:
+    def dynamic_shapes(self, model: nn.Module, batch, image_axes: dict | None = None) -> dict | tuple:
         """torch.export's ``dynamic_shapes`` for these inputs: ``batch`` (a Dim) on every batch axis,
-        keyed by the forward parameter each input binds to."""
-        dims = iter(self.batch_dims)
+        keyed by the forward parameter each input binds to; ``image_axes`` (axis -> Dim) adds dynamic
+        axes to the first tensor (the image's height and width)."""
+        dims = iter(enumerate(self.batch_dims))
 
         def spec(leaf):
             if not isinstance(leaf, torch.Tensor):
                 return None
-            d = next(dims)
-            return None if d is None else {d: batch}
+            i, d = next(dims)
+            axes = {} if d is None else {d: batch}
+            if i == 0 and image_axes:
+                axes.update(image_axes)
+            return axes or None
 
         args_spec, kwargs_spec = pytree.tree_map(spec, (self.args, self.kwargs))
         if not self.kwargs:

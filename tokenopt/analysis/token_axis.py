@@ -105,8 +105,8 @@ def _free_reshape(gm: fx.GraphModule, n: fx.Node) -> int:
             continue         # the one inferred size already follows the input
         real_in = [i for i in gi if sin[i] != 1]
         real_out = [j for j in gj if sout[j] != 1]
-        if len(real_out) == 1 and len(real_in) == 1 and isinstance(sizes[real_out[0]], fx.Node):
-            continue         # kept, already read at run time (the batch size)
+        if len(real_out) == 1 and len(real_in) == 1 and _reads_input_size(sizes[real_out[0]]):
+            continue         # kept, already read at run time from an input (the batch size)
         if len(real_out) == 1 and real_in:
             # kept (one input axis) or merged (several): the size, read at run time
             node = _size_node(gm, n, x, real_in[0])
@@ -143,6 +143,16 @@ def _free_reshape(gm: fx.GraphModule, n: fx.Node) -> int:
     if done:
         _set_sizes(n, sizes, as_list)
     return done
+
+
+def _reads_input_size(v) -> bool:
+    """Whether ``v`` is a size read from one of the graph's inputs (the batch size). A size computed
+    otherwise (a token count export derived from the image's height and width) is read again from
+    the reshaped tensor, which follows the tokens a merge leaves."""
+    if not isinstance(v, fx.Node):
+        return False
+    reads = v.op == "call_method" and v.target == "size" or v.op == "call_function" and "sym_size" in str(v.target)
+    return reads and isinstance(v.args[0], fx.Node) and v.args[0].op == "placeholder"
 
 
 def _free_expand(gm: fx.GraphModule, n: fx.Node) -> int:

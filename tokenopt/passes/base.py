@@ -52,6 +52,11 @@ class LayerStep:
     # and whether a count that varies per image still runs in static, padded shapes
     dynamic: str = ""
     padded: bool = False
+    # for another input size (tokenopt.calling): why this step only works at the token count it was
+    # planned for ("": it follows the tokens it gets), and the fewest tokens in at which it still
+    # does what was planned
+    fixed_grid: str = ""
+    min_tokens: int = 0
 
     def __post_init__(self):
         self.tokens_out = TokenCount.of(self.tokens_out)

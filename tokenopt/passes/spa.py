@@ -194,7 +194,8 @@ class SPA(Pass):
                    "(SPA's packed layout; `layout: padded` or `auto` exports)") if params.layout == "packed" else ""
         return LayerStep(out, step, f"gate: block runs on {runs} ({lo}..{hi} of {free} patch tokens"
                                     f"{f' + {prefix} prefix' if prefix else ''}), {params.mode}",
-                         dynamic=dynamic, padded=params.layout in ("padded", "auto"))
+                         dynamic=dynamic, padded=params.layout in ("padded", "auto"),
+                         fixed_grid=f"its gate keeps {lo}..{hi} of the {free} patch tokens it was planned for")
 
     def rewrite(self, g, block, step: LayerStep) -> None:
         p: SPAParams = step.params

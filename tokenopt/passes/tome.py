@@ -114,7 +114,9 @@ class ToMe(Pass):
         r = min(want, cap)
         short = "" if r == want else (f"r={want} asked, but only {cap} of its {tokens_in} tokens can merge "
                                       f"({prefix} prefix token(s) are protected); it merges {r}")
-        return LayerStep(tokens_in.minus(r), replace(params, r=r), self.describe(replace(params, r=r)), short)
+        # at another input size the same r merges as long as the matching can still pair r tokens
+        return LayerStep(tokens_in.minus(r), replace(params, r=r), self.describe(replace(params, r=r)), short,
+                         min_tokens=prefix + 2 * r)
 
     def describe(self, params: ToMeParams) -> str:
         return f"merge r={params.r}"

@@ -146,7 +146,8 @@ class ToSA(Pass):
         k = keep if isinstance(keep, int) else max(1, round(keep * free))
         return LayerStep(tokens_in, replace(params, k=k),
                          f"attend {k}/{free}{f' + {prefix} prefix' if prefix else ''}, bypass {params.bypass}, "
-                         f"selector {params.selector.input}")
+                         f"selector {params.selector.input}",
+                         fixed_grid=f"attends a fixed {k} of its {free} tokens, with a selector trained on that grid")
 
     def rewrite(self, g, block, step: LayerStep) -> None:
         k, bypass, sel = step.params.k, step.params.bypass, step.params.selector

@@ -117,9 +117,19 @@ def model_help() -> str:
                               "(with --trust-pickle)."
 
 
+_OPTIONS = "[?key=value&...]"
+
+
 def arch_help() -> str:
-    """How to name an architecture (for --arch): the sources that name one."""
-    return ", ".join(s.help.split(" (")[0] for s in registered() if s.names_arch and s.help)
+    """How to name an architecture (for --arch): the sources that name one. The ``?key=value&...``
+    they share is said once at the end: repeated after each name, it made words too long for an
+    80-column help panel, which cut them (``timm:<name>[?key=valu…``)."""
+    specs = [s.help.split(" (")[0] for s in registered() if s.names_arch and s.help]
+    names = [spec.removesuffix(_OPTIONS) for spec in specs]
+    text = ", ".join(names[:-1]) + (" or " if len(names) > 1 else "") + names[-1] if names else ""
+    if any(spec.endswith(_OPTIONS) for spec in specs):
+        text += ", each optionally followed by ?key=value&... (constructor arguments)"
+    return text
 
 
 def parse_arch(arch: str) -> dict:
