@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenopt.errors import ModelLoadError
-from tokenopt.sources.registry import Source, register_source, require
+from tokenopt.sources.registry import FolderSource, register_source, require
 from tokenopt.sources.spec import first_line
 
 if TYPE_CHECKING:
@@ -34,22 +34,16 @@ _WEIGHT_FILES = ("*.safetensors", "*.bin")
 
 
 @register_source
-class DiffusersSource(Source):
+class DiffusersSource(FolderSource):
     kind, prefix = "diffusers", "diffusers:"
     help = "diffusers:<folder> (a diffusers UNet/DiT or pipeline folder)"
+    library = "diffusers"
 
-    def load(self, spec: str):
-        return load_diffusers(spec[len(self.prefix):].strip())
+    def load_folder(self, folder: str):
+        return load_diffusers(folder)
 
     def build(self, base: dict):
         return build_diffusers(base)
-
-    def to_spec(self, base: dict) -> str | None:
-        return base.get("spec")
-
-    def arch_conflict(self, spec: str) -> str:
-        return (f"{spec} is a diffusers folder: config.json names the architecture and the folder holds the "
-                "weights; --arch is only for weight files.")
 
 
 class DenoiserInputs:

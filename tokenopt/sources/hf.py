@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tokenopt.errors import ModelLoadError
-from tokenopt.sources.registry import Source, SourceWarning, register_source, require
+from tokenopt.sources.registry import FolderSource, SourceWarning, register_source, require
 from tokenopt.sources.spec import first_line
 
 if TYPE_CHECKING:
@@ -81,22 +81,16 @@ def _quiet_transformers(transformers):
 
 
 @register_source
-class HFSource(Source):
+class HFSource(FolderSource):
     kind, prefix = "hf", "hf:"
     help = "hf:<folder> (a save_pretrained folder)"
+    library = "Hugging Face"
 
-    def load(self, spec: str):
-        return load_hf(spec[len(self.prefix):].strip())
+    def load_folder(self, folder: str):
+        return load_hf(folder)
 
     def build(self, base: dict):
         return build_hf(base)
-
-    def to_spec(self, base: dict) -> str | None:
-        return base.get("spec")
-
-    def arch_conflict(self, spec: str) -> str:
-        return (f"{spec} is a Hugging Face folder: config.json names the architecture and the folder holds "
-                "the weights; --arch is only for weight files.")
 
 
 def hf_class_name(config: dict, where: str) -> str:

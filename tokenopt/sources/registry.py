@@ -90,6 +90,27 @@ class NamedSource(Source):
         return self.prefix + with_query(base["name"], base.get("kwargs"))
 
 
+class FolderSource(Source):
+    """A source whose spec is ``prefix<folder>``: a saved folder whose config.json names the
+    architecture and whose files hold the weights (hf, diffusers). A subclass names the library
+    (``library``) and says how to load a folder and rebuild a base (:meth:`load_folder`, :meth:`build`)."""
+
+    library: str = ""
+
+    def load(self, spec: str):
+        return self.load_folder(spec[len(self.prefix):].strip())
+
+    def load_folder(self, folder: str):
+        raise NotImplementedError
+
+    def to_spec(self, base: dict) -> str | None:
+        return base.get("spec")
+
+    def arch_conflict(self, spec: str) -> str:
+        return (f"{spec} is a {self.library} folder: config.json names the architecture and the folder holds the "
+                "weights; --arch is only for weight files.")
+
+
 _SOURCES: dict[str, Source] = {}     # kind -> source, in registration order
 
 
