@@ -125,9 +125,14 @@ def check_kind_trained(module: nn.Module, kind: LearnedKind, strict: bool | None
 
 def check_trained(module: nn.Module, args=()) -> None:
     """Forward pre-hook of a rewritten model with learned parts: :func:`check_kind_trained` for
-    every kind it holds."""
-    for kind in kinds_in(module):
-        check_kind_trained(module, kind)
+    every kind it holds. A kind once checked (or absent) costs no module walk on later calls."""
+    for kind in _KINDS.values():
+        if getattr(module, kind.checked_attr, False):
+            continue
+        if learned_modules(module, kind):
+            check_kind_trained(module, kind)
+        elif not torch.compiler.is_compiling():
+            setattr(module, kind.checked_attr, True)      # none of this kind: nothing to check, ever
 
 
 def hook_for(kind: LearnedKind) -> Callable:
