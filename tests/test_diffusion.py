@@ -67,11 +67,12 @@ def optimized(analysis, **options):
 
 # ------------------------------------------------------------------------------------------ the op
 
-def reference_merge_op_unmerge(x, n, grid, sx, sy, r, op):
+def reference_merge_op_unmerge(x, n, grid, sx, sy, r, op, rule="merge"):
     """Per image, with Python loops: destinations are the top-left token of each sx x sy cell; each
     other token's best destination by cosine similarity of ``x``; the r best-matched sources are
-    averaged into their destination with it; ``op`` runs on the kept tokens of ``n``; every
-    position gets the output of the token that stands for it."""
+    reduced into their destination by ``rule`` (merge: the group's mean; mlerp: its mean direction
+    at the norm of its largest member; prune: the destination alone); ``op`` runs on the kept tokens
+    of ``n``; every position gets the output of the token that stands for it."""
     h, w = grid
     out = []
     for xi, ni in zip(x, n):
@@ -83,9 +84,19 @@ def reference_merge_op_unmerge(x, n, grid, sx, sy, r, op):
         merged = sorted(src, key=lambda s: -sim[s])[:r]
         groups = {d: [d] + [s for s in merged if best[s] == d] for d in dst}
         kept = [s for s in src if s not in merged]
-        tokens = torch.stack([ni[s] for s in kept] + [ni[groups[d]].mean(0) for d in dst])
+
+        def reduce(d):
+            members = ni[groups[d]]
+            if rule == "prune":
+                return ni[d]
+            mean = members.mean(0)
+            if rule == "mlerp":
+                return mean / mean.norm() * max(float(v.norm()) for v in members)
+            return mean
+
+        tokens = torch.stack([ni[s] for s in kept] + [reduce(d) for d in dst])
         y = op(tokens)
-        res = torch.empty(h * w, y.shape[-1])
+        res = torch.empty(h * w, y.shape[-1], dtype=y.dtype)
         for i, s in enumerate(kept):
             res[s] = y[i]
         for j, d in enumerate(dst):
@@ -106,6 +117,37 @@ def test_op_equals_the_per_image_reference(grid, sx, sy, r):
         want = reference_merge_op_unmerge(x, n, grid, sx, sy, r, lin)
     assert grid_merge.merge_tokens(n, m).shape == (3, grid[0] * grid[1] - r, 8)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["merge", "mlerp", "prune"])
+@pytest.mark.parametrize("grid,sx,sy,r", [((4, 4), 2, 2, 7), ((6, 4), 2, 3, 12)])
+def test_tofu_rules_equal_the_per_image_reference_in_float64(rule, grid, sx, sy, r):
+    """ToFu around an op: the group is pruned or fused by MLERP, the output copied to its positions."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, grid[0] * grid[1], 6, generator=gen, dtype=torch.float64)
+    # norms that differ a lot, so MLERP's largest member is not the destination by chance
+    n = torch.randn(2, grid[0] * grid[1], 6, generator=gen, dtype=torch.float64) \
+        * torch.rand(2, grid[0] * grid[1], 1, generator=gen, dtype=torch.float64) * 4
+    lin = torch.nn.Linear(6, 3).double()
+    m = grid_merge.grid_matching(x, grid, sx, sy, r)
+    with torch.no_grad():
+        reduced = grid_merge.merge_tokens(n, m, rule)
+        got = grid_merge.unmerge_tokens(m, lin(reduced))
+        want = reference_merge_op_unmerge(x, n, grid, sx, sy, r, lin, rule)
+    assert reduced.shape == (2, grid[0] * grid[1] - r, 6)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # the rules differ from each other on these tokens (the test can tell them apart)
+    other = {"merge": "mlerp", "mlerp": "prune", "prune": "merge"}[rule]
+    assert (grid_merge.merge_tokens(n, m, other) - reduced).abs().max() > 1e-3
+    if rule == "mlerp":   # each fused token has its group's largest norm, above the mean's
+        means = grid_merge.merge_tokens(n, m, "merge")
+        assert (reduced.norm(dim=-1) >= means.norm(dim=-1) - 1e-12).all()
+
+
+def test_unknown_merge_rule_is_named():
+    m = grid_merge.grid_matching(torch.randn(1, 16, 4), (4, 4), 2, 2, 3)
+    with pytest.raises(ValueError, match="unknown merge rule 'avg'; expected one of merge, mlerp, prune"):
+        grid_merge.merge_tokens(torch.randn(1, 16, 4), m, "avg")
 
 
 def test_prefix_tokens_are_never_merged_and_use_rand_is_seeded():
@@ -241,8 +283,9 @@ def test_op_keys_need_placement_op_and_r_does_not_go_with_it(unet_analysis):
         op_recipe(r=2, ratio=0.5)
     with pytest.raises(RecipeError, match="option 'ratio' is required with placement: op"):
         op_recipe()
-    with pytest.raises(RecipeError, match="tofu does not offer placement: op yet"):
-        make_plan(load_recipe({"version": 1, "rules": [{"pass": "tofu", "placement": "op", "ratio": 0.5}]}), unet_analysis)
+    with pytest.raises(RecipeError, match="tofu op: auto does not go with placement: op"):
+        make_plan(load_recipe({"version": 1, "rules": [{"pass": "tofu", "placement": "op", "ratio": 0.5,
+                                                         "op": "auto"}]}), unet_analysis)
 
 
 # ------------------------------------------------------------------------------------------ plain ViTs
@@ -291,3 +334,55 @@ def test_op_level_on_a_block_without_grid_is_refused_by_name():
     analysis = analyse(TokensIn().eval(), torch.randn(2, 15, 32))     # 15 tokens: no square grid either
     with pytest.raises(RecipeError, match=r"layers\.0: tome placement: op needs the block's token grid"):
         make_plan(op_recipe(ratio=0.5), analysis)
+
+
+# ------------------------------------------------------------------------------------------ ToFu around an op
+
+@pytest.mark.parametrize("rule", ["prune", "mlerp"])
+def test_tofu_op_level_on_a_plain_vit_equals_merge_op_unmerge_by_hand(rule):
+    from tests.vit_models import ExplicitViT
+
+    torch.manual_seed(0)
+    vit = ExplicitViT().eval().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    analysis = analyse(vit, x)
+    rec = load_recipe({"version": 1, "rules": [{"pass": "tofu", "placement": "op", "ratio": 0.4, "op": rule,
+                                                "merge_mlp": True}]})
+    plan = make_plan(rec, analysis)
+    assert [lp.step.describe for lp in plan.layers] == [f"op-level {rule} r=6 around attn/mlp"] * 3
+    gm = apply_plan(analysis, plan)
+
+    def by_hand(img):
+        t = vit.embed(img).flatten(2).transpose(1, 2)
+        t = torch.cat([vit.cls.expand(t.shape[0], -1, -1), t], dim=1) + vit.pos
+        for layer in vit.layers:
+            m = grid_merge.grid_matching(t, (4, 4), 2, 2, 6, prefix=1)
+            t = t + grid_merge.unmerge_tokens(m, layer.attn(grid_merge.merge_tokens(layer.ln1(t), m, rule)))
+            t = t + grid_merge.unmerge_tokens(m, layer.ff(grid_merge.merge_tokens(layer.ln2(t), m, rule)))
+        return vit.fc(vit.norm(t)[:, 0])
+
+    with torch.no_grad():
+        got = gm(x)
+        torch.testing.assert_close(got, by_hand(x), rtol=0, atol=1e-10)
+        tome = apply_plan(analysis, make_plan(op_recipe(ratio=0.4, merge_mlp=True), analysis))(x)
+        assert (got - tome).abs().max() > 1e-6          # not ToMe's mean
+
+
+def test_tofu_op_level_on_the_unet_prunes_first_half_and_mlerps_second(unet, unet_analysis):
+    rec = load_recipe({"version": 1, "rules": [
+        {"pass": "tofu", "layers": "first-half", "placement": "op", "ratio": 0.5, "op": "prune"},
+        {"pass": "tofu", "layers": "second-half", "placement": "op", "ratio": 0.5, "op": "mlerp"}]})
+    plan = make_plan(rec, unet_analysis)
+    assert [lp.step.describe if lp.step else None for lp in plan.layers] == [
+        "op-level prune r=128 around attn", None, None, None, None,
+        "op-level mlerp r=128 around attn", "op-level mlerp r=128 around attn"]
+    ex = unet_analysis.example
+    with torch.no_grad():
+        got, original = ex.call(apply_plan(unet_analysis, plan)).sample, ex.call(unet).sample
+        as_tome = ex.call(optimized(unet_analysis, ratio=0.5)).sample
+        merge_rule = load_recipe({"version": 1, "rules": [{"pass": "tofu", "placement": "op", "ratio": 0.5,
+                                                           "op": "merge"}]})
+        tofu_merge = ex.call(apply_plan(unet_analysis, make_plan(merge_rule, unet_analysis))).sample
+    assert got.shape == original.shape
+    assert (got - original).abs().max() > 1e-3 and (got - as_tome).abs().max() > 1e-4
+    assert torch.equal(tofu_merge, as_tome)          # op: merge is ToMe's placement exactly

@@ -7,9 +7,15 @@ merge the tokens an op reads, run the op on fewer tokens, copy its outputs back 
 The tokens are split in two sets: *destinations*, one per ``sx x sy`` cell of the ``H x W`` grid
 (the cell's first, top-left position; a seeded random one with ``use_rand``), plus the prefix
 tokens, and *sources*, the rest. Each source's most similar destination (cosine similarity) is
-its match; the ``r`` sources with the most similar matches are averaged into them (an unweighted
-mean over the destination and the sources it takes), the other sources stay. Unmerging gives
-every source merged away the output of the destination it went into.
+its match; the ``r`` sources with the most similar matches are reduced into them, the other
+sources stay. How a destination takes its sources is the merge rule (``op``):
+
+    merge   the unweighted mean of the group (the destination and the sources it takes): ToMe's
+    mlerp   the group's mean direction rescaled to the norm of its largest member (ToFu's MLERP)
+    prune   the destination as it is; the sources it takes are dropped (ToFu's prune)
+
+Unmerging gives every source reduced away the output of the destination it went into, whatever
+the rule (ToFu copies a merged token's output to its positions as ToMe does).
 """
 from __future__ import annotations
 
@@ -69,14 +75,27 @@ def grid_matching(x: torch.Tensor, grid: tuple[int, int], sx: int, sy: int, r: i
     return GridMatch(unm, src, best_dst.gather(1, src), src_pos, dst_pos)
 
 
-def merge_tokens(x: torch.Tensor, m: GridMatch) -> torch.Tensor:
-    """(B, N, C) -> (B, N - r, C): the unmerged sources, then the destinations (each the mean of
-    itself and the sources merged into it)."""
+MERGE_RULES = ("merge", "mlerp", "prune")
+
+
+def merge_tokens(x: torch.Tensor, m: GridMatch, op: str = "merge") -> torch.Tensor:
+    """(B, N, C) -> (B, N - r, C): the unmerged sources, then the destinations, each reduced with
+    the sources it takes by ``op`` (merge | mlerp | prune, see the module docstring)."""
     c = x.shape[-1]
     xs, xd = x[:, m.sources], x[:, m.destinations]
     unm = xs.gather(1, m.unm[..., None].expand(-1, -1, c))
+    if op == "prune":
+        return torch.cat([unm, xd], dim=1)
+    into = m.dst_of_src[..., None]
     taken = xs.gather(1, m.src[..., None].expand(-1, -1, c))
-    dst = xd.scatter_reduce(1, m.dst_of_src[..., None].expand(-1, -1, c), taken, reduce="mean", include_self=True)
+    dst = xd.scatter_reduce(1, into.expand(-1, -1, c), taken, reduce="mean", include_self=True)
+    if op == "mlerp":
+        # the largest norm in each group: its destination's, raised by any bigger source it takes
+        biggest = xd.norm(dim=-1, keepdim=True).scatter_reduce(1, into, taken.norm(dim=-1, keepdim=True),
+                                                               reduce="amax", include_self=True)
+        dst = dst / dst.norm(dim=-1, keepdim=True) * biggest
+    elif op != "merge":
+        raise ValueError(f"unknown merge rule {op!r}; expected one of {', '.join(MERGE_RULES)}")
     return torch.cat([unm, dst], dim=1)
 
 

@@ -14,11 +14,14 @@ Each branch is one :meth:`GraphRewriter.bracket` (entry: the normed tokens; exit
 output), so the token state outside it is untouched. It needs the block's token grid; blocks more
 than ``max_downsample`` times below the model's largest grid are left as they are. Prefix tokens
 (a ViT's class token) are destinations: they are never merged away.
+
+The placement is shared by every merging pass: ToMe merges each group by its mean, ToFu by its
+per-layer rule (prune or MLERP; ``OpLevelParams.op``); the options, plan and rewrite are here.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
@@ -26,7 +29,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
 from tokenopt.analysis.nodes import is_layer_norm
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import grid_merge as ops
-from tokenopt.passes.base import PassOptions
+from tokenopt.passes.base import LayerStep, PassOptions
 
 OP_KEYS = ("ratio", "sx", "sy", "use_rand", "seed", "max_downsample", "merge_attn", "merge_crossattn", "merge_mlp")
 BRANCH_OPTION = {"self_attention": "merge_attn", "cross_attention": "merge_crossattn", "mlp": "merge_mlp"}
@@ -95,13 +98,26 @@ class OpLevelParams:
     seed: int = 0
     max_downsample: int = 1
     branches: tuple[str, ...] = ("self_attention",)
+    op: str = "merge"               # how a destination takes its sources: merge (mean) | mlerp | prune
     r: int = 0                      # filled in by the planner: int(tokens * ratio)
 
 
-def op_params(options) -> OpLevelParams:
+def op_params(options, op: str = "merge") -> OpLevelParams:
+    """The layer params of an op-level rule; ``op`` is the pass's merge rule (grid_merge.MERGE_RULES)."""
     branches = tuple(kind for kind, key in BRANCH_OPTION.items() if getattr(options, key))
     return OpLevelParams(options.ratio, options.sx, options.sy, options.use_rand, options.seed,
-                         options.max_downsample, branches)
+                         options.max_downsample, branches, op)
+
+
+BRANCH_SHORT = {"self_attention": "attn", "cross_attention": "cross", "mlp": "mlp"}
+
+
+def plan_op_level(block, params: OpLevelParams, tokens_in):
+    """The step of one op-level layer: the stream keeps its count; each chosen op runs on r fewer tokens."""
+    r = int(block.tokens * params.ratio)
+    around = "/".join(BRANCH_SHORT[b] for b in params.branches)
+    verb = "merge" if params.op == "merge" else params.op
+    return LayerStep(tokens_in, replace(params, r=r), f"op-level {verb} r={r} around {around}")
 
 
 def downsample_of(block, analysis) -> int:
@@ -158,6 +174,6 @@ def rewrite_op_level(g, block, params: OpLevelParams, grid: tuple[int, int], pre
             continue
         start = normed_input(g, block, branch)
         g.bracket(start, g.node(branch.exit),
-                  enter=lambda s, kind=branch.kind: g.insert_after(s, ops.merge_tokens, s, match,
-                                                                   label=f"merge before {kind}"),
+                  enter=lambda s, kind=branch.kind: g.insert_after(s, ops.merge_tokens, s, match, params.op,
+                                                                   label=f"{params.op} before {kind}"),
                   exit=lambda s, end, kind=branch.kind: (ops.unmerge_tokens, (match,), f"unmerge {kind} output"))

@@ -1,5 +1,9 @@
 """ToFu: token fusion (Kim et al., WACV 2024) — ToMe's matching, a per-layer reduction op.
 
+``placement: op`` (tokenopt.passes.op_level) places the same per-layer rule around each op of a
+block: its groups are pruned or fused by MLERP instead of ToMe's mean, and every position gets
+its token's output back.
+
 Where a block responds non-linearly to interpolated inputs, averaging two tokens produces an
 input the next layers never saw: prune instead (drop the matched token, keep its partner). Where
 it is close to linear, merge, with MLERP so merged tokens keep their norms::
@@ -23,6 +27,7 @@ from pydantic import Field
 from tokenopt.errors import RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.passes.base import LayerStep, Probe, register_pass
+from tokenopt.passes.op_level import op_params
 from tokenopt.passes import linearity
 from tokenopt.passes.tome import ToMe, ToMeOptions, ToMeParams, expand_r
 
@@ -93,8 +98,15 @@ class ToFu(ToMe):
 
     def layer_options(self, options: ToFuOptions, n_layers: int, where: str) -> list[ToFuParams]:
         if options.placement == "op":
-            raise RecipeError(f"{where}: tofu does not offer placement: op yet (ToMe does: pass: tome).\n"
-                              "  Use pass: tome with placement: op, or tofu with placement: stream.")
+            if options.op == "auto":
+                # the linearity probe interpolates whole token streams of classifier images; around
+                # one op of a denoiser there is no such stream to probe
+                raise RecipeError(f"{where}: tofu op: auto does not go with placement: op (the linearity probe "
+                                  "measures stream-level blocks).\n  Give op: prune or op: mlerp per rule, e.g. "
+                                  "layers: first-half with prune and layers: second-half with mlerp.")
+            if options.threshold is not None:
+                raise RecipeError(f"{where}: option 'threshold' only goes with op: auto; remove it")
+            return [op_params(options, options.op)] * n_layers
         return [ToFuParams(r, options.prop_attn, options.order, options.op)
                 for r in expand_r(options.r, n_layers, where)]
 

@@ -25,7 +25,8 @@ from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.ops.matching import max_reduction
 from tokenopt.passes.base import LayerStep, Pass, register_pass
-from tokenopt.passes.op_level import OpLevelOptions, OpLevelParams, op_params, refuse_op_level, rewrite_op_level
+from tokenopt.passes.op_level import (OpLevelOptions, OpLevelParams, op_params, plan_op_level, refuse_op_level,
+                                      rewrite_op_level)
 from tokenopt.rewrite.state import KeyBias
 from tokenopt.tokens import Dense, TokenCount
 
@@ -103,10 +104,7 @@ class ToMe(Pass):
 
     def plan_layer(self, block, params, tokens_in: TokenCount, prefix: int) -> LayerStep:
         if isinstance(params, OpLevelParams):   # the stream keeps its count; each op runs on fewer tokens
-            r = int(block.tokens * params.ratio)
-            ops_ = "/".join({"self_attention": "attn", "cross_attention": "cross", "mlp": "mlp"}[b]
-                            for b in params.branches)
-            return LayerStep(tokens_in, replace(params, r=r), f"op-level merge r={r} around {ops_}")
+            return plan_op_level(block, params, tokens_in)
         want = params.r
         # the matching splits the tokens an image has; with a varying count only the images at
         # the maximum are guaranteed r merges, so the cap (and the shortfall) use the maximum
