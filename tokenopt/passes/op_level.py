@@ -10,8 +10,8 @@ runs on fewer tokens, and its output is unmerged back to every position before t
     x = x + unmerge(cross_attn(merge(norm2(x), match), text), match)   # merge_crossattn
     x = x + unmerge(mlp(merge(norm3(x), match)), match)            # merge_mlp
 
-Each branch is one :meth:`GraphRewriter.bracket` (entry: the normed tokens; exit: the branch's
-output), so the token state outside it is untouched. It needs the block's token grid; blocks more
+Each branch is one :meth:`GraphRewriter.bracket` (entry: the normed tokens, after any adaLN
+scale and shift of a DiT; exit: the branch's output, before a DiT's gate), so the token state outside it is untouched. It needs the block's token grid; blocks more
 than ``max_downsample`` times below the model's largest grid are left as they are. Prefix tokens
 (a ViT's class token) are destinations: they are never merged away.
 
@@ -21,12 +21,15 @@ per-layer rule (prune or MLERP; ``OpLevelParams.op``); the options, plan and rew
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
+import torch
 from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from torch import fx
 
-from tokenopt.analysis.nodes import is_layer_norm
+from tokenopt.analysis.nodes import is_layer_norm, shape_of
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import grid_merge as ops
 from tokenopt.passes.base import LayerStep, PassOptions
@@ -149,16 +152,47 @@ def refuse_op_level(block, params: OpLevelParams, analysis, pass_name: str) -> s
     return None
 
 
-def normed_input(g, block, branch):
-    """The node a branch's op reads: the norm right after the branch's entry (norm1/norm2/norm3)."""
+_MODULATE = {operator.mul, operator.add, torch.mul, torch.add}
+
+
+def _modulation(node, g, body):
+    """The user of ``node`` that scales or shifts it by one value per image (adaLN: a (B, 1, C)
+    operand, broadcast over the tokens), or None."""
+    users = [u for u in node.users if u in body]
+    if len(users) != 1 or users[0].target not in _MODULATE:
+        return None
+    u = users[0]
+    others = [a for a in u.args if a is not node]
+    if len(others) != 1 or not isinstance(others[0], fx.Node):
+        return None
+    mine, theirs = shape_of(node), shape_of(others[0])
+    if mine is None or theirs is None or len(mine) < 2:
+        return None
+    per_image = len(theirs) < len(mine) - 1 or (len(theirs) == len(mine) and theirs[-2] == 1)
+    return u if per_image else None
+
+
+def op_input(g, block, branch):
+    """The tokens a branch's op reads, where the merge goes: the norm right after the branch's
+    entry (norm1/norm2/norm3) and the adaLN modulation that follows it (DiT, PixArt:
+    ``norm(x) * (1 + scale) + shift``, one scale and shift per image), as tomesd merges the output
+    of a diffusers norm; a branch with no norm reads the stream itself (PixArt's cross-attention)."""
     entry = g.node(branch.entry)
     body = g.region(entry, g.node(branch.exit))
     norms = [u for u in entry.users if u in body and is_layer_norm(u, g.gm)]
-    if len(norms) != 1:
-        raise PlanError(f"{block.path}: the {branch.kind.replace('_', ' ')} branch does not start with one "
-                        "LayerNorm of the token stream, so op-level merging cannot tell which tokens the op reads.\n"
+    if len(norms) > 1:
+        raise PlanError(f"{block.path}: the {branch.kind.replace('_', ' ')} branch reads the token stream through "
+                        f"{len(norms)} LayerNorms, so op-level merging cannot tell which tokens the op reads.\n"
                         "  Use placement: stream, or leave this branch out (merge_attn / merge_crossattn / merge_mlp).")
-    return norms[0]
+    if not norms:
+        return entry
+    start = norms[0]
+    for _ in range(2):          # scale, then shift
+        nxt = _modulation(start, g, body)
+        if nxt is None:
+            break
+        start = nxt
+    return start
 
 
 def rewrite_op_level(g, block, params: OpLevelParams, grid: tuple[int, int], prefix: int) -> None:
@@ -172,7 +206,7 @@ def rewrite_op_level(g, block, params: OpLevelParams, grid: tuple[int, int], pre
     for branch in block.branches:
         if branch.kind not in params.branches:
             continue
-        start = normed_input(g, block, branch)
+        start = op_input(g, block, branch)
         g.bracket(start, g.node(branch.exit),
                   enter=lambda s, kind=branch.kind: g.insert_after(s, ops.merge_tokens, s, match, params.op,
                                                                    label=f"{params.op} before {kind}"),
