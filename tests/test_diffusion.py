@@ -386,3 +386,36 @@ def test_tofu_op_level_on_the_unet_prunes_first_half_and_mlerps_second(unet, une
     assert got.shape == original.shape
     assert (got - original).abs().max() > 1e-3 and (got - as_tome).abs().max() > 1e-4
     assert torch.equal(tofu_merge, as_tome)          # op: merge is ToMe's placement exactly
+
+
+# ------------------------------------------------------------------------------------------ timm ViT
+
+def test_op_level_on_a_timm_vit_keeps_every_token_and_never_merges_the_class_token():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10,
+                            embed_dim=32, num_heads=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    analysis = analyse(vit, x)
+    assert analysis.prefix_tokens == 1 and analysis.streams[0].grid == (4, 4)
+    plan = make_plan(op_recipe(ratio=0.5), analysis)
+    assert [lp.step.params.r for lp in plan.layers] == [8, 8]
+    assert [lp.step.tokens_out.max for lp in plan.layers] == [17, 17]      # the stream keeps all 17 tokens
+    gm = apply_plan(analysis, plan)
+    matchings = [n for n in gm.graph.nodes if n.target is grid_merge.grid_matching]
+    assert len(matchings) == 2 and all(n.args[5] == 1 for n in matchings)  # one prefix token: a destination
+
+    def by_hand(img):
+        t = vit._pos_embed(vit.patch_embed(img))
+        for blk in vit.blocks:
+            m = grid_merge.grid_matching(t, (4, 4), 2, 2, 8, prefix=1)
+            assert 0 in m.destinations.tolist() and 0 not in m.sources.tolist()
+            t = t + blk.ls1(grid_merge.unmerge_tokens(m, blk.attn(grid_merge.merge_tokens(blk.norm1(t), m))))
+            t = t + blk.ls2(blk.mlp(blk.norm2(t)))
+        return vit.forward_head(vit.norm(t))
+
+    with torch.no_grad():
+        got = gm(x)
+        torch.testing.assert_close(got, by_hand(x), rtol=0, atol=1e-5)
+        assert (got - vit(x)).abs().max() > 1e-4
+        assert torch.equal(apply_plan(analysis, make_plan(op_recipe(ratio=0.0), analysis))(x), vit(x))
