@@ -330,6 +330,23 @@ class TokensIn(torch.nn.Module):
         return x.mean(1)
 
 
+class FlatTokens(torch.nn.Module):
+    """15 tokens of width 32 projected from the flattened image: no (B, C, H, W) map turned into
+    tokens and no square count, so no grid; built by the CLI as package.module:factory."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.vit_models import ExplicitBlock
+        self.embed = torch.nn.Linear(3 * 32 * 32, 15 * 32)
+        self.layers = torch.nn.ModuleList(ExplicitBlock(32, 4) for _ in range(2))
+
+    def forward(self, x):
+        x = self.embed(x.flatten(1)).reshape(x.shape[0], 15, 32)
+        for layer in self.layers:
+            x = layer(x)
+        return x.mean(1)
+
+
 def test_op_level_on_a_block_without_grid_is_refused_by_name():
     analysis = analyse(TokensIn().eval(), torch.randn(2, 15, 32))     # 15 tokens: no square grid either
     with pytest.raises(RecipeError, match=r"layers\.0: tome placement: op needs the block's token grid"):
@@ -419,3 +436,48 @@ def test_op_level_on_a_timm_vit_keeps_every_token_and_never_merges_the_class_tok
         torch.testing.assert_close(got, by_hand(x), rtol=0, atol=1e-5)
         assert (got - vit(x)).abs().max() > 1e-4
         assert torch.equal(apply_plan(analysis, make_plan(op_recipe(ratio=0.0), analysis))(x), vit(x))
+
+
+# ------------------------------------------------------------------------------------------ bad input, CLI
+
+def _apply_refused(tmp_path, rule: str, model: str, *extra) -> str:
+    """`tokenopt apply` of a one-rule recipe: exit 2, one message, no traceback, nothing written."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nrules:\n  - {rule}\n")
+    out = tmp_path / "x.tokenopt.pt"
+    before = sorted(tmp_path.rglob("*"))
+    res = run("apply", recipe, model, "-o", out, *extra)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and res.output.count("error") <= 1
+    assert sorted(tmp_path.rglob("*")) == before          # nothing written, not even a temporary file
+    return " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "-0.2"])
+def test_cli_ratio_outside_zero_one(tmp_path, unet_dir, ratio):
+    msg = _apply_refused(tmp_path, f"{{pass: tome, placement: op, ratio: {ratio}}}", f"diffusers:{unet_dir}")
+    assert "option 'ratio' = " + ratio in msg
+    assert ("less than 1" if ratio == "1.0" else "greater than or equal to 0") in msg
+
+
+def test_cli_sx_sy_that_do_not_tile_name_the_block_grid_and_fix(tmp_path, unet_dir):
+    msg = _apply_refused(tmp_path, "{pass: tofu, placement: op, ratio: 0.5, op: mlerp, sy: 3}", f"diffusers:{unet_dir}")
+    assert ("down_blocks.0.attentions.0.transformer_blocks.0: sx=2, sy=3 do not tile its 16x16 token grid "
+            "(H must divide by sy, W by sx). Choose sx dividing 16 and sy dividing 16.") in msg
+
+
+def test_cli_unsupported_class_and_pipeline_without_denoiser(tmp_path):
+    _write(tmp_path / "vae", "config.json", {"_class_name": "AutoencoderKL"})
+    msg = _apply_refused(tmp_path, "{pass: tome, placement: op, ratio: 0.5}", f"diffusers:{tmp_path / 'vae'}")
+    assert "holds a AutoencoderKL, which tokenopt does not support" in msg
+    _write(tmp_path / "pipe", "model_index.json", {"_class_name": "StableDiffusionPipeline"})
+    _write(tmp_path / "pipe" / "vae", "config.json", {"_class_name": "AutoencoderKL"})
+    msg = _apply_refused(tmp_path, "{pass: tome, placement: op, ratio: 0.5}", f"diffusers:{tmp_path / 'pipe'}")
+    assert "has neither unet/ nor transformer/" in msg
+
+
+def test_cli_placement_op_on_a_block_without_grid(tmp_path):
+    msg = _apply_refused(tmp_path, "{pass: tome, placement: op, ratio: 0.5}", "tests.test_diffusion:FlatTokens",
+                         "--input-size", "3,32,32")
+    assert ("layers.0: tome placement: op needs the block's token grid (H x W), and the shapes do not show one. "
+            "Use placement: stream for this block") in msg
