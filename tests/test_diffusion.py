@@ -481,3 +481,27 @@ def test_cli_placement_op_on_a_block_without_grid(tmp_path):
                          "--input-size", "3,32,32")
     assert ("layers.0: tome placement: op needs the block's token grid (H x W), and the shapes do not show one. "
             "Use placement: stream for this block") in msg
+
+
+# ------------------------------------------------------------------------------------------ shipped recipes
+
+def test_shipped_tomesd_50_is_tomesd_at_its_defaults_but_use_rand(unet, unet_analysis):
+    tomesd = pytest.importorskip("tomesd")
+    from tokenopt.paths import SHIPPED_RECIPES
+
+    plan = make_plan(load_recipe(SHIPPED_RECIPES / "tomesd-50.yaml"), unet_analysis)
+    assert [lp.step.params.r if lp.step else None for lp in plan.layers] == [128, None, None, None, None, 128, 128]
+    patched = copy.deepcopy(unet)
+    tomesd.apply_patch(patched, ratio=0.5, use_rand=False)     # every other option at tomesd's default
+    ex = unet_analysis.example
+    with torch.no_grad():
+        torch.testing.assert_close(ex.call(apply_plan(unet_analysis, plan)).sample, ex.call(patched).sample,
+                                   rtol=0, atol=1e-5)
+
+
+def test_shipped_tofu_gen_50_prunes_the_down_path_and_mlerps_the_up_path(unet_analysis):
+    from tokenopt.paths import SHIPPED_RECIPES
+
+    plan = make_plan(load_recipe(SHIPPED_RECIPES / "tofu-gen-50.yaml"), unet_analysis)
+    assert [(lp.step.params.op, lp.step.params.r) if lp.step else None for lp in plan.layers] == [
+        ("prune", 128), None, None, None, None, ("mlerp", 128), ("mlerp", 128)]

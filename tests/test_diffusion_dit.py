@@ -156,3 +156,13 @@ def test_stream_level_tome_on_a_dit_merges_early_and_unmerges_at_the_end(dit):
     assert type(out).__name__ == "Transformer2DModelOutput"
     assert out.sample.shape == original.shape == (2, 4, 16, 16)
     assert (out.sample - original).abs().max() > 1e-3
+
+
+def test_shipped_tome_dit_merges_around_attention_and_feed_forward(dit):
+    from tokenopt.paths import SHIPPED_RECIPES
+
+    model, a = dit
+    plan = make_plan(load_recipe(SHIPPED_RECIPES / "tome-dit.yaml"), a)
+    assert [lp.step.describe for lp in plan.layers] == ["op-level merge r=32 around attn/mlp"] * 2
+    torch.testing.assert_close(output(a, apply_plan(a, plan)), output(a, hooked(model, 0.5, "merge", ("attn1", "ff"))),
+                               rtol=0, atol=1e-5)
