@@ -13,6 +13,11 @@ example's size (said in the result). The ToMe/ToFu steps export through their Py
 the native C step (ops/native) is an opaque call no exporter can see into, so it is switched off
 while exporting. Every export is checked: the exported program (and the ONNX model, when
 onnxruntime is installed) runs on a batch of another size than the example and must equal eager.
+
+A model of several inputs (a diffusers denoiser: ``sample, timestep, encoder_hidden_states``) is
+exported with the example call its analysis recorded (:class:`tokenopt.analysis.Example`): the
+program takes the same arguments, by name, as the original, and every batch axis is one ``Dim``
+(capped where the model caps its batch). The ONNX file's inputs are those tensors in that order.
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from tokenopt import files
+from tokenopt.analysis.example import Example
 from tokenopt.errors import TokenoptError
 from tokenopt.ops import native
 from tokenopt.ops.gates import sorting_for_onnx
@@ -74,25 +80,42 @@ def check_exportable(gm: nn.Module, source: str = "the model") -> None:
                           "mode (a fixed capacity); keep this model in PyTorch.")
 
 
-def _dynamic(example: torch.Tensor):
-    return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+# diffusers' Upsample2D takes another path from a batch of 64 on; a multi-input model's batch stays below it
+MULTI_INPUT_MAX_BATCH = 63
 
 
-def export_program(gm: nn.Module, example: torch.Tensor, dynamic_batch: bool = True):
-    """``(torch.export.ExportedProgram, dynamic)`` of ``gm`` on ``example``, PyTorch ops only."""
+def _dynamic(gm: nn.Module, ex: Example):
+    """The dynamic shapes of ``ex``'s call: one batch Dim on every tensor's batch axis."""
+    if not ex.kwargs and len(ex.args) == 1:
+        return ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    import inspect
+
+    batch = torch.export.Dim("batch", min=1, max=MULTI_INPUT_MAX_BATCH)
+    dims = iter(ex.batch_dims)
+    bound = inspect.signature(gm.forward).bind_partial(*ex.args, **ex.kwargs).arguments
+    return {name: tree_map(lambda leaf: ({} if (d := next(dims)) is None else {d: batch})
+                           if isinstance(leaf, torch.Tensor) else None, value)
+            for name, value in bound.items()}
+
+
+def export_program(gm: nn.Module, example, dynamic_batch: bool = True):
+    """``(torch.export.ExportedProgram, dynamic)`` of ``gm`` on ``example`` (a tensor or an
+    Example), PyTorch ops only."""
+    ex = Example.of(example)
     gm.eval()
     with native.disabled(), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamic_batch:
             try:
-                return torch.export.export(gm, (example,), dynamic_shapes=_dynamic(example), strict=False), True
+                return torch.export.export(gm, ex.args, ex.kwargs, dynamic_shapes=_dynamic(gm, ex), strict=False), True
             except Exception:   # the graph fixes the batch somewhere (a reshape to a constant): export it as is
                 pass
-        return torch.export.export(gm, (example,), strict=False), False
+        return torch.export.export(gm, ex.args, ex.kwargs, strict=False), False
 
 
-def export_onnx(gm: nn.Module, example: torch.Tensor, dynamic_batch: bool = True):
+def export_onnx(gm: nn.Module, example, dynamic_batch: bool = True):
     """``(torch.onnx.ONNXProgram, dynamic)`` of ``gm`` through torch's dynamo exporter."""
+    ex = Example.of(example)
     for module, extra in (("onnx", "export"), ("onnxscript", "export")):
         try:
             __import__(module)
@@ -109,19 +132,20 @@ def export_onnx(gm: nn.Module, example: torch.Tensor, dynamic_batch: bool = True
         if dynamic_batch:
             try:
                 with quiet:
-                    return torch.onnx.export(gm, (example,), dynamo=True, dynamic_shapes=_dynamic(example),
-                                             verbose=False), True
+                    return torch.onnx.export(gm, ex.args, kwargs=ex.kwargs, dynamo=True,
+                                             dynamic_shapes=_dynamic(gm, ex), verbose=False), True
             except Exception:
                 pass
         with contextlib.redirect_stdout(_io.StringIO()):
-            return torch.onnx.export(gm, (example,), dynamo=True, verbose=False), False
+            return torch.onnx.export(gm, ex.args, kwargs=ex.kwargs, dynamo=True, verbose=False), False
 
 
-def eager_outputs(gm: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The flat tensors ``gm(x)`` returns (a ModelOutput, tuple or tensor), as the exporters order them."""
+def eager_outputs(gm: nn.Module, x) -> list[torch.Tensor]:
+    """The flat tensors ``gm(x)`` returns (a ModelOutput, tuple or tensor), as the exporters order them;
+    ``x`` a tensor or an Example."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [t for t in tree_leaves(gm(x)) if isinstance(t, torch.Tensor)]
+        return [t for t in tree_leaves(Example.of(x).call(gm)) if isinstance(t, torch.Tensor)]
 
 
 def max_diff(a: list[torch.Tensor], b: list) -> float:
@@ -130,23 +154,59 @@ def max_diff(a: list[torch.Tensor], b: list) -> float:
     return max((torch.as_tensor(y).float() - x.float()).abs().max().item() for x, y in zip(a, b))
 
 
-def run_onnx(path: str | os.PathLike, x: torch.Tensor) -> list | None:
-    """Outputs of the ONNX file on ``x`` through onnxruntime; None when it is not installed."""
+def run_onnx(path: str | os.PathLike, x) -> list | None:
+    """Outputs of the ONNX file on ``x`` (a tensor or an Example: its tensors in order) through
+    onnxruntime; None when it is not installed."""
     try:
         import onnxruntime as ort
     except ImportError:
         return None
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
+    tensors = Example.of(x).tensors()
+    names = [i.name for i in session.get_inputs()]
+    if len(names) != len(tensors):
+        raise ExportError(f"the ONNX model takes {len(names)} inputs, the model {len(tensors)}; please report the model")
+    return [torch.from_numpy(o) for o in session.run(None, {n: t.numpy() for n, t in zip(names, tensors)})]
 
 
-def check_batch(example: torch.Tensor, dynamic: bool) -> torch.Tensor:
-    """The check batch: another size than the example when the batch axis is dynamic."""
-    n = example.shape[0] + 1 if dynamic else example.shape[0]
-    return torch.randn(n, *example.shape[1:], generator=torch.Generator().manual_seed(1)).to(example.dtype)
+def check_batch(example, dynamic: bool):
+    """The check batch: another size than the example when the batch axis is dynamic. A tensor
+    gives a tensor; an Example of several inputs gives one with new noise in its float inputs and
+    its other inputs (timesteps, labels) repeated from the first image."""
+    if isinstance(example, torch.Tensor):
+        n = example.shape[0] + 1 if dynamic else example.shape[0]
+        return torch.randn(n, *example.shape[1:], generator=torch.Generator().manual_seed(1)).to(example.dtype)
+    gen = torch.Generator().manual_seed(1)
+    dims = iter(example.batch_dims)
+
+    def grow(leaf):
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        d = next(dims)
+        if d is not None and dynamic:
+            leaf = torch.cat([leaf, leaf.narrow(d, 0, 1)], d)
+        if leaf.is_floating_point():
+            return torch.randn(leaf.shape, generator=gen).to(leaf.dtype)
+        return leaf
+
+    args, kwargs = tree_map(grow, (example.args, example.kwargs))
+    return Example(args, kwargs, example.batch_dims)
 
 
-def export(gm: nn.Module, out: str | os.PathLike, fmt: str = "pt2", example: torch.Tensor | None = None,
+def _batch_of(x) -> int:
+    return int(x.shape[0]) if isinstance(x, torch.Tensor) else x.batch
+
+
+def _recorded_example(gm: nn.Module):
+    """The example call the analysis recorded, when the model takes more than one tensor (else None:
+    an image model is exported with a fresh random batch of its input shape)."""
+    ex = getattr(getattr(record_of(gm), "analysis", None), "example", None)
+    if isinstance(ex, Example) and (ex.kwargs or len(ex.args) > 1):
+        return ex
+    return None
+
+
+def export(gm: nn.Module, out: str | os.PathLike, fmt: str = "pt2", example: torch.Tensor | Example | None = None,
            dynamic_batch: bool = True, source: str = "the model") -> ExportResult:
     """Write ``gm`` to ``out`` as ``fmt`` (pt2 | onnx), checked against eager; nothing written on error."""
     if fmt not in FORMATS:
@@ -154,18 +214,20 @@ def export(gm: nn.Module, out: str | os.PathLike, fmt: str = "pt2", example: tor
     check_exportable(gm, source)
     files.check_output_path(out)
     if example is None:
+        example = _recorded_example(gm)
+    if example is None:
         shape = tuple(getattr(getattr(record_of(gm), "analysis", None), "input_shape", ()) or ())
         if not shape:
             raise ExportError(f"{source} does not record its input shape; pass example=...")
         example = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     p = next(iter(gm.parameters()), None)
-    if p is not None and p.is_floating_point():
+    if isinstance(example, torch.Tensor) and p is not None and p.is_floating_point():
         example = example.to(p.dtype)
     try:
         if fmt == "pt2":
             ep, dynamic = export_program(gm, example, dynamic_batch)
             x = check_batch(example, dynamic)
-            diff = max_diff(eager_outputs(gm, x), [t for t in tree_leaves(ep.module()(x))])
+            diff = max_diff(eager_outputs(gm, x), [t for t in tree_leaves(Example.of(x).call(ep.module()))])
             _check(diff, source, fmt)
             with files.atomic_write(out) as f:
                 torch.export.save(ep, f)
@@ -183,10 +245,10 @@ def export(gm: nn.Module, out: str | os.PathLike, fmt: str = "pt2", example: tor
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ExportError(f"exporting {source} as {fmt} failed: {type(e).__name__}: {first[:300]}") from None
-    note = "" if dynamic else f"the batch size is fixed at {example.shape[0]} (the graph does not allow another)"
+    note = "" if dynamic else f"the batch size is fixed at {_batch_of(example)} (the graph does not allow another)"
     if fmt == "onnx" and diff is None:
         note = (note + "; " if note else "") + "not checked: onnxruntime is not installed"
-    return ExportResult(Path(out), fmt, dynamic, int(x.shape[0]), diff, note)
+    return ExportResult(Path(out), fmt, dynamic, _batch_of(x), diff, note)
 
 
 def _check(diff: float, source: str, fmt: str) -> None:

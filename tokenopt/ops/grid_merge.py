@@ -5,7 +5,7 @@ merge the tokens an op reads, run the op on fewer tokens, copy its outputs back 
     y = unmerge_tokens(match, op(merge_tokens(n, match)))    # around each op: n = norm(x), (B, N, C)
 
 The tokens are split in two sets: *destinations*, one per ``sx x sy`` cell of the ``H x W`` grid
-(the cell's first, top-left position; a seeded random one with ``use_rand``), plus the prefix
+(the cell's first, top-left position; a seeded pseudo-random one with ``use_rand``), plus the prefix
 tokens, and *sources*, the rest. Each source's most similar destination (cosine similarity) is
 its match; the ``r`` sources with the most similar matches are reduced into them, the other
 sources stay. How a destination takes its sources is the merge rule (``op``):
@@ -36,29 +36,37 @@ class GridMatch(NamedTuple):
     destinations: torch.Tensor
 
 
+def _cell_picks(cells: int, size: int, seed: int) -> list[int]:
+    """A seeded pick in [0, size) per cell: splitmix64 of (seed, cell), plain integers, so the
+    positions are constants to torch.export and torch.compile (a tensor draw would be traced)."""
+    picks = []
+    for c in range(cells):
+        z = (seed * 0x9E3779B97F4A7C15 + (c + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        picks.append((z ^ (z >> 31)) % size)
+    return picks
+
+
 def destination_positions(grid: tuple[int, int], sx: int, sy: int, prefix: int = 0,
                           use_rand: bool = False, seed: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(sources, destinations)``: original token positions (prefix tokens first, then the grid in
     row-major order). One destination per ``sy`` rows x ``sx`` columns cell: its top-left position,
-    or one drawn per cell from a generator seeded with ``seed`` (the same seed, the same choice).
-    Prefix tokens are always destinations (they are never merged away)."""
+    or one picked per cell from ``seed`` (the same seed, the same choice). Prefix tokens are always
+    destinations (they are never merged away). Computed in Python from the static grid, so the
+    sizes are known when a graph is exported or compiled (no boolean mask of data-dependent length)."""
     h, w = grid
     cells_y, cells_x = h // sy, w // sx
-    if use_rand:
-        gen = torch.Generator().manual_seed(seed)
-        pick = torch.randint(sy * sx, (cells_y, cells_x), generator=gen)
-    else:
-        pick = torch.zeros(cells_y, cells_x, dtype=torch.long)
-    oy, ox = pick // sx, pick % sx
-    rows = torch.arange(cells_y)[:, None] * sy + oy
-    cols = torch.arange(cells_x)[None, :] * sx + ox
-    is_dst = torch.zeros(h, w, dtype=torch.bool)
-    is_dst[rows, cols] = True
-    flat = is_dst.flatten()
-    grid_pos = torch.arange(h * w) + prefix
-    dst = torch.cat([torch.arange(prefix), grid_pos[flat]])
-    src = grid_pos[~flat]
-    return src.to(device), dst.to(device)
+    picks = _cell_picks(cells_y * cells_x, sy * sx, seed) if use_rand else [0] * (cells_y * cells_x)
+    is_dst = [False] * (h * w)
+    for cell, pick in enumerate(picks):
+        y, x = divmod(cell, cells_x)
+        oy, ox = divmod(pick, sx)
+        is_dst[(y * sy + oy) * w + x * sx + ox] = True
+    dst = list(range(prefix)) + [prefix + p for p in range(h * w) if is_dst[p]]
+    src = [prefix + p for p in range(h * w) if not is_dst[p]]
+    return (torch.tensor(src, dtype=torch.long, device=device),
+            torch.tensor(dst, dtype=torch.long, device=device))
 
 
 def grid_matching(x: torch.Tensor, grid: tuple[int, int], sx: int, sy: int, r: int, prefix: int = 0,
@@ -88,7 +96,10 @@ def merge_tokens(x: torch.Tensor, m: GridMatch, op: str = "merge") -> torch.Tens
         return torch.cat([unm, xd], dim=1)
     into = m.dst_of_src[..., None]
     taken = xs.gather(1, m.src[..., None].expand(-1, -1, c))
-    dst = xd.scatter_reduce(1, into.expand(-1, -1, c), taken, reduce="mean", include_self=True)
+    # the group mean as sum / count: ONNX has no scatter "mean" (the exporter's stand-in gives other values)
+    total = xd.scatter_add(1, into.expand(-1, -1, c), taken)
+    count = torch.ones_like(xd[..., :1]).scatter_add(1, into, torch.ones_like(taken[..., :1]))
+    dst = total / count
     if op == "mlerp":
         # the largest norm in each group: its destination's, raised by any bigger source it takes
         biggest = xd.norm(dim=-1, keepdim=True).scatter_reduce(1, into, taken.norm(dim=-1, keepdim=True),
