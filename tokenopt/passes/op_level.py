@@ -11,9 +11,10 @@ runs on fewer tokens, and its output is unmerged back to every position before t
     x = x + unmerge(mlp(merge(norm3(x), match)), match)            # merge_mlp
 
 Each branch is one :meth:`GraphRewriter.bracket` (entry: the normed tokens, after any adaLN
-scale and shift of a DiT; exit: the branch's output, before a DiT's gate), so the token state outside it is untouched. It needs the block's token grid; blocks more
-than ``max_downsample`` times below the model's largest grid are left as they are. Prefix tokens
-(a ViT's class token) are destinations: they are never merged away.
+scale and shift of a DiT; exit: the branch's output, before a DiT's gate), so the token state
+outside it is untouched. It needs the block's token grid; blocks more than ``max_downsample``
+times below the model's largest grid are left as they are. Prefix tokens (a ViT's class token)
+are destinations: they are never merged away.
 
 The placement is shared by every merging pass: ToMe merges each group by its mean, ToFu by its
 per-layer rule (prune or MLERP; ``OpLevelParams.op``); the options, plan and rewrite are here.
@@ -119,8 +120,7 @@ def plan_op_level(block, params: OpLevelParams, tokens_in):
     """The step of one op-level layer: the stream keeps its count; each chosen op runs on r fewer tokens."""
     r = int(block.tokens * params.ratio)
     around = "/".join(BRANCH_SHORT[b] for b in params.branches)
-    verb = "merge" if params.op == "merge" else params.op
-    return LayerStep(tokens_in, replace(params, r=r), f"op-level {verb} r={r} around {around}")
+    return LayerStep(tokens_in, replace(params, r=r), f"op-level {params.op} r={r} around {around}")
 
 
 def downsample_of(block, analysis) -> int:
