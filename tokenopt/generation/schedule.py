@@ -37,14 +37,18 @@ def ddim_timesteps(steps: int, train_steps: int = TRAIN_STEPS) -> list[int]:
 
 @torch.no_grad()
 def ddim_sample(predict_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], shape: tuple[int, ...],
-                steps: int = 50, seed: int = 0, abar: torch.Tensor | None = None) -> torch.Tensor:
+                steps: int = 50, seed: int = 0, abar: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> torch.Tensor:
     """Images of ``shape`` (B, C, H, W) in about [-1, 1] from ``predict_noise(x_t, t)`` (t: (B,) int64).
+
+    The starting noise is drawn from ``seed``, or given (``noise``: a slice of a larger seeded draw,
+    so a set sampled in chunks is the set sampled at once).
 
     Deterministic (eta = 0): x_{t'} = sqrt(ᾱ_t') x̂_0 + sqrt(1 - ᾱ_t') ε̂ with
     x̂_0 = (x_t - sqrt(1 - ᾱ_t) ε̂) / sqrt(ᾱ_t); the last step returns x̂_0.
     """
     abar = alphas_cumprod() if abar is None else abar
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) if noise is None else noise.clone()
     times = ddim_timesteps(steps, len(abar))
     for i, t in enumerate(times):
         eps = predict_noise(x, torch.full((shape[0],), t, dtype=torch.long)).to(x.dtype)
