@@ -137,14 +137,12 @@ def test_fid_refuses_mismatched_features():
 @pytest.mark.parametrize("name", sorted(GENERATORS))
 def test_trained_generator_draws_the_asked_class_above_chance(name):
     """Needs demo:digits and the generator trained (tokenopt demo --model digits; python -m tokenopt.generation.train)."""
+    from tokenopt.generation import quality
     from tokenopt.sources import load_model
 
     model, _ = load_model(f"demo:{name}")
-    classifier = fid.digits_classifier()
-    labels = torch.arange(10).repeat(10)
-    images = schedule.ddim_sample(
-        lambda x, t: predicted_noise(model(*call_inputs(example_of(model), x, t, labels)[0],
-                                           **call_inputs(example_of(model), x, t, labels)[1])),
-        (100, 1, 32, 32), steps=25, seed=0)
-    _, classes = fid.features_and_classes(classifier, images)
+    gen = quality.generator_of(model)
+    labels = quality.balanced_labels(100, 10)
+    images = quality.sample(model, gen, labels, steps=25, seed=0)
+    _, classes = fid.features_and_classes(fid.digits_classifier(), images)
     assert (classes == labels.numpy()).mean() > 0.3    # chance: 0.1

@@ -41,7 +41,7 @@ GENERATORS: dict[str, GeneratorSpec] = {
     # epochs: what could be trained on the shared 2 cores of the machine they were developed on
     # (about 10 s a step there); more epochs give better digits (see docs/generation.md)
     "digits-dit": GeneratorSpec("DiTTransformer2DModel", DIT, epochs=40, lr=1e-3),
-    "digits-unet": GeneratorSpec("UNet2DConditionModel", UNET, epochs=15, lr=2e-3),
+    "digits-unet": GeneratorSpec("UNet2DConditionModel", UNET, epochs=8, lr=2e-3),
 }
 
 
