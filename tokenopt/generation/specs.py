@@ -38,10 +38,11 @@ class GeneratorSpec:
 
 
 GENERATORS: dict[str, GeneratorSpec] = {
-    # epochs: what could be trained on the shared 2 cores of the machine they were developed on
-    # (about 10 s a step there); more epochs give better digits (see docs/generation.md)
+    # 23 steps an epoch (1,437 digits, batch 64). Measured on the 2 shared cores they were developed
+    # on (1 thread, load ~19): the DiT 40 epochs in about 35 min; the UNet about 11 min an epoch
+    # there, so its 15 epochs were not trained there (an estimate of ~10 min on 2 free cores)
     "digits-dit": GeneratorSpec("DiTTransformer2DModel", DIT, epochs=40, lr=1e-3),
-    "digits-unet": GeneratorSpec("UNet2DConditionModel", UNET, epochs=8, lr=2e-3),
+    "digits-unet": GeneratorSpec("UNet2DConditionModel", UNET, epochs=15, lr=2e-3),
 }
 
 
