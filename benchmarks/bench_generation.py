@@ -78,6 +78,13 @@ def main(argv: list[str]) -> None:
     from tokenopt.sources import load_model
 
     classifier = fid.digits_classifier()
+    # the floor: real digits against real digits (1,000 training scans vs the 360 test scans)
+    from tokenopt.generation.data import digits_images
+    train_images, train_labels = digits_images("train")
+    feats, preds = fid.features_and_classes(classifier, train_images[:1000])
+    print(f"reference: 1000 real training digits vs the 360 test digits: digits-FID "
+          f"{fid.frechet_distance(feats, fid.real_features(classifier)):.3f}, class accuracy "
+          f"{100 * (preds == train_labels[:1000].numpy()).mean():.1f}%\n")
     for name in args.model or ["digits-dit", "digits-unet"]:
         start = time.perf_counter()
         model, _ = load_model(f"demo:{name}")
