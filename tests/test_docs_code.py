@@ -175,10 +175,12 @@ def test_the_docs_name_shipped_recipes_and_demos():
                          ids=lambda v: str(v))
 def test_shell_commands_name_recipes_and_demos_that_work(name, model):
     from tokenopt.demo_specs import DEMOS
+    from tokenopt.generation.specs import GENERATORS
 
     where = [c[0] for c in SHELL_CHECKS if (c[1], c[2]) == (name, model)]
     if name.startswith("demo:"):
-        assert name[len("demo:"):] in DEMOS, f"{where}: no demo called {name!r} (demos: {sorted(DEMOS)})"
+        known = sorted([*DEMOS, *GENERATORS])
+        assert name[len("demo:"):] in known, f"{where}: no demo called {name!r} (demos: {known})"
         return
     assert (ROOT / name).is_file(), f"{where}: {name} is not a shipped recipe"
     from tokenopt.cli import app

@@ -27,15 +27,18 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
                  "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export",
                  "tokenopt.graph_style", "tokenopt.model_outputs", "tokenopt.ownership", "tokenopt.record")),
     (1, "ops", ("tokenopt.ops",)),
-    (1, "load", ("tokenopt.sources", "tokenopt.files", "tokenopt.demo_specs")),    # models from specs and files; never trains
-    (1, "data", ("tokenopt.data",)),
+    (1, "load", ("tokenopt.sources", "tokenopt.files", "tokenopt.demo_specs", "tokenopt.generation",
+                 "tokenopt.generation.models", "tokenopt.generation.specs",
+                 "tokenopt.generation.schedule")),    # models from specs and files; never trains
+    (1, "data", ("tokenopt.data", "tokenopt.generation.data")),
     (2, "analysis", ("tokenopt.analysis", "tokenopt.subgraph", "tokenopt.flops")),   # flops: counts a graph
     (3, "rewrite", ("tokenopt.rewrite",)),
     (4, "passes", ("tokenopt.passes",)),
     (5, "plan", ("tokenopt.recipe", "tokenopt.plan", "tokenopt.report")),   # report: a plan with measured FLOPs
     (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy",
-                     "tokenopt.check", "tokenopt.calling")),   # all run or compare what the pipeline made
-    (6, "train", ("tokenopt.train", "tokenopt.demo")),      # demo trains the demo models
+                     "tokenopt.check", "tokenopt.calling", "tokenopt.generation.fid",
+                     "tokenopt.generation.quality")),   # all run or compare what the pipeline made
+    (6, "train", ("tokenopt.train", "tokenopt.demo", "tokenopt.generation.train")),   # the demo models' training
     (7, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
     (8, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline
 ]

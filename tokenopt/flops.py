@@ -98,10 +98,10 @@ def _frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def count_flops(module: torch.nn.Module, *inputs: Any) -> int:
-    """FLOPs (multiply-accumulates) of one forward pass of ``module(*inputs)``, without grad."""
+def count_flops(module: torch.nn.Module, *inputs: Any, **kw_inputs: Any) -> int:
+    """FLOPs (multiply-accumulates) of one forward pass of ``module(*inputs, **kw_inputs)``, without grad."""
     with torch.no_grad(), _frozen(module), flop_counter() as counter:
-        module(*inputs)
+        module(*inputs, **kw_inputs)
     return _to_macs(counter.get_total_flops())
 
 

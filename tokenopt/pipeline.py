@@ -31,7 +31,8 @@ from tokenopt.record import record_of, update_record
 def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, example_input=None,
              *, leaf_modules: Iterable[type | str] = (), outputs: str | None = None,
              calibration: torch.Tensor | None = None, context: dict | None = None,
-             report: bool = True, capture: str = "auto", share_parameters: bool = True) -> fx.GraphModule:
+             report: bool = True, capture: str = "auto", share_parameters: bool = True,
+             analysis: ModelAnalysis | None = None) -> fx.GraphModule:
     """Rewrite ``model`` as ``recipe`` asks and return an ordinary ``nn.Module`` (an fx GraphModule).
 
     recipe: a path to a YAML file, a YAML string, a dict or a Recipe.
@@ -43,6 +44,10 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
         measuring again; artifacts replay with it so a loaded model is the one that was saved.
     capture: "auto" (torch.fx symbolic tracing; torch.export when that fails), "fx" or "export"
         (see :mod:`tokenopt.analysis.capture`). The result records the one used (``record_of(m).capture``).
+
+    analysis: an analysis of this same model and example (``tokenopt.analysis.analyse``), reused instead
+        of capturing again: several recipes on one model (a quality table) capture it once. The rewrite
+        never changes it.
 
     share_parameters: True (default): the result uses the original's parameter tensors, so training
         the result (fine-tuning) changes the original too. False: the result owns copies, and the
@@ -58,7 +63,8 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     if outputs not in ("logits", "tokens"):
         raise RecipeError(f"outputs must be 'logits' or 'tokens', got {outputs!r}")
     example = Example.of(example_input if example_input is not None else example_input_for(model))
-    analysis = analyse(model, example, leaf_modules, prefix_tokens=recipe.prefix_tokens, capture=capture)
+    if analysis is None:
+        analysis = analyse(model, example, leaf_modules, prefix_tokens=recipe.prefix_tokens, capture=capture)
     # the original's FLOPs, counted on the analysis's graph (the rewrite works on a copy of it)
     before = block_flops(analysis.graph, analysis, example.first(1)) if report else None
     context = calibrate(recipe, model, analysis, calibration, context)

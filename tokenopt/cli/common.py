@@ -206,6 +206,21 @@ def load_model(spec: str, arch: str | None, trust_pickle: bool, weights: Path | 
     return loaded
 
 
+def load_model_or_artifact(spec: str, arch: str | None, trust_pickle: bool, weights: Path | None = None):
+    """A base model as :func:`load_model` loads it, or an optimized one rebuilt from a tokenopt artifact file
+    (for the verbs that run a model as it is: generate, eval of a generator)."""
+    from tokenopt import artifact, files
+
+    path = Path(spec)
+    if path.is_file() and weights is None:
+        with status(f"reading {spec}"):
+            obj = files.read_checkpoint(path, trust_pickle=trust_pickle)
+        if artifact.is_artifact(obj):
+            with status("rebuilding the optimized model"):
+                return artifact.rebuild(artifact.validate_payload(obj, path), arch, source=str(path)), None
+    return load_model(spec, arch, trust_pickle, weights)
+
+
 def load_recipe(path: str, strict: bool = False):
     from tokenopt.recipe import load_recipe as _load_recipe
 

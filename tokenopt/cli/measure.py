@@ -11,8 +11,8 @@ import typer
 
 from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, CropPctOpt, DataSizeOpt, InterpolationOpt, MeanOpt,
                                  StdOpt, StrictOpt, TrustOpt, WeightsOpt, console, first_images, load_model,
-                                 load_recipe, open_dataset, preprocess_options, print_notes, quiet_plan_warnings,
-                                 status, user_errors)
+                                 load_model_or_artifact, load_recipe, open_dataset, preprocess_options, print_notes,
+                                 quiet_plan_warnings, status, user_errors)
 from tokenopt.errors import TokenoptError
 from tokenopt.record import record_of
 
@@ -30,7 +30,9 @@ def _pct(v) -> str:
 @user_errors
 def eval_(
     model: Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP)],
-    data: DataOpt,
+    data: Annotated[Optional[str], typer.Option(
+        "--data", "-d", metavar="DATA", help="digits | digits-clutter (built in) or an ImageFolder directory "
+                                              "(not for a generator: it is compared with the test digits).")] = None,
     recipe: Annotated[Optional[str], typer.Option("--recipe", "-r", metavar="RECIPE",
                                                   help="Evaluate the model optimized by this recipe too.")] = None,
     sweep: Annotated[Optional[str], typer.Option(
@@ -54,8 +56,19 @@ def eval_(
     batch_size: BatchOpt = 128,
     limit: LimitOpt = None,
     capture: CaptureOpt = "auto",
+    ratios: Annotated[str, typer.Option("--ratios", metavar="R,R,...", help="Generators: the ratios a --sweep "
+                                        "merges at (placement: op).")] = "0.3,0.5,0.7",
+    samples: Annotated[int, typer.Option("--samples", min=10, help="Generators: images drawn per setting.")] = 1000,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=1000, help="Generators: DDIM steps.")] = 25,
+    grids: Annotated[Optional[Path], typer.Option("--grids", metavar="DIR", help="Generators: write a sample "
+                                                  "grid PNG per setting into DIR.")] = None,
 ) -> None:
-    """Top-1 (and top-5) of MODEL and of its optimized version, their agreement, and GFLOPs."""
+    """Top-1 (and top-5) of MODEL and of its optimized version, their agreement, and GFLOPs.
+
+    For a class-conditional generator (demo:digits-dit, demo:digits-unet, a diffusers DiT/UNet with
+    class labels, or its artifact): per setting, GFLOPs per denoising call, digits-FID against the
+    test digits, class accuracy of the samples (by demo:digits) and seconds per image.
+    """
     from rich.table import Table
 
     from tokenopt import evaluation as ev
@@ -64,14 +77,25 @@ def eval_(
 
     if recipe is None and sweep is None:
         raise TokenoptError("nothing to compare: give --recipe RECIPE, --sweep METHODS, or both")
-    methods = [m.strip() for m in sweep.split(",")] if sweep else []
-    bad = [m for m in methods if m not in ev.SWEEP_METHODS]
-    if bad:
-        raise TokenoptError(f"--sweep: unknown method {bad[0]!r}; choose from {', '.join(ev.SWEEP_METHODS)}")
     for out in (csv_out, plot_out):
         if out is not None:
             from tokenopt.files import check_output_path
             check_output_path(out)
+    from tokenopt.generation.quality import denoiser_example
+    base_model, base = load_model_or_artifact(model, arch, trust_pickle, weights)
+    if denoiser_example(base_model) is not None:
+        _eval_generator(model, base_model, recipe, strict, sweep, ratios, samples, steps, grids, csv_out,
+                        plot_out, capture, first="original" if base is not None else Path(model).name)
+        return
+    if base is None:    # a classifier's artifact: refused as before (apply recipes to the original)
+        base_model, _ = load_model(model, arch, trust_pickle, weights)
+    if data is None:
+        raise TokenoptError(f"{model} is a classifier: give --data (digits, digits-clutter or an ImageFolder "
+                            "directory) to measure it on")
+    methods = [m.strip() for m in sweep.split(",")] if sweep else []
+    bad = [m for m in methods if m not in ev.SWEEP_METHODS]
+    if bad:
+        raise TokenoptError(f"--sweep: unknown method {bad[0]!r}; choose from {', '.join(ev.SWEEP_METHODS)}")
     values = None
     if r_values:
         try:
@@ -80,7 +104,6 @@ def eval_(
             raise TokenoptError(f"--r {r_values!r}: write integers separated by commas, e.g. 0,4,8") from None
     pre = preprocess_options(input_size, mean, std, interpolation, crop_pct)
     rec = load_recipe(recipe, strict) if recipe else None
-    base_model, _ = load_model(model, arch, trust_pickle, weights)
     ds = open_dataset(data, base_model, split, limit, pre)
     loader = get_loader(ds, batch_size, train=False)
     example = first_images(ds, 16)
@@ -124,6 +147,50 @@ def eval_(
         if plot_out:
             ev.plot(sweep_rows, plot_out, title=f"{model} on {data}")
             out.print(f"wrote {plot_out}")
+
+
+def _eval_generator(spec: str, model, recipe: str | None, strict: bool, sweep: str | None, ratios: str,
+                    samples: int, steps: int, grids: Path | None, csv_out: Path | None, plot_out: Path | None,
+                    capture: str, first: str = "original") -> None:
+    """``tokenopt eval`` of a generator: the original and each setting, drawing the same images."""
+    from rich.table import Table
+
+    from tokenopt.generation import fid, quality
+
+    gen = quality.generator_of(model, spec)
+    recipes = {Path(recipe).stem: load_recipe(recipe, strict)} if recipe else {}
+    try:
+        values = [float(v) for v in ratios.split(",")]
+    except ValueError:
+        raise TokenoptError(f"--ratios {ratios!r}: write numbers separated by commas, e.g. 0.3,0.5,0.7") from None
+    for method in [m.strip() for m in sweep.split(",")] if sweep else []:
+        for r in values:
+            recipes[f"{method} op {r:g}"] = {"version": 1, "rules": [{"pass": method, "placement": "op", "ratio": r}]}
+    if grids is not None and not grids.is_dir():
+        raise TokenoptError(f"--grids {grids}: no such directory; create it first (mkdir -p {grids})")
+    classifier = fid.digits_classifier()
+    with status(f"rewriting ({len(recipes)} settings)"), quiet_plan_warnings():
+        settings = quality.optimized_settings(model, recipes, capture=capture, first=first)
+    with status(f"sampling {samples} images per setting"):
+        rows = quality.evaluate_generators(settings, gen, classifier, n=samples, steps=steps, grid_dir=grids)
+    out = console()
+    t = Table(title=f"{spec}: {samples} generated vs {rows[0].n_real} real test digits, {steps} DDIM steps")
+    for col in ("setting", "GFLOPs/call", "digits-FID", "class acc %", "s/image"):
+        t.add_column(col, justify="left" if col == "setting" else "right")
+    for r in rows:
+        if r.fid is None:
+            t.add_row(r.setting, r.note, "", "", "")
+        else:
+            t.add_row(r.setting, f"{r.gflops:.4f}", f"{r.fid:.2f}", _pct(r.class_acc), f"{r.sec_per_image:.4f}")
+    out.print(t)
+    if csv_out:
+        quality.write_csv(rows, csv_out)
+        out.print(f"wrote {csv_out}")
+    if plot_out:
+        quality.plot(rows, plot_out, title=spec)
+        out.print(f"wrote {plot_out}")
+    if grids:
+        out.print(f"wrote {len([r for r in rows if r.fid is not None])} sample grids into {grids}")
 
 
 def _needs_calibration(rec) -> bool:

@@ -12,13 +12,15 @@ import os
 
 from tokenopt.demo_specs import DEMOS, demo_files, describe
 from tokenopt.errors import ModelLoadError
+from tokenopt.generation.specs import GENERATORS, load_generator
 from tokenopt.sources.registry import Source, build_arch, register_source
 
 
 @register_source
 class DemoSource(Source):
     kind, prefix = "demo", "demo:"
-    help = " | ".join(f"demo:{name}" for name in DEMOS) + " (demo ViTs trained by `tokenopt demo`)"
+    help = (" | ".join(f"demo:{name}" for name in DEMOS) + " (demo ViTs trained by `tokenopt demo`) | "
+            + " | ".join(f"demo:{name}" for name in GENERATORS) + " (demo generators)")
     file_wins = True
 
     def load(self, spec: str):
@@ -37,8 +39,10 @@ class DemoSource(Source):
 
 def load_demo(name: str):
     """The trained demo model ``name`` (eval mode) from the cache, or a message saying how to train it."""
+    if name in GENERATORS:   # the demo diffusion models: their own registry and cache entries
+        return load_generator(name)
     if name not in DEMOS:
-        raise ModelLoadError(f"unknown demo model '{name}': choose one of {', '.join(DEMOS)}")
+        raise ModelLoadError(f"unknown demo model '{name}': choose one of {', '.join([*DEMOS, *GENERATORS])}")
     found = cached_demo(name)
     if found is None:
         weights, _ = demo_files(name)

@@ -75,9 +75,10 @@ class DenoiserInputs:
             dim = c.get("cross_attention_dim") or 768
             dim = dim[0] if isinstance(dim, (list, tuple)) else dim
             text = torch.randn(batch, TEXT_TOKENS, int(dim), generator=gen)
-            return (latent, t), {"encoder_hidden_states": text}, (0, 0, 0)
+            return (latent, t), {"encoder_hidden_states": text, **self._class_labels(batch, gen)}, (0, 0, 0) + \
+                (0,) * bool(c.get("num_class_embeds"))
         if self.class_name == "UNet2DModel":
-            return (latent, t), {}, (0, 0)
+            return (latent, t), self._class_labels(batch, gen), (0, 0) + (0,) * bool(c.get("num_class_embeds"))
         if self.class_name == "DiTTransformer2DModel":
             classes = int(c.get("num_embeds_ada_norm") or 1000)
             labels = torch.randint(0, classes, (batch,), generator=gen)
@@ -85,6 +86,14 @@ class DenoiserInputs:
         # PixArtTransformer2DModel: prompt states of caption_channels; no resolution/aspect inputs
         text = torch.randn(batch, TEXT_TOKENS, int(c.get("caption_channels") or 4096), generator=gen)
         return (latent,), {"encoder_hidden_states": text, "timestep": t}, (0, 0, 0)
+
+
+    def _class_labels(self, batch: int, gen) -> dict:
+        """A class-conditional UNet (``num_class_embeds``) refuses a call without its labels."""
+        import torch
+
+        classes = self.config.get("num_class_embeds")
+        return {"class_labels": torch.randint(0, int(classes), (batch,), generator=gen)} if classes else {}
 
 
 def diffusers_folder(directory: str) -> tuple[Path, str, dict]:
