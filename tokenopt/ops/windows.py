@@ -1,0 +1,108 @@
+"""Tensor code for reductions inside attention windows (Swin): every window of every image at once.
+
+Windows are rows: a block's window tokens are (R, N, C) with R = batch x windows (image-major, as
+Swin partitions them) and N = wh * ww. Each op works row by row, so no value (nor gradient) crosses
+windows or images::
+
+    shift_regions(padded, size, shift)          (nW, N) which shifted region each token came from
+    window_merge(x, r, regions)                 bipartite merge of r tokens per window, within a region
+    window_unmerge(y, source)                   every token back, from the one it was merged into
+    dense_window_bias(n, *terms)                the logit terms (relative bias, shift mask) as (rows, h, N, N)
+    window_attention(q, k, v, bias=, pos=, size=)   attention on the kept tokens of each window, with the
+                                                bias each pair of kept tokens had at its true positions
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tokenopt.ops import matching
+
+
+def shift_regions(padded: tuple[int, int], size: tuple[int, int], shift: tuple[int, int],
+                  device=None) -> torch.Tensor:
+    """(nW, N) labels: two tokens of a window attend to each other in a shifted Swin block only when
+    their labels are equal (the cyclic shift brought them from different corners of the image)."""
+    (h, w), (wh, ww), (sh, sw) = padded, size, shift
+    label = torch.zeros(h, w, dtype=torch.long, device=device)
+    if sh or sw:
+        rows = (slice(0, h - wh), slice(h - wh, h - sh), slice(h - sh, h)) if sh else (slice(0, h),)
+        cols = (slice(0, w - ww), slice(w - ww, w - sw), slice(w - sw, w)) if sw else (slice(0, w),)
+        for i, rs in enumerate(rows):
+            for j, cs in enumerate(cols):
+                label[rs, cs] = i * 3 + j
+    return label.view(h // wh, wh, w // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+
+
+def window_merge(x: torch.Tensor, r: int, shift: tuple | None = None, op: str = "merge"):
+    """Reduce ``r`` tokens in every window of ``x`` (R, N, C) with ToMe's bipartite matching
+    (:func:`ops.matching.bipartite_match`, the tokens themselves as the metric).
+
+    ``shift``: (padded grid, window size, shift) of a shifted block, whose windows hold tokens of
+    several regions (:func:`shift_regions`): only tokens of one region pair, so a kept token's
+    mask at its position holds for every token merged into it. ``op``: merge (ToMe's size-weighted
+    mean) | prune | mlerp (ToFu's). Returns (kept (R, n, C), size (R, n, 1), pos (R, n): the
+    in-window position each kept token stands at, source (R, N): the kept row each token went to).
+    """
+    rows, n, _ = x.shape
+    if r <= 0:
+        pos = torch.arange(n, device=x.device).expand(rows, n)
+        return x, x.new_ones(rows, n, 1), pos, pos
+    labels = None
+    if shift is not None:
+        regions = shift_regions(*shift, device=x.device)
+        labels = regions[torch.arange(rows, device=x.device) % regions.shape[0]]
+    m = matching.bipartite_match(x, r, 0, labels=labels)
+    if op == "merge":
+        out, size = matching.merge_weighted(x, None, m)
+    else:
+        ones = x.new_ones(rows, n, 1)
+        out = matching.prune(x, m) if op == "prune" else matching.merge_mlerp(x, m)
+        size = matching.prune(ones, m) if op == "prune" else matching.merge_sum(ones, m)
+    return out, size, m.keep, matching.merged_positions(n, m)
+
+
+def window_unmerge(source: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(R, N, C): every original token of each window takes the output of the token it merged into."""
+    return y.gather(1, source[..., None].expand(-1, -1, y.shape[-1]))
+
+
+def dense_window_bias(n: int, *terms: torch.Tensor) -> torch.Tensor:
+    """The sum of the terms a windowed attention adds to its logits, as (rows, heads or 1, N, N).
+
+    Each term's axes before the last three fold into one row axis (1, windows or batch x windows rows,
+    window w of image b at row (b * windows + w) % rows): timm's shift mask (1, nW, 1, N, N), its bias
+    (1, heads, N, N), Hugging Face's mask expanded per image (B * nW, 1, N, N).
+    """
+    folded = [t.reshape(-1, t.shape[-3] if t.dim() >= 3 else 1, n, n) for t in terms]
+    rows = max(t.shape[0] for t in folded)
+    total = None
+    for t in folded:
+        t = t.repeat(rows // t.shape[0], 1, 1, 1) if t.shape[0] != rows else t
+        total = t if total is None else total + t
+    return total
+
+
+def gather_pair_bias(bias: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(R, h, n, n): the bias between every two kept tokens of each window, from ``bias``
+    (rows, h, N, N) at their true in-window positions ``pos`` (R, n)."""
+    rows_all, n = pos.shape
+    b = bias[torch.arange(rows_all, device=pos.device) % bias.shape[0]]          # (R, h, N, N)
+    h, full = b.shape[1], b.shape[-1]
+    b = b.gather(2, pos[:, None, :, None].expand(rows_all, h, n, full))
+    return b.gather(3, pos[:, None, None, :].expand(rows_all, h, n, n))
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None, dropout_p: float = 0.0,
+                     is_causal: bool = False, scale: float | None = None, *, bias: torch.Tensor | None,
+                     pos: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+    """SDPA over the kept tokens of each window: q, k, v (R, heads, n, d); the logits get the window's
+    bias at the kept tokens' positions and, when tokens were merged, log(size) per key (proportional
+    attention). ``attn_mask`` is taken for SDPA's signature; the bias stands for every term on the logits."""
+    if attn_mask is not None or is_causal:
+        raise ValueError("window_attention takes its logit terms as bias=, not attn_mask")
+    add = gather_pair_bias(bias, pos).to(q.dtype) if bias is not None else None
+    if size is not None:
+        log_size = size.log()[:, None, None, :, 0].to(q.dtype)
+        add = log_size if add is None else add + log_size
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=add, dropout_p=dropout_p, scale=scale)
