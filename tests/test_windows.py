@@ -218,3 +218,101 @@ def test_r_larger_than_a_window_can_give_is_refused_naming_the_block(tmp_path):
     assert ("layers.1.blocks.0 (2): r=9 is more than a 4x4 window can give: tome merges inside each window of 16 "
             "tokens, at most 8 of them. Lower r to 8 or less for this block") in text
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- SPA inside windows (bypass)
+
+import warnings  # noqa: E402
+
+from tokenopt.passes.spa import capture_gate_outputs, force_keep  # noqa: E402
+
+
+def spa(layers="stage2", **kw):
+    return {"version": 1, "rules": [{"pass": "spa", "layers": layers, **kw}]}
+
+
+@pytest.mark.parametrize("make,capture", [(tiny_swin, "fx"), (tiny_swin, "export"), (hf_swin, "export")])
+def test_spa_keeping_every_token_is_the_original(make, capture):
+    m = make()
+    gm = tokenopt.optimize(m, spa("all", threshold=0.0, min_keep=1.0), X, report=False, capture=capture)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # the gates are untrained: they keep everything here anyway
+        assert (logits_of(gm(X)) - logits_of(m(X))).abs().max() <= 1e-5
+
+
+def per_window_block(keeps):
+    """timm SwinTransformerBlock.forward as a loop over images and windows: in each window the kept tokens
+    (``keeps[block]`` (B, H*W) on the block's grid) attend among themselves with the table's bias (and the shift
+    mask) at their true positions; every other token skips the attention and the MLP."""
+    def forward(self, x):
+        b, h, w, c = x.shape
+        if self not in keeps:
+            return original_block_forward(self, x)
+        keep = keeps[self].view(b, h, w)
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        hs = torch.roll(self.norm1(x), (-sh, -sw), (1, 2))
+        ks = torch.roll(keep, (-sh, -sw), (1, 2))
+        out = torch.zeros_like(hs)
+        attn, heads = self.attn, self.attn.num_heads
+        table_bias = attn._get_rel_pos_bias()[0]
+        for i in range(b):
+            for wi in range(h // wh):
+                for wj in range(w // ww):
+                    cell = (i, slice(wi * wh, (wi + 1) * wh), slice(wj * ww, (wj + 1) * ww))
+                    pos = ks[cell].reshape(-1).nonzero()[:, 0]
+                    if pos.numel() == 0:
+                        continue
+                    t = hs[cell].reshape(-1, c)[pos][None]
+                    q, k, v = attn.qkv(t).reshape(1, -1, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+                    logits = (q * attn.scale) @ k.transpose(-2, -1) + table_bias[:, pos][:, :, pos]
+                    if self.attn_mask is not None:
+                        logits = logits + self.attn_mask[wi * (w // ww) + wj][pos][:, pos]
+                    y = attn.proj((logits.softmax(-1) @ v).transpose(1, 2).reshape(1, -1, c))[0]
+                    flat = out[cell].reshape(-1, c).clone()
+                    flat[pos] = y
+                    out[cell] = flat.view(wh, ww, c)
+        x = x + torch.roll(out, (sh, sw), (1, 2))
+        xt = x.reshape(b, -1, c)
+        xt = xt + self.mlp(self.norm2(xt)) * keeps[self][..., None]
+        return xt.reshape(b, h, w, c)
+    return forward
+
+
+original_block_forward = None
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_spa_block_is_a_loop_over_images_and_windows(monkeypatch, capture):
+    global original_block_forward
+    m = tiny_swin()          # float32: the gates are made in the default dtype
+    x = X
+    gm = tokenopt.optimize(m, spa("stage2"), x, report=False, capture=capture)
+    with torch.no_grad(), warnings.catch_warnings(), force_keep(gm, 0.5), capture_gate_outputs(gm) as seen:
+        warnings.simplefilter("ignore")
+        got = gm(x)
+    blocks = [blk for stage in m.layers for blk in stage.blocks]
+    keeps = {blocks[i]: out.keep for i, out in seen.items()}
+    assert sorted(seen) == [2, 3] and all(0.3 < k.float().mean() < 0.7 for k in keeps.values())
+    block_type = type(blocks[0])
+    original_block_forward = block_type.forward
+    monkeypatch.setattr(block_type, "forward", per_window_block(keeps))
+    with torch.no_grad():
+        want = m(x)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_spa_on_a_grid_the_windows_do_not_tile_is_refused(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from tokenopt.cli import app
+    recipe = tmp_path / "spa.yaml"
+    recipe.write_text(yaml.safe_dump(spa("stage1")))
+    out = tmp_path / "m.pt"
+    spec = "timm:swin_tiny_patch4_window7_224?img_size=56&embed_dim=32&depths=2,2&num_heads=1,2&window_size=4"
+    res = CliRunner().invoke(app, ["apply", str(recipe), spec, "-o", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    text = " ".join(res.output.split())
+    assert "spa cannot rewrite any block it selects (2 selected): 2 blocks: its 14x14 token grid is not a whole " \
+           "number of 4x4 windows (the model pads it to 16x16)" in text
+    assert not out.exists()

@@ -10,6 +10,8 @@ windows or images::
     dense_window_bias(n, *terms)                the logit terms (relative bias, shift mask) as (rows, h, N, N)
     window_attention(q, k, v, bias=, pos=, size=)   attention on the kept tokens of each window, with the
                                                 bias each pair of kept tokens had at its true positions
+    keep_in_windows, gather_kept, scatter_kept  SPA: a gate's per-image selection, per window; the kept
+                                                tokens of each row packed (padded to the fullest row) and back
 """
 from __future__ import annotations
 
@@ -95,14 +97,58 @@ def gather_pair_bias(bias: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None, dropout_p: float = 0.0,
                      is_causal: bool = False, scale: float | None = None, *, bias: torch.Tensor | None,
-                     pos: torch.Tensor, size: torch.Tensor | None = None) -> torch.Tensor:
+                     pos: torch.Tensor, size: torch.Tensor | None = None,
+                     valid: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA over the kept tokens of each window: q, k, v (R, heads, n, d); the logits get the window's
     bias at the kept tokens' positions and, when tokens were merged, log(size) per key (proportional
-    attention). ``attn_mask`` is taken for SDPA's signature; the bias stands for every term on the logits."""
+    attention); keys that are padding (``valid`` (R, n) False) get the lowest logit. ``attn_mask`` is
+    taken for SDPA's signature; the bias stands for every term on the logits."""
     if attn_mask is not None or is_causal:
         raise ValueError("window_attention takes its logit terms as bias=, not attn_mask")
     add = gather_pair_bias(bias, pos).to(q.dtype) if bias is not None else None
     if size is not None:
         log_size = size.log()[:, None, None, :, 0].to(q.dtype)
         add = log_size if add is None else add + log_size
+    if valid is not None:       # a finite floor: a row with no kept token gives numbers (discarded), not NaN
+        floor = torch.where(valid, 0.0, torch.finfo(q.dtype).min)[:, None, None, :].to(q.dtype)
+        add = floor if add is None else (add + floor).clamp_min(torch.finfo(q.dtype).min)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=add, dropout_p=dropout_p, scale=scale)
+
+
+# ---------------------------------------------------------------- SPA in windows: kept tokens, packed per row
+
+def as_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, C) or (B, N, C) -> (B, N, C)."""
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def keep_in_windows(keep: torch.Tensor, grid: tuple[int, int], padded: tuple[int, int], size: tuple[int, int],
+                    shift: tuple[int, int]) -> torch.Tensor:
+    """(B*nW, N): ``keep`` (B, H*W) on the block's grid, shifted and partitioned as the block does its
+    tokens (padding is never kept)."""
+    b = keep.shape[0]
+    (h, w), (ph, pw), (wh, ww) = grid, padded, size
+    k = keep.view(b, h, w)
+    if any(shift):
+        k = torch.roll(k, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    if (ph, pw) != (h, w):
+        k = F.pad(k, (0, pw - w, 0, ph - h), value=False)
+    return k.view(b, ph // wh, wh, pw // ww, ww).permute(0, 1, 3, 2, 4).reshape(-1, wh * ww)
+
+
+def gather_kept(x: torch.Tensor, keep: torch.Tensor):
+    """The kept tokens of every row of ``x`` (R, N, C), first in their order, padded to the most any
+    row keeps: (xs (R, n, C), pos (R, n) their positions, valid (R, n)). Padding slots hold the
+    row's unkept tokens (their values are never used)."""
+    counts = keep.sum(1)
+    n = max(int(counts.max()), 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]
+    valid = torch.arange(n, device=x.device) < counts[:, None]
+    return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1])), order, valid
+
+
+def scatter_kept(pos: torch.Tensor, valid: torch.Tensor, n: int, y: torch.Tensor) -> torch.Tensor:
+    """(R, N, C): the rows' results ``y`` (R, n, C) back at their positions, zero for every token that
+    was not kept (it skips the region: a residual add leaves it as it was)."""
+    out = y.new_zeros(y.shape[0], n, y.shape[-1])
+    return out.scatter(1, pos[..., None].expand(-1, -1, y.shape[-1]), y * valid[..., None].to(y.dtype))
