@@ -316,3 +316,87 @@ def test_spa_on_a_grid_the_windows_do_not_tile_is_refused(tmp_path):
     assert "spa cannot rewrite any block it selects (2 selected): 2 blocks: its 14x14 token grid is not a whole " \
            "number of 4x4 windows (the model pads it to 16x16)" in text
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_real_swin_tiny_keeps_its_outputs_at_r0_and_keep_all():
+    """swin_tiny_patch4_window7_224 as configured (random init): 56x56 .. 7x7 grids, windows of 7, the last stage
+    one window per image. ToMe r=0 and SPA keeping every token (stages 3-4) give the original logits."""
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224)
+    a = analyse(m, x, capture="fx")
+    assert [b.window.windows for b in a.blocks] == [64] * 2 + [16] * 2 + [4] * 6 + [1] * 2
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = m(x)
+        for recipe in (tome(0), spa("stage3-4", threshold=0.0, min_keep=1.0)):
+            assert (tokenopt.optimize(m, recipe, x, report=False, capture="fx")(x) - ref).abs().max() <= 1e-5
+
+
+def per_container_block(keeps):
+    """timm SwinTransformerBlock.forward with SPA's containers, written as a loop: each image's kept tokens,
+    window by window (after the block's shift), fill containers of a window's size; the tokens of a container
+    attend among themselves with the table's bias at their true grid offsets, clamped to the table's range."""
+    def forward(self, x):
+        b, h, w, c = x.shape
+        if self not in keeps:
+            return original_block_forward(self, x)
+        keep = keeps[self].view(b, h, w)
+        (wh, ww), (sh, sw) = self.window_size, self.shift_size
+        n = wh * ww
+        hs = torch.roll(self.norm1(x), (-sh, -sw), (1, 2))
+        ks = torch.roll(keep, (-sh, -sw), (1, 2))
+        rows = torch.roll(torch.arange(h)[:, None].expand(h, w), (-sh, -sw), (0, 1))
+        cols = torch.roll(torch.arange(w)[None, :].expand(h, w), (-sh, -sw), (0, 1))
+        attn, heads = self.attn, self.attn.num_heads
+        table = attn.relative_position_bias_table
+        out = torch.zeros_like(hs)
+        for i in range(b):
+            picked = []          # (shifted row, shifted col) of every kept token, in window order
+            for wi in range(h // wh):
+                for wj in range(w // ww):
+                    cell = [(r, q) for r in range(wi * wh, (wi + 1) * wh) for q in range(wj * ww, (wj + 1) * ww)]
+                    picked += [(r, q) for r, q in cell if ks[i, r, q]]
+            for start in range(0, len(picked), n):
+                group = picked[start:start + n]
+                t = torch.stack([hs[i, r, q] for r, q in group])[None]
+                yx = torch.tensor([[int(rows[r, q]), int(cols[r, q])] for r, q in group])
+                d = yx[:, None] - yx[None]
+                idx = (d[..., 0].clamp(-(wh - 1), wh - 1) + wh - 1) * (2 * ww - 1) + d[..., 1].clamp(-(ww - 1), ww - 1) + ww - 1
+                q_, k_, v_ = attn.qkv(t).reshape(1, -1, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+                logits = (q_ * attn.scale) @ k_.transpose(-2, -1) + table[idx].permute(2, 0, 1)
+                y = attn.proj((logits.softmax(-1) @ v_).transpose(1, 2).reshape(1, -1, c))[0]
+                for (r, q), val in zip(group, y):
+                    out[i, r, q] = val
+        x = x + torch.roll(out, (sh, sw), (1, 2))
+        xt = x.reshape(b, -1, c)
+        xt = xt + self.mlp(self.norm2(xt)) * keeps[self][..., None]
+        return xt.reshape(b, h, w, c)
+    return forward
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_spa_containers_are_a_loop_over_each_images_kept_tokens(monkeypatch, capture):
+    global original_block_forward
+    m = tiny_swin()
+    gm = tokenopt.optimize(m, spa("stage2", grouping="container"), X, report=False, capture=capture)
+    with torch.no_grad(), warnings.catch_warnings(), force_keep(gm, 0.5), capture_gate_outputs(gm) as seen:
+        warnings.simplefilter("ignore")
+        got = gm(X)
+    blocks = [blk for stage in m.layers for blk in stage.blocks]
+    keeps = {blocks[i]: out.keep for i, out in seen.items()}
+    block_type = type(blocks[0])
+    original_block_forward = block_type.forward
+    monkeypatch.setattr(block_type, "forward", per_container_block(keeps))
+    with torch.no_grad():
+        want = m(X)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_spa_containers_keeping_every_token_are_the_windows_of_unshifted_blocks():
+    m = tiny_swin()
+    gm = tokenopt.optimize(m, spa([0, 2], grouping="container", threshold=0.0, min_keep=1.0), X, report=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert (gm(X) - m(X)).abs().max() <= 1e-5

@@ -97,7 +97,7 @@ def gather_pair_bias(bias: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask=None, dropout_p: float = 0.0,
                      is_causal: bool = False, scale: float | None = None, *, bias: torch.Tensor | None,
-                     pos: torch.Tensor, size: torch.Tensor | None = None,
+                     pos: torch.Tensor | None, size: torch.Tensor | None = None,
                      valid: torch.Tensor | None = None) -> torch.Tensor:
     """SDPA over the kept tokens of each window: q, k, v (R, heads, n, d); the logits get the window's
     bias at the kept tokens' positions and, when tokens were merged, log(size) per key (proportional
@@ -105,7 +105,12 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mas
     taken for SDPA's signature; the bias stands for every term on the logits."""
     if attn_mask is not None or is_causal:
         raise ValueError("window_attention takes its logit terms as bias=, not attn_mask")
-    add = gather_pair_bias(bias, pos).to(q.dtype) if bias is not None else None
+    if bias is None:
+        add = None
+    elif pos is None:           # the bias is per row already (SPA's containers)
+        add = bias.to(q.dtype)
+    else:
+        add = gather_pair_bias(bias, pos).to(q.dtype)
     if size is not None:
         log_size = size.log()[:, None, None, :, 0].to(q.dtype)
         add = log_size if add is None else add + log_size
@@ -152,3 +157,61 @@ def scatter_kept(pos: torch.Tensor, valid: torch.Tensor, n: int, y: torch.Tensor
     was not kept (it skips the region: a residual add leaves it as it was)."""
     out = y.new_zeros(y.shape[0], n, y.shape[-1])
     return out.scatter(1, pos[..., None].expand(-1, -1, y.shape[-1]), y * valid[..., None].to(y.dtype))
+
+
+# ---------------------------------------------------------------- SPA containers (the paper's grouping)
+
+def window_coords(grid: tuple[int, int], padded: tuple[int, int], size: tuple[int, int],
+                  shift: tuple[int, int], device=None) -> torch.Tensor:
+    """(nW, N, 2): the true (row, column) on the block's grid of every window token, after the shift
+    (a cyclic shift's wrapped tokens keep where they really are; padding gets rows past the grid)."""
+    (ph, pw), (wh, ww), (sh, sw) = padded, size, shift
+    ys, xs = torch.meshgrid(torch.arange(ph, device=device), torch.arange(pw, device=device), indexing="ij")
+    yx = torch.stack([ys, xs], -1)
+    if sh or sw:        # the token at (i, j) of the shifted grid came from (i + sh, j + sw) mod the grid
+        yx = torch.roll(yx, shifts=(-sh, -sw), dims=(0, 1))
+    return yx.view(ph // wh, wh, pw // ww, ww, 2).permute(0, 2, 1, 3, 4).reshape(-1, wh * ww, 2)
+
+
+def fill_containers(x: torch.Tensor, keep: torch.Tensor, windows: int):
+    """Each image's kept window tokens, in window order, filling containers of N tokens (N: a window's).
+
+    x (B*nW, N, C) window tokens, keep (B*nW, N). Returns (xc (B*K, N, C), slot (B*K, N): the flat
+    position among its image's nW*N window tokens of each container slot, valid (B*K, N)); K: the
+    containers of the image that needs most (the others get empty ones). Slots past an image's kept
+    tokens hold its unkept ones (never used), so no two slots of an image share a position."""
+    rows, n, c = x.shape
+    b = rows // windows
+    flat_keep = keep.reshape(b, windows * n)
+    counts = flat_keep.sum(1)
+    k = max(int((counts.max() + n - 1) // n), 1)          # <= windows: never more slots than tokens
+    slot = torch.argsort((~flat_keep).to(torch.int8), dim=1, stable=True)[:, :k * n]
+    valid = torch.arange(k * n, device=x.device) < counts[:, None]
+    xc = x.reshape(b, windows * n, c).gather(1, slot[..., None].expand(-1, -1, c))
+    return xc.reshape(b * k, n, c), slot.reshape(b * k, n), valid.reshape(b * k, n)
+
+
+def empty_containers(slot: torch.Tensor, valid: torch.Tensor, like: torch.Tensor, windows: int,
+                     y: torch.Tensor) -> torch.Tensor:
+    """Shaped as the window tokens ``like`` (B*nW, N, C): the containers' results ``y`` (B*K, N, C) back
+    in their windows, zero for every token that was not kept."""
+    rows, n, c = like.shape
+    b = rows // windows
+    out = y.new_zeros(b, windows * n, c)
+    flat = (y * valid[..., None].to(y.dtype)).reshape(b, -1, c)
+    out = out.scatter(1, slot.reshape(b, -1)[..., None].expand(-1, -1, c), flat)
+    return out.reshape(rows, n, c)
+
+
+def container_bias(table: torch.Tensor, slot: torch.Tensor, grid: tuple[int, int], padded: tuple[int, int],
+                   size: tuple[int, int], shift: tuple[int, int]) -> torch.Tensor:
+    """(B*K, heads, N, N): the relative position bias between the tokens of each container, from the table
+    (rows (2wh-1)(2ww-1), heads) at their true grid offsets, clamped to the table's range (a container can
+    hold tokens further apart than a window spans; clamping gives them the bias of the farthest offset)."""
+    wh, ww = size
+    flat = window_coords(grid, padded, size, shift, device=slot.device).reshape(-1, 2)                                     # (nW*N, 2): same windows in every image
+    yx = flat[slot]                                                  # (B*K, N, 2)
+    d = yx[:, :, None, :] - yx[:, None, :, :]
+    dy = d[..., 0].clamp(-(wh - 1), wh - 1) + wh - 1
+    dx = d[..., 1].clamp(-(ww - 1), ww - 1) + ww - 1
+    return table[dy * (2 * ww - 1) + dx].permute(0, 3, 1, 2)

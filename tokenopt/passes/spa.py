@@ -95,6 +95,10 @@ class SPAOptions(PassOptions):
     layout: Literal["auto", "packed", "padded"] = Field(
         "auto", description="packed: (1, T, C) | padded: (B, max_keep, C), static shapes | auto: packed in eager "
                             "runs, padded under torch.compile/export")
+    grouping: Literal["window", "container"] = Field(
+        "window", description="windowed blocks (Swin): window: the kept tokens of each window attend among "
+                              "themselves (keeping all is the original) | container: each image's kept tokens, in "
+                              "window order, fill containers of a window's size (the paper's)")
     attention: Literal["auto", "loop", "padded", "blockdiag", "containers", "varlen"] = Field(
         "auto", description="attention over the packed batch; auto: the fastest measured on the device")
 
@@ -142,6 +146,7 @@ class SPAParams:
     hi: int = 0
     follows_prune: bool = False     # an earlier layer of the same rule pruned: fewer tokens come in
     noise: float = 1.0              # scale of the training-time sampling noise
+    grouping: str = "window"        # windowed blocks: "window" | "container"
 
 
 @dataclass
@@ -159,7 +164,7 @@ class SPA(Pass):
 
     def layer_options(self, options: SPAOptions, n_layers: int, where: str) -> list[SPAParams]:
         p = SPAParams(options.gate.hidden, options.threshold, options.min_keep, options.max_keep, options.mode,
-                      options.layout, options.attention, noise=options.gate.noise)
+                      options.layout, options.attention, noise=options.gate.noise, grouping=options.grouping)
         return [p] * n_layers
 
     def resolve(self, options: SPAOptions, per_layer: list[SPAParams], blocks: list, context: dict,
@@ -295,10 +300,28 @@ def _rewrite_in_windows(g, block, p: SPAParams) -> None:
             return made["xs"]
         return made, enter
 
-    win, enter_win = pack(in_windows)
-    g.window_bracket(block, enter_win, lambda s, end: (window_ops.scatter_kept, (win["pos"], win["valid"], w.area),
-                                                       "unselected tokens skip the attention"))
-    g.attend_in_windows(block, win["pos"], valid=win["valid"])
+    if p.grouping == "container":
+        made: dict = {}
+
+        def enter_containers(s):
+            node = g.insert_after(s, window_ops.fill_containers, s, in_windows, w.windows,
+                                  label="each image's kept tokens in containers of a window's size")
+            made["xs"], made["slot"], made["valid"] = _unpack_tuple(g, node, ("containers", "container slots",
+                                                                               "valid slots"))
+            table = g.get_attr(g.node(w.table).target)
+            made["bias"] = g.insert_after(made["valid"], window_ops.container_bias, table, made["slot"], w.grid,
+                                          w.padded, w.size, w.shift, label="relative bias at true offsets (clamped)")
+            return made["xs"]
+
+        g.window_bracket(block, enter_containers, lambda s, end: (
+            window_ops.empty_containers, (made["slot"], made["valid"], s, w.windows),
+            "containers back in their windows; unselected tokens skip the attention"))
+        g.attend_in_windows(block, None, valid=made["valid"], bias=made["bias"])
+    else:
+        win, enter_win = pack(in_windows)
+        g.window_bracket(block, enter_win, lambda s, end: (
+            window_ops.scatter_kept, (win["pos"], win["valid"], w.area), "unselected tokens skip the attention"))
+        g.attend_in_windows(block, win["pos"], valid=win["valid"])
     mlp = next((br for br in block.branches if br.kind == MLP), None)
     if mlp is not None:
         per_image, enter_mlp = pack(keep_rows)

@@ -250,19 +250,22 @@ class GraphRewriter:
             raise PlanError(f"{block.path}: its attention does not run in windows")
         return self.bracket(self.node(w.entry), self.node(w.exit), enter=enter, exit=exit, blocks=(block,))
 
-    def attend_in_windows(self, block: BlockRecord, pos: fx.Node, size: fx.Node | None = None,
-                          valid: fx.Node | None = None) -> fx.Node:
+    def attend_in_windows(self, block: BlockRecord, pos: fx.Node | None, size: fx.Node | None = None,
+                          valid: fx.Node | None = None, bias: fx.Node | None = None) -> fx.Node:
         """``block``'s windowed attention runs on the kept tokens of each window: ``pos`` (B*nW, n) holds
         each kept token's true position in its window; the core becomes
         :func:`ops.windows.window_attention`, whose logits get the relative position bias (and shift
         mask) gathered at those positions, plus log(``size``) per key when ``size`` (B*nW, n, 1) is given;
         keys where ``valid`` (B*nW, n) is False (padding of a window that keeps fewer) are masked out.
+        With ``bias`` (rows, heads, n, n) given (and ``pos`` None) the rows carry their own bias instead
+        (SPA's containers: tokens grouped across windows).
         The model's own logit terms become one dense (rows, heads, N, N) node. Returns the core node."""
         core, w = self.core(block), block.window
         c = self.node(core.node)
         anchor = c if core.kind == "sdpa" else self.node(core.output)
-        bias = self.insert_before(anchor, window_ops.dense_window_bias, w.area, *(self.node(t) for t in w.terms),
-                                  label=f"{block.path}: window bias (rows, heads, N, N)") if w.terms else None
+        if bias is None and w.terms:
+            bias = self.insert_before(anchor, window_ops.dense_window_bias, w.area, *(self.node(t) for t in w.terms),
+                                      label=f"{block.path}: window bias (rows, heads, N, N)")
         scale = _sdpa_arg(c, "scale", 6) if core.kind == "sdpa" else self._window_logit_scale(block)
         q, k, v = self.attention_qkv(block)
         extra = dict(scale=scale, bias=bias, pos=pos, size=size, valid=valid)
