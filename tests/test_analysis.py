@@ -273,15 +273,39 @@ class PooledQueries(nn.Module):
         return x + out.repeat_interleave(2, dim=1)
 
 
+class GridAttention(nn.Module):
+    """Global attention on a (B, H, W, C) stream: no windows, but no (B, N, C) stream either."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, h, w, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, h * w, 3, 2, c // 2).permute(2, 0, 3, 1, 4)
+        return x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h, w, c)
+
+
+class GridTokens(Tokens):
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)
+        for layer in self.layers:
+            x = layer(x)
+        return x.mean((1, 2))
+
+
 def _timm(name, **kw):
     torch.manual_seed(0)
     return timm.create_model(name, **{**dict(img_size=32, patch_size=8, depth=2, num_classes=10), **kw}).eval()
 
 
 REFUSING = {   # check name: (model, example input, words of the reason)
-    "token_stream": (lambda: timm.create_model(
+    "windowed": (lambda: timm.create_model(
         "swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1, 1, 1), embed_dim=32, num_heads=(1, 2, 2, 2),
-        num_classes=10).eval(), torch.randn(1, 3, 56, 56), "not (batch, tokens, channels) but (1, 14, 14, 32)"),
+        num_classes=10).eval(), torch.randn(1, 3, 56, 56), "windowed attention (as in Swin): tokens can be reduced "
+                                                           "only inside each window"),
+    "token_stream": (lambda: GridTokens(GridAttention()).eval(), X32,
+                     "not (batch, tokens, channels) but (2, 4, 4, 64)"),
     "mha_batch_first": (lambda: Tokens(SeqFirstMHA()).eval(), X32, "batch_first=False"),
     "mha_cross_attention": (lambda: Tokens(SeqFirstMHA(cross=True)).eval(), X32, "cross-attention"),
     "windowed_attention": (lambda: Tokens(Windowed()).eval(), X32, "runs over 4 fixed windows"),
@@ -302,7 +326,7 @@ REFUSING = {   # check name: (model, example input, words of the reason)
 def test_checks_run_in_the_documented_order():
     import tokenopt.analysis.refusals as refusals
     names = [c.name for c in CHECKS]
-    assert names == ["token_stream", "mha_batch_first", "mha_cross_attention", "qk_shapes", "windowed_attention",
+    assert names == ["windowed", "token_stream", "mha_batch_first", "mha_cross_attention", "qk_shapes", "windowed_attention",
                      "cross_covariance", "class_attention", "pooled_queries", "spatial_reduction",
                      "relative_position_bias", "rope"]
     assert all(name in refusals.__doc__ for name in names)
@@ -380,7 +404,7 @@ def test_an_input_of_the_wrong_size_names_its_shape():
 
 def test_imports_inside_the_package_point_one_way():
     """records/nodes <- aten_vocabulary/constant_masks/token_axis/batch_size/index/example
-    <- cores/capture/branches <- blocks <- refusals <- prefix/pooling/streams/dense <- __init__,
+    <- cores/capture/branches <- blocks/windows <- refusals <- prefix/pooling/streams/dense <- __init__,
     and nothing from the layers above the analysis."""
     import ast
     import pathlib
@@ -388,7 +412,7 @@ def test_imports_inside_the_package_point_one_way():
     import tokenopt.analysis as pkg
     layer = {"records": 0, "nodes": 0, "aten_vocabulary": 1, "constant_masks": 1, "token_axis": 1, "batch_size": 1,
              "index": 1, "example": 1, "capture": 2, "cores": 2, "branches": 2,
-             "blocks": 3, "refusals": 4,
+             "blocks": 3, "windows": 3, "refusals": 4,
              "prefix": 5, "pooling": 5, "streams": 5, "dense": 5, "__init__": 6}
     above = ("tokenopt.rewrite", "tokenopt.passes", "tokenopt.plan", "tokenopt.pipeline", "tokenopt.cli",
              "tokenopt.report", "tokenopt.recipe", "tokenopt.sources", "tokenopt.files", "tokenopt.demo")

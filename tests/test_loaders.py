@@ -164,10 +164,10 @@ def test_hf_unknown_architecture_exits_2(tmp_path):
 
 
 HF_REFUSED = {   # family -> (model, what the message must say about it)
-    "swin": (lambda T: T.SwinForImageClassification(T.SwinConfig(
+    "swinv2": (lambda T: T.Swinv2ForImageClassification(T.Swinv2Config(
         image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, num_labels=3)),
-        ["SwinForImageClassification is a Swin model, not yet supported", "within windows",
-         "relative position bias", "(B, H, W, C)"]),
+        ["Swinv2ForImageClassification is a Swin V2 model, not yet supported", "cosine attention",
+         "continuous position bias", "Swin (v1) is supported"]),
     "vit_mae": (lambda T: T.ViTMAEModel(T.ViTMAEConfig(**TINY, intermediate_size=64)),
                 ["ViTMAEModel is a ViTMAE (masked autoencoder), not supported",
                  "masks a random subset of the patches", "outputs change from one call to the next"]),

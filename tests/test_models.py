@@ -75,18 +75,22 @@ def test_position_tied_blocks_are_refused(name, kw, reason):
                                  "for the reason above; no block of this model can be reduced.")
 
 
-def test_swin_is_refused_with_reason():
+def test_swin_is_merged_in_windows_and_refused_by_passes_that_do_not_know_windows():
     m = timm.create_model("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1, 1, 1), embed_dim=32,
                           num_heads=(1, 2, 2, 2), num_classes=10).eval()
     a = analyse(m)
-    assert a.blocks and all("window" in b.refusal for b in a.blocks)
+    assert a.blocks and all(b.window is not None and "window" in b.refusal for b in a.blocks)
+    recipe = {"version": 1, "rules": [{"pass": "tosa", "layers": "1-3", "keep": 0.5}]}
     with pytest.raises(RecipeError, match="window") as e:
-        tokenopt.optimize(m, tome(2), report=False)
-    # one reason, counted once (the stages differ only in shape), and no promise of a pass that does not exist
+        tokenopt.optimize(m, recipe, report=False)
+    # one reason, counted once, and the passes that do take these blocks (ToMe, ToFu merge inside windows)
     msg = str(e.value)
-    assert msg.count("cannot lose tokens") == 1 and f"({len(a.blocks)} selected): {len(a.blocks)} blocks" in msg
-    assert "None of tokenopt's passes (spa, tofu, tome, tosa) can reduce these blocks yet" in msg
-    assert "supports this architecture" not in msg
+    assert msg.count("windowed attention (as in Swin)") == 1 and "(3 selected): 3 blocks" in msg
+    assert "Use tofu or tome for these blocks" in msg
+    # ToMe: 14x14 at 56 px is padded to windows of 7 only where the grid does not tile: those blocks are refused
+    gm = tokenopt.optimize(m, tome(2), report=False)
+    x = torch.randn(1, 3, 56, 56)
+    assert gm(x).shape == (1, 10)
 
 
 @pytest.mark.parametrize("cls,kind,prefix,pool", [(ExplicitViT, "softmax", 1, "cls"), (MHAViT, "mha", 0, "avg")])

@@ -402,8 +402,26 @@ def test_streams_must_cover_every_block():
         resolve_layers("stage1", PATHS, "W", streams=[0, 0, 1])
 
 
+SHIPPED = sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml"))
+SWIN_RECIPES = [p for p in SHIPPED if "swin" in p.stem]     # they select Swin stages: a plain ViT has one
+
+
+@pytest.mark.parametrize("path", SWIN_RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_swin_recipe_plans_on_a_swin(path):
+    import timm
+    import torch
+
+    from tokenopt.analysis import analyse
+    from tokenopt.plan import make_plan
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, embed_dim=32, depths=(1, 1, 2, 1),
+                              num_heads=(1, 2, 2, 2), window_size=4, num_classes=10).eval()
+    plan = make_plan(load_recipe(path), analyse(model, torch.randn(2, 3, 64, 64)), {})
+    assert [lp.step is not None for lp in plan.layers] == [False, False, True, True, True]
+
+
 @pytest.mark.filterwarnings("ignore:.*can merge")   # shallow tiny models run out of tokens: expected
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in SHIPPED if p not in SWIN_RECIPES], ids=lambda p: p.stem)
 @pytest.mark.parametrize("depth", [6, 12])
 def test_every_shipped_recipe_plans_on_shallow_and_deep_vits(path, depth):
     # shipped recipes are what users try first: none may assume a depth (the demo models have 6 blocks)

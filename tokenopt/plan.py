@@ -114,7 +114,9 @@ def _check_grids(recipe: Recipe, analysis: ModelAnalysis, chosen: dict[int, tupl
     original grid, and every later stream: a Downsample (patch merging, a strided conv) reads the
     whole grid of the stream before it."""
     blocks = analysis.blocks
-    first_change = min((i for i, (r, _) in chosen.items() if get_pass(r.pass_name)().changes_tokens(r.options)),
+    # a windowed block (Swin) is reduced inside its windows only: its stream keeps every token
+    first_change = min((i for i, (r, _) in chosen.items()
+                        if get_pass(r.pass_name)().changes_tokens(r.options) and blocks[i].window is None),
                        default=None)
     if first_change is None:
         return

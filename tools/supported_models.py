@@ -42,6 +42,15 @@ def _hf(config: str, model: str, **kw) -> Callable[[], nn.Module]:
     return build
 
 
+def _hf_plain(config: str, model: str, **kw) -> Callable[[], nn.Module]:
+    """A Hugging Face model from its own config keys alone (Swin's differ from a ViT's)."""
+    def build():
+        import transformers
+
+        return getattr(transformers, model)(getattr(transformers, config)(**kw))
+    return build
+
+
 def _open_clip() -> nn.Module:
     from tokenopt.sources import load_model
 
@@ -85,6 +94,9 @@ FAMILIES: list[tuple[str, str, Callable[[], nn.Module], int]] = [
     ("timm", "swin_tiny_patch4_window7_224 (windows)", _timm("swin_tiny_patch4_window7_224", small=False, img_size=56,
                                                              patch_size=4, depths=(1, 1, 1, 1), embed_dim=32,
                                                              num_heads=(1, 2, 4, 8), window_size=7), 56),
+    ("Hugging Face", "SwinForImageClassification (windows)", _hf_plain(
+        "SwinConfig", "SwinForImageClassification", image_size=64, patch_size=4, embed_dim=16, depths=[1, 1],
+        num_heads=[1, 2], window_size=4, num_labels=10), 64),
 ]
 TOME = {"version": 1, "rules": [{"pass": "tome", "r": 2}]}
 
@@ -125,10 +137,12 @@ def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) 
             return row
         row["capture"] = getattr(a, "capture", "fx")
         row["blocks"] = len(a.blocks)
-        row["reducible"] = sum(b.refusal is None for b in a.blocks)
+        # a windowed block (Swin) is reduced inside its windows by the passes that know windows (ToMe, ToFu, SPA)
+        inside_windows = [b.window is not None and b.refused_by == "windowed" and b.window.tiles for b in a.blocks]
+        row["reducible"] = sum(b.refusal is None or w for b, w in zip(a.blocks, inside_windows))
         row["prefix"] = f"{a.prefix_tokens} ({a.prefix_source})" if a.prefix_source else str(a.prefix_tokens)
         row["pooling"] = ", ".join(p.kind for p in a.pooling) or "-"
-        row["refused"] = _reasons([b.refusal for b in a.blocks if b.refusal])
+        row["refused"] = _reasons([b.refusal for b, w in zip(a.blocks, inside_windows) if b.refusal and not w])
         try:
             fast = tokenopt.optimize(model, TOME, x, report=False)
             counts = [a.blocks[0].tokens] + [lp.tokens_out.max for lp in record_of(fast).plan.layers]

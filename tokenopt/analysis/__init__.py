@@ -7,7 +7,7 @@ not become a reducible block carries a written reason.
 
     capture (fx | export + aten_vocabulary, token_axis, constant_masks) ─ example.record_shapes
           ─ index.GraphIndex ─ cores.find_cores ─ blocks.block_for ─ branches.join_cross_attention
-          ─ batch_size.localise_batch ─ prefix.find_prefix_tokens ─ refusals (named checks, first one
+          ─ batch_size.localise_batch ─ prefix.find_prefix_tokens ─ windows.find_window ─ refusals (named checks, first one
           refuses) ─ streams.find_streams ─ pooling.find_pooling
 
 One module per question, imports pointing one way (each imports only from those before it):
@@ -27,6 +27,7 @@ One module per question, imports pointing one way (each imports only from those 
     blocks           residual adds, merge point and MLP around each core
     refusals         the named checks that keep a block on its original token grid
     prefix           cls / distillation / register tokens
+    windows          a windowed block's partition: window size, shift, grid, the terms on its logits
     streams          which blocks share a token stream (grid, layout), and the steps between streams
     pooling          what consumes the tokens after the last block, and the features node
 """
@@ -54,6 +55,7 @@ from tokenopt.analysis.records import (CLASS_ATTENTION, AttentionCore, Site, Blo
                                        NoMatch, Pooling, Stream)
 from tokenopt.analysis.refusals import CHECKS, Check, CheckContext, check, first_refusal
 from tokenopt.analysis.streams import find_streams
+from tokenopt.analysis.windows import WindowRecord, find_window
 from tokenopt.errors import AnalysisError
 
 __all__ = [
@@ -64,7 +66,7 @@ __all__ = [
     "common_module_prefix", "example_input_for", "explicit_core", "find_cores", "first_refusal", "is_add",
     "find_pooling", "find_prefix_tokens", "is_core_node", "is_matmul", "is_sdpa", "is_softmax", "mha_core",
     "module_path",
-    "record_shapes", "sdpa_core", "shape_of", "tensor_args",
+    "record_shapes", "sdpa_core", "shape_of", "tensor_args", "WindowRecord", "find_window",
 ]
 
 _NO_ATTENTION = "no attention (SDPA, softmax(q@k^T)@v or nn.MultiheadAttention) in the graph"
@@ -117,6 +119,7 @@ def analyse_graph(gm: fx.GraphModule, model: nn.Module, input_shape: tuple[int, 
             "  tokenopt rewrites Vision Transformers: blocks of the form x + attn(norm(x)), then + mlp(norm(x)). "
             "If your attention lives in a module fx cannot see into, do not mark it as a leaf.")
     prefix, source = find_prefix_tokens(model, blocks, index, prefix_tokens)
+    blocks = [replace(b, window=w) if (w := find_window(b, index)) is not None else b for b in blocks]
     ctx = CheckContext(gm, index, prefix)
     for i, b in enumerate(blocks):
         refused = first_refusal(b, ctx)

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from tokenopt.analysis.branches import attention_branch, kv_source, mlp_branch
 from tokenopt.analysis.index import GraphIndex
-from tokenopt.analysis.nodes import common_module_prefix, is_add, is_core_node, module_path, shape_of
+from tokenopt.analysis.nodes import common_module_prefix, is_add, is_core_node, is_size_query, module_path, shape_of
 from tokenopt.analysis.records import AttentionCore, BlockRecord, NoMatch
 
 NO_RESIDUAL = "no residual add around the attention (x + attn(x))"
@@ -103,11 +103,22 @@ def _with_heads(core: AttentionCore, index: GraphIndex, x_shape, tokens: int) ->
 
 
 def _direct_chain(r1: fx.Node) -> list[fx.Node]:
-    """r1, then its single-user non-add successors of the same shape (post-norm puts a norm here)."""
+    """r1, then its single-user non-add successors of the same shape (post-norm puts a norm here),
+    or the same tokens viewed another way: Swin's timm block runs its attention on (B, H, W, C) and
+    its MLP on ``x.reshape(B, -1, C)``."""
     chain = [r1]
-    while len(chain[-1].users) == 1:
-        u = next(iter(chain[-1].users))
-        if is_add(u) or shape_of(u) != shape_of(r1):
+    # size queries do not count as users: an export reads ``x.size(-1)`` for the reshape
+    while len(users := [u for u in chain[-1].users if not is_size_query(u)]) == 1:
+        u = users[0]
+        if is_add(u) or not _same_tokens(shape_of(u), shape_of(r1)):
             break
         chain.append(u)
     return chain
+
+
+def _same_tokens(a, b) -> bool:
+    """Equal shapes, or (B, H, W, C) and (B, H*W, C): the same tokens and channels."""
+    if a == b:
+        return True
+    return (a is not None and b is not None and len(a) in (3, 4) and len(b) in (3, 4) and a[0] == b[0]
+            and a[-1] == b[-1] and math.prod(a) == math.prod(b))

@@ -28,6 +28,7 @@ if TYPE_CHECKING:   # the index is built from the graph; records only carry it
     from tokenopt.analysis.index import GraphIndex
 
 CLASS_ATTENTION = "class attention"
+WINDOWED = "windowed"     # refused_by of a windowed block that window-aware passes rewrite
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,8 @@ class BlockRecord:
     # why no token may be lost in this block's stream (it becomes a feature map again: a UNet's
     # spatial transformer), or None; passes that drop tokens refuse it, op-level merging does not
     keeps_tokens: str | None = None
+    # windowed attention (Swin): how the block partitions its tokens (analysis.windows.WindowRecord)
+    window: object = None
 
     def site(self, branch: str = "block") -> Site:
         return Site(self.stream, self.index, branch)
@@ -207,6 +210,9 @@ class ModelAnalysis:
                  f"({self.prefix_source}), pooling: {', '.join(p.kind for p in self.pooling) or 'none'}"]
         for b in self.blocks:
             status = "ok" if b.refusal is None else f"refused: {b.refusal}"
+            if b.window is not None:
+                status = f"stage {b.stream + 1}, {b.window.describe()}" + (
+                    "" if b.refused_by == WINDOWED else f"; {status}")
             lines.append(f"  [{b.index:2d}] {b.path:<24} {b.attention.kind:<7} tokens={b.tokens:<5} {status}")
         if len(self.streams) > 1:
             for st in self.streams:

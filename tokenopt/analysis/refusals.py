@@ -5,7 +5,8 @@ where it is, and a block that needs the grid stops earlier blocks from changing 
 refused, with a reason a user can act on. The checks run in the order written here; the first
 that answers refuses the block and its name goes in ``BlockRecord.refused_by``::
 
-    token_stream            x is (B, H, W, C), not (B, N, C)              Swin
+    windowed                attention inside windows the analysis read    Swin (passes that know windows run)
+    token_stream            x is (B, H, W, C), not (B, N, C)              a grid the analysis could not read
     mha_batch_first         nn.MultiheadAttention(batch_first=False)
     mha_cross_attention     mha(query, key, value) with different inputs
     qk_shapes               q or k has no recorded shape
@@ -29,7 +30,7 @@ import torch.fx as fx
 
 from tokenopt.analysis.index import GraphIndex
 from tokenopt.analysis.nodes import is_add, is_layer_norm, is_linear, shape_of
-from tokenopt.analysis.records import CLASS_ATTENTION, BlockRecord, NoMatch
+from tokenopt.analysis.records import CLASS_ATTENTION, WINDOWED, BlockRecord, NoMatch
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,18 @@ def check_named(name: str) -> Check:
     return next(c for c in CHECKS if c.name == name)
 
 
-# ---------------------------------------------------------------- the token stream and MHA
+# ---------------------------------------------------------------- windows, the token stream and MHA
+
+WINDOWED_REASON = ("windowed attention (as in Swin): tokens can be reduced only inside each window, by a pass "
+                   "that knows windows (tome, tofu)")
+
+
+@check(WINDOWED)
+def _windowed_block(b: BlockRecord, ctx: CheckContext) -> NoMatch | None:
+    # the analysis read the block's partition (analysis.windows): window-aware passes accept it, the rest
+    # refuse it with this reason (removing a stream token breaks the partition)
+    return NoMatch(WINDOWED_REASON) if b.window is not None else None
+
 
 @check("token_stream")
 def _token_stream(b: BlockRecord, ctx: CheckContext) -> NoMatch | None:
@@ -82,7 +94,7 @@ def _token_stream(b: BlockRecord, ctx: CheckContext) -> NoMatch | None:
     x = shape_of(ctx.index.node(b.input))
     if x is None or len(x) != 3:
         return NoMatch(f"the token stream is not (batch, tokens, channels) but {x}: "
-                       "a 2-D token grid (windowed attention, as in Swin) cannot lose tokens")
+                       "a 2-D token grid with no window partition tokenopt can read cannot lose tokens")
     return None
 
 

@@ -101,8 +101,9 @@ def _free_reshape(gm: fx.GraphModule, n: fx.Node) -> int:
         return 0
     done = 0
     for gi, gj in groups:
-        if any(isinstance(sizes[j], int) and sizes[j] == -1 for j in gj):
+        if any(isinstance(sizes[j], int) and sizes[j] == -1 and sout[j] != 1 for j in gj):
             continue         # the one inferred size already follows the input
+        # (a -1 standing for a size-1 axis follows nothing: Hugging Face Swin's (B*nW, -1, N, d) heads)
         real_in = [i for i in gi if sin[i] != 1]
         real_out = [j for j in gj if sout[j] != 1]
         if len(real_out) == 1 and len(real_in) == 1 and _reads_input_size(sizes[real_out[0]]):

@@ -128,9 +128,16 @@ def _print_analysis(out, analysis) -> None:
         t.add_column(col, justify=just)
     for b in analysis.blocks:
         status = "[green]ok[/green]" if b.refusal is None else f"[yellow]refused[/yellow]: {b.refusal}"
+        if b.window is not None:     # windowed (Swin): the passes that know windows reduce it
+            status = f"[green]windowed[/green]: stage {b.stream + 1}, {b.window.describe()}" + (
+                "" if b.refused_by == "windowed" else f"; {status}")
         t.add_row(str(b.index), b.path, b.attention.kind, str(b.attention.heads or "?"), str(b.tokens),
                   str(b.dim), status)
     out.print(t)
+    if len(analysis.streams) > 1:
+        for st in analysis.streams:
+            grid = "x".join(map(str, st.grid)) if st.grid else "?"
+            out.print(f"stage {st.index + 1}: blocks {st.blocks[0]}-{st.blocks[-1]}, grid {grid}, dim {st.dim}")
     out.print(f"prefix tokens: {analysis.prefix_tokens}" + (f" ({analysis.prefix_source})"
                                                             if analysis.prefix_source else ""))
     pooling = "; ".join(f"{p.kind}" + (f" ({p.detail})" if p.detail else "")   # node names are fx's, not the user's

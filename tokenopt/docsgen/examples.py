@@ -107,11 +107,18 @@ class FrontendFailure:
     error: str
 
 
-def build_model():
-    """The demo architecture with seeded random weights, and the base record artifacts need."""
+# recipes for Swin (their stem says so: they select Swin stages, which a plain ViT does not have) are shown on
+# a small Swin: 64 px, windows of 4, stages of 1, 1, 2 and 1 blocks
+SWIN_SPEC = ("timm:swin_tiny_patch4_window7_224?img_size=64&embed_dim=32&depths=1,1,2,1&num_heads=1,2,2,2"
+             "&window_size=4&num_classes=10")
+
+
+def build_model(swin: bool = False):
+    """The demo architecture (or, ``swin``, a small Swin) with seeded random weights, and the base record
+    artifacts need."""
     from tokenopt import sources
     torch.manual_seed(SEED)
-    model, base = sources.load_model(demo_arch_spec())
+    model, base = sources.load_model(SWIN_SPEC if swin else demo_arch_spec())
     model.tokenopt_base = base
     return model.eval()
 
@@ -157,11 +164,13 @@ def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = 
     from typer.testing import CliRunner
 
     text = path.read_text()
-    model = build_model()
+    model = build_model(swin="swin" in path.stem)
     x = _example_batch(model)
     calibration = _example_batch(model, 4)           # for rules that measure the model (ToFu op: auto)
     # the original graph: traced the way optimize traces (same node names), which rewrites its own
-    original = _original_graph(model, x, frontend)
+    # (from a model of its own: fx stores a traced model's tensor constants on it, and a second trace of the same
+    # module numbers them on, so an artifact of the rewrite would name constants a fresh model does not have)
+    original = _original_graph(build_model(swin="swin" in path.stem), x, frontend)
     choose = {} if len(frontends()) == 1 else {"capture": frontend}
     # from the recipes' parent folder, so messages name "recipes/x.yaml" rather than this machine's path
     with _quiet(), _chdir(path.parent.parent):

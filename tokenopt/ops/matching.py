@@ -48,11 +48,14 @@ def head_mean(metric: Tensor) -> Tensor:
 ORDERS = ("original", "rank")
 
 
-def bipartite_match(metric: Tensor, r: int, prefix: int, order: str = "original") -> Match:
+def bipartite_match(metric: Tensor, r: int, prefix: int, order: str = "original",
+                    labels: Tensor | None = None) -> Match:
     """Pair each A token with its most similar B token; choose the r best pairs.
 
     metric: (B, N, d) per-token features, or (B, N, H, d) whose mean over heads is the feature
     (ToMe: the keys). order: where the unmerged A tokens go, "original" or "rank" (module docstring).
+    labels: (B, N) or None; two tokens with different labels never pair (a shifted Swin window holds
+    tokens from regions that must not attend to each other).
     """
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
@@ -63,7 +66,11 @@ def bipartite_match(metric: Tensor, r: int, prefix: int, order: str = "original"
     na, nb = (n + 1) // 2, n // 2
     metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[:, 2 * pa::2], metric[:, 2 * pb + 1::2]
-    node_max, node_idx = (a @ b.transpose(-1, -2)).max(dim=-1)
+    scores = a @ b.transpose(-1, -2)
+    if labels is not None:
+        apart = labels[:, 2 * pa::2, None] != labels[:, None, 2 * pb + 1::2]
+        scores = scores.masked_fill(apart, -torch.inf)
+    node_max, node_idx = scores.max(dim=-1)
     edge_idx = node_max.argsort(dim=-1, descending=True)
     src_a = edge_idx[:, :r]                            # in non-prefix A coordinates
     unm_a = edge_idx[:, r:] if order == "rank" else edge_idx[:, r:].sort(dim=-1).values

@@ -37,7 +37,10 @@ from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import gates as ops
 from tokenopt.ops.gates import GateOutput, TokenGate
 from tokenopt.ops.packing import STRATEGIES
+from tokenopt.analysis.records import MLP
+from tokenopt.ops import windows as window_ops
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
+from tokenopt.passes.in_windows import is_windowed, refuse_in_windows
 from tokenopt.rewrite.learned import LearnedKind, hook_for, learned_modules, register_learned
 from tokenopt.rewrite.state import AttendWithinImages
 from tokenopt.tokens import Packed, TokenCount
@@ -92,6 +95,10 @@ class SPAOptions(PassOptions):
     layout: Literal["auto", "packed", "padded"] = Field(
         "auto", description="packed: (1, T, C) | padded: (B, max_keep, C), static shapes | auto: packed in eager "
                             "runs, padded under torch.compile/export")
+    grouping: Literal["window", "container"] = Field(
+        "window", description="windowed blocks (Swin): window: the kept tokens of each window attend among "
+                              "themselves (keeping all is the original) | container: each image's kept tokens, in "
+                              "window order, fill containers of a window's size (the paper's)")
     attention: Literal["auto", "loop", "padded", "blockdiag", "containers", "varlen"] = Field(
         "auto", description="attention over the packed batch; auto: the fastest measured on the device")
 
@@ -139,6 +146,7 @@ class SPAParams:
     hi: int = 0
     follows_prune: bool = False     # an earlier layer of the same rule pruned: fewer tokens come in
     noise: float = 1.0              # scale of the training-time sampling noise
+    grouping: str = "window"        # windowed blocks: "window" | "container"
 
 
 @dataclass
@@ -156,7 +164,7 @@ class SPA(Pass):
 
     def layer_options(self, options: SPAOptions, n_layers: int, where: str) -> list[SPAParams]:
         p = SPAParams(options.gate.hidden, options.threshold, options.min_keep, options.max_keep, options.mode,
-                      options.layout, options.attention, noise=options.gate.noise)
+                      options.layout, options.attention, noise=options.gate.noise, grouping=options.grouping)
         return [p] * n_layers
 
     def resolve(self, options: SPAOptions, per_layer: list[SPAParams], blocks: list, context: dict,
@@ -166,6 +174,10 @@ class SPA(Pass):
         return [replace(p, follows_prune=i > 0) for i, p in enumerate(per_layer)]
 
     def plan_layer(self, block, params: SPAParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
+        if is_windowed(block) and params.mode != "bypass":
+            raise RecipeError(f"{block.path} ({block.index}) attends within windows, which need every token of the "
+                              "grid: SPA runs there in mode: bypass only (unselected tokens skip the block and come "
+                              "back in place).\n  Use mode: bypass for this rule.")
         if not tokens_in.varies and tokens_in.max != block.tokens and not params.follows_prune:
             raise RecipeError(f"{block.path} ({block.index}) gets {tokens_in} of its {block.tokens} tokens after an "
                               "earlier merge; SPA's gate selects among whole tokens of the original grid (a merged "
@@ -197,10 +209,19 @@ class SPA(Pass):
                          dynamic=dynamic, padded=params.layout in ("padded", "auto"),
                          fixed_grid=f"its gate keeps {lo}..{hi} of the {free} patch tokens it was planned for")
 
+    def refuse(self, block) -> str | None:
+        if is_windowed(block):          # Swin: the kept tokens of each window attend among themselves
+            return refuse_in_windows(block)
+        return super().refuse(block)
+
     def rewrite(self, g, block, step: LayerStep) -> None:
         p: SPAParams = step.params
         prefix = g.analysis.prefix_tokens
         state = g.pass_state(SPAGraphState)
+        if is_windowed(block):
+            _rewrite_in_windows(g, block, p)
+            state.layers.append(block.index)
+            return
         if p.mode == "prune":
             _check_prune(g, block)
         x = g.node(block.input)
@@ -243,6 +264,74 @@ class SPA(Pass):
             g.state.reduced = True
             g.state.oblige(AttendWithinImages(packed["layout"], why=PRUNED, fix=PRUNE_FIX))
         state.layers.append(block.index)
+
+
+def _rewrite_in_windows(g, block, p: SPAParams) -> None:
+    """SPA on a windowed block (Swin), bypass: the gate picks each image's tokens on the block's grid;
+    in every window the picked tokens attend among themselves with the relative bias of their true
+    positions, and the MLP runs on the picked tokens of each image; the others skip both::
+
+        keep = gate(x)                                   # (B, H*W) per image, lo..hi tokens
+        w = partition(shift(norm1(x)))                   # (B*nW, N, C)
+        ws, pos, valid = gather_kept(w, keep_in_windows(keep))      # (B*nW, n, C), n: the fullest window
+        x = x + unshift(reverse(scatter_kept(proj(attention(ws, bias[pos, pos], valid)))))
+        h, pos, valid = gather_kept(x, keep)             # (B, k, C)
+        x = x + scatter_kept(mlp(norm2(h)))
+    """
+    w = block.window
+    x = g.node(block.input)
+    tokens = g.insert_after(x, window_ops.as_tokens, x, label="tokens (B, H*W, C)")
+    gate = TokenGate(block.dim, p.hidden, p.threshold, 0, p.lo, p.hi, block.index, noise=p.noise)
+    sel = g.add_learned(block, GATES, gate, tokens, None, None, label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
+    keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept tokens (B, H*W)", "kept tokens (grid)", "straight-through"))
+    g.mark_overhead(block, tokens, keep_rows, keep, ste)
+    g.record_token_count(block, g.insert_after(ste, _count, keep, label="kept tokens per image"))
+
+    in_windows = g.insert_after(ste, window_ops.keep_in_windows, keep, w.grid, w.padded, w.size, w.shift,
+                                label="kept tokens per window (B*nW, N)")
+
+    def pack(rows_keep):
+        made: dict = {}
+
+        def enter(s):
+            node = g.insert_after(s, window_ops.gather_kept, s, rows_keep, label="gather the kept tokens of each row")
+            made["xs"], made["pos"], made["valid"] = _unpack_tuple(g, node, ("kept tokens", "their positions",
+                                                                               "valid slots"))
+            return made["xs"]
+        return made, enter
+
+    if p.grouping == "container":
+        made: dict = {}
+
+        def enter_containers(s):
+            node = g.insert_after(s, window_ops.fill_containers, s, in_windows, w.windows,
+                                  label="each image's kept tokens in containers of a window's size")
+            made["xs"], made["slot"], made["valid"] = _unpack_tuple(g, node, ("containers", "container slots",
+                                                                               "valid slots"))
+            table = g.get_attr(g.node(w.table).target)
+            made["bias"] = g.insert_after(made["valid"], window_ops.container_bias, table, made["slot"], w.grid,
+                                          w.padded, w.size, w.shift, label="relative bias at true offsets (clamped)")
+            return made["xs"]
+
+        g.window_bracket(block, enter_containers, lambda s, end: (
+            window_ops.empty_containers, (made["slot"], made["valid"], s, w.windows),
+            "containers back in their windows; unselected tokens skip the attention"))
+        g.attend_in_windows(block, None, valid=made["valid"], bias=made["bias"])
+    else:
+        win, enter_win = pack(in_windows)
+        g.window_bracket(block, enter_win, lambda s, end: (
+            window_ops.scatter_kept, (win["pos"], win["valid"], w.area), "unselected tokens skip the attention"))
+        g.attend_in_windows(block, win["pos"], valid=win["valid"])
+    mlp = next((br for br in block.branches if br.kind == MLP), None)
+    if mlp is not None:
+        per_image, enter_mlp = pack(keep_rows)
+        g.bracket(g.node(mlp.entry), g.node(mlp.exit), enter=enter_mlp,
+                  exit=lambda s, end: (window_ops.scatter_kept, (per_image["pos"], per_image["valid"], block.tokens),
+                                       "unselected tokens skip the MLP"))
+
+
+def _count(keep):
+    return keep.sum(1)
 
 
 def _unpack_tuple(g, node, labels: tuple[str, ...]) -> list:

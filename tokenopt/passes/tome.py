@@ -25,6 +25,7 @@ from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.ops.matching import max_reduction
 from tokenopt.passes.base import LayerStep, Pass, register_pass
+from tokenopt.passes.in_windows import is_windowed, plan_in_windows, refuse_in_windows, rewrite_in_windows
 from tokenopt.passes.op_level import (OpLevelOptions, OpLevelParams, op_params, plan_op_level, refuse_op_level,
                                       rewrite_op_level)
 from tokenopt.rewrite.state import KeyBias
@@ -97,12 +98,19 @@ class ToMe(Pass):
     def changes_tokens(self, options) -> bool:
         return options.placement != "op"     # op-level: every token comes back after each op
 
+    def refuse(self, block) -> str | None:
+        if is_windowed(block):          # Swin: merged inside each window (passes.in_windows)
+            return refuse_in_windows(block)
+        return super().refuse(block)
+
     def refuse_layer(self, block, params, analysis) -> str | None:
         if isinstance(params, OpLevelParams):
             return refuse_op_level(block, params, analysis, self.name)
         return self.refuse(block)
 
     def plan_layer(self, block, params, tokens_in: TokenCount, prefix: int) -> LayerStep:
+        if is_windowed(block):          # the stream keeps every token; each window attends on fewer
+            return LayerStep(tokens_in, params, plan_in_windows(block, params.r, self.name))
         if isinstance(params, OpLevelParams):   # the stream keeps its count; each op runs on fewer tokens
             return plan_op_level(block, params, tokens_in)
         want = params.r
@@ -125,6 +133,9 @@ class ToMe(Pass):
             rewrite_op_level(g, block, step.params, stream.grid, stream.prefix_tokens)
             return
         r = step.params.r
+        if is_windowed(block):
+            rewrite_in_windows(g, block, r, step.params.prop_attn, getattr(step.params, "op", "merge"))
+            return
         if not isinstance(g.state.layout, Dense):
             # a varying count alone is fine (merges cap by the maximum); a packed stream is not (B, N, C)
             raise PlanError(f"{block.path}: {self.name} cannot merge a packed token stream (SPA mode: prune before "

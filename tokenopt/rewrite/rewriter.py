@@ -38,6 +38,7 @@ from tokenopt.errors import PlanError
 from tokenopt.ops import attention as attn_ops
 from tokenopt.ops import packing as packing_ops
 from tokenopt.ops import tome as tome_ops
+from tokenopt.ops import windows as window_ops
 from tokenopt.rewrite.learned import LearnedKind, check_trained
 from tokenopt.rewrite.state import TokenState
 from tokenopt.tokens import Packed
@@ -232,6 +233,71 @@ class GraphRewriter:
             self.wrap(end, fn, *args, label=label)
         self.state = outer
         return inner
+
+    def window_bracket(self, block: BlockRecord, enter: Callable, exit: Callable) -> fx.Node | None:
+        """:meth:`bracket` around ``block``'s windowed attention (analysis.windows.WindowRecord): reduce
+        the window tokens (B*nW, N, C) right after the partition, restore them before the reverse::
+
+            w = partition(shift(norm(x)))            w = partition(shift(norm(x)))
+            y = proj(attn(w))                        s = enter(w)            # (B*nW, n, C), n <= N
+            x = x + unshift(reverse(y))              y = exit(w, proj(attn'(s)))   # (B*nW, N, C) again
+
+        The window count per image never changes, so the reverse, the shift back and the stream
+        between blocks keep every token. The attention inside must be given the kept tokens'
+        positions (:meth:`attend_in_windows`)."""
+        w = block.window
+        if w is None:
+            raise PlanError(f"{block.path}: its attention does not run in windows")
+        return self.bracket(self.node(w.entry), self.node(w.exit), enter=enter, exit=exit, blocks=(block,))
+
+    def attend_in_windows(self, block: BlockRecord, pos: fx.Node | None, size: fx.Node | None = None,
+                          valid: fx.Node | None = None, bias: fx.Node | None = None) -> fx.Node:
+        """``block``'s windowed attention runs on the kept tokens of each window: ``pos`` (B*nW, n) holds
+        each kept token's true position in its window; the core becomes
+        :func:`ops.windows.window_attention`, whose logits get the relative position bias (and shift
+        mask) gathered at those positions, plus log(``size``) per key when ``size`` (B*nW, n, 1) is given;
+        keys where ``valid`` (B*nW, n) is False (padding of a window that keeps fewer) are masked out.
+        With ``bias`` (rows, heads, n, n) given (and ``pos`` None) the rows carry their own bias instead
+        (SPA's containers: tokens grouped across windows).
+        The model's own logit terms become one dense (rows, heads, N, N) node. Returns the core node."""
+        core, w = self.core(block), block.window
+        c = self.node(core.node)
+        anchor = c if core.kind == "sdpa" else self.node(core.output)
+        if bias is None and w.terms:
+            bias = self.insert_before(anchor, window_ops.dense_window_bias, w.area, *(self.node(t) for t in w.terms),
+                                      label=f"{block.path}: window bias (rows, heads, N, N)")
+        scale = _sdpa_arg(c, "scale", 6) if core.kind == "sdpa" else self._window_logit_scale(block)
+        q, k, v = self.attention_qkv(block)
+        extra = dict(scale=scale, bias=bias, pos=pos, size=size, valid=valid)
+        label = "attention on the kept tokens of each window"
+        if core.kind == "sdpa":
+            c.target, c.args, c.kwargs = window_ops.window_attention, (q, k, v), extra
+            new = c
+        else:
+            new = self.insert_before(anchor, window_ops.window_attention, q, k, v, **extra, label=label)
+            self.replace_uses(anchor, new)
+        self.inserted[new.name] = label
+        self._set_core(block, dataclasses.replace(core, kind="sdpa", node=new.name, output=new.name, logits=None))
+        return new
+
+    def _window_logit_scale(self, block: BlockRecord) -> float:
+        """The constant factor between q @ k^T and the softmax of an explicit windowed attention, read
+        along the chain from q (its terms' adds and the views that fold windows are passed over)."""
+        core = self.core(block)
+        q = self.node(core.q)
+        factor, n = 1.0, self.node(core.logits)
+        while not is_matmul(n):
+            tensors = [a for a in n.all_input_nodes if _is_tensor(a)]
+            from_q = [a for a in tensors if _computed_from(a, q)]
+            numbers = [a for a in n.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+            if n.target in (operator.mul, torch.mul, "mul") and len(numbers) == 1:
+                factor *= float(numbers[0])
+            elif n.target in (operator.truediv, torch.div, "div") and len(numbers) == 1 and n.args[1] == numbers[0]:
+                factor /= float(numbers[0])
+            if len(from_q) != 1:
+                raise PlanError(f"{block.path}: cannot follow its attention logits back to q @ k^T")
+            n = from_q[0]
+        return factor
 
     def add_attention_bias(self, block: BlockRecord, fn: Callable, *args, label: str = "") -> fx.Node:
         """Add ``fn(*args)``, a (B, N) bias per key, to the logits of ``block``'s attention.
@@ -456,6 +522,20 @@ def _with_value(core: AttentionCore, v: str, output: str) -> AttentionCore:
     """``core`` with its value and output nodes named (fields the analysis records, when it has them)."""
     names = {f.name for f in dataclasses.fields(core)}
     return dataclasses.replace(core, **{k: val for k, val in (("v", v), ("output", output)) if k in names})
+
+
+def _computed_from(a: fx.Node, q: fx.Node) -> bool:
+    """True when ``a`` is ``q`` or computed from it."""
+    seen, todo = {a}, [a]
+    while todo:
+        n = todo.pop()
+        if n is q:
+            return True
+        for m in n.all_input_nodes:
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return False
 
 
 def _is_tensor(a) -> bool:

@@ -41,18 +41,21 @@ HF_CLASSES = {
     "Dinov2Model": "Dinov2Model", "Dinov2ForImageClassification": "Dinov2ForImageClassification",
     "Dinov2WithRegistersModel": "Dinov2WithRegistersModel",
     "Dinov2WithRegistersForImageClassification": "Dinov2WithRegistersForImageClassification",
+    "SwinModel": "SwinModel", "SwinForImageClassification": "SwinForImageClassification",
 }
 # config.json without "architectures": the model_type's bare backbone
 HF_MODEL_TYPES = {
     "vit": "ViTModel", "deit": "DeiTModel", "beit": "BeitModel", "clip": "CLIPVisionModelWithProjection",
     "clip_vision_model": "CLIPVisionModel", "siglip": "SiglipVisionModel", "siglip_vision_model": "SiglipVisionModel",
-    "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel", "swin": "SwinModel",
 }
 # model_type -> why tokenopt refuses the family: ones people reach for that no rewrite can serve (yet)
-_WINDOWED = ("its attention runs within windows, with a relative position bias, on a (B, H, W, C) token stream "
-             "that merges patches between stages. Windowed ViTs are not yet supported (support is planned).")
+# Swin V2 differs from Swin (supported) where a reduction inside windows needs to read it: its logits are a
+# cosine similarity times a learned per-head scale, and its relative bias comes from a small MLP over log-spaced
+# coordinates (continuous position bias) rather than a gathered table
+_WINDOWED = ("its attention runs within windows with cosine attention and a continuous position bias (an MLP over "
+             "relative coordinates) that tokenopt does not read yet; Swin (v1) is supported.")
 HF_UNSUPPORTED = {
-    "swin": f"a Swin model, not yet supported: {_WINDOWED}",
     "swinv2": f"a Swin V2 model, not yet supported: {_WINDOWED}",
     "vit_mae": ("a ViTMAE (masked autoencoder), not supported: its forward masks a random subset of the patches "
                 "and shuffles the rest on every call (in eval mode too, and with mask_ratio=0), so its outputs "
@@ -106,7 +109,7 @@ def hf_class_name(config: dict, where: str) -> str:
         raise ModelLoadError(f"{where}: {named} is {HF_UNSUPPORTED[model_type]}")
     named = ", ".join(config.get("architectures") or ()) or f"model_type {model_type!r}"
     raise ModelLoadError(f"{where}: tokenopt does not know how to build {named} as a vision model.\n"
-                         "  Supported: ViT, DeiT, BEiT, CLIP and SigLIP vision towers, DINOv2 (with and without "
+                         "  Supported: ViT, DeiT, BEiT, Swin, CLIP and SigLIP vision towers, DINOv2 (with and without "
                          "registers). For another class, pass a factory instead: package.module:build_model.")
 
 
