@@ -149,3 +149,29 @@ def test_tokenopt_train_reports_target_against_achieved(tmp_path):
     assert "mean: target_keep 0.400, kept train" in text and ", test 0." in text
     loaded = tokenopt.load(out)
     assert all(float(g.threshold) != 0.5 for g in gates_of(loaded).values())
+
+
+# ------------------------------------------------------------------------------------------------
+# the shipped recipes and the paper's gate
+
+
+@pytest.mark.parametrize("name", ["spa-bypass-second-half", "spa-prune"])
+def test_shipped_recipes_state_a_budget_and_the_measured_gate(name):
+    from pathlib import Path
+
+    from tokenopt.recipe import load_recipe
+
+    options = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.yaml").rules[0].options
+    assert options.target_keep == 0.5 and options.threshold is None
+    assert (options.gate.hidden, options.gate.noise) == (64, 0.0)
+
+
+def test_gate_paper_is_the_papers_linear_gate():
+    from tokenopt.recipe import load_recipe
+
+    gm = tokenopt.optimize(timm.create_model("vit_small_patch16_224", **TINY_KW), rule(gate="paper"), report=False)
+    gate = gates_of(gm)[1]
+    assert isinstance(gate.score, torch.nn.Linear) and gate.noise == 1.0 and float(gate.threshold) == 0.5
+    with pytest.raises(RecipeError, match=r"gate must be `paper` or a mapping such as \{hidden: 64, noise: 0\}, "
+                                          r"got 'papr'"):
+        load_recipe(rule(gate="papr"))
