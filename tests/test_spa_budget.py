@@ -175,3 +175,12 @@ def test_gate_paper_is_the_papers_linear_gate():
     with pytest.raises(RecipeError, match=r"gate must be `paper` or a mapping such as \{hidden: 64, noise: 0\}, "
                                           r"got 'papr'"):
         load_recipe(rule(gate="papr"))
+
+
+def test_weights_saved_before_the_threshold_was_a_buffer_still_load():
+    gm = tokenopt.optimize(timm.create_model("vit_small_patch16_224", **TINY_KW), rule(threshold=0.3), report=False)
+    old = {k: v for k, v in gm.state_dict().items() if not k.endswith(".threshold")}
+    assert len(old) == len(gm.state_dict()) - 3
+    again = tokenopt.optimize(timm.create_model("vit_small_patch16_224", **TINY_KW), rule(threshold=0.3), report=False)
+    again.load_state_dict(old, strict=True)
+    assert [float(g.threshold) for g in gates_of(again).values()] == pytest.approx([0.3] * 3)
