@@ -9,8 +9,9 @@ on first use). SPA on ``--layers`` (bypass, ``gate: {hidden: 64, noise: 0}``, ``
 trained on box masks, thresholds calibrated to the target, then fine-tuned with the task loss plus
 the gates' BCE and calibrated again. ToSA on the same layers at the keep whose GFLOPs are closest
 to SPA's measured mean (selectors trained, then fine-tuned, the same epochs); ToMe at the r whose
-GFLOPs are closest (training-free and fine-tuned). GFLOPs are the mean per image over 256 test
-images (SPA's vary per image).
+GFLOPs are closest (training-free and fine-tuned); the original fine-tuned the same epochs is the
+reference for the fine-tuned rows. GFLOPs are the mean per image over 256 test images (SPA's vary
+per image).
 
 "tokens/img" is, per image, the patch tokens a block runs on averaged over all the blocks: min,
 mean and max over the test images (fixed for ToSA and ToMe, per image for SPA). "r(area)" is the
@@ -143,6 +144,11 @@ def main(argv=None):
         console.print(f"  {method}, {setting}: top-1 {100 * top1:.1f}, GFLOPs {rows[-1][2]:.4f}", highlight=False)
 
     add("original", "", model, float(patch_tokens))
+    if args.finetune_epochs:   # the same extra training without reduction: what fine-tuning alone gives
+        tuned = copy.deepcopy(model)
+        with console.status("original: fine-tuning"):
+            finetune(tuned, copy.deepcopy(model), train_set, epochs=args.finetune_epochs, quiet=True)
+        add("original", f"+ fine-tuned {args.finetune_epochs} ep", tuned, float(patch_tokens))
 
     # SPA at the stated budget
     base = copy.deepcopy(model)
