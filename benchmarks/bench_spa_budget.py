@@ -163,7 +163,8 @@ def main(argv=None):
         with console.status("SPA: fine-tuning (task + gate BCE), calibrating"):
             train_gates(gm, base, train_set, "masks", epochs=args.finetune_epochs, finetune=True,
                         gate_weight=args.gate_weight, quiet=True)
-        budgets.append((f"+ fine-tuned {args.finetune_epochs} ep", budget_report(gm, {"train": train_x, "test": test_x})))
+        budgets.append((f"+ fine-tuned {args.finetune_epochs} ep",
+                        budget_report(gm, {"train": train_x, "test": test_x})))
         add(f"SPA target_keep {args.target_keep}", f"+ fine-tuned {args.finetune_epochs} ep",
             gm, spa_tokens(gm, test_x, n_blocks, patch_tokens, prefix))
     spa_flops = rows[-1][2]

@@ -182,7 +182,7 @@ def train_(
     budgets: list[tuple[str, list[str]]] = []
 
     def budget(phase: str) -> None:
-        """The parts' budget (SPA: target_keep) against what they keep, on the calibration images and the test images."""
+        """The parts' budget (SPA: target_keep) against what they keep, on calibration and test images."""
         if trainer is None or trainer.budget is None:
             return
         with status(f"measuring the budget ({phase})"):
