@@ -79,6 +79,35 @@ def test_clutter_test_split_differs_from_train_and_places_digits_everywhere():
     assert min(tops) <= 4 and max(tops) >= 28  # tops range over 0..32
 
 
+def test_clutter_sizes_vary_the_digit_area_and_its_mask_covers_the_digit():
+    ds = get_dataset("digits-clutter-sizes", "test", 64, mean=(0.5,) * 3, std=(0.5,) * 3, masks=True)
+    fixed = ClutteredDigitsDataset("test", 64, masks=True)
+    sides = [ds.box(i)[2] - ds.box(i)[0] for i in range(len(ds))]
+    assert min(sides) == 20 and max(sides) == 44             # 5/16 .. 11/16 of the canvas
+    areas = np.array([float(ds[i][2].sum()) for i in range(120)])
+    assert areas.max() / areas.min() >= 4.0                  # ink area varies at least 4x across images
+    for i in range(0, 120, 7):
+        x, label, mask = ds[i]
+        top, left, bottom, right = ds.box(i)
+        canvas = ds.render(i)
+        assert mask.shape == (64, 64) and label == fixed[i][1]
+        inside = np.zeros((64, 64), bool)
+        inside[top:bottom, left:right] = True
+        assert not mask.numpy()[~inside].any()               # nothing outside the digit's box
+        # the mask is the digit's ink: drawn at >= 0.85 * INK, brighter than the clutter can reach there
+        m = mask.numpy().astype(bool)
+        assert m.sum() > 0.15 * (bottom - top) ** 2 and canvas[m].min() >= 0.85 * 0.25 - 1e-6
+        assert torch.equal(x, to_input(canvas))
+    # the fixed-size set is unchanged by the option: same images as before it existed
+    assert fixed.box(0)[2] - fixed.box(0)[0] == 32
+    with pytest.raises(DataError, match="digit_sizes"):
+        ClutteredDigitsDataset("test", 64, digit_sizes=(40, 20))
+
+
+def to_input(canvas):
+    return (torch.from_numpy(canvas).unsqueeze(0).expand(3, -1, -1) - 0.5) / 0.5
+
+
 def test_unknown_names_and_splits_are_data_errors():
     with pytest.raises(DataError, match="unknown data set 'mnist'"):
         get_dataset("mnist", "train", 32)

@@ -64,6 +64,26 @@ DEMOS: dict[str, DemoSpec] = {
         # Measured (2 CPU cores, about 4 min): 0.87 top-1 at seed 0, 0.83 at seed 1
         epochs=8, batch_size=64, lr=1e-3, warmup_epochs=0.5, train_options={"variants": 6}, min_top1=0.75,
     ),
+    # the digit drawn 20..44 px per image (digits-clutter-sizes): objects that need 6 to 36 of the
+    # 64 tokens, where a per-image budget (SPA) can differ from a fixed one (ToSA, ToMe). Measured
+    # (1 thread on a loaded 2-core machine, 35 min): 0.344 top-1, far from converged (loss 1.77);
+    # digits-clutter's 8 epochs x 6 variants would reach more in twice the time
+    "digits-clutter-sizes": DemoSpec(
+        dataset="digits-clutter-sizes",
+        timm_name="vit_small_patch16_224",
+        timm_kwargs=dict(img_size=64, patch_size=8, embed_dim=96, depth=6, num_heads=4, num_classes=10),
+        epochs=6, batch_size=64, lr=1e-3, warmup_epochs=0.5, train_options={"variants": 4}, min_top1=0.3,
+    ),
+    # a 4-stage Swin (window 4 on a 16x16 patch grid: 16, 8, 4, 2 tokens a side), its windowed
+    # stages 3-4 where the SPA paper puts its gates. Measured (1 thread on a loaded 2-core machine,
+    # 16 min): 0.41 top-1, still learning; lr 2e-3 for 8 epochs reached only 0.29
+    "swin-clutter-sizes": DemoSpec(
+        dataset="digits-clutter-sizes",
+        timm_name="swin_tiny_patch4_window7_224",
+        timm_kwargs=dict(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(1, 1, 2, 2),
+                         num_heads=(2, 2, 4, 8), mlp_ratio=2.0, num_classes=10),
+        epochs=6, batch_size=64, lr=1e-3, warmup_epochs=0.5, train_options={"variants": 4}, min_top1=0.35,
+    ),
 }
 
 

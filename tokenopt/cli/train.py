@@ -29,6 +29,8 @@ from tokenopt.cli.common import (MODEL_HELP, ArchOpt, CaptureOpt, CropPctOpt, Da
 from tokenopt.errors import DataError, TokenoptError
 from tokenopt.record import record_of, update_record
 
+CALIBRATION_IMAGES = 1024   # the training images train_gates calibrates target_keep on (its default)
+
 
 @user_errors
 def train_(
@@ -177,6 +179,17 @@ def train_(
             value = trainer.measure(gm, original, images) if measure and trainer is not None else None
         rows.append((name, top1, value))
 
+    budgets: list[tuple[str, list[str]]] = []
+
+    def budget(phase: str) -> None:
+        """The parts' budget (SPA: target_keep) against what they keep, on calibration and test images."""
+        if trainer is None or trainer.budget is None:
+            return
+        with status(f"measuring the budget ({phase})"):
+            lines = trainer.budget(gm, {"train": first_images(train_set, CALIBRATION_IMAGES), "test": images})
+        if lines:
+            budgets.append((phase, lines))
+
     row("original", original, measure=False)
     common = dict(batch_size=batch_size, checkpoint=ckpt_path, fingerprint=fingerprint)
     if trainer is None:
@@ -187,6 +200,7 @@ def train_(
             trainer.fit(gm, original, train_set, labels=labels, epochs=selector_epochs, lr=lr, resume=resume,
                         **{**common, "fingerprint": f"{fingerprint}:selectors"})
             row(f"{label}, {trainer.describe_fit(selector_epochs, labels)}", gm)
+            budget(trainer.describe_fit(selector_epochs, labels))
         else:
             option = "--gate-epochs" if trainer.uses_labels else "--selector-epochs"
             warn(f"{option} 0: the {trainer.noun} stay untrained; the saved model will warn when used")
@@ -199,6 +213,7 @@ def train_(
              distill=distill, selector_weight=selector_weight, gate_weight=gate_weight,
              **{**common, "fingerprint": f"{fingerprint}:finetune"})
         row(f"{label}, fine-tuned ({finetune_epochs} ep)", gm, measure=trainer is not None)
+        budget(f"fine-tuned ({finetune_epochs} ep)")
 
     from tokenopt.distributed import is_main
     if not is_main():   # under torchrun every rank has the same weights: rank 0 reports and saves
@@ -211,6 +226,11 @@ def train_(
         for name, top1, value in rows:
             t.add_row(name, f"{100 * top1:.1f}", "" if value is None else format(value, trainer.number_format))
         out.print(t)
+    for phase, lines in budgets:
+        out.print(f"budget after {phase} (share of patch tokens kept; train: the calibration images):",
+                  highlight=False)
+        for line in lines:
+            out.print(f"  {line}", highlight=False)
     r = record_of(gm).report
     parts_line = f"{len(learned_modules(gm, kind))} {trainer.noun}" if kind is not None else "0 selectors"
     out.print(f"GFLOPs {r.flops_before / 1e9:.4f} -> {r.flops_after / 1e9:.4f} ({r.flops_ratio:.2f}x), {parts_line}")

@@ -18,6 +18,12 @@ With ``masks=True`` (or ``"ink"``) items are ``(image, label, mask)``: the mask 
 the digit's own ink is at least :data:`INK` (a quarter of full strength), clutter excluded;
 ``masks="box"`` gives the digit's square instead. SPA's gates learn from these (tokenopt.data.masks).
 
+``digit_sizes=(lo, hi)`` draws each image's digit side uniformly from ``lo..hi`` px (drawn first
+from the image's generator, before its placement), so objects differ in size across images:
+:class:`SizedClutteredDigitsDataset` (``digits-clutter-sizes``) uses 20..44 px on a 64 px canvas,
+an object area varying 4.8x, the setting where a per-image token budget (SPA) should beat a fixed
+one. Clutter fragments stay cut from digits of the fixed ``digit_size``.
+
 Canvases are 8-bit, like any photo, and kept in memory once rendered (64 px: 4 KB each), so
 rendering costs one pass over the data rather than one per epoch.
 """
@@ -44,12 +50,17 @@ class ClutteredDigitsDataset(Dataset):
     def __init__(self, split: str = "train", image_size: int = 64,
                  mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), *,
                  digit_size: int | None = None, variants: int = 1, seed: int = 0,
-                 clutter_contrast: tuple[float, float] = (0.2, 0.5), masks: bool | str = False):
+                 clutter_contrast: tuple[float, float] = (0.2, 0.5), masks: bool | str = False,
+                 digit_sizes: tuple[int, int] | None = None):
         self.split = canonical_split(split)
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
         self.digit_size = int(digit_size or max(8, self.image_size // 2))
         if self.digit_size > self.image_size:
             raise DataError(f"digit_size {self.digit_size} is larger than the canvas ({self.image_size} px)")
+        self.digit_sizes = None if digit_sizes is None else (int(digit_sizes[0]), int(digit_sizes[1]))
+        if self.digit_sizes is not None and not 1 <= self.digit_sizes[0] <= self.digit_sizes[1] <= self.image_size:
+            raise DataError(f"digit_sizes {digit_sizes} must be (smallest, largest) side in px with "
+                            f"1 <= smallest <= largest <= {self.image_size} (the canvas)")
         if variants < 1:
             raise DataError(f"variants must be >= 1, got {variants}")
         self.variants, self.seed, self.contrast = int(variants), int(seed), tuple(clutter_contrast)
@@ -57,6 +68,7 @@ class ClutteredDigitsDataset(Dataset):
         if self.masks is not None and self.masks not in MASK_KINDS:
             raise DataError(f"unknown mask kind {masks!r} for digits-clutter: use one of {', '.join(MASK_KINDS)}")
         images, self.base_labels = digits_split(self.split)
+        self.scans = images             # the 8x8 scans, upsampled per image when sizes vary
         # Upsample all digits once; fragments are crops of these, so clutter looks like ink.
         self.digits = upsample(images, self.digit_size).numpy()
         s = self.image_size
@@ -74,13 +86,23 @@ class ClutteredDigitsDataset(Dataset):
 
     def box(self, i: int) -> tuple[int, int, int, int]:
         """(top, left, bottom, right) pixel box of the digit in image ``i`` (for box-supervised gates)."""
-        top, left = self._placement(self._rng(i))
-        return top, left, top + self.digit_size, left + self.digit_size
+        top, left, d = self._placement(self._rng(i))
+        return top, left, top + d, left + d
 
-    def _placement(self, rng: np.random.Generator) -> tuple[int, int]:
-        # Drawn first from the generator so box() needs no clutter rendering.
-        hi = self.image_size - self.digit_size + 1
-        return int(rng.integers(0, hi)), int(rng.integers(0, hi))
+    def _placement(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(top, left, side) of the digit. Drawn first from the generator so box() needs no clutter
+        rendering; the side is drawn only when sizes vary, so fixed-size images stay as they were."""
+        d = self.digit_size
+        if self.digit_sizes is not None:
+            d = int(rng.integers(self.digit_sizes[0], self.digit_sizes[1] + 1))
+        hi = self.image_size - d + 1
+        return int(rng.integers(0, hi)), int(rng.integers(0, hi)), d
+
+    def _digit(self, i: int, side: int) -> np.ndarray:
+        """The digit of image ``i`` upsampled to ``side`` px, float32 in [0, 1]."""
+        if side == self.digit_size:
+            return self.digits[i % len(self.digits)]
+        return upsample(self.scans[i % len(self.scans)], side).numpy()
 
     def render(self, i: int) -> np.ndarray:
         """The canvas of sample ``i`` as float32 (H, W) in [0, 1] (steps of 1/255), before normalisation."""
@@ -93,7 +115,7 @@ class ClutteredDigitsDataset(Dataset):
 
     def _draw(self, i: int) -> np.ndarray:
         rng = self._rng(i)
-        top, left = self._placement(rng)
+        top, left, side = self._placement(rng)
         s, d = self.image_size, self.digit_size
         canvas = rng.uniform(0.0, 0.08, (s, s)).astype(np.float32)
         lo, hi = self.contrast
@@ -117,8 +139,8 @@ class ClutteredDigitsDataset(Dataset):
             sigma = rng.uniform(0.1, 0.25) * d
             blob = np.exp(-((self._yy - cy) ** 2 + (self._xx - cx) ** 2) / (2 * sigma**2))
             np.maximum(canvas, blob * rng.uniform(lo, hi), out=canvas)
-        digit = self.digits[i % len(self.digits)] * rng.uniform(0.85, 1.0)
-        region = canvas[top:top + d, left:left + d]
+        digit = self._digit(i, side) * rng.uniform(0.85, 1.0)
+        region = canvas[top:top + side, left:left + side]
         np.maximum(region, digit, out=region)
         return canvas
 
@@ -138,7 +160,7 @@ class ClutteredDigitsDataset(Dataset):
         if kind == "box":
             out[top:bottom, left:right] = 1.0
         else:
-            out[top:bottom, left:right] = self.digits[i % len(self.digits)] >= INK
+            out[top:bottom, left:right] = self._digit(i, bottom - top) >= INK
         return out
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, torch.Tensor]:
@@ -147,3 +169,15 @@ class ClutteredDigitsDataset(Dataset):
         if self.masks is None:
             return item
         return (*item, torch.from_numpy(self.mask(i, self.masks)))
+
+
+class SizedClutteredDigitsDataset(ClutteredDigitsDataset):
+    """``digits-clutter-sizes``: digits-clutter whose digit side varies per image, 5/16 to 11/16 of
+    the canvas (20..44 px on 64 px: the largest digit covers 4.8x the area of the smallest)."""
+
+    def __init__(self, split: str = "train", image_size: int = 64,
+                 mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5), *,
+                 digit_sizes: tuple[int, int] | None = None, **options):
+        size = int(image_size)
+        super().__init__(split, size, mean, std, digit_sizes=digit_sizes or (size * 5 // 16, size * 11 // 16),
+                         **options)

@@ -13,13 +13,14 @@ from typing import Sequence
 from torch import nn
 from torch.utils.data import Dataset
 
-from tokenopt.data.clutter import ClutteredDigitsDataset
+from tokenopt.data.clutter import ClutteredDigitsDataset, SizedClutteredDigitsDataset
 from tokenopt.data.config import data_config, model_num_classes
 from tokenopt.data.digits import DigitsDataset
 from tokenopt.data.imagefolder import ImageFolderDataset
 from tokenopt.errors import DataError
 
-BUILTIN = {"digits": DigitsDataset, "digits-clutter": ClutteredDigitsDataset}
+BUILTIN = {"digits": DigitsDataset, "digits-clutter": ClutteredDigitsDataset,
+           "digits-clutter-sizes": SizedClutteredDigitsDataset}
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
 

@@ -103,6 +103,46 @@ def select_tokens(prob: Tensor, valid: Tensor, prefix: int, threshold: float, lo
     return keep | (valid & (position < prefix))
 
 
+def kept_counts(prob: Tensor, valid: Tensor, threshold: float, lo: int, hi: int) -> Tensor:
+    """(n,) patch tokens :func:`select_tokens` keeps per image at ``threshold``: prob, valid (n, P)
+    of the patch tokens only."""
+    n_valid = valid.sum(1)
+    above = ((prob >= threshold) & valid).sum(1)
+    return torch.minimum(above.clamp(lo, hi), n_valid)
+
+
+def threshold_for_share(prob: Tensor, valid: Tensor, lo: int, hi: int, target: float) -> tuple[float, float]:
+    """The threshold at which :func:`select_tokens` keeps a mean share ``target`` of the patch tokens
+    over these images, and the share it keeps there (the closest the images allow): prob, valid
+    (n, P) of the patch tokens only; the share counts every one of the P positions.
+
+    The share only grows as the threshold falls, so a bisection over the images' own probabilities
+    (each one a threshold at which the kept set changes) finds the two neighbours of the target.
+    """
+    total = prob.shape[0] * prob.shape[1]
+    cands = torch.unique(prob[valid].float()).flip(0)          # descending: shares non-decreasing
+    top = float(cands[0]) if len(cands) else 0.5
+    # above every probability: only the per-image minimum stays
+    thresholds = [min(1.0, (top + 1.0) / 2) if top < 1.0 else 1.0 + 1e-6] + cands.tolist()
+
+    def share(k: int) -> float:
+        return float(kept_counts(prob, valid, thresholds[k], lo, hi).sum()) / total
+
+    a, b = 0, len(thresholds) - 1
+    if share(b) <= target:
+        return thresholds[b], share(b)
+    if share(a) >= target:
+        return thresholds[a], share(a)
+    while b - a > 1:                                           # share(a) < target < share(b)
+        mid = (a + b) // 2
+        if share(mid) < target:
+            a = mid
+        else:
+            b = mid
+    k = a if target - share(a) <= share(b) - target else b
+    return thresholds[k], share(k)
+
+
 def random_keep(valid: Tensor, prefix: int, fraction: float, hi: int, generator: torch.Generator | None = None) -> Tensor:
     """Benchmarks' forced gate: per image a random ``fraction`` of its present patch tokens
     (at most ``hi``), plus its prefix tokens. valid (B, N0) -> keep (B, N0) bool."""
@@ -139,14 +179,18 @@ class TokenGate(nn.Module):
     forward(x (R0, R1, C) stream rows, pos (R0, R1) | None, valid (B, N0) | None) ->
     (keep_rows (R0, R1) bool, keep_grid (B, N0) bool, ste (R0, R1) float | None). ``ste`` is None
     in eval mode. ``trained`` is a buffer (saved with the model): False until gate training.
+    ``threshold`` is a buffer too: the recipe's, or the one calibrated for ``target_keep`` (the mean
+    share of patch tokens to keep, :func:`threshold_for_share`), so a saved model keeps its budget.
     """
 
     def __init__(self, dim: int, hidden: int = 0, threshold: float = 0.5, prefix: int = 0, lo: int = 0,
-                 hi: int = 1 << 30, layer: int = 0, noise: float = 1.0):
+                 hi: int = 1 << 30, layer: int = 0, noise: float = 1.0, target_keep: float | None = None):
         super().__init__()
         self.score = nn.Linear(dim, 1) if hidden == 0 else nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
-        self.threshold, self.prefix, self.lo, self.hi, self.layer = threshold, prefix, lo, hi, layer
+        self.prefix, self.lo, self.hi, self.layer = prefix, lo, hi, layer
+        self.target_keep = target_keep
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
         self.temperature = 1.0          # Gumbel-sigmoid temperature in training
         # scale of the sampling noise in training; 0: the decision is inference's (prob >= threshold),
         # so fine-tuning sees the keep rate inference will (with noise it keeps more: see docs)
@@ -156,8 +200,14 @@ class TokenGate(nn.Module):
         self.register_buffer("trained", torch.tensor(False))
 
     def extra_repr(self) -> str:
-        return (f"threshold={self.threshold}, prefix={self.prefix}, keep {self.lo}..{self.hi} per image, "
-                f"noise={self.noise}")
+        target = f", target_keep={self.target_keep}" if self.target_keep is not None else ""
+        return (f"threshold={float(self.threshold):.4g}{target}, prefix={self.prefix}, keep {self.lo}..{self.hi} "
+                f"per image, noise={self.noise}")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # artifacts saved before the threshold was a buffer: the recipe's threshold, as they ran
+        state_dict.setdefault(prefix + "threshold", self.threshold.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def logits(self, x: Tensor) -> Tensor:
         """(R0, R1, C) -> (R0, R1)."""

@@ -20,6 +20,12 @@ Without ``finetune`` only the gates train. With it the whole model trains (the g
 losses); the model shares its parameters with ``original``, so attention labels then come from a
 frozen copy taken before the first step. The fraction of patch tokens each gated layer keeps is
 shown as training goes (progress bar, epoch log lines) and returned per epoch in the result.
+
+A recipe with ``target_keep`` (a mean share of patch tokens per layer) has its thresholds set after
+each call by :func:`calibrate_gates`: on the first ``calibration_images`` training images, layer by
+layer in order (a layer's inputs depend on the thresholds before it), each gate's threshold
+becomes the one at which it keeps that share on average. The threshold is a buffer of the gate,
+so the saved model carries it; :func:`budget_report` gives target against achieved.
 """
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ from torch import nn
 from tokenopt import distributed as D
 from tokenopt.errors import TokenoptError
 from tokenopt.model_outputs import class_logits
-from tokenopt.ops.gates import TokenGate, capture_outputs
+from tokenopt.ops.gates import TokenGate, capture_outputs, threshold_for_share
 import tokenopt.passes  # noqa: F401  (registers the passes, and so the kinds of learned part)
 from tokenopt.rewrite.learned import parts_of_type
 from tokenopt.train.trainers import Trainer, register_trainer
@@ -48,6 +54,8 @@ from tokenopt.record import record_of
 class GateTrainResult(TrainResult):
     # per epoch of this call: {layer: mean fraction of patch tokens the gate kept}, over all processes
     kept: list[dict[int, float]] = field(default_factory=list)
+    # target_keep: {layer: (threshold, share kept on the calibration images)}; empty without a target
+    calibrated: dict[int, tuple[float, float]] = field(default_factory=dict)
 
 
 def gate_bce(prob: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -127,14 +135,16 @@ def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "mask
                 finetune: bool = False, gate_weight: float = 1.0, cover: float = DEFAULT_COVER,
                 mass: float = DEFAULT_MASS, batch_size: int = 64, lr: float | None = None,
                 weight_decay: float = 0.01, warmup_epochs: float = 0.5, checkpoint=None, resume=None,
-                fingerprint: str = "", seed: int = 0, quiet: bool = False, **train_kwargs) -> GateTrainResult:
+                fingerprint: str = "", seed: int = 0, quiet: bool = False, calibration_images: int = 1024,
+                **train_kwargs) -> GateTrainResult:
     """Train the SPA gates of ``model`` (from :func:`tokenopt.optimize`) on ``data``; see the module docstring.
 
     ``labels``: "masks" (``data`` yields ``(image, label, mask)``; ``cover`` is the fraction of a patch
     the object must cover) or "attention" (``original``'s attention; ``mass`` is the share of it
     the positive tokens hold). ``finetune``: the backbone trains too, and the task loss
     (cross-entropy on the labels) joins ``gate_weight`` × BCE. ``lr`` defaults to 1e-3 for the
-    gates alone and 1e-4 when fine-tuning. Afterwards every gate's ``trained`` flag is set.
+    gates alone and 1e-4 when fine-tuning. Afterwards every gate's ``trained`` flag is set, and
+    gates with a ``target_keep`` are calibrated on the first ``calibration_images`` of ``data``.
     """
     gates = gates_of(model)
     if not gates:
@@ -188,7 +198,74 @@ def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "mask
         trained = getattr(g, "trained", None)
         if isinstance(trained, torch.Tensor):
             trained.fill_(True)
-    return GateTrainResult(**vars(result), kept=kept)
+    calibrated = {}
+    if any(g.target_keep is not None for g in gates.values()):
+        calibrated = calibrate_gates(model, first_images(data, calibration_images))
+    return GateTrainResult(**vars(result), kept=kept, calibrated=calibrated)
+
+
+def first_images(data, n: int) -> torch.Tensor:
+    """The first ``n`` images of a Dataset (items (image, ...) or images) or a DataLoader, stacked."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        out, seen = [], 0
+        for batch in data:
+            x = batch if isinstance(batch, torch.Tensor) else batch[0]
+            out.append(x[:n - seen])
+            seen += len(out[-1])
+            if seen >= n:
+                break
+        return torch.cat(out)
+    first = lambda item: item if isinstance(item, torch.Tensor) else item[0]  # noqa: E731
+    return torch.stack([first(data[i]) for i in range(min(n, len(data)))])
+
+
+@torch.no_grad()
+def calibrate_gates(model: nn.Module, images: torch.Tensor, batch_size: int = 128) -> dict[int, tuple[float, float]]:
+    """Set the threshold of every gate that has a ``target_keep`` so that, in eval mode on ``images``,
+    it keeps that mean share of the patch tokens (of the original grid). Layer by layer in order,
+    each measured with the thresholds before it already set. Returns {layer: (threshold, share)}."""
+    prefix = _prefix_of(model)
+    gates = gates_of(model)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    found = {}
+    try:
+        with capture_gate_outputs(model) as outputs, _training(model):   # no untrained warning midway
+            for i in sorted(gates):
+                gate = gates[i]
+                if gate.target_keep is None:
+                    continue
+                probs, valids = [], []
+                for start in range(0, len(images), batch_size):
+                    model(images[start:start + batch_size].to(device))
+                    probs.append(outputs[i].prob[:, prefix:].float().cpu())
+                    valids.append(outputs[i].valid[:, prefix:].cpu())
+                t, share = threshold_for_share(torch.cat(probs), torch.cat(valids), gate.lo, gate.hi,
+                                               gate.target_keep)
+                gate.threshold.fill_(t)
+                found[i] = (t, share)
+    finally:
+        model.train(was)
+    return found
+
+
+def budget_report(model: nn.Module, splits: dict[str, torch.Tensor | None]) -> list[str]:
+    """Lines giving, for the gates with a ``target_keep``, the target against the mean share of patch
+    tokens kept on each set of images in ``splits`` ({"train": images, "test": images}); [] when no
+    gate has a target."""
+    gates = {i: g for i, g in gates_of(model).items() if g.target_keep is not None}
+    if not gates:
+        return []
+    kept = {name: measure_kept(model, x) for name, x in splits.items() if x is not None and len(x)}
+    lines = []
+    for i, g in sorted(gates.items()):
+        got = ", ".join(f"{name} {k[i]:.3f}" for name, k in kept.items())
+        lines.append(f"L{i}: target_keep {g.target_keep:.3f}, kept {got} (threshold {float(g.threshold):.4f})")
+    mean = ", ".join(f"{name} {sum(k[i] for i in gates) / len(gates):.3f}" for name, k in kept.items())
+    target = sum(g.target_keep for g in gates.values()) / len(gates)
+    lines.append(f"mean: target_keep {target:.3f}, kept {mean}")
+    return lines
 
 
 @torch.no_grad()
@@ -228,4 +305,4 @@ def _kept_percent(model, original, images) -> float:
 GATE_TRAINER = register_trainer(TokenGate)(Trainer(
     noun="gates", fit=_fit, finetune=_finetune, measure=_kept_percent, column="patch tokens kept %",
     number_format=".1f", uses_labels=True, weight_option="--gate-weight", epochs_option="--gate-epochs",
-    distill="fine-tuning uses the labels and the gates' BCE"))
+    distill="fine-tuning uses the labels and the gates' BCE", budget=budget_report))

@@ -28,6 +28,8 @@ class Trainer:
     finetune(model, original, data, *, epochs, lr, resume, labels, distill, part_weight, **loop):
         train the backbone with the parts in the loop.
     measure(model, original, images) -> float: the column the training table shows after each phase.
+    budget(model, {"train": images, "test": images}) -> list[str]: lines on a budget the parts were
+        calibrated to meet (target against achieved), printed after each phase; None: no budgets.
     """
 
     noun: str                          # "selectors" | "gates": what the CLI's messages call the parts
@@ -40,6 +42,7 @@ class Trainer:
     distill: str = ""                  # "" when --distill works; else why not (a message)
     weight_option: str = "--selector-weight"   # the option weighing the parts' loss while fine-tuning
     epochs_option: str = "--selector-epochs"   # the option giving the epochs of fitting the parts
+    budget: Callable | None = None
 
     def describe_fit(self, epochs: int, labels: str) -> str:
         return f"{self.noun} trained ({epochs} ep{f', {labels} labels' if self.uses_labels else ''})"
