@@ -332,7 +332,8 @@ def _rewrite_in_windows(g, block, p: SPAParams) -> None:
     w = block.window
     x = g.node(block.input)
     tokens = g.insert_after(x, window_ops.as_tokens, x, label="tokens (B, H*W, C)")
-    gate = TokenGate(block.dim, p.hidden, p.threshold, 0, p.lo, p.hi, block.index, noise=p.noise)
+    gate = TokenGate(block.dim, p.hidden, p.threshold, 0, p.lo, p.hi, block.index, noise=p.noise,
+                     target_keep=p.target_keep)
     sel = g.add_learned(block, GATES, gate, tokens, None, None, label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
     keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept tokens (B, H*W)", "kept tokens (grid)", "straight-through"))
     g.mark_overhead(block, tokens, keep_rows, keep, ste)
