@@ -292,3 +292,33 @@ def test_site_build(tmp_path):
         assert (out / page / "index.html").exists(), page
     trouble = (out / "troubleshooting" / "index.html").read_text()
     assert "cannot trace GatedViT with torch.fx" in trouble and "refused: relative-position bias" in trouble
+
+
+# ------------------------------------------------------------------------------ the build's own tokenopt
+
+HOOK = ROOT / "docs" / "hooks" / "generate.py"
+
+
+def test_docs_build_documents_this_checkout_not_an_installed_copy(tmp_path):
+    """MkDocs loads the hook with the hook's folder on sys.path and then restores sys.path, so a
+    tokenopt installed elsewhere (here a decoy, imported before the build starts) would be the one
+    the generated pages describe unless the hook puts the checkout first when the build starts."""
+    decoy = tmp_path / "site-packages" / "tokenopt"
+    (decoy / "docsgen").mkdir(parents=True)
+    (decoy / "__init__.py").write_text("DECOY = True\n")
+    (decoy / "docsgen" / "__init__.py").write_text("DECOY = True\n")
+    script = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(decoy.parent)!r})",
+        "import tokenopt",
+        "assert getattr(tokenopt, 'DECOY', False), tokenopt.__file__",
+        "from mkdocs.config import config_options",
+        f"hook = config_options.Hooks('plugins')._load_hook('tokenopt_docs_hook', {str(HOOK)!r})",
+        "hook.checkout_tokenopt()       # what on_config does first",
+        "import tokenopt.docsgen",
+        "print(tokenopt.__file__)",
+        "print(tokenopt.docsgen.__file__)",
+    ])
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(ROOT / "tokenopt" / "__init__.py"), str(ROOT / "tokenopt" / "docsgen" / "__init__.py")]
