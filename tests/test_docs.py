@@ -322,3 +322,25 @@ def test_docs_build_documents_this_checkout_not_an_installed_copy(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == [str(ROOT / "tokenopt" / "__init__.py"), str(ROOT / "tokenopt" / "docsgen" / "__init__.py")]
+
+
+def test_every_verb_is_on_the_command_line_page_and_home():
+    """The hand-written overview (docs/cli.md's table, the Home page's list) names every verb the app has."""
+    cli_page = (ROOT / "docs" / "cli.md").read_text()
+    table = [line for line in cli_page.splitlines() if line.startswith("| `tokenopt ")]
+    home = (ROOT / "docs" / "index.md").read_text()
+    home_line = next(line for line in home.splitlines() if line.startswith("* [Command line](cli.md)"))
+    for verb in cli_ref.verbs():
+        assert any(line.startswith(f"| `tokenopt {verb} ") or line.startswith(f"| `tokenopt {verb}`")
+                   for line in table), f"docs/cli.md has no row for `tokenopt {verb}`"
+        assert f"`{verb}`" in home_line, f"docs/index.md does not list `{verb}`"
+    assert "\\|" not in cli_page, "a `\\|` inside a code span shows the backslash"
+
+
+def test_reference_text_survives_attr_list(reference):
+    """attr_list reads a trailing ``{...}`` in a cell as attributes and drops it: ToMe's r
+    description ends in ``{start, end}``, which must reach the page."""
+    import markdown
+    html = markdown.markdown(reference, extensions=["tables", "attr_list", "md_in_html"])
+    row = next(line for line in html.splitlines() if "tokens merged per layer" in line)
+    assert "a per-layer list, or {start, end}" in row.replace("&#123;", "{").replace("&#125;", "}")
