@@ -344,3 +344,21 @@ def test_reference_text_survives_attr_list(reference):
     html = markdown.markdown(reference, extensions=["tables", "attr_list", "md_in_html"])
     row = next(line for line in html.splitlines() if "tokens merged per layer" in line)
     assert "a per-layer list, or {start, end}" in row.replace("&#123;", "{").replace("&#125;", "}")
+
+
+def test_untraceable_model_prints_only_tokenopts_message(tmp_path, monkeypatch, capfd):
+    """Troubleshooting's first case: torch.export dumps its partial graph (twice) and logs a warning
+    when it cannot capture a model; the user gets tokenopt's message alone."""
+    import textwrap
+
+    from tokenopt.docsgen import transcripts
+    (tmp_path / "my_vits.py").write_text(textwrap.dedent(transcripts._UNTRACEABLE).lstrip())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(app, ["inspect", "my_vits:GatedViT", "--input-size", "3,32,32"])
+    captured = capfd.readouterr()
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("error: cannot trace GatedViT with torch.fx: TraceError")
+    assert len(lines) == 2 and lines[1].startswith("  torch.export failed too: cannot capture GatedViT")
+    assert "def forward" not in captured.err + captured.out and "symbolic_shapes" not in captured.err
