@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # every page issue 21 names, and the new ones
 PAGES = ["index", "getting-started", "recipes", "cli", "reference/cli", "reference/recipes", "reference/api",
          "reference/supported-models", "troubleshooting", "passes/tome", "passes/tofu", "passes/tosa",
-         "passes/spa", "results", "which-method", "architecture"]
+         "passes/spa", "results/README", "which-method", "architecture"]
 WIDTHS = [1400, 800]
 MAX_HEIGHT = 30000          # Chromium draws at most this much of a page in one picture
 
@@ -44,20 +44,21 @@ MAX_HEIGHT = 30000          # Chromium draws at most this much of a page in one 
 _PROBE = r"""(() => {
   const W = document.documentElement.clientWidth;
   const wide = [];
-  for (const el of document.querySelectorAll('.md-content table, .md-content pre, .md-content img, .md-content .md-typeset__table')) {
+  for (const el of document.querySelectorAll('.md-content table, .md-content pre > code, .md-content img, .md-content .md-typeset__scrollwrap')) {
     if (el.offsetParent === null) continue;                       // inside a closed tab
     const r = el.getBoundingClientRect();
     const clipped = el.scrollWidth > el.clientWidth + 1 && getComputedStyle(el).overflowX !== 'visible';
     if (r.right > W + 1 || clipped) {
       const text = (el.innerText || el.getAttribute('alt') || '').trim().split('\n')[0].slice(0, 50);
-      wide.push(el.tagName.toLowerCase() + (clipped ? ' scrolls ' : ' sticks out ') + (el.scrollWidth - el.clientWidth) + 'px: ' + text);
+      const by = clipped ? el.scrollWidth - el.clientWidth : Math.round(r.right - W);
+      wide.push(el.tagName.toLowerCase() + (clipped ? ' scrolls ' : ' sticks out ') + by + ' px: ' + text);
     }
   }
   return JSON.stringify({
     height: document.documentElement.scrollHeight,
     pageWidth: document.documentElement.scrollWidth, width: W,
     wide: wide,
-    mermaidRaw: document.querySelectorAll('pre.mermaid').length,
+    mermaidRaw: document.querySelectorAll('pre.mermaid, .mermaid > code').length,
     mermaidDrawn: document.querySelectorAll('div.mermaid').length,
     title: document.title,
   });
@@ -160,7 +161,9 @@ def start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
 
 
 def page_file(site: Path, page: str) -> Path:
-    return site / "index.html" if page in ("", "index") else site / page / "index.html"
+    """The built page for a docs path without ``.md`` (``README`` and ``index`` are their folder's page)."""
+    page = page.removesuffix("/README").removesuffix("/index")
+    return site / "index.html" if page in ("", "index", "README") else site / page / "index.html"
 
 
 def shoot(dt: DevTools, url: str, width: int, out: Path, settle: float) -> dict:
