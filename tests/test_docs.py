@@ -362,3 +362,56 @@ def test_untraceable_model_prints_only_tokenopts_message(tmp_path, monkeypatch, 
     assert lines[0].startswith("error: cannot trace GatedViT with torch.fx: TraceError")
     assert len(lines) == 2 and lines[1].startswith("  torch.export failed too: cannot capture GatedViT")
     assert "def forward" not in captured.err + captured.out and "symbolic_shapes" not in captured.err
+
+
+# ------------------------------------------------------------------------------ the API page
+
+API_PAGE = ROOT / "docs" / "reference" / "api.md"
+TRAINING_ENTRY_POINTS = ["tokenopt.train.selector.train_selectors", "tokenopt.train.selector.finetune",
+                         "tokenopt.train.gate.train_gates"]
+SPHINX_ROLE = re.compile(r":(?:func|meth|class|mod|attr|data|obj):`")
+
+
+def _api_page_objects(text: str) -> dict[str, object]:
+    """What each ``::: identifier`` of the API page names, imported."""
+    import importlib
+    out = {}
+    for ident in re.findall(r"^::: ([\w.]+)\s*$", text, flags=re.M):
+        module, _, attr = ident.rpartition(".")
+        try:
+            out[ident] = importlib.import_module(ident)
+        except ImportError:
+            out[ident] = getattr(importlib.import_module(module), attr)
+    return out
+
+
+def _missing_from_api_page(text: str) -> list[str]:
+    import tokenopt
+    shown = _api_page_objects(text)
+    missing = [f"tokenopt.{name}" for name in tokenopt.__all__
+               if f"tokenopt.{name}" not in shown and not any(obj is getattr(tokenopt, name) for obj in shown.values())]
+    return missing + [e for e in TRAINING_ENTRY_POINTS if e not in shown]
+
+
+def test_api_page_documents_every_public_name():
+    assert _missing_from_api_page(API_PAGE.read_text()) == []
+
+
+def test_api_page_check_notices_a_removed_name():
+    text = API_PAGE.read_text()
+    assert _missing_from_api_page(text.replace("::: tokenopt.record_of\n", "")) == ["tokenopt.record_of"]
+    assert _missing_from_api_page(text.replace("::: tokenopt.train.gate.train_gates\n", "")) == \
+        ["tokenopt.train.gate.train_gates"]
+
+
+def test_api_page_docstrings_have_no_sphinx_roles():
+    """The page renders Google-style docstrings: a Sphinx role (:func:`x`) would show as raw text."""
+    import inspect
+    found = []
+    for ident, obj in _api_page_objects(API_PAGE.read_text()).items():
+        docs = [(ident, inspect.getdoc(obj) or "")]
+        if inspect.isclass(obj) or inspect.ismodule(obj):
+            docs += [(f"{ident}.{n}", inspect.getdoc(m) or "") for n, m in vars(obj).items()
+                     if not n.startswith("_") and (inspect.isfunction(m) or isinstance(m, property))]
+        found += [name for name, doc in docs if SPHINX_ROLE.search(doc)]
+    assert found == []
