@@ -172,14 +172,53 @@ def test_example_svg_shows_the_nodes_its_pass_inserted(pass_name, tmp_path):
     assert "| layer | block | tokens in → out |" in ex.report and "**total**" in ex.report and f"artifact {recipe.stem}.tokenopt.pt" in ex.inspect
 
 
-def test_benchmark_rows_take_the_pass_rows_and_the_original():
-    md = "\n".join(["## Speed — `bench`", "", "| model | GFLOPs |", "|---|---|", "| original | 4.6 |",
-                    "| tome r=8 | 3.4 |", "| tofu r=8 | 3.4 |", "| tomen | 1 |", "", "## Other", "",
-                    "| a | b |", "|---|---|", "| tofu r=1 | 2 |"])
-    rows = site.benchmark_rows(md, "tome")
-    assert rows == ["*Speed — `bench`*", "", "| model | GFLOPs |", "|---|---|", "| original | 4.6 |",
-                    "| tome r=8 | 3.4 |", ""]
-    assert site.benchmark_rows(md, "spa") == []
+def test_tradeoff_tables_come_from_the_runs_file(tmp_path):
+    """Pass pages, Which method? and the results page all render docs/results/tradeoffs.yaml: a
+    pass's table holds its rows and each run's original, with the drop computed from ``vs``."""
+    from tokenopt.docsgen import results
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tradeoffs.yaml").write_text(
+        "runs:\n  a:\n    date: 2026-01-02\n    model: m (64 tokens)\n    command: bench a\n    rows:\n"
+        "      - {method: original, gflops: 1.0, top1: 80.0}\n"
+        "      - {method: ToMe, setting: r=2, training: none, gflops: 0.5, top1: 77.5, vs: 80.0, speedup: 1.8x}\n"
+        "      - {method: ToSA, setting: keep 0.5, training: selectors, gflops: 0.6, top1: 79.0, drop: -1.2}\n"
+        "  b:\n    date: 2026-01-03\n    model: n\n    command: bench b\n    rows:\n"
+        "      - {method: original, gflops: 2.0}\n      - {method: ToSA, gflops: 1.0, speedup: 1.5x}\n")
+    runs = results.load(tmp_path)
+    assert [r.key for r in runs] == ["a", "b"] and runs[0].rows[1].drop == -2.5
+    tome = results.table(runs, ["ToMe"], "../results/README.md")
+    assert tome[0] == "*2026-01-02, m* ([the run](../results/README.md#run-a))"
+    assert tome[2].startswith("| method | setting | training | GFLOPs (MACs) per image |")
+    assert tome[4:6] == ["| original | — |  | 1.00 | 80.0 | — | — |", "| ToMe | r=2 | none | 0.5000 | 77.5 | -2.5 | 1.8x |"]
+    assert len(tome) == 7             # run b has no ToMe row: no table for it
+    tosa = results.table(runs, ["ToSA"], "x.md")
+    assert "| ToSA | keep 0.5 | selectors | 0.6000 | 79.0 | -1.2 | — |" in tosa and "| ToSA | — |  | 1.00 | — | — | 1.5x |" in tosa
+    assert "### 2026-01-03: n { #run-b }" in results.runs_section(runs)
+
+
+def test_every_run_has_its_section_on_the_results_page():
+    from tokenopt.docsgen import results
+    page = (ROOT / "docs" / "results" / "README.md").read_text()
+    runs = results.load(ROOT / "docs")
+    titles = {examples.pass_title(n) for n in available_passes()}
+    assert runs and {r.method for run in runs for r in run.rows} <= titles | {"original"}
+    for run in runs:
+        assert f"{{ #{run.anchor} }}" in page, f"docs/results/README.md has no section for run {run.key}"
+    assert "<!-- tradeoffs -->" in page and "<!-- tradeoffs -->" in (ROOT / "docs" / "which-method.md").read_text()
+
+
+def test_pass_page_shape():
+    """A hand-written pass page gets the one shape: In brief (with its When-to-use paragraph), Before
+    and after, Measured, Options, then the page's own text as The method."""
+    page = "# ToX\n\nA paper, 2024.\n\n**When to use it.** Often.\n\nHow it works.\n\n## Details\n\nMore."
+    section = "## In brief\n\nWhat.\n\n<!-- when-to-use -->\n\n## Before and after\n\nG\n\n## Measured\n\nT\n\n## Options\n\nO"
+    out = site.extend_pass_page(page, section)
+    heads = [line for line in out.splitlines() if line.startswith("#")]
+    assert heads == ["# ToX", "## In brief", "## Before and after", "## Measured", "## Options", "## The method",
+                     "## Details"]
+    brief = out.split("## In brief")[1].split("## Before and after")[0]
+    assert "**When to use it.** Often." in brief and out.count("When to use it") == 1
+    assert out.split("## The method")[1].lstrip().startswith("How it works.")
 
 
 def test_pass_sketch_turns_literal_blocks_into_fences():

@@ -102,4 +102,4 @@ def on_page_markdown(markdown, page, config, files):
     for name, section in gen.pass_sections.items():
         if page.file.src_uri == f"passes/{name}.md":
             return site.extend_pass_page(markdown, section)
-    return markdown
+    return site.fill_placeholders(markdown, page.file.src_uri, gen)

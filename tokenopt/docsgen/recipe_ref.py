@@ -266,18 +266,24 @@ def _html(s: str) -> str:
             .replace("\n", "<br>"))
 
 
-def _table(docs: list[KeyDoc]) -> list[str]:
+def key_table(docs: list[KeyDoc]) -> list[str]:
+    """The keys as a Markdown table: type, default, allowed values, what each does."""
     lines = ["| key | type | default | allowed | what it does |", "|---|---|---|---|---|"]
     for d in docs:
         lines.append(f"| `{d.path}` | {_text_cell(d.type)} | {_text_cell(d.default)} | {_text_cell(d.allowed)} | "
                      f"{_text_cell(d.description)} |")
+    return lines
+
+
+def _table(docs: list[KeyDoc]) -> list[str]:
+    lines = key_table(docs)
     lines += ["", "Errors, one bad value per key:", ""]
     for d in docs:
         if not d.error:
             lines += [f"- `{d.path}`: no bad value found among {', '.join(map(repr, BAD_VALUES))}", ""]
             continue
         value = yaml.safe_dump(d.bad_value, default_flow_style=True).strip().removesuffix("...").strip()
-        lines += [f"- `{d.path}: {value}`", "", "    ``` { .text .wrap }",
+        lines += [f"- `{d.path}: {value}`", "", "    ``` { .text .wrap .nocopy }",
                   *[f"    {line}" for line in d.error.splitlines()], "    ```", ""]
     return lines
 
