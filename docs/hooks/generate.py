@@ -72,7 +72,7 @@ def _generate():
         start = time.perf_counter()
         try:
             _generated = site.generate(ROOT)
-        except (site.DocsBuildError, TokenoptError, AssertionError) as e:
+        except (site.DocsBuildError, site.results.ResultsError, TokenoptError, AssertionError) as e:
             raise PluginError(f"tokenopt docs: {e}") from None
         times = ", ".join(f"{k} {v:.0f} s" for k, v in _generated.timings.items())
         log.info(f"tokenopt docs: generated {len(_generated.files)} files in {time.perf_counter() - start:.0f} s "
