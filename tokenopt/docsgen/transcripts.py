@@ -275,9 +275,12 @@ def troubleshooting(recipes_dir: Path) -> str:
     sections = [
         ("The model cannot be traced (Python control flow on tensor values)",
          "tokenopt captures the model with `torch.fx`, which runs `forward` on symbolic values; a Python "
-         "`if`, `while` or `bool()` on a tensor's *value* has no answer then. Here is a model file "
-         "(`my_vits.py`) with such an `if`, and one with the same computation written as tensor code:",
-         [f"```python\n{code}\n```", untraceable.markdown()],
+         "`if`, `while` or `bool()` on a tensor's *value* has no answer then, and `torch.export` (tried "
+         "next) cannot guard on it either. For a model file `my_vits.py` with such an `if`:",
+         [untraceable.markdown(),
+          f'<details markdown="1">\n<summary><code>my_vits.py</code>: <code>GatedViT</code> branches on a '
+          f'value, <code>FixedViT</code> computes the same as tensor code</summary>\n\n```python\n{code}\n```\n\n'
+          '</details>'],
          "Write the branch as tensor code (`torch.where`, masking), move it into a submodule and name "
          "that module with `--leaf` (it is then kept whole, and must not contain the attention), or "
          "give the branch's value as a constant. The fixed model traces:",
