@@ -41,7 +41,7 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
     Args:
         model: the ViT to rewrite (timm, Hugging Face, open_clip, torchvision or your own class).
         recipe: a path to a YAML file, a YAML string, a dict or a [`Recipe`][tokenopt.recipe.Recipe].
-        example_input: a batch of the size the model expects (default: from the model's config), or
+        example_input (torch.Tensor | tuple | tokenopt.Example | None): a batch of the size the model expects (default: from the model's config), or
             for a model of several inputs a tuple of them or ``tokenopt.Example(args, kwargs)``.
         leaf_modules: module classes (or their names) the trace keeps whole instead of tracing into.
         outputs: ``"logits"`` (the model's own output) or ``"tokens"`` (all patch tokens, original

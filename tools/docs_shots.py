@@ -161,9 +161,14 @@ def start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
 
 
 def page_file(site: Path, page: str) -> Path:
-    """The built page for a docs path without ``.md`` (``README`` and ``index`` are their folder's page)."""
+    """The built page for a docs path without ``.md`` (``README`` and ``index`` are their folder's
+    page): ``page.html`` (mkdocs-material's offline plugin turns directory URLs off), else
+    ``page/index.html``."""
     page = page.removesuffix("/README").removesuffix("/index")
-    return site / "index.html" if page in ("", "index", "README") else site / page / "index.html"
+    if page in ("", "index", "README"):
+        return site / "index.html"
+    flat = site / f"{page}.html"
+    return flat if flat.exists() else site / page / "index.html"
 
 
 def shoot(dt: DevTools, url: str, width: int, out: Path, settle: float) -> dict:

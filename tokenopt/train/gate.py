@@ -136,7 +136,7 @@ def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "mask
     Args:
         model: what [`tokenopt.optimize`][tokenopt.optimize] returned for a recipe with a ``pass: spa`` rule.
         original: the model it was optimized from.
-        data: the images; with ``labels="masks"`` it yields ``(image, label, mask)``.
+        data (Dataset | DataLoader): the images; with ``labels="masks"`` it yields ``(image, label, mask)``.
         labels: ``"masks"`` (a token is positive where the object covers ``cover`` of its patch) or
             ``"attention"`` (``original``'s attention; the positive tokens hold ``mass`` of it).
         epochs: passes over ``data``.
@@ -149,12 +149,12 @@ def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "mask
         batch_size: images per step.
         weight_decay: AdamW's weight decay.
         warmup_epochs: length of the warm-up, in epochs.
-        checkpoint: a file written after every epoch (resumable).
-        resume: a checkpoint to continue from.
+        checkpoint (str | os.PathLike | None): a file written after every epoch (resumable).
+        resume (str | os.PathLike | bool | None): a checkpoint to continue from (True: ``checkpoint``, if it exists).
         fingerprint: a text identifying the run; resuming a checkpoint of another run is refused.
         seed: the seed of the data order and sampling.
         quiet: no progress bars.
-        **train_kwargs: passed on to the training loop (``tokenopt.train.loop.train``).
+        **train_kwargs (Any): passed on to the training loop (``tokenopt.train.loop.train``).
 
     Returns:
         The loss per epoch and the fraction of tokens each gate kept (``GateTrainResult``).

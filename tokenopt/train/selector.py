@@ -154,18 +154,18 @@ def train_selectors(model: nn.Module, original: nn.Module, data, *, epochs: int,
     Args:
         model: what [`tokenopt.optimize`][tokenopt.optimize] returned for a recipe with a ``pass: tosa`` rule.
         original: the model it was optimized from (the teacher whose attention the selectors learn).
-        data: a data set of images (labels, if any, are ignored).
+        data (Dataset | DataLoader): a data set of images (labels, if any, are ignored).
         epochs: passes over ``data``.
         batch_size: images per step.
         lr: peak learning rate (AdamW, cosine schedule after a linear warm-up).
         weight_decay: AdamW's weight decay.
         warmup_epochs: length of the warm-up, in epochs.
-        checkpoint: a file written after every epoch (resumable).
-        resume: a checkpoint to continue from.
+        checkpoint (str | os.PathLike | None): a file written after every epoch (resumable).
+        resume (str | os.PathLike | bool | None): a checkpoint to continue from (True: ``checkpoint``, if it exists).
         fingerprint: a text identifying the run; resuming a checkpoint of another run is refused.
         seed: the seed of the data order and sampling.
         quiet: no progress bars.
-        **train_kwargs: passed on to the training loop (``tokenopt.train.loop.train``).
+        **train_kwargs (Any): passed on to the training loop (``tokenopt.train.loop.train``).
 
     Returns:
         The loss per epoch and the time it took (``tokenopt.train.loop.TrainResult``).
@@ -225,7 +225,7 @@ def finetune(model: nn.Module, original: nn.Module, data, *, epochs: int, distil
     Args:
         model: what [`tokenopt.optimize`][tokenopt.optimize] returned (any recipe).
         original: the model it was optimized from.
-        data: a data set of ``(image, label)`` (or images alone: then the original's logits teach).
+        data (Dataset | DataLoader): a data set of ``(image, label)`` (or images alone: then the original's logits teach).
         epochs: passes over ``data``.
         distill: learn the original's logits (KL at ``temperature``) instead of the labels.
         temperature: the softening of both logits under ``distill``.
@@ -234,12 +234,12 @@ def finetune(model: nn.Module, original: nn.Module, data, *, epochs: int, distil
         lr: peak learning rate (AdamW, cosine schedule after a linear warm-up).
         weight_decay: AdamW's weight decay.
         warmup_epochs: length of the warm-up, in epochs.
-        checkpoint: a file written after every epoch (resumable).
-        resume: a checkpoint to continue from.
+        checkpoint (str | os.PathLike | None): a file written after every epoch (resumable).
+        resume (str | os.PathLike | bool | None): a checkpoint to continue from (True: ``checkpoint``, if it exists).
         fingerprint: a text identifying the run; resuming a checkpoint of another run is refused.
         seed: the seed of the data order and sampling.
         quiet: no progress bars.
-        **train_kwargs: passed on to the training loop (``tokenopt.train.loop.train``).
+        **train_kwargs (Any): passed on to the training loop (``tokenopt.train.loop.train``).
 
     Returns:
         The loss per epoch and the time it took (``tokenopt.train.loop.TrainResult``).
