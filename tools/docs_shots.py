@@ -192,6 +192,42 @@ def shoot(dt: DevTools, url: str, width: int, out: Path, settle: float) -> dict:
     return facts
 
 
+_SEARCH = r"""(() => {
+  const input = document.querySelector('.md-search__input');
+  const toggle = document.querySelector('[data-md-toggle=search]');
+  if (!input || !toggle) return 'no search box';
+  toggle.checked = true;                       // what clicking the search box does: it opens search
+  toggle.dispatchEvent(new Event('change', { bubbles: true }));
+  input.focus();
+  input.value = QUERY;
+  input.dispatchEvent(new Event('focus'));
+  input.dispatchEvent(new Event('input', { bubbles: true }));
+  input.dispatchEvent(new KeyboardEvent('keyup', { bubbles: true, key: 'e' }));
+  return 'typed';
+})()"""
+
+
+def search_results(dt: DevTools, url: str, query: str, wait: float = 6.0) -> str:
+    """Open ``url``, type ``query`` into the search box, and say how many results the page lists."""
+    dt.send("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+    dt.events.clear()
+    dt.send("Page.navigate", url=url)
+    dt.wait_event("Page.loadEventFired")
+    time.sleep(2)
+    typed = dt.send("Runtime.evaluate", expression=_SEARCH.replace("QUERY", json.dumps(query)),
+                    returnByValue=True)["result"]["value"]
+    if typed != "typed":
+        return typed
+    time.sleep(wait)
+    dt.send("Runtime.evaluate", expression=_SEARCH.replace("QUERY", json.dumps(query)))   # again, once the index is in
+    time.sleep(1)
+    count = dt.send("Runtime.evaluate", expression="document.querySelectorAll('.md-search-result__item').length",
+                    returnByValue=True)["result"]["value"]
+    meta = dt.send("Runtime.evaluate", expression="(document.querySelector('.md-search-result__meta')||{}).textContent",
+                   returnByValue=True)["result"].get("value")
+    return f"{count} results listed ({meta})"
+
+
 def build_site(dest: Path) -> float:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(dest)], cwd=ROOT)
@@ -207,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pages", nargs="+", default=PAGES, help="pages, as paths without .md (default: %(default)s)")
     ap.add_argument("--widths", nargs="+", type=int, default=WIDTHS, help="window widths in px")
     ap.add_argument("--settle", type=float, default=1.5, help="seconds to wait after load (default %(default)s)")
+    ap.add_argument("--search", metavar="WORD", default="recipe",
+                    help="type WORD into the search box of the home page and count the results (default %(default)s; "
+                         "'' skips it)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     site = args.site
@@ -235,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
                     notes += [f"wide: {w}" for w in f["wide"][:6]]
                     notes += [f"failed: {u}" for u in f["failed"][:4]]
                     print(f"{png.name}: " + "; ".join(notes), flush=True)
+            if args.search:
+                home = page_file(site.resolve(), "index").as_uri()
+                print(f"search for {args.search!r} on the home page, from disk: "
+                      f"{search_results(dt, home, args.search)}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=10)
