@@ -145,7 +145,7 @@ def start_chromium(profile: Path) -> tuple[subprocess.Popen, str]:
         sys.exit("error: no chromium on PATH. Install it (apt-get install chromium) and run again.")
     proc = subprocess.Popen([exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                              "--remote-debugging-port=0", f"--user-data-dir={profile}", "--no-first-run",
-                             "--allow-file-access-from-files", "about:blank"],
+                             "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     end = time.time() + 30
     while time.time() < end:
