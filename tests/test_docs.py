@@ -188,9 +188,9 @@ def test_tradeoff_tables_come_from_the_runs_file(tmp_path):
     assert [r.key for r in runs] == ["a", "b"] and runs[0].rows[1].drop == -2.5
     tome = results.table(runs, ["ToMe"], "../results/README.md")
     assert tome[0] == "*2026-01-02, m* ([the run](../results/README.md#run-a))"
-    assert tome[2].startswith("| method | setting | training | GFLOPs (MACs) per image |")
-    assert tome[4:6] == ["| original | — |  | 1.00 | 80.0 | — | — |", "| ToMe | r=2 | none | 0.5000 | 77.5 | -2.5 | 1.8x |"]
-    assert len(tome) == 7             # run b has no ToMe row: no table for it
+    assert tome[4].startswith("| method | setting | training | GFLOPs (MACs) per image |")
+    assert tome[6:8] == ["| original | — |  | 1.00 | 80.0 | — | — |", "| ToMe | r=2 | none | 0.5000 | 77.5 | -2.5 | 1.8x |"]
+    assert len(tome) == 11 and tome[-2:] == ["</div>", ""]     # run b has no ToMe row: no table for it
     tosa = results.table(runs, ["ToSA"], "x.md")
     assert "| ToSA | keep 0.5 | selectors | 0.6000 | 79.0 | -1.2 | — |" in tosa and "| ToSA | — |  | 1.00 | — | — | 1.5x |" in tosa
     assert "### 2026-01-03: n { #run-b }" in results.runs_section(runs)

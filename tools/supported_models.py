@@ -179,9 +179,12 @@ def markdown(table: list[dict] | None = None) -> str:
             return f"[yes](#refused-{_slug(r['model'])})" if r["refused"] else "-"
         return str(r[key]).replace("|", "\\|") or "-"
 
+    # smaller type, so the columns fit at 800 px (docs/stylesheets/extra.css: .compact)
     columns = COLUMNS[:-1] + [("refused", "refused")]
-    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines = ['<div class="compact" markdown="1">', "",
+             "| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r, k) for k, _ in columns) + " |" for r in table]
+    lines += ["", "</div>"]
     sources: dict[str, list[str]] = {}
     for r in table:
         count, _, source = str(r["prefix"]).partition(" (")

@@ -90,13 +90,13 @@ def table(runs: list[Run], methods: list[str] | None = None, results_link: str |
             continue
         base = [r for r in run.rows if r.method == ORIGINAL]
         where = f" ([the run]({results_link}#{run.anchor}))" if results_link is not None else ""
-        out += [f"*{run.date}, {run.model.split(' (')[0]}*{where}", "",
+        out += [f"*{run.date}, {run.model.split(' (')[0]}*{where}", "", '<div class="compact" markdown="1">', "",
                 f"| method | setting | training | {FLOPS_HEADER} | top-1 (%) | Δ top-1 (points) | speed (× original) |",
                 "|---|---|---|---:|---:|---:|---:|"]
         for r in base + mine:
             out.append(f"| {r.method} | {r.setting or '—'} | {r.training} | {_flops(r.gflops)} | "
                        f"{_num(r.top1, '.1f')} | {_num(r.drop, '+.1f')} | {r.speedup or '—'} |")
-        out.append("")
+        out += ["", "</div>", ""]
     return out
 
 
