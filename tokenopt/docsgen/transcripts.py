@@ -146,7 +146,7 @@ def getting_started(recipes_dir: Path, captured: dict[str, str]) -> str:
         "## The verbs on a small ViT", "",
         "The commands below ran while this site was built, on the `digits` demo architecture with "
         "random weights (so accuracies are chance level, and nothing is downloaded or trained first):", "",
-        "```text", m, "```", "",
+        "``` { .text .wrap }", m, "```", "",
         "Any `timm:` name takes constructor arguments after `?`; a trained model is a weights file "
         "with `--arch`, a `package.module:factory`, or `demo:digits` once `tokenopt demo` has trained it.", "",
         "**validate** checks a recipe and, given a model, plans it block by block without rewriting:", "",
