@@ -172,14 +172,53 @@ def test_example_svg_shows_the_nodes_its_pass_inserted(pass_name, tmp_path):
     assert "| layer | block | tokens in → out |" in ex.report and "**total**" in ex.report and f"artifact {recipe.stem}.tokenopt.pt" in ex.inspect
 
 
-def test_benchmark_rows_take_the_pass_rows_and_the_original():
-    md = "\n".join(["## Speed — `bench`", "", "| model | GFLOPs |", "|---|---|", "| original | 4.6 |",
-                    "| tome r=8 | 3.4 |", "| tofu r=8 | 3.4 |", "| tomen | 1 |", "", "## Other", "",
-                    "| a | b |", "|---|---|", "| tofu r=1 | 2 |"])
-    rows = site.benchmark_rows(md, "tome")
-    assert rows == ["*Speed — `bench`*", "", "| model | GFLOPs |", "|---|---|", "| original | 4.6 |",
-                    "| tome r=8 | 3.4 |", ""]
-    assert site.benchmark_rows(md, "spa") == []
+def test_tradeoff_tables_come_from_the_runs_file(tmp_path):
+    """Pass pages, Which method? and the results page all render docs/results/tradeoffs.yaml: a
+    pass's table holds its rows and each run's original, with the drop computed from ``vs``."""
+    from tokenopt.docsgen import results
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tradeoffs.yaml").write_text(
+        "runs:\n  a:\n    date: 2026-01-02\n    model: m (64 tokens)\n    command: bench a\n    rows:\n"
+        "      - {method: original, gflops: 1.0, top1: 80.0}\n"
+        "      - {method: ToMe, setting: r=2, training: none, gflops: 0.5, top1: 77.5, vs: 80.0, speedup: 1.8x}\n"
+        "      - {method: ToSA, setting: keep 0.5, training: selectors, gflops: 0.6, top1: 79.0, drop: -1.2}\n"
+        "  b:\n    date: 2026-01-03\n    model: n\n    command: bench b\n    rows:\n"
+        "      - {method: original, gflops: 2.0}\n      - {method: ToSA, gflops: 1.0, speedup: 1.5x}\n")
+    runs = results.load(tmp_path)
+    assert [r.key for r in runs] == ["a", "b"] and runs[0].rows[1].drop == -2.5
+    tome = results.table(runs, ["ToMe"], "../results/README.md")
+    assert tome[0] == "*2026-01-02, m* ([the run](../results/README.md#run-a))"
+    assert tome[4].startswith("| method | setting | training | GFLOPs (MACs) per image |")
+    assert tome[6:8] == ["| original | — |  | 1.00 | 80.0 | — | — |", "| ToMe | r=2 | none | 0.5000 | 77.5 | -2.5 | 1.8x |"]
+    assert len(tome) == 11 and tome[-2:] == ["</div>", ""]     # run b has no ToMe row: no table for it
+    tosa = results.table(runs, ["ToSA"], "x.md")
+    assert "| ToSA | keep 0.5 | selectors | 0.6000 | 79.0 | -1.2 | — |" in tosa and "| ToSA | — |  | 1.00 | — | — | 1.5x |" in tosa
+    assert "### 2026-01-03: n { #run-b }" in results.runs_section(runs)
+
+
+def test_every_run_has_its_section_on_the_results_page():
+    from tokenopt.docsgen import results
+    page = (ROOT / "docs" / "results" / "README.md").read_text()
+    runs = results.load(ROOT / "docs")
+    titles = {examples.pass_title(n) for n in available_passes()}
+    assert runs and {r.method for run in runs for r in run.rows} <= titles | {"original"}
+    for run in runs:
+        assert f"{{ #{run.anchor} }}" in page, f"docs/results/README.md has no section for run {run.key}"
+    assert "<!-- tradeoffs -->" in page and "<!-- tradeoffs -->" in (ROOT / "docs" / "which-method.md").read_text()
+
+
+def test_pass_page_shape():
+    """A hand-written pass page gets the one shape: In brief (with its When-to-use paragraph), Before
+    and after, Measured, Options, then the page's own text as The method."""
+    page = "# ToX\n\nA paper, 2024.\n\n**When to use it.** Often.\n\nHow it works.\n\n## Details\n\nMore."
+    section = "## In brief\n\nWhat.\n\n<!-- when-to-use -->\n\n## Before and after\n\nG\n\n## Measured\n\nT\n\n## Options\n\nO"
+    out = site.extend_pass_page(page, section)
+    heads = [line for line in out.splitlines() if line.startswith("#")]
+    assert heads == ["# ToX", "## In brief", "## Before and after", "## Measured", "## Options", "## The method",
+                     "## Details"]
+    brief = out.split("## In brief")[1].split("## Before and after")[0]
+    assert "**When to use it.** Often." in brief and out.count("When to use it") == 1
+    assert out.split("## The method")[1].lstrip().startswith("How it works.")
 
 
 def test_pass_sketch_turns_literal_blocks_into_fences():
@@ -266,6 +305,12 @@ def test_cli_reference_lists_every_verb_and_option():
 # ------------------------------------------------------------------------------ the site
 
 
+def _built_page(site_dir: Path, page: str) -> Path:
+    """``page.html`` (the offline plugin turns directory URLs off), else ``page/index.html``."""
+    flat = site_dir / f"{page}.html"
+    return flat if flat.exists() else site_dir / page / "index.html"
+
+
 @pytest.mark.slow
 @needs_dot
 def test_site_build(tmp_path):
@@ -277,8 +322,8 @@ def test_site_build(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     for name in available_passes():
-        page = (out / "passes" / name / "index.html").read_text()
-        svgs = sorted(set(re.findall(r'src="\.\./generated/([\w.-]+\.after\.svg)"', page)))
+        page = _built_page(out, f"passes/{name}").read_text()
+        svgs = sorted(set(re.findall(r'src="(?:\.\./)?generated/([\w.-]+\.after\.svg)"', page)))
         assert svgs, f"the {name} page embeds no generated SVG"
         for svg_name in svgs:
             svg = out / "passes" / "generated" / svg_name
@@ -288,7 +333,131 @@ def test_site_build(tmp_path):
         expected = _inserted_by_pass_in_block(ROOT / "recipes" / f"{first}.yaml", block, name)
         text = (out / "passes" / "generated" / svgs[0]).read_text()
         assert expected and all(f"<title>{n}</title>" in text for n in expected)
-    for page in ("reference/recipes", "reference/cli", "reference/api", "getting-started", "troubleshooting"):
-        assert (out / page / "index.html").exists(), page
-    trouble = (out / "troubleshooting" / "index.html").read_text()
+    for page in ("reference/recipes", "reference/cli", "reference/api", "getting-started", "troubleshooting",
+                 "which-method"):
+        assert _built_page(out, page).exists(), page
+    trouble = _built_page(out, "troubleshooting").read_text()
     assert "cannot trace GatedViT with torch.fx" in trouble and "refused: relative-position bias" in trouble
+
+
+# ------------------------------------------------------------------------------ the build's own tokenopt
+
+HOOK = ROOT / "docs" / "hooks" / "generate.py"
+
+
+def test_docs_build_documents_this_checkout_not_an_installed_copy(tmp_path):
+    """MkDocs loads the hook with the hook's folder on sys.path and then restores sys.path, so a
+    tokenopt installed elsewhere (here a decoy, imported before the build starts) would be the one
+    the generated pages describe unless the hook puts the checkout first when the build starts."""
+    decoy = tmp_path / "site-packages" / "tokenopt"
+    (decoy / "docsgen").mkdir(parents=True)
+    (decoy / "__init__.py").write_text("DECOY = True\n")
+    (decoy / "docsgen" / "__init__.py").write_text("DECOY = True\n")
+    script = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(decoy.parent)!r})",
+        "import tokenopt",
+        "assert getattr(tokenopt, 'DECOY', False), tokenopt.__file__",
+        "from mkdocs.config import config_options",
+        f"hook = config_options.Hooks('plugins')._load_hook('tokenopt_docs_hook', {str(HOOK)!r})",
+        "hook.checkout_tokenopt()       # what on_config does first",
+        "import tokenopt.docsgen",
+        "print(tokenopt.__file__)",
+        "print(tokenopt.docsgen.__file__)",
+    ])
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(ROOT / "tokenopt" / "__init__.py"), str(ROOT / "tokenopt" / "docsgen" / "__init__.py")]
+
+
+def test_every_verb_is_on_the_command_line_page_and_home():
+    """The hand-written overview (docs/cli.md's table, the Home page's list) names every verb the app has."""
+    cli_page = (ROOT / "docs" / "cli.md").read_text()
+    table = [line for line in cli_page.splitlines() if line.startswith("| `tokenopt ")]
+    home = (ROOT / "docs" / "index.md").read_text()
+    home_line = next(line for line in home.splitlines() if line.startswith("* [Command line](cli.md)"))
+    for verb in cli_ref.verbs():
+        assert any(line.startswith(f"| `tokenopt {verb} ") or line.startswith(f"| `tokenopt {verb}`")
+                   for line in table), f"docs/cli.md has no row for `tokenopt {verb}`"
+        assert f"`{verb}`" in home_line, f"docs/index.md does not list `{verb}`"
+    assert "\\|" not in cli_page, "a `\\|` inside a code span shows the backslash"
+
+
+def test_reference_text_survives_attr_list(reference):
+    """attr_list reads a trailing ``{...}`` in a cell as attributes and drops it: ToMe's r
+    description ends in ``{start, end}``, which must reach the page."""
+    import markdown
+    html = markdown.markdown(reference, extensions=["tables", "attr_list", "md_in_html"])
+    row = next(line for line in html.splitlines() if "tokens merged per layer" in line)
+    assert "a per-layer list, or {start, end}" in row.replace("&#123;", "{").replace("&#125;", "}")
+
+
+def test_untraceable_model_prints_only_tokenopts_message(tmp_path, monkeypatch, capfd):
+    """Troubleshooting's first case: torch.export dumps its partial graph (twice) and logs a warning
+    when it cannot capture a model; the user gets tokenopt's message alone."""
+    import textwrap
+
+    from tokenopt.docsgen import transcripts
+    (tmp_path / "my_vits.py").write_text(textwrap.dedent(transcripts._UNTRACEABLE).lstrip())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(app, ["inspect", "my_vits:GatedViT", "--input-size", "3,32,32"])
+    captured = capfd.readouterr()
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[0].startswith("error: cannot trace GatedViT with torch.fx: TraceError")
+    assert len(lines) == 2 and lines[1].startswith("  torch.export failed too: cannot capture GatedViT")
+    assert "def forward" not in captured.err + captured.out and "symbolic_shapes" not in captured.err
+
+
+# ------------------------------------------------------------------------------ the API page
+
+API_PAGE = ROOT / "docs" / "reference" / "api.md"
+TRAINING_ENTRY_POINTS = ["tokenopt.train.selector.train_selectors", "tokenopt.train.selector.finetune",
+                         "tokenopt.train.gate.train_gates"]
+SPHINX_ROLE = re.compile(r":(?:func|meth|class|mod|attr|data|obj):`")
+
+
+def _api_page_objects(text: str) -> dict[str, object]:
+    """What each ``::: identifier`` of the API page names, imported."""
+    import importlib
+    out = {}
+    for ident in re.findall(r"^::: ([\w.]+)\s*$", text, flags=re.M):
+        module, _, attr = ident.rpartition(".")
+        try:
+            out[ident] = importlib.import_module(ident)
+        except ImportError:
+            out[ident] = getattr(importlib.import_module(module), attr)
+    return out
+
+
+def _missing_from_api_page(text: str) -> list[str]:
+    import tokenopt
+    shown = _api_page_objects(text)
+    missing = [f"tokenopt.{name}" for name in tokenopt.__all__
+               if f"tokenopt.{name}" not in shown and not any(obj is getattr(tokenopt, name) for obj in shown.values())]
+    return missing + [e for e in TRAINING_ENTRY_POINTS if e not in shown]
+
+
+def test_api_page_documents_every_public_name():
+    assert _missing_from_api_page(API_PAGE.read_text()) == []
+
+
+def test_api_page_check_notices_a_removed_name():
+    text = API_PAGE.read_text()
+    assert _missing_from_api_page(text.replace("::: tokenopt.record_of\n", "")) == ["tokenopt.record_of"]
+    assert _missing_from_api_page(text.replace("::: tokenopt.train.gate.train_gates\n", "")) == \
+        ["tokenopt.train.gate.train_gates"]
+
+
+def test_api_page_docstrings_have_no_sphinx_roles():
+    """The page renders Google-style docstrings: a Sphinx role (:func:`x`) would show as raw text."""
+    import inspect
+    found = []
+    for ident, obj in _api_page_objects(API_PAGE.read_text()).items():
+        docs = [(ident, inspect.getdoc(obj) or "")]
+        if inspect.isclass(obj) or inspect.ismodule(obj):
+            docs += [(f"{ident}.{n}", inspect.getdoc(m) or "") for n, m in vars(obj).items()
+                     if not n.startswith("_") and (inspect.isfunction(m) or isinstance(m, property))]
+        found += [name for name, doc in docs if SPHINX_ROLE.search(doc)]
+    assert found == []

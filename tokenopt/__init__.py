@@ -10,19 +10,19 @@ from tokenopt.version import __version__
 
 
 def optimize(model, recipe, example_input=None, **kwargs):
-    """Rewrite ``model`` as ``recipe`` asks; see :func:`tokenopt.pipeline.optimize`."""
+    """Rewrite ``model`` as ``recipe`` asks; see [`tokenopt.pipeline.optimize`][tokenopt.pipeline.optimize]."""
     from tokenopt.pipeline import optimize as _optimize
     return _optimize(model, recipe, example_input, **kwargs)
 
 
 def save(module, path, **kwargs):
-    """Save an optimized module: weights + recipe + manifest; see :func:`tokenopt.artifact.save`."""
+    """Save an optimized module: weights + recipe + manifest; see [`tokenopt.artifact.save`][tokenopt.artifact.save]."""
     from tokenopt.artifact import save as _save
     return _save(module, path, **kwargs)
 
 
 def load(path, **kwargs):
-    """Rebuild a saved optimized module by replaying its recipe; see :func:`tokenopt.artifact.load`."""
+    """Rebuild a saved optimized module by replaying its recipe; see [`tokenopt.artifact.load`][tokenopt.artifact.load]."""
     from tokenopt.artifact import load as _load
     return _load(path, **kwargs)
 

@@ -12,8 +12,8 @@ A pickled GraphModule would tie the file to the exact code that wrote it and nee
                   "leaf_modules": [...], "capture": "fx",             # or "export": the front end replayed
                   "dtype": "float32", "report": {...}}}
 
-:func:`load` rebuilds the base model (random weights), replays the recipe with
-:func:`tokenopt.pipeline.optimize` on an input of the saved shape, and loads the saved weights
+[`load`][tokenopt.artifact.load] rebuilds the base model (random weights), replays the recipe with
+[`tokenopt.pipeline.optimize`][tokenopt.pipeline.optimize] on an input of the saved shape, and loads the saved weights
 with ``strict=True``: the same graph with the same weights, so outputs are bit-identical.
 """
 from __future__ import annotations
@@ -75,14 +75,21 @@ def manifest_for(module: nn.Module, base: dict | None = None) -> dict:
 
 
 def save(module: nn.Module, path: str | os.PathLike, base: dict | None = None, arch: str | None = None) -> Path:
-    """Write ``module`` (returned by :func:`tokenopt.optimize`) to ``path`` as one artifact file.
+    """Write ``module`` (returned by [`tokenopt.optimize`][tokenopt.optimize]) to ``path`` as one artifact file.
 
-    ``base`` says how to rebuild the unmodified model (the dict :func:`tokenopt.sources.load_model`
-    returns); default: ``record_of(module).base``, else the model's class with no arguments. ``arch``
-    names it as a spec instead (``timm:<name>?key=value&...``, ``package.module:factory?key=value``).
     A base that would rebuild another architecture than the one optimized (other state-dict keys or
     shapes) is refused here, not discovered on load. The file appears only once it is complete; the
     folder must exist.
+
+    Args:
+        module: what [`tokenopt.optimize`][tokenopt.optimize] (or [`load`][tokenopt.artifact.load]) returned.
+        path: the file to write (``OUT.tokenopt.pt`` by convention).
+        base: how to rebuild the unmodified model (the dict ``tokenopt.sources.load_model`` returns);
+            default: ``record_of(module).base``, else the model's class with no arguments.
+        arch: the base as a spec instead (``timm:<name>?key=value&...``, ``package.module:factory?key=value``).
+
+    Returns:
+        The path written.
     """
     recipe = getattr(record_of(module), "recipe", None)
     if recipe is None:
@@ -158,10 +165,15 @@ def is_artifact(obj) -> bool:
 
 
 def load(path: str | os.PathLike, arch: str | dict | nn.Module | None = None) -> torch.fx.GraphModule:
-    """Rebuild a saved optimized module.
+    """Rebuild a saved optimized module: the base model, the recipe replayed on it, the saved weights.
 
-    arch: how to build the base model when the manifest cannot (``timm:<name>?kw``,
-    ``package.module:factory?kw``, or a freshly built nn.Module of the right class).
+    Args:
+        path: a file written by [`save`][tokenopt.artifact.save] (or ``tokenopt apply``/``train``).
+        arch: how to build the base model when the manifest cannot (``timm:<name>?kw``,
+            ``package.module:factory?kw``, or a freshly built nn.Module of the right class).
+
+    Returns:
+        The optimized module, as [`tokenopt.optimize`][tokenopt.optimize] returned it when it was saved.
     """
     return rebuild(read(path), arch, source=str(path))
 

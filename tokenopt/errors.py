@@ -1,7 +1,7 @@
 """User-facing errors.
 
 Every mistake a user can make (a bad recipe, an unreadable checkpoint, a model a pass cannot
-handle) raises a subclass of :class:`TokenoptError`. The CLI turns it into one message on stderr
+handle) raises a subclass of [`TokenoptError`][tokenopt.errors.TokenoptError]. The CLI turns it into one message on stderr
 and exit status 2, never a traceback; the library lets it propagate so callers can catch it.
 """
 

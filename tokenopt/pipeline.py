@@ -35,27 +35,39 @@ def optimize(model: nn.Module, recipe: Recipe | dict | str | os.PathLike, exampl
              analysis: ModelAnalysis | None = None) -> fx.GraphModule:
     """Rewrite ``model`` as ``recipe`` asks and return an ordinary ``nn.Module`` (an fx GraphModule).
 
-    recipe: a path to a YAML file, a YAML string, a dict or a Recipe.
-    example_input: a batch of the size the model expects (default: from the model's config), or for a
-        model of several inputs a tuple of them or ``tokenopt.Example(args, kwargs)``.
-    outputs: "logits" (the model's own output) or "tokens" (all patch tokens, original order).
-    calibration: a batch of real images, for rules that measure the model (ToFu's op: auto).
-    context: measurements from an earlier run (``record_of(module).context``), used instead of
-        measuring again; artifacts replay with it so a loaded model is the one that was saved.
-    capture: "auto" (torch.fx symbolic tracing; torch.export when that fails), "fx" or "export"
-        (see :mod:`tokenopt.analysis.capture`). The result records the one used (``record_of(m).capture``).
+    The result carries one [`tokenopt.record.Record`][tokenopt.record.Record] (``tokenopt.record_of(result)``):
+    the report (per-layer table, FLOPs before/after), the recipe, the plan and the analysis. The
+    rewrite works on a copy of the analysed graph: neither the original model nor the analysis changes.
 
-    analysis: an analysis of this same model and example (``tokenopt.analysis.analyse``), reused instead
-        of capturing again: several recipes on one model (a quality table) capture it once. The rewrite
-        never changes it.
+    Args:
+        model: the ViT to rewrite (timm, Hugging Face, open_clip, torchvision or your own class).
+        recipe: a path to a YAML file, a YAML string, a dict or a [`Recipe`][tokenopt.recipe.Recipe].
+        example_input (torch.Tensor | tuple | tokenopt.Example | None): a batch of the size the model expects (default: from the model's config), or
+            for a model of several inputs a tuple of them or ``tokenopt.Example(args, kwargs)``.
+        leaf_modules: module classes (or their names) the trace keeps whole instead of tracing into.
+        outputs: ``"logits"`` (the model's own output) or ``"tokens"`` (all patch tokens, original
+            order); default: the recipe's ``outputs``.
+        calibration: a batch of real images, for rules that measure the model (ToFu's ``op: auto``).
+        context: measurements from an earlier run (``record_of(module).context``), used instead of
+            measuring again; artifacts replay with it so a loaded model is the one that was saved.
+        report: count FLOPs and build the per-layer report (which also runs the rewritten graph
+            once); False skips it and only checks that the graph runs.
+        capture: ``"auto"`` (torch.fx symbolic tracing; torch.export when that fails), ``"fx"`` or
+            ``"export"``. The result records the one used (``record_of(m).capture``).
+        analysis: an analysis of this same model and example (``tokenopt.analysis.analyse``), reused
+            instead of capturing again: several recipes on one model (a quality table) capture it once.
+            The rewrite never changes it.
+        share_parameters: True: the result uses the original's parameter tensors, so training the
+            result (fine-tuning) changes the original too. False: the result owns copies, and the
+            original stays untouched by anything done to the result.
 
-    share_parameters: True (default): the result uses the original's parameter tensors, so training
-        the result (fine-tuning) changes the original too. False: the result owns copies, and the
-        original stays untouched by anything done to the result.
+    Returns:
+        The rewritten module; call it as you call ``model``.
 
-    The result carries one :class:`tokenopt.record.Record` (``tokenopt.record_of(result)``): the report
-    (per-layer table, FLOPs before/after), the recipe, the plan and the analysis. The rewrite works on a copy
-    of the analysed graph: neither the original model nor the analysis changes.
+    Raises:
+        tokenopt.errors.RecipeError: the recipe is invalid, or asks for what the model cannot do.
+        tokenopt.errors.TokenoptError: any other user error (an untraceable model, a refused block),
+            with a message that says what to do.
     """
     model = model_to_rewrite(model, share_parameters)
     recipe = load_recipe(recipe)

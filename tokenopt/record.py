@@ -1,7 +1,7 @@
 """The one record a rewritten module carries: what tokenopt made it from and what it did.
 
 ``tokenopt.optimize`` returns an ``fx.GraphModule``; everything tokenopt knows about it lives in
-one frozen :class:`Record` at ``module.meta["tokenopt"]`` (as torch.ao keeps its bookkeeping in
+one frozen [`Record`][tokenopt.record.Record] at ``module.meta["tokenopt"]`` (as torch.ao keeps its bookkeeping in
 one dataclass), never in loose attributes::
 
     rec = tokenopt.record_of(fast)        # None for a module tokenopt did not make
@@ -21,19 +21,25 @@ KEY = "tokenopt"
 
 @dataclass(frozen=True)
 class Record:
-    """What tokenopt knows about a module it rewrote.
+    """What tokenopt knows about a module it rewrote: ``tokenopt.record_of(module)``.
 
-    recipe, plan, analysis, report: the Recipe, the Plan, the ModelAnalysis of the original graph,
-        the Report (None when not counted).
-    context: the measurements the plan used (ToFu's linearity profile), replayed by artifacts.
-    outputs: "logits" | "tokens"; capture: "fx" | "export", the front end the graph came from.
-    leaf_modules: names of the modules kept whole by the trace; base: how to rebuild the unmodified
-        model (tokenopt.sources' dict), None when unknown; manifest: the artifact's, for a loaded one.
-    inserted: node name -> what tokenopt inserted there; inserted_by: node name -> the pass that did;
-    overhead: node name -> the block whose tokens it chooses (a selector's cost);
-    token_counts: block index -> the node holding its (B,) tokens per image, where they vary.
-    dynamic_axes: input (pytree position) -> {axis: (multiple, smallest, largest)}: the input axes the
-        module takes at other sizes (the image's height and width, where the original does too).
+    Attributes:
+        recipe: the [`Recipe`][tokenopt.recipe.Recipe] applied.
+        plan: the Plan: one step per layer, with token counts.
+        analysis: the ModelAnalysis of the original graph (blocks, streams, prefix tokens).
+        report: the [`Report`][tokenopt.report.Report], None when not counted.
+        context: the measurements the plan used (ToFu's linearity profile), replayed by artifacts.
+        outputs: ``"logits"`` or ``"tokens"``.
+        capture: ``"fx"`` or ``"export"``, the front end the graph came from.
+        leaf_modules: names of the modules kept whole by the trace.
+        base: how to rebuild the unmodified model (tokenopt.sources' dict), None when unknown.
+        manifest: the artifact's manifest, for a loaded module.
+        inserted: node name -> what tokenopt inserted there.
+        inserted_by: node name -> the pass that inserted it.
+        overhead: node name -> the block whose tokens it chooses (a selector's cost).
+        token_counts: block index -> the node holding its (B,) tokens per image, where they vary.
+        dynamic_axes: input (pytree position) -> {axis: (multiple, smallest, largest)}: the input axes
+            the module takes at other sizes (the image's height and width, where the original does too).
     """
 
     recipe: Any = None

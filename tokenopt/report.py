@@ -21,6 +21,21 @@ from tokenopt.record import record_of
 
 @dataclass
 class LayerRow:
+    """One block of the per-layer report. FLOPs count multiply-accumulates for one image (the
+    convention of the DeiT and ToMe papers and of timm's GMACs).
+
+    Attributes:
+        index: the block's position in the model (0 = first block).
+        path: the block's module path (``blocks.3``).
+        tokens_in: tokens per image entering the block.
+        tokens_out: tokens per image leaving it (``≤ max, ≈ expected`` where a gate decides per image).
+        flops_before: the block's multiply-accumulates in the original model.
+        flops_after: the same in the rewritten model, selector or gate included.
+        acted: what the rule did to this block, or why it did nothing.
+        selector_flops: the part of ``flops_after`` spent choosing tokens (ToSA selector, SPA gate).
+        measured_out: where counts vary per image, the mean tokens out measured on the example batch.
+    """
+
     index: int
     path: str
     tokens_in: TokenCount
@@ -44,6 +59,22 @@ class LayerRow:
 
 @dataclass
 class Report:
+    """The per-layer report of a rewrite: ``tokenopt.record_of(module).report``. FLOPs count
+    multiply-accumulates for one image.
+
+    Attributes:
+        rows: one [`LayerRow`][tokenopt.report.LayerRow] per transformer block.
+        flops_before: the whole original model's multiply-accumulates.
+        flops_after: the whole rewritten model's.
+        other_before: the part of ``flops_before`` outside the blocks (embedding, head).
+        other_after: the same, rewritten.
+        warnings: what the plan warned about (a layer that could not take its reduction, ...).
+        skipped: (block, reason) for each selected block a pass left unchanged.
+        unmatched: (module, reason) for each module the analysis did not take as a block.
+        prefix_tokens: class, distillation and register tokens, never reduced.
+        pooling: how the head reads the tokens (``token``, ``avg``, ...).
+    """
+
     rows: list[LayerRow]
     flops_before: int                       # whole model, batch 1 (multiply-accumulates)
     flops_after: int
@@ -160,7 +191,7 @@ def block_flops(gm: fx.GraphModule, analysis: ModelAnalysis, x: torch.Tensor) ->
 def build_report(before: BlockFlops, optimized: fx.GraphModule, analysis: ModelAnalysis, plan: Plan,
                  x: torch.Tensor, batch: torch.Tensor | None = None) -> Report:
     """FLOPs per block on ``x`` (one image) against ``before`` (the original, counted by
-    :func:`block_flops` before rewriting); varying token counts measured on ``batch`` (default x)."""
+    `block_flops` before rewriting); varying token counts measured on ``batch`` (default x)."""
     after = block_flops(optimized, analysis, x)
     measured = measured_token_counts(optimized, batch if batch is not None else x)
     selector = [0] * len(after.per)

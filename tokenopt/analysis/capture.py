@@ -18,6 +18,8 @@ parameters are the model's own tensors, under the same state-dict keys.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -157,7 +159,7 @@ def _export(model: nn.Module, example_input: Example, spatial: tuple | None):
         # Hugging Face models interpolate their position embeddings "always when tracing, so the
         # exported model works for dynamic input shapes" (at the native grid that interpolation is
         # exact); without it, export would keep the branch of the example's size only
-        with torch.no_grad(), _tracing(spatial is not None):
+        with torch.no_grad(), _tracing(spatial is not None), _torch_quiet():
             return torch.export.export(model, example_input.args, example_input.kwargs or None, strict=False,
                                        dynamic_shapes=example_input.dynamic_shapes(model, batch, axes))
     finally:
@@ -181,6 +183,21 @@ def dynamic_axes_of(spatial: tuple | None, example: Example) -> dict:
         lo, hi = _grid_range(example.image.shape[a] // patch)
         out[a] = (patch, patch * lo, patch * hi)
     return {0: out}
+
+
+@contextlib.contextmanager
+def _torch_quiet():
+    """Hold back what torch.export prints while it runs: on a model it cannot capture it dumps the
+    partial ATen graph (with its own file paths) once or twice, and logs warnings, ahead of the
+    one-line message tokenopt gives; a successful capture prints nothing a user acts on."""
+    log = logging.getLogger("torch")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -180,7 +180,7 @@ def example_input_for(model: nn.Module, batch: int = 2, size: tuple[int, int] | 
 
     A model of several inputs that its loader gave a ``tokenopt_example`` (a callable
     ``(batch, size) -> (args, kwargs, batch_dims)``, e.g. a diffusers denoiser's
-    :class:`~tokenopt.sources.diffusers.DenoiserInputs`) gets the :class:`Example` it makes;
+    `DenoiserInputs`) gets the [`Example`][tokenopt.analysis.example.Example] it makes;
     ``size`` (H, W) overrides its spatial size.
 
     The model's own word first: the preprocessing its loader attached (a Hugging Face folder's image
@@ -258,7 +258,7 @@ class ShapeRecorder(fx.Interpreter):
 
 
 def record_shapes(gm: fx.GraphModule, example_input, model_name: str = "the model") -> None:
-    """Run ``gm`` on ``example_input`` (an :class:`Example` or one tensor; fake tensors first) and
+    """Run ``gm`` on ``example_input`` (an [`Example`][tokenopt.analysis.example.Example] or one tensor; fake tensors first) and
     record every node's shape.
 
     Raises AnalysisError, naming the input shape and how to pass another, when the graph cannot run.

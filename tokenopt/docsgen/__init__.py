@@ -7,6 +7,7 @@ here is committed as output. One module per kind of page:
                   Graphviz, Mermaid), the per-layer report, ``tokenopt inspect``; the pass pages
     recipe_ref    the recipe reference from the pass Options schemas, errors from real validation
     cli_ref       the command-line reference from the Typer app
+    results       the measured trade-offs (docs/results/tradeoffs.yaml) as tables, for several pages
     transcripts   getting started and troubleshooting: commands run in-process, real output
     site          assembles the pages and checks them (a missing graph or key fails the build)
 

@@ -20,7 +20,7 @@ import torch
 
 from tokenopt import graph_export, graph_style
 from tokenopt.analysis.capture import CAPTURE_MODES, capture
-from tokenopt.cleanup import is_noop_module
+from tokenopt.cleanup import drop_noop_calls, is_noop_module
 from tokenopt.demo_specs import DEMOS
 from tokenopt.errors import TokenoptError
 from tokenopt.passes import available_passes, get_pass
@@ -44,8 +44,14 @@ def frontends() -> list[str]:
 
 def _original_graph(model, x, frontend: str):
     """The model's graph as ``frontend`` captures it, before any rewrite (same node names as the
-    capture inside optimize, which rewrites its own copy)."""
-    return capture(model, x, frontend).graph
+    capture inside optimize, which rewrites its own copy), after the same cleanup the rewritten
+    graph gets: the two sides then differ by what the passes did, not by the no-op calls
+    (``nn.Identity``, dropout with p=0) that cleanup takes out of both."""
+    gm = capture(model, x, frontend).graph
+    if drop_noop_calls(gm):
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return gm
 
 
 def pass_colors() -> dict[str, str]:
@@ -231,8 +237,8 @@ def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = 
 def report_markdown(report) -> str:
     """The per-layer report (``tokenopt.report.Report``) as a Markdown table, same columns as printed."""
     sel = any(r.selector_flops for r in report.rows)
-    head = ["layer", "block", "tokens in → out", "GFLOPs before", "GFLOPs after"] + \
-        (["of which selector MFLOPs"] if sel else []) + ["rule"]
+    head = ["layer", "block", "tokens in → out", "GFLOPs (MACs) before", "GFLOPs (MACs) after"] + \
+        (["of which selector MFLOPs (MACs)"] if sel else []) + ["rule"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report.rows:
         cells = [str(r.index), f"`{r.path}`", r.tokens_text, f"{r.flops_before / 1e9:.4f}", f"{r.flops_after / 1e9:.4f}"]

@@ -248,6 +248,12 @@ def _cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
 
 
+def _text_cell(s: str) -> str:
+    """A cell of prose: as ``_cell``, and braces as entities, since attr_list reads a trailing
+    ``{start, end}`` as attributes and removes it from the page."""
+    return _cell(s).replace("{", "&#123;").replace("}", "&#125;")
+
+
 def _error_cell(d: KeyDoc) -> str:
     if not d.error:
         return "—"
@@ -260,18 +266,24 @@ def _html(s: str) -> str:
             .replace("\n", "<br>"))
 
 
-def _table(docs: list[KeyDoc]) -> list[str]:
+def key_table(docs: list[KeyDoc]) -> list[str]:
+    """The keys as a Markdown table: type, default, allowed values, what each does."""
     lines = ["| key | type | default | allowed | what it does |", "|---|---|---|---|---|"]
     for d in docs:
-        lines.append(f"| `{d.path}` | {_cell(d.type)} | {_cell(d.default)} | {_cell(d.allowed)} | "
-                     f"{_cell(d.description)} |")
+        lines.append(f"| `{d.path}` | {_text_cell(d.type)} | {_text_cell(d.default)} | {_text_cell(d.allowed)} | "
+                     f"{_text_cell(d.description)} |")
+    return lines
+
+
+def _table(docs: list[KeyDoc]) -> list[str]:
+    lines = key_table(docs)
     lines += ["", "Errors, one bad value per key:", ""]
     for d in docs:
         if not d.error:
             lines += [f"- `{d.path}`: no bad value found among {', '.join(map(repr, BAD_VALUES))}", ""]
             continue
         value = yaml.safe_dump(d.bad_value, default_flow_style=True).strip().removesuffix("...").strip()
-        lines += [f"- `{d.path}: {value}`", "", "    ``` { .text .wrap }",
+        lines += [f"- `{d.path}: {value}`", "", "    ``` { .text .wrap .nocopy }",
                   *[f"    {line}" for line in d.error.splitlines()], "    ```", ""]
     return lines
 

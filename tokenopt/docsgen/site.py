@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenopt.docsgen import cli_ref, examples, recipe_ref, transcripts
+from tokenopt import graph_style
+from tokenopt.docsgen import cli_ref, examples, recipe_ref, results, transcripts
 from tokenopt.passes import available_passes
 
 GENERATED_DIR = "passes/generated"      # SVGs of the pass pages, relative to the docs folder
@@ -31,40 +32,8 @@ class Generated:
     pass_sections: dict[str, str] = field(default_factory=dict)   # pass -> markdown for its page
     pass_titles: dict[str, str] = field(default_factory=dict)
     examples: list = field(default_factory=list)     # RecipeExample, or FrontendFailure (other front ends)
+    runs: list = field(default_factory=list)         # results.Run: the measured trade-offs
     timings: dict[str, float] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------ benchmark rows
-
-
-def benchmark_rows(results_md: str, pass_name: str) -> list[str]:
-    """Markdown tables of ``docs/results``: for each table with a row naming ``pass_name`` (its
-    first cell starts with the name), the section title, the header, the ``original`` row and
-    the pass's rows."""
-    out: list[str] = []
-    heading = ""
-    lines = results_md.splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("#"):
-            heading = line.lstrip("#").strip()
-        if line.startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s\-:|]+\|$", lines[i + 1]):
-            header, sep = line, lines[i + 1]
-            rows = []
-            j = i + 2
-            while j < len(lines) and lines[j].startswith("|"):
-                rows.append(lines[j])
-                j += 1
-            first = [r.split("|")[1].strip().lower() for r in rows]
-            mine = [r for r, f in zip(rows, first) if f == pass_name or f.startswith(pass_name + " ")]
-            if mine:
-                base = [r for r, f in zip(rows, first) if f == "original"]
-                out += [f"*{heading}*", "", header, sep, *base, *mine, ""]
-            i = j
-            continue
-        i += 1
-    return out
 
 
 # ------------------------------------------------------------------------------ pass pages
@@ -89,26 +58,44 @@ def svg_stem(ex: examples.RecipeExample) -> str:
     return ex.name if ex.frontend == examples.frontends()[0] else f"{ex.name}.{ex.frontend}"
 
 
+def legend(pass_name: str) -> str:
+    """What the colours and borders of the drawn graphs mean (graph_style's table, this pass's colour)."""
+    st = graph_style.STYLES
+    items = [(f"background:{examples.pass_colors()[pass_name]};border-color:{graph_style.PASS_BORDER};"
+              "border-width:2px", f"inserted by {examples.pass_title(pass_name)}"),
+             (f"background:{graph_style.NO_PASS};border-color:{graph_style.PASS_BORDER};border-width:2px",
+              "inserted for the outputs (pooling, token grid)"),
+             (f"background:{st['block'].fill};border-color:{st['block'].stroke}", "attention core, merge point, block output"),
+             (f"background:{st['plain'].fill};border-color:{st['plain'].stroke}", "unchanged"),
+             (f"border-style:dashed;border-color:{st['removed'].stroke};color:{st['removed'].text};"
+              "text-decoration:line-through", "removed by the rewrite"),
+             (f"border-style:dashed;border-color:{st['context'].stroke};border-radius:1em;color:{st['context'].text}",
+              "outside the block (drawn for context)")]
+    spans = " ".join(f'<span style="{style}">{text}</span>' for style, text in items)
+    return f'<p class="legend">{spans}</p>'
+
+
 def example_section(ex: examples.RecipeExample, pass_name: str) -> str:
+    """The one before/after graph of a pass page: the first shipped recipe, the block where it inserts most."""
     svg_base = f"generated/{svg_stem(ex)}"
-    gf = lambda n: f"{n / 1e9:.4f}"  # noqa: E731
-    others = [p for p in ex.passes if p != pass_name]
-    default = ex.frontend == examples.frontends()[0]
-    lines = [f"### `{ex.name}`" if default else f"### `{ex.name}` through the `{ex.frontend}` front end", ""]
-    if ex.comment:
-        lines += [ex.comment, ""]
-    lines += [f"Block drawn: `{ex.block}` (where this recipe inserts most). GFLOPs per image "
-              f"{gf(ex.flops_before)} → {gf(ex.flops_after)} "
-              f"({ex.flops_before / max(ex.flops_after, 1):.2f}x fewer)"
-              + (f", of which the selectors {ex.selector_flops / 1e6:.3f} MFLOPs" if ex.selector_flops else "")
-              + (f"; this recipe also runs {', '.join(others)}" if others else "") + ".", ""]
+    others = [examples.pass_title(p) for p in ex.passes if p != pass_name]
+    lines = [f"### `{ex.name}`", "",
+             f"Block drawn: `{ex.block}` (where `recipes/{ex.name}.yaml` inserts most), both sides after the "
+             "cleanup that drops no-op calls, so what differs is the pass's doing. GFLOPs (MACs) per image "
+             f"{ex.flops_before / 1e9:.4f} → {ex.flops_after / 1e9:.4f} ({ex.flops_before / max(ex.flops_after, 1):.2f}x "
+             "fewer)" + (f"; this recipe also runs {', '.join(others)}" if others else "") + ".", ""]
     for title, which in (("After", "after"), ("Before", "before")):
         src = f"{svg_base}.{which}.svg"
         lines += [f'=== "{title}: {ex.block}"', "",
                   f"    [![{ex.block} {which} {ex.name}]({src})]({src})", ""]
+    lines += [f'=== "Per-layer report"', "",
+              "\n".join("    " + line if line else "" for line in ex.report.splitlines()), "",
+              f'=== "Mermaid (after)"', "", _md_block("mermaid", ex.after_mermaid, "    "), ""]
+    lines += [legend(pass_name), ""]
     lines += ["Inserted in this block:", "", "| node | op | what it is | pass |", "|---|---|---|---|"]
     for node, op, label, by in ex.inserted:
-        lines.append(f"| `{node}` | `{op}` | {label.replace('|', '/')} | {by or '(outputs)'} |")
+        lines.append(f"| `{node}` | `{op}` | {label.replace('|', '/')} | "
+                     f"{examples.pass_title(by) if by else '(outputs)'} |")
     lines.append("")
     if ex.removed:
         by_reason: dict[str, list[str]] = {}
@@ -116,70 +103,79 @@ def example_section(ex: examples.RecipeExample, pass_name: str) -> str:
             by_reason.setdefault(why, []).append(f"`{n}`")
         lines += ["Removed from this block: " + "; ".join(f"{why}: {', '.join(ns)}" for why, ns in by_reason.items())
                   + ".", ""]
-    tabs = [("Report", "\n".join("    " + line if line else "" for line in ex.report.splitlines())),
-            *([("tokenopt inspect", _md_block("text", f"$ tokenopt inspect {ex.name}.tokenopt.pt\n{ex.inspect}",
-                                              "    "))] if ex.inspect else []),
-            ("Mermaid (after)", _md_block("mermaid", ex.after_mermaid, "    ")),
-            ("Mermaid (before)", _md_block("mermaid", ex.before_mermaid, "    ")),
-            ("Recipe", _md_block("yaml", ex.text, "    "))]
-    for title, body in tabs:
-        lines += [f'=== "{title}"', "", body, ""]
     return "\n".join(lines)
 
 
-def pass_brief(name: str, exs: list[examples.RecipeExample], results_md: str, with_citation: bool = True) -> str:
-    colors = examples.pass_colors()
-    inserted = [(op, label) for ex in exs[:1] for node, op, label, by in ex.inserted if by == name]
+def _when_to_use(markdown: str) -> tuple[str, str]:
+    """The hand-written page's "**When to use it.**" paragraph, and the page without it."""
+    paragraphs = markdown.split("\n\n")
+    for i, para in enumerate(paragraphs):
+        if para.lstrip().startswith("**When to use it.**"):
+            return para.strip(), "\n\n".join(paragraphs[:i] + paragraphs[i + 1:])
+    return "", markdown
+
+
+def pass_brief(name: str, exs: list[examples.RecipeExample], with_citation: bool = True) -> str:
+    """"In brief": what the pass does (its module's description), then the recipe that draws its graph.
+    The hand-written page's "When to use it" paragraph joins it in ``extend_pass_page``."""
+    first = exs[0]
     lines = ["## In brief", ""]
     if with_citation:
         lines += [f"**Method.** {examples.pass_citation(name)}", ""]
-    lines += [
-             f"**Recipe keys.** `pass: {name}` and its options, each with type, default and error: "
-             f"[recipe reference](../reference/recipes.md#{name}-options).", "",
-             "**What it matches and what it inserts.** From the pass's source (`"
-             f"{examples.get_pass(name).__module__}`):", "",
-             examples.pass_sketch(name), "",
-             f"In the graphs below, the nodes this pass inserts are filled "
-             f'<span style="background:{colors[name]};padding:0 .4em;border:1px solid #343a40">like this</span>; '
-             "nodes the rewrite removed are dashed and struck through. Inserted in one block of the "
-             f"example model by `{exs[0].name}`:", "",
-             "| op | what it is |", "|---|---|",
-             *[f"| `{op}` | {label.replace('|', '/')} |" for op, label in inserted], "",
-             "**What it costs.** On the example model (GFLOPs per image, from the report):", "",
-             "| recipe | GFLOPs before | GFLOPs after | ratio | selector MFLOPs |", "|---|---|---|---|---|",
-             *[f"| [`{ex.name}`](#{ex.name.replace('.', '')}) | {ex.flops_before / 1e9:.4f} | "
-               f"{ex.flops_after / 1e9:.4f} | {ex.flops_before / max(ex.flops_after, 1):.2f}x | "
-               f"{ex.selector_flops / 1e6:.3f} |" for ex in exs], ""]
-    bench = benchmark_rows(results_md, name)
-    if bench:
-        lines += ["**Measured** ([all results](../results/README.md)):", "", *bench]
+    lines += ["**What it does.** From the pass's source (`" f"{examples.get_pass(name).__module__}`):", "",
+              examples.pass_sketch(name), "",
+              "<!-- when-to-use -->", "",
+              f"**The recipe** (`recipes/{first.name}.yaml`, the one drawn below; every key: [Options](#options)):", "",
+              _md_block("yaml", first.text), ""]
     return "\n".join(lines)
 
 
-def pass_graphs(name: str, exs: list[examples.RecipeExample]) -> str:
-    lines = ["## Graphs from this build", "",
-             "Each shipped recipe that uses this pass, applied while this site was built to the `digits` demo "
-             "architecture (timm ViT, 32 px images in 4 px patches: 64 patch tokens and a class token, 6 blocks, "
-             f"random weights, seed {examples.SEED}): the block where it inserts most, before and after (Graphviz), "
-             "then the per-layer report, what `tokenopt inspect` prints for the saved model, the same block "
-             "as Mermaid, and the recipe. `op: auto` rules were calibrated on 4 random images.", ""]
+def pass_measured(name: str, runs: list[results.Run]) -> str:
+    title = examples.pass_title(name)
+    lines = ["## Measured", "",
+             f"Every run with a {title} row, from `docs/results/tradeoffs.yaml` (the same numbers as "
+             "[Which method?](../which-method.md) and [Measured results](../results/README.md), where each run's "
+             "command and setting are). GFLOPs count multiply-accumulates per image; Δ top-1 is against the "
+             "original in the same run with the same training.", ""]
+    table = results.table(runs, [title], "../results/README.md")
+    return "\n".join(lines + (table or ["No measured run yet.", ""]))
+
+
+def pass_options(name: str, reference: dict) -> str:
+    """The pass's keys (type, default, what they do), from the recipe reference's content."""
+    rows = recipe_ref.key_table(reference[name]) if name in reference else []
+    return "\n".join(["## Options", "",
+                      f"Keys of a `pass: {name}` rule; the error each bad value gives is in the "
+                      f"[recipe reference](../reference/recipes.md#{name}-options).", "", *rows, ""])
+
+
+def pass_graphs(name: str, exs: list) -> str:
+    """The one before/after graph (the first shipped recipe through the default front end), a line
+    per other recipe, and what the other capture front ends made of the first."""
     fronts = examples.frontends()
-    for ex in exs:
-        if ex.frontend == fronts[0]:
-            lines += [example_section(ex, name), ""]
+    default = sorted((ex for ex in exs if ex.frontend == fronts[0]), key=lambda ex: (ex.passes != [name], ex.name))
+    lines = ["## Before and after", "",
+             "The first shipped recipe that uses this pass, applied while this site was built to the `digits` "
+             "demo architecture (timm ViT, 32 px images in 4 px patches: 64 patch tokens and a class token, "
+             f"6 blocks, random weights, seed {examples.SEED}). `op: auto` rules were calibrated on 4 random images.",
+             "", example_section(default[0], name), ""]
+    if len(default) > 1:
+        lines += ["Every shipped recipe with this pass, on the same model (GFLOPs (MACs) per image):", "",
+                  "| recipe | GFLOPs (MACs) before | GFLOPs (MACs) after | fewer |", "|---|---:|---:|---:|"]
+        lines += [f"| `recipes/{ex.name}.yaml` | {ex.flops_before / 1e9:.4f} | {ex.flops_after / 1e9:.4f} | "
+                  f"{ex.flops_before / max(ex.flops_after, 1):.2f}x |" for ex in default]
+        lines.append("")
     for frontend in fronts[1:]:
-        mine = [ex for ex in exs if ex.frontend == frontend]
-        if mine:
-            lines += [f"### Through the `{frontend}` front end", "",
-                      f"The same rewrite on the graph the `{frontend}` capture front end makes of the same model "
-                      f"(`tokenopt apply ... --capture {frontend}`; see [How it works](../architecture.md)).", ""]
-            for ex in mine:
-                if isinstance(ex, examples.FrontendFailure):
-                    lines += [f"#### `{ex.name}` through the `{frontend}` front end", "",
-                              f"This front end could not apply `{ex.name}` to the example model:", "",
-                              _md_block("text", f"error: {ex.error}"), ""]
-                else:
-                    lines += [example_section(ex, name).replace("### ", "#### ", 1), ""]
+        for ex in exs:
+            if ex.frontend != frontend or ex.name != default[0].name:
+                continue
+            if isinstance(ex, examples.FrontendFailure):
+                lines += [f"Through the `{frontend}` capture front end (`--capture {frontend}`) this recipe fails "
+                          "on the example model:", "", _md_block("text", f"error: {ex.error}"), ""]
+            else:
+                lines += [f"Through the `{frontend}` capture front end (`--capture {frontend}`) the same recipe "
+                          f"inserts {len(ex.inserted)} nodes in `{ex.block}` "
+                          f"(GFLOPs (MACs) {ex.flops_before / 1e9:.4f} → {ex.flops_after / 1e9:.4f}).", ""]
     return "\n".join(lines)
 
 
@@ -210,11 +206,15 @@ def generate(root: Path, docs_dir: Path | None = None) -> Generated:
     t = time.perf_counter()
     out.examples = examples.run_all(recipes_dir)
     out.timings["examples"] = time.perf_counter() - t
-    results_md = (docs_dir / "results" / "README.md").read_text() if (docs_dir / "results" / "README.md").exists() else ""
+    runs = results.load(docs_dir)
+    out.runs = runs
+    reference = recipe_ref.collect(recipes_dir)
     for name in available_passes():
         out.pass_titles[name] = examples.pass_title(name)
         exs = [ex for ex in out.examples if name in ex.passes]
-        brief_exs = [ex for ex in exs if ex.frontend == examples.frontends()[0]]
+        # the recipes of this pass alone first: the page draws the first of them
+        brief_exs = sorted((ex for ex in exs if ex.frontend == examples.frontends()[0]),
+                           key=lambda ex: (ex.passes != [name], ex.name))
         if not exs:
             raise DocsBuildError(f"pass {name!r} has no shipped recipe in {recipes_dir}, so its page would have no "
                                  "generated graph. Add recipes/<name>-*.yaml.")
@@ -222,17 +222,18 @@ def generate(root: Path, docs_dir: Path | None = None) -> Generated:
             if isinstance(ex, examples.FrontendFailure):
                 continue
             _check_example(ex)
-            out.files[f"{GENERATED_DIR}/{svg_stem(ex)}.before.svg"] = ex.before_svg
-            out.files[f"{GENERATED_DIR}/{svg_stem(ex)}.after.svg"] = ex.after_svg
+        drawn = brief_exs[0]      # the page draws one recipe: the first through the default front end
+        out.files[f"{GENERATED_DIR}/{svg_stem(drawn)}.before.svg"] = drawn.before_svg
+        out.files[f"{GENERATED_DIR}/{svg_stem(drawn)}.after.svg"] = drawn.after_svg
         written = (docs_dir / "passes" / f"{name}.md").exists()      # a hand-written page cites the paper itself
-        out.pass_sections[name] = pass_brief(name, brief_exs, results_md, not written) + "\n\n" + \
-            pass_graphs(name, exs)
+        out.pass_sections[name] = "\n\n".join([pass_brief(name, brief_exs, not written), pass_graphs(name, exs),
+                                                pass_measured(name, runs), pass_options(name, reference)])
         if not written:
             out.files[f"passes/{name}.md"] = f"# {out.pass_titles[name]}\n\n"    # the sections are added to it
     t = time.perf_counter()
-    reference = recipe_ref.render(recipe_ref.collect(recipes_dir), out.pass_titles)
-    recipe_ref.check_reference(reference)
-    out.files["reference/recipes.md"] = reference
+    rendered = recipe_ref.render(reference, out.pass_titles)
+    recipe_ref.check_reference(rendered)
+    out.files["reference/recipes.md"] = rendered
     out.files["reference/cli.md"] = cli_ref.render()
     models = _supported_models(root)
     if models is not None:
@@ -246,9 +247,11 @@ def generate(root: Path, docs_dir: Path | None = None) -> Generated:
 
 
 def extend_pass_page(markdown: str, section: str) -> str:
-    """The hand-written page with the generated parts: "In brief" after the title and its first
-    paragraph, the graphs at the end."""
-    brief, _, graphs = section.partition("\n\n## Graphs from this build")
+    """The hand-written page in the pass-page shape: its title and first paragraph (the citation),
+    In brief (with the page's "When to use it" paragraph), Before and after, Measured, Options,
+    then the rest of the page as "The method"."""
+    when, markdown = _when_to_use(markdown)
+    section = section.replace("<!-- when-to-use -->", when)
     lines = markdown.rstrip().splitlines()
     # after the H1 and the paragraph below it (the citation, on the hand-written pages)
     cut = 1
@@ -256,8 +259,27 @@ def extend_pass_page(markdown: str, section: str) -> str:
         cut += 1
     while cut < len(lines) and lines[cut].strip() and not lines[cut].startswith("#"):
         cut += 1
-    head, rest = "\n".join(lines[:cut]), "\n".join(lines[cut:])
-    return f"{head}\n\n{brief}\n\n## The method\n{rest}\n\n## Graphs from this build{graphs}\n"
+    head, rest = "\n".join(lines[:cut]), "\n".join(lines[cut:]).strip()
+    return f"{head}\n\n{section}\n\n## The method\n\n{rest}\n"
+
+
+PLACEHOLDERS = {
+    "<!-- tradeoffs -->": "every measured run, one table each, linked to the results page",
+    "<!-- runs -->": "every measured run with its date, command and rows",
+}
+
+
+def fill_placeholders(markdown: str, src_uri: str, generated: Generated) -> str:
+    """A hand-written page's placeholders replaced by generated tables (``PLACEHOLDERS``)."""
+    if "<!-- tradeoffs -->" in markdown:
+        depth = src_uri.count("/")
+        link = "../" * depth + "results/README.md"
+        if src_uri == "results/README.md":
+            link = ""
+        markdown = markdown.replace("<!-- tradeoffs -->", "\n".join(results.table(generated.runs, None, link)))
+    if "<!-- runs -->" in markdown:
+        markdown = markdown.replace("<!-- runs -->", "\n".join(results.runs_section(generated.runs)))
+    return markdown
 
 
 def nav(nav_config: list, generated: Generated) -> list:

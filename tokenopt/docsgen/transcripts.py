@@ -23,6 +23,7 @@ from tokenopt.docsgen.examples import demo_arch_spec
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 MODEL = demo_arch_spec("digits")
+COLUMNS = 96        # the terminal width commands print for: their tables fit the page at 800 px
 TIMINGS: dict[str, float] = {}     # seconds per command of the last build, for the build log
 
 
@@ -35,8 +36,9 @@ class Run:
     def markdown(self, shown_argv: list[str] | None = None) -> str:
         cmd = "tokenopt " + " ".join(_quote(a) for a in (shown_argv or self.argv))
         status = "" if self.exit_code == 0 else f"\n[exit status {self.exit_code}]"
-        # an error is a message to read whole (wrapped); a success may print tables (kept as is)
-        fence = "```console" if self.exit_code == 0 else "``` { .console .wrap }"
+        # every transcript wraps long lines (a command with a long model spec) rather than run off the
+        # page; tables are printed COLUMNS wide, which fits. An error is read, not copied: no copy button.
+        fence = "``` { .console .wrap }" if self.exit_code == 0 else "``` { .console .wrap .nocopy }"
         return f"{fence}\n$ {cmd}\n{self.output.rstrip()}{status}\n```"
 
 
@@ -90,7 +92,7 @@ class Session:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("default")      # warnings print as a user sees them (once per place)
-                result = CliRunner().invoke(app, list(argv), env={"COLUMNS": "120", "TOKENOPT_CACHE": str(self.cache),
+                result = CliRunner().invoke(app, list(argv), env={"COLUMNS": str(COLUMNS), "TOKENOPT_CACHE": str(self.cache),
                                                                   "TOKENOPT_NATIVE": os.environ.get("TOKENOPT_NATIVE")})
         finally:
             os.chdir(old)
@@ -140,11 +142,11 @@ def getting_started(recipes_dir: Path, captured: dict[str, str]) -> str:
         "`tokenopt demo` trains two small ViTs on scikit-learn's bundled handwritten digits (once; they are "
         "cached), applies the shipped ToMe and ToFu recipes and compares them. From a real run of "
         "`tokenopt demo --model digits` (2-core CPU; training took about three minutes):", "",
-        "```console", captured.get("demo", "(no captured run)").rstrip(), "```", "",
+        "``` { .console .wrap }", captured.get("demo", "(no captured run)").rstrip(), "```", "",
         "## The verbs on a small ViT", "",
         "The commands below ran while this site was built, on the `digits` demo architecture with "
         "random weights (so accuracies are chance level, and nothing is downloaded or trained first):", "",
-        "```text", m, "```", "",
+        "``` { .text .wrap }", m, "```", "",
         "Any `timm:` name takes constructor arguments after `?`; a trained model is a weights file "
         "with `--arch`, a `package.module:factory`, or `demo:digits` once `tokenopt demo` has trained it.", "",
         "**validate** checks a recipe and, given a model, plans it block by block without rewriting:", "",
@@ -167,7 +169,7 @@ def getting_started(recipes_dir: Path, captured: dict[str, str]) -> str:
     if captured.get("trained"):
         parts += ["## On the trained demo model", "",
                   "From a real run on `demo:digits` (trained by `tokenopt demo` above), same machine:", "",
-                  "```console", captured["trained"].rstrip(), "```", ""]
+                  "``` { .console .wrap }", captured["trained"].rstrip(), "```", ""]
     parts += ["Next: the [recipe reference](reference/recipes.md), the [command-line reference](reference/cli.md), "
               "the passes ([ToMe](passes/tome.md) and the others) with the graphs they produce, and "
               "[troubleshooting](troubleshooting.md).", ""]
@@ -273,9 +275,12 @@ def troubleshooting(recipes_dir: Path) -> str:
     sections = [
         ("The model cannot be traced (Python control flow on tensor values)",
          "tokenopt captures the model with `torch.fx`, which runs `forward` on symbolic values; a Python "
-         "`if`, `while` or `bool()` on a tensor's *value* has no answer then. Here is a model file "
-         "(`my_vits.py`) with such an `if`, and one with the same computation written as tensor code:",
-         [f"```python\n{code}\n```", untraceable.markdown()],
+         "`if`, `while` or `bool()` on a tensor's *value* has no answer then, and `torch.export` (tried "
+         "next) cannot guard on it either. For a model file `my_vits.py` with such an `if`:",
+         [untraceable.markdown(),
+          f'<details markdown="1">\n<summary><code>my_vits.py</code>: <code>GatedViT</code> branches on a '
+          f'value, <code>FixedViT</code> computes the same as tensor code</summary>\n\n```python\n{code}\n```\n\n'
+          '</details>'],
          "Write the branch as tensor code (`torch.where`, masking), move it into a submodule and name "
          "that module with `--leaf` (it is then kept whole, and must not contain the attention), or "
          "give the branch's value as a constant. The fixed model traces:",

@@ -4,7 +4,7 @@ Token state threaded through the rewritten graph:
 
 * ``size``  (B, N, 1): how many input patches each token stands for (None until the first merge);
 * ``index`` (B, N0): for every original token, its position now (None unless tracked), so that
-  :func:`unmerge` can put merged tokens back on the original grid for dense outputs.
+  `unmerge` can put merged tokens back on the original grid for dense outputs.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def unmerge(x: Tensor, index: Tensor) -> Tensor:
 
 
 def unmerge_into(index: Tensor, x: Tensor) -> Tensor:
-    """:func:`unmerge` with the tokens last, as a region's exit receives them (GraphRewriter.bracket):
+    """`unmerge` with the tokens last, as a region's exit receives them (GraphRewriter.bracket):
     index (B, N0), x (B, N, C) -> (B, N0, C)."""
     return unmerge(x, index)
 

@@ -1,7 +1,7 @@
 """The pass interface and its registry: prepare -> calibrate -> convert, as torch.ao does it.
 
 A pass is a small class in its own module under ``tokenopt/passes``, registered by name with
-:func:`register_pass`; recipes refer to passes by that name. The planner and the pipeline call
+[`register_pass`][tokenopt.passes.base.register_pass]; recipes refer to passes by that name. The planner and the pipeline call
 it in this order, and name no pass themselves::
 
     per_layer = p.layer_options(options, n, where)         # prepare: one Params per selected layer
@@ -83,7 +83,7 @@ class Pass:
     Options: ClassVar[type[PassOptions]] = PassOptions
     #: True when the pass changes the number of tokens that later blocks see.
     changes_token_count: ClassVar[bool] = False
-    #: The key of the measurement :meth:`calibrate` returns (None: the pass never calibrates).
+    #: The key of the measurement `calibrate` returns (None: the pass never calibrates).
     #: A context that already holds it (e.g. replayed from a saved artifact) is not measured again.
     calibration_key: ClassVar[str | None] = None
     #: The kind of learned part the pass inserts (tokenopt.rewrite.learned), None when it learns nothing;
@@ -97,7 +97,7 @@ class Pass:
         return {}
 
     def probe(self, model, analysis, images, r: int, threshold: float | None):
-        """A per-block measurement that writes a recipe (``tokenopt probe``): a :class:`Probe`, or
+        """A per-block measurement that writes a recipe (``tokenopt probe``): a `Probe`, or
         None for passes without one."""
         return None
 
@@ -108,7 +108,7 @@ class Pass:
         return block.refusal
 
     def refuse_layer(self, block, params, analysis) -> str | None:
-        """:meth:`refuse` for one layer's ``params`` (a pass whose options change what it needs, e.g.
+        """`refuse` for one layer's ``params`` (a pass whose options change what it needs, e.g.
         ToMe's op-level placement, overrides this); may raise a RecipeError for a request that is wrong."""
         return self.refuse(block)
 
@@ -125,7 +125,7 @@ class Pass:
         return False
 
     def calibrate(self, model, analysis, images) -> dict:
-        """Measure what :meth:`resolve` needs on calibration ``images`` (N, C, H, W), using the
+        """Measure what `resolve` needs on calibration ``images`` (N, C, H, W), using the
         ``analysis`` the pipeline already made (no second trace). Returns {calibration_key: value}."""
         return {}
 

@@ -21,7 +21,7 @@ The gates are submodules of the rewritten model (``spa_gates.<layer>``), in its 
 artifacts; until trained (a ``trained`` buffer) using the model warns (``strict: true``:
 refuses). In training the selection is sampled (Gumbel-sigmoid) with a straight-through weight on
 the kept tokens' update, so the task loss reaches the gate through the packed path.
-:func:`capture_gate_outputs` exposes the gates' probabilities for their supervision.
+`capture_gate_outputs` exposes the gates' probabilities for their supervision.
 """
 from __future__ import annotations
 
@@ -429,7 +429,7 @@ def gates_of(model: torch.nn.Module) -> dict[int, TokenGate]:
 
 def capture_gate_outputs(model: torch.nn.Module):
     """A dict that every forward pass of ``model`` inside the block fills: layer index ->
-    :class:`GateOutput` (prob, valid, keep on the original (B, N) grid; prob keeps its graph)."""
+    `GateOutput` (prob, valid, keep on the original (B, N) grid; prob keeps its graph)."""
     return ops.capture_outputs(gates_of(model).values())
 
 

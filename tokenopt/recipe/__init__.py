@@ -13,7 +13,7 @@ A recipe::
 
     loader     a file path, YAML text or a dict -> plain data whose mappings know their lines
     schema     Recipe, Rule, the top-level keys and versions: validation, with the file and line of each mistake
-    selectors  the ``layers:`` grammar; :func:`resolve_layers` picks a model's blocks once it is known
+    selectors  the ``layers:`` grammar; `resolve_layers` picks a model's blocks once it is known
 """
 from tokenopt.recipe.schema import (OUTPUTS, PASSES_SCHEMA_VERSION, RULE_KEYS, SUPPORTED_VERSIONS, TOP_LEVEL_KEYS,
                                     Recipe, Rule, load_recipe)

@@ -1,9 +1,9 @@
 """Reading a recipe: a file path, YAML text or a dict, to plain data whose mappings know their lines.
 
-Nothing here knows what a recipe contains (that is :mod:`tokenopt.recipe.schema`); it only turns
+Nothing here knows what a recipe contains (that is `tokenopt.recipe.schema`); it only turns
 what the user gave into data, and YAML mistakes into one message naming the line and column.
 Mappings read from YAML remember their own line and the line of each key, so the schema's
-messages can point at the exact key (:func:`line_of`).
+messages can point at the exact key (`line_of`).
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The recipe schema: top-level keys, versions, rules and their pass options, validated.
 
-:func:`load_recipe` checks everything that does not need a model (syntax, versions, pass names,
+[`load_recipe`][tokenopt.recipe.load_recipe] checks everything that does not need a model (syntax, versions, pass names,
 option types, selector syntax) and names the file and line of each mistake; the data comes from
-:mod:`tokenopt.recipe.loader`, the selector syntax from :mod:`tokenopt.recipe.selectors`.
+`tokenopt.recipe.loader`, the selector syntax from `tokenopt.recipe.selectors`.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class Recipe:
     source: str = "<dict>"
 
     def to_dict(self) -> dict:
-        """Plain data that :func:`load_recipe` accepts back.
+        """Plain data that [`load_recipe`][tokenopt.recipe.load_recipe] accepts back.
 
         Options are written in full (defaults included) so that a saved model replays the same
         rewrite even if a later tokenopt changes a default.

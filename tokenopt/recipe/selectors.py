@@ -8,7 +8,7 @@
     "re:blocks\\.(1|2)"       an anchored regular expression on block paths
     [0, "5-7", stage4]        any of the above (lists do not nest)
 
-:func:`check_selector` checks the syntax when a recipe is loaded; :func:`resolve_layers` picks
+`check_selector` checks the syntax when a recipe is loaded; `resolve_layers` picks
 the blocks once a model is known. A hierarchical ViT has one token stream per stage; the model's
 ``streams`` (one 0-based stream index per block) say which blocks a stage holds.
 """

@@ -137,14 +137,39 @@ def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "mask
                 weight_decay: float = 0.01, warmup_epochs: float = 0.5, checkpoint=None, resume=None,
                 fingerprint: str = "", seed: int = 0, quiet: bool = False, calibration_images: int = 1024,
                 **train_kwargs) -> GateTrainResult:
-    """Train the SPA gates of ``model`` (from :func:`tokenopt.optimize`) on ``data``; see the module docstring.
+    """Train the SPA gates of ``model`` (from [`tokenopt.optimize`][tokenopt.optimize]) on ``data``.
 
-    ``labels``: "masks" (``data`` yields ``(image, label, mask)``; ``cover`` is the fraction of a patch
-    the object must cover) or "attention" (``original``'s attention; ``mass`` is the share of it
-    the positive tokens hold). ``finetune``: the backbone trains too, and the task loss
-    (cross-entropy on the labels) joins ``gate_weight`` × BCE. ``lr`` defaults to 1e-3 for the
-    gates alone and 1e-4 when fine-tuning. Afterwards every gate's ``trained`` flag is set, and
+    Each gate learns by binary cross-entropy which tokens to keep, against labels from object masks
+    or from the original model's attention. Afterwards every gate's ``trained`` flag is set, and
     gates with a ``target_keep`` are calibrated on the first ``calibration_images`` of ``data``.
+
+    Args:
+        model: what [`tokenopt.optimize`][tokenopt.optimize] returned for a recipe with a ``pass: spa`` rule.
+        original: the model it was optimized from.
+        data (Dataset | DataLoader): the images; with ``labels="masks"`` it yields ``(image, label, mask)``.
+        labels: ``"masks"`` (a token is positive where the object covers ``cover`` of its patch) or
+            ``"attention"`` (``original``'s attention; the positive tokens hold ``mass`` of it).
+        epochs: passes over ``data``.
+        finetune: the backbone trains too, and the task loss (cross-entropy on the labels) joins
+            ``gate_weight`` × BCE.
+        gate_weight: the weight of the gates' BCE in the loss.
+        cover: see ``labels``.
+        mass: see ``labels``.
+        lr: peak learning rate; default 1e-3 for the gates alone, 1e-4 when fine-tuning.
+        batch_size: images per step.
+        weight_decay: AdamW's weight decay.
+        warmup_epochs: length of the warm-up, in epochs.
+        checkpoint (str | os.PathLike | None): a file written after every epoch (resumable).
+        resume (str | os.PathLike | bool | None): a checkpoint to continue from (True: ``checkpoint``, if it exists).
+        fingerprint: a text identifying the run; resuming a checkpoint of another run is refused.
+        seed: the seed of the data order and sampling.
+        quiet: no progress bars.
+        calibration_images: how many images of ``data`` calibrate the thresholds of gates with a
+            ``target_keep``.
+        **train_kwargs (Any): passed on to the training loop (``tokenopt.train.loop.train``).
+
+    Returns:
+        The loss per epoch and the fraction of tokens each gate kept (``GateTrainResult``).
     """
     gates = gates_of(model)
     if not gates:

@@ -145,10 +145,30 @@ def train_selectors(model: nn.Module, original: nn.Module, data, *, epochs: int,
                     lr: float = 1e-3, weight_decay: float = 0.01, warmup_epochs: float = 0.5,
                     checkpoint=None, resume=None, fingerprint: str = "", seed: int = 0, quiet: bool = False,
                     **train_kwargs) -> TrainResult:
-    """Fit the ToSA selectors of ``model`` (from :func:`tokenopt.optimize`) to ``original``'s attention.
+    """Fit the ToSA selectors of ``model`` (from [`tokenopt.optimize`][tokenopt.optimize]) to ``original``'s attention.
 
-    Only the selectors train; ``data`` labels are not used. Afterwards every selector's ``trained``
-    flag is set (it is saved with the weights).
+    Only the selectors train, by KL divergence between each one's predicted attention and the
+    original's real attention at its layer; ``data`` labels are not used. Afterwards every
+    selector's ``trained`` flag is set (it is saved with the weights).
+
+    Args:
+        model: what [`tokenopt.optimize`][tokenopt.optimize] returned for a recipe with a ``pass: tosa`` rule.
+        original: the model it was optimized from (the teacher whose attention the selectors learn).
+        data (Dataset | DataLoader): a data set of images (labels, if any, are ignored).
+        epochs: passes over ``data``.
+        batch_size: images per step.
+        lr: peak learning rate (AdamW, cosine schedule after a linear warm-up).
+        weight_decay: AdamW's weight decay.
+        warmup_epochs: length of the warm-up, in epochs.
+        checkpoint (str | os.PathLike | None): a file written after every epoch (resumable).
+        resume (str | os.PathLike | bool | None): a checkpoint to continue from (True: ``checkpoint``, if it exists).
+        fingerprint: a text identifying the run; resuming a checkpoint of another run is refused.
+        seed: the seed of the data order and sampling.
+        quiet: no progress bars.
+        **train_kwargs (Any): passed on to the training loop (``tokenopt.train.loop.train``).
+
+    Returns:
+        The loss per epoch and the time it took (``tokenopt.train.loop.TrainResult``).
     """
     sel = _selectors_of(model)
     teacher = _teacher_for(model, original)
@@ -201,6 +221,28 @@ def finetune(model: nn.Module, original: nn.Module, data, *, epochs: int, distil
     frozen original's attention, following their inputs as the backbone changes. ``model`` shares
     its parameters with ``original``, so fine-tuning changes ``original`` too: the teacher is
     copied first.
+
+    Args:
+        model: what [`tokenopt.optimize`][tokenopt.optimize] returned (any recipe).
+        original: the model it was optimized from.
+        data (Dataset | DataLoader): a data set of ``(image, label)`` (or images alone: then the original's logits teach).
+        epochs: passes over ``data``.
+        distill: learn the original's logits (KL at ``temperature``) instead of the labels.
+        temperature: the softening of both logits under ``distill``.
+        selector_weight: > 0 trains the ToSA selectors too, with this weight on their KL loss.
+        batch_size: images per step.
+        lr: peak learning rate (AdamW, cosine schedule after a linear warm-up).
+        weight_decay: AdamW's weight decay.
+        warmup_epochs: length of the warm-up, in epochs.
+        checkpoint (str | os.PathLike | None): a file written after every epoch (resumable).
+        resume (str | os.PathLike | bool | None): a checkpoint to continue from (True: ``checkpoint``, if it exists).
+        fingerprint: a text identifying the run; resuming a checkpoint of another run is refused.
+        seed: the seed of the data order and sampling.
+        quiet: no progress bars.
+        **train_kwargs (Any): passed on to the training loop (``tokenopt.train.loop.train``).
+
+    Returns:
+        The loss per epoch and the time it took (``tokenopt.train.loop.TrainResult``).
     """
     soft = distill or _unlabelled(data)
     frozen = None
