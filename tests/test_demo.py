@@ -1,4 +1,4 @@
-"""Demo models: architecture strings, the train-once cache, and (slow) the accuracy they reach."""
+"""Demo models: architecture strings, the train-once cache, the shipped weights (sha256-checked), and (slow) the accuracy they reach."""
 import json
 
 import pytest
@@ -120,11 +120,55 @@ def test_cli_on_an_untrained_demo_is_exit_2_with_the_command_to_run(tmp_path, mo
 
     from tokenopt.cli import app
 
+    # a demo that neither the cache nor the package has (the shipped ones always load: see below)
     monkeypatch.setenv("TOKENOPT_CACHE", str(tmp_path))
-    res = CliRunner().invoke(app, ["inspect", "demo:digits-clutter"])
+    monkeypatch.setitem(demo.DEMOS, "tiny", TINY)
+    res = CliRunner().invoke(app, ["inspect", "demo:tiny"])
     assert res.exit_code == 2, res.output
-    assert "tokenopt demo --model digits-clutter" in res.output and "Traceback" not in res.output
+    assert "tokenopt demo --model tiny" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "demos").exists()
+
+
+def test_the_shipped_demo_weights_load_with_an_empty_cache_and_keep_their_accuracy(tmp_path, monkeypatch):
+    """The package data itself: every demo model and method ships for the current specs, and reading it back
+    (float16 -> float32) gives the test top-1 the manifest recorded at training time."""
+    from tokenopt import demo_methods, demo_shipped, sources
+
+    monkeypatch.setenv("TOKENOPT_CACHE", str(tmp_path))
+    manifest = demo_shipped.read_manifest()
+    assert sorted(manifest["models"]) == sorted(demo.DEMOS)
+    assert {n: sorted(m) for n, m in manifest["methods"].items()} == \
+        {n: sorted(s.recipe for s in DEMO_METHODS[n]) for n in demo.DEMOS}
+    assert sum((demo_shipped.SHIPPED_DIR / f).stat().st_size for f in manifest["files"]) < 5e6
+    monkeypatch.setattr(demo, "_train_demo", lambda *a, **k: pytest.fail("the shipped weights should serve"))
+    monkeypatch.setattr(demo_methods, "_train", lambda *a, **k: pytest.fail("the shipped parts should serve"))
+    model, base = sources.load_model("demo:digits")
+    assert base == {"kind": "demo", "name": "digits"} and not (tmp_path / "demos").exists()
+    test = get_dataset("digits", "test", model=model)
+    loader = get_loader(test, 256, train=False)
+    assert evaluate(model, loader)["top1"] == manifest["models"]["digits"]["info"]["test"]["top1"]
+    example = next(iter(loader))[0][:2]
+    for spec in DEMO_METHODS["digits"]:
+        gm, info = demo_methods.demo_method("digits", model, spec.recipe, example)
+        assert info["shipped"] and evaluate(gm, loader)["top1"] == info["test"]["top1"], spec.recipe
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["digits", "digits-clutter"])
+def test_retraining_lands_in_the_accuracy_band_of_the_shipped_weights(name, tmp_path):
+    """`tokenopt demo --retrain` from scratch (minutes per model): the demo model and each method reach the
+    shipped weights' test top-1 within 5 points (digits-clutter's seeds 0 and 1 differ by 4)."""
+    from tokenopt import demo_methods, demo_shipped
+
+    shipped = demo_shipped.read_manifest()
+    model, info = demo.demo_model(name, cache_dir=tmp_path, force=True, quiet=True)
+    assert info["test"]["top1"] == pytest.approx(shipped["models"][name]["info"]["test"]["top1"], abs=0.05)
+    test = get_dataset(demo.DEMOS[name].dataset, "test", model=model)
+    example = torch.stack([test[i][0] for i in range(2)])
+    for spec in DEMO_METHODS[name]:
+        _, got = demo_methods.demo_method(name, model, spec.recipe, example, cache_dir=tmp_path, force=True)
+        want = shipped["methods"][name][spec.recipe]["info"]["test"]["top1"]
+        assert got["test"]["top1"] == pytest.approx(want, abs=0.05), spec.recipe
 
 
 # ------------------------------------------------------------------------------------------------
