@@ -260,12 +260,12 @@ def _demo_table(name: str, model, info: dict, loaded: list, cache_dir, retrain: 
     loader = get_loader(test, 256, train=False)
     example = first_images(test, 2)
     images = first_images(test, len(test))
-    variants, trained = {"original": model}, []
+    variants, trained = {"original": model}, {}
     for stem, rec, is_shipped in loaded:
         if is_shipped and method_spec(name, stem) is not None:
             with status(f"{name}: {'training' if retrain else 'loading'} the {stem} parts"):
-                variants[stem], _ = demo_method(name, model, stem, example, cache_dir=cache_dir, force=retrain)
-            trained.append(stem)
+                variants[stem], trained[stem] = demo_method(name, model, stem, example, cache_dir=cache_dir,
+                                                            force=retrain)
             continue
         with status(f"{name}: applying {stem}"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -279,12 +279,16 @@ def _demo_table(name: str, model, info: dict, loaded: list, cache_dir, retrain: 
         flops = {k: count_flops(m, images[:16]) / 16 for k, m in variants.items()}   # a mean: counts vary per image
     with status(f"{name}: timing (batch {batch_size}, eager)"):
         speed = interleaved_throughput(variants, first_images(test, batch_size), rounds=5)
-    where = "shipped" if info.get("shipped") else "cached"
-    caption = info.get("arch", "") + (f"\n{', '.join(trained)}: trained parts ({where if not retrain else 'retrained'}); "
-                                      "GFLOPs: multiply-accumulates per image, mean of 16" if trained else "")
-    t = Table(title=f"demo:{name} ({len(test)} test images, eager batch {batch_size})", caption=caption)
-    tokens = f"tokens/img kept (min/mean/max of {_tokens_of(variants)})"
-    for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop (points)", tokens):
+    notes = [info.get("arch", ""), "GFLOPs: multiply-accumulates per image (mean of 16 test images)."]
+    if trained:
+        where = {stem: "shipped" if i.get("shipped") else ("retrained" if retrain else "cached")
+                 for stem, i in trained.items()}
+        notes.append("Trained parts: " + ", ".join(f"{stem} ({w})" for stem, w in where.items()) + ".")
+    if any(kept.values()):
+        notes.append(f"tokens kept/img: of the {_tokens_of(variants)} per image, those that run a gated block "
+                     f"(mean over those blocks), min / mean / max over the {len(test)} test images.")
+    t = Table(title=f"demo:{name} ({len(test)} test images, eager batch {batch_size})", caption="\n".join(notes))
+    for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop (points)", "tokens kept/img"):
         t.add_column(col, justify="left" if col == "recipe" else "right")
     ref_acc, ref_speed = acc["original"]["top1"], speed["original"]
     for k, m in variants.items():
