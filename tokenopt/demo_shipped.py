@@ -113,6 +113,7 @@ def store_state(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, 
     small = {k: (v.to(STORED_DTYPE) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file(small, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)     # package data: readable by whoever installs it, not only its writer
     os.replace(tmp, path)
 
 
