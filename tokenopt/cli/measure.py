@@ -1,6 +1,6 @@
 """Commands that measure on data: ``tokenopt eval`` (accuracy next to GFLOPs, sweeps), ``tokenopt probe``
-(ToFu's per-block linearity, written out as a recipe) and ``tokenopt demo`` (trains the demo ViTs
-once, then compares the shipped recipes on them).
+(ToFu's per-block linearity, written out as a recipe) and ``tokenopt demo`` (compares the shipped
+recipes on the demo ViTs, shipped trained with their ToSA selectors and SPA gates; ``--retrain`` trains them).
 """
 from __future__ import annotations
 
