@@ -27,8 +27,8 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
                  "tokenopt.trace", "tokenopt.cleanup", "tokenopt.timing", "tokenopt.graph_export",
                  "tokenopt.graph_style", "tokenopt.model_outputs", "tokenopt.ownership", "tokenopt.record")),
     (1, "ops", ("tokenopt.ops",)),
-    (1, "load", ("tokenopt.sources", "tokenopt.files", "tokenopt.demo_specs", "tokenopt.generation",
-                 "tokenopt.generation.models", "tokenopt.generation.specs",
+    (1, "load", ("tokenopt.sources", "tokenopt.files", "tokenopt.demo_specs", "tokenopt.demo_shipped",
+                 "tokenopt.generation", "tokenopt.generation.models", "tokenopt.generation.specs",
                  "tokenopt.generation.schedule")),    # models from specs and files; never trains
     (1, "data", ("tokenopt.data", "tokenopt.generation.data")),
     (2, "analysis", ("tokenopt.analysis", "tokenopt.subgraph", "tokenopt.flops")),   # flops: counts a graph
@@ -39,8 +39,9 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
                      "tokenopt.check", "tokenopt.calling", "tokenopt.generation.fid",
                      "tokenopt.generation.quality")),   # all run or compare what the pipeline made
     (6, "train", ("tokenopt.train", "tokenopt.demo", "tokenopt.generation.train")),   # the demo models' training
-    (7, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
-    (8, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline
+    (7, "demo", ("tokenopt.demo_methods", "tokenopt.demo_package")),   # the demo's trained methods: pipeline + train
+    (8, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
+    (9, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline
 ]
 
 PACKAGE_DIR = Path(tokenopt.__file__).resolve().parent

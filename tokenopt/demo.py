@@ -1,6 +1,6 @@
 """Demo models: small timm ViTs trained on the built-in digits data, so tokenopt can be tried offline.
 
-    model, info = demo_model("digits-clutter")   # trains once (a few CPU minutes), then cached
+    model, info = demo_model("digits-clutter")   # the shipped weights; else trains once (minutes), then cached
     info["arch"]   # 'timm:vit_small_patch16_224?img_size=64&patch_size=8&...' rebuilds the architecture
     info["test"]   # {'top1': ..., 'top5': ..., 'n': 360}
 
@@ -12,8 +12,10 @@ What each model is (architecture, data, training recipe) is data in :mod:`tokeno
 this module trains them. Weights are cached as safetensors beside a json of what they are
 (``$TOKENOPT_CACHE``, else ``$XDG_CACHE_HOME/tokenopt``, else ``~/.cache/tokenopt``, see
 :mod:`tokenopt.paths`). The json records a hash of the spec that trained them, so changing a spec
-retrains rather than reusing stale weights. Loading ``demo:NAME`` (:mod:`tokenopt.sources.demo`) only reads
-this cache: training happens here, through ``tokenopt demo``.
+retrains rather than reusing stale weights. The package ships weights trained from the current specs
+(:mod:`tokenopt.demo_shipped`): without a cache entry those serve, and nothing trains. Loading
+``demo:NAME`` (:mod:`tokenopt.sources.demo`) only reads the cache and the shipped weights: training
+happens here, through ``tokenopt demo`` (``--retrain``).
 """
 from __future__ import annotations
 
@@ -52,9 +54,9 @@ def build_arch(arch: str) -> nn.Module:
 
 def demo_model(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False,
                quiet: bool = False) -> tuple[nn.Module, dict]:
-    """The trained demo model ``name`` (in eval mode) and its info dict; trains it on first use.
+    """The trained demo model ``name`` (in eval mode) and its info dict: cached, else shipped, else trained now.
 
-    ``force`` retrains even if a cached copy exists. Training is deterministic for a given
+    ``force`` retrains even if a cached or shipped copy exists. Training is deterministic for a given
     torch build and thread count, and takes a few minutes on 2 CPU cores. (Loading ``demo:NAME``
     through :func:`tokenopt.sources.load_model` only reads the cache this fills.)
     """
@@ -62,7 +64,7 @@ def demo_model(name: str, cache_dir: str | os.PathLike | None = None, force: boo
         raise TokenoptError(f"unknown demo model '{name}': choose one of {', '.join(DEMOS)}")
     spec = DEMOS[name]
     if not force:
-        cached = sources.cached_demo(name, cache_dir)
+        cached = sources.find_demo(name, cache_dir)
         if cached is not None:
             return cached
     weights, meta = demo_files(name, cache_dir)

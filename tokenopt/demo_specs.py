@@ -87,6 +87,36 @@ DEMOS: dict[str, DemoSpec] = {
 }
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """How the learned parts of one demo method (ToSA selectors, SPA gates) are trained on a demo model.
+
+    ``recipe`` names a shipped recipe; the recipe as it read when the parts were trained is stored
+    beside them (cache and package data) and used from there, so a later change to the shipped
+    recipe cannot pair these parts with options they were not trained for.
+    """
+
+    recipe: str
+    epochs: int = 3
+    labels: str = "attention"   # what the trainer fits to, when it takes labels: masks | attention
+    lr: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+
+    def digest(self, model: DemoSpec) -> str:
+        """Changes with this spec and with the demo model's: stale parts are retrained, not reused."""
+        text = json.dumps({"v": FORMAT_VERSION, "model": model.digest(), **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: The demo methods with learned parts, per demo model: ``tokenopt demo`` shows them beside the
+#: training-free recipes. digits has no object masks, so its gates learn the original's attention.
+DEMO_METHODS: dict[str, tuple[MethodSpec, ...]] = {
+    "digits": (MethodSpec("tosa-keep50"), MethodSpec("spa-bypass-second-half")),
+    "digits-clutter": (MethodSpec("tosa-keep50"), MethodSpec("spa-bypass-second-half", labels="masks")),
+}
+
+
 def demo_names() -> list[str]:
     return list(DEMOS)
 
@@ -95,6 +125,13 @@ def demo_files(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[P
     """(weights, json) of the cached demo model ``name``."""
     folder = demo_models_dir(cache_dir)
     return folder / f"{name}.safetensors", folder / f"{name}.json"
+
+
+def method_files(name: str, method: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path, Path]:
+    """(learned parts, recipe, json) of demo method ``method`` on the cached demo model ``name``."""
+    stem = demo_models_dir(cache_dir) / f"{name}.{method}"
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".yaml"), \
+        stem.with_name(stem.name + ".json")
 
 
 def describe(model, spec: DemoSpec) -> None:

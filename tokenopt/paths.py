@@ -2,7 +2,7 @@
 
     cache_root()          $TOKENOPT_CACHE, else $XDG_CACHE_HOME/tokenopt, else ~/.cache/tokenopt
     native_build_dir()    <cache>/native   compiled merge steps (tokenopt.ops.native)
-    demo_models_dir()     <cache>/demos    trained demo ViTs (tokenopt.demo trains, tokenopt.sources loads)
+    demo_models_dir()     <cache>/demos    retrained demo ViTs and parts (tokenopt.demo trains, tokenopt.sources loads)
 
 The environment is read at every call, so a test or a script can point the cache elsewhere.
 """

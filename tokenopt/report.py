@@ -152,6 +152,12 @@ def measured_token_counts(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, 
 
     ``record_of(gm).token_counts`` maps a site (a block) to the node holding its (B,) counts.
     """
+    return {block: float(v.float().mean()) for block, v in token_counts_per_image(gm, batch).items()}
+
+
+def token_counts_per_image(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, torch.Tensor]:
+    """The (B,) tokens of each image of ``batch`` after each layer that records a per-image count
+    (a gate keeps a different number per image); empty when no layer does."""
     present = {n.name for n in gm.graph.nodes}      # a count node cleaned away since has nothing to measure
     wanted = {name: site.block for site, name in getattr(record_of(gm), "token_counts", {}).items() if name in present}
     if not wanted:
@@ -163,7 +169,7 @@ def measured_token_counts(gm: fx.GraphModule, batch: torch.Tensor) -> dict[int, 
             values = values_at(gm, wanted, *Example.of(batch).positional(gm))
     finally:
         gm.train(was_training)
-    return {wanted[name]: float(torch.as_tensor(v).float().mean()) for name, v in values.items()}
+    return {wanted[name]: torch.as_tensor(v).reshape(-1) for name, v in values.items()}
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Commands that measure on data: ``tokenopt eval`` (accuracy next to GFLOPs, sweeps), ``tokenopt probe``
-(ToFu's per-block linearity, written out as a recipe) and ``tokenopt demo`` (trains the demo ViTs
-once, then compares the shipped recipes on them).
+(ToFu's per-block linearity, written out as a recipe) and ``tokenopt demo`` (compares the shipped
+recipes on the demo ViTs, shipped trained with their ToSA selectors and SPA gates; ``--retrain`` trains them).
 """
 from __future__ import annotations
 
@@ -267,66 +267,113 @@ DEMO_RECIPES = ("tome-r8", "tome-r13", "tome-decreasing", "tofu-r8", "tofu-r13",
 @user_errors
 def demo(
     cache_dir: Annotated[Optional[Path], typer.Option(
-        "--cache-dir", help="Where trained demo weights are kept (default: $TOKENOPT_CACHE or ~/.cache/tokenopt).")] = None,
-    retrain: Annotated[bool, typer.Option("--retrain", help="Train again even if cached weights exist.")] = False,
+        "--cache-dir", help="Where retrained demo weights are kept (default: $TOKENOPT_CACHE or ~/.cache/tokenopt).")] = None,
+    retrain: Annotated[bool, typer.Option(
+        "--retrain", help="Train the demo ViTs and their selectors and gates again (minutes), into the cache, "
+                          "instead of using the shipped weights.")] = False,
     recipes: Annotated[Optional[list[str]], typer.Option(
-        "--recipe", "-r", metavar="RECIPE", help="Recipes to apply (repeatable; default: the shipped ToMe/ToFu ones).")] = None,
+        "--recipe", "-r", metavar="RECIPE",
+        help="Recipes to apply (repeatable; default: the shipped ToMe/ToFu ones and the demo's trained ToSA/SPA).")] = None,
     models: Annotated[Optional[list[str]], typer.Option(
         "--model", "-m", metavar="NAME", help="Demo models: digits, digits-clutter (default: both).")] = None,
     batch_size: BatchOpt = 64,
 ) -> None:
-    """Train (once, cached) the embedded demo ViTs on bundled digits, apply recipes, compare them.
+    """Compare token reduction methods on the embedded demo ViTs (shipped trained weights; --retrain trains them).
 
-    Prints, per demo model: recipe, GFLOPs, img/s, speedup over the original (same run), top-1
-    on the fixed test split, and the drop in points.
+    Prints, per demo model as soon as it is measured: recipe, GFLOPs, img/s, speedup over the
+    original (same run), top-1 on the fixed test split, the drop in points, and for a recipe that
+    keeps a different number of tokens per image, the tokens kept per image (min/mean/max).
     """
-    import warnings
-
-    from rich.table import Table
-
-    from tokenopt import evaluation as ev
-    from tokenopt.data import get_dataset, get_loader
     from tokenopt.demo import demo_model, demo_names
-    from tokenopt.flops import count_flops
+    from tokenopt.demo_methods import methods_of
     from tokenopt.paths import SHIPPED_RECIPES
-    from tokenopt.pipeline import optimize
     from tokenopt.recipe import load_recipe
-    from tokenopt.timing import interleaved_throughput
 
     names = models or demo_names()
     bad = [n for n in names if n not in demo_names()]
     if bad:
         raise TokenoptError(f"unknown demo model {bad[0]!r}: choose from {', '.join(demo_names())}")
     shipped = SHIPPED_RECIPES
-    paths = [Path(r) if Path(r).exists() else shipped / f"{r}.yaml" for r in (recipes or DEMO_RECIPES)]
+    default = list(DEMO_RECIPES) + list(dict.fromkeys(m.recipe for n in names for m in methods_of(n)))
+    paths = [Path(r) if Path(r).exists() else shipped / f"{r}.yaml" for r in (recipes or default)]
     missing = [p for p in paths if not p.exists()]
     if missing:
         raise TokenoptError(f"recipe not found: {missing[0]}  (shipped: "
                             f"{', '.join(sorted(p.stem for p in shipped.glob('*.yaml')))})")
-    loaded = [(p.stem, load_recipe(p)) for p in paths]
+    # a shipped recipe that is one of the demo's methods runs with its trained parts; a file of the user's does not
+    loaded = [(p.stem, load_recipe(p), p.resolve() == (shipped / f"{p.stem}.yaml").resolve()) for p in paths]
     out = console()
     for name in names:
-        model, info = demo_model(name, cache_dir=cache_dir, force=retrain)
-        test = get_dataset(info.get("dataset", name), "test", model=model)
-        train = get_dataset(info.get("dataset", name), "train", model=model)
-        loader = get_loader(test, 256, train=False)
-        example = first_images(test, 2)
-        calib = first_images(train, 64)
-        variants = {"original": model}
-        with status(f"{name}: applying {len(loaded)} recipes"), warnings.catch_warnings():
+        with status(f"{name}: {'training' if retrain else 'loading'} the demo model"):
+            model, info = demo_model(name, cache_dir=cache_dir, force=retrain)
+        out.print(_demo_table(name, model, info, loaded, cache_dir, retrain, batch_size))
+
+
+def _demo_table(name: str, model, info: dict, loaded: list, cache_dir, retrain: bool, batch_size: int):
+    """The table of one demo model: every recipe applied (a demo method: with its trained parts) and measured."""
+    import warnings
+
+    from rich.table import Table
+
+    from tokenopt import evaluation as ev
+    from tokenopt.data import get_dataset, get_loader
+    from tokenopt.demo_methods import demo_method, method_spec
+    from tokenopt.flops import count_flops
+    from tokenopt.pipeline import optimize
+    from tokenopt.report import token_counts_per_image
+    from tokenopt.timing import interleaved_throughput
+
+    test = get_dataset(info.get("dataset", name), "test", model=model)
+    loader = get_loader(test, 256, train=False)
+    example = first_images(test, 2)
+    images = first_images(test, len(test))
+    variants, trained = {"original": model}, {}
+    for stem, rec, is_shipped in loaded:
+        if is_shipped and method_spec(name, stem) is not None:
+            with status(f"{name}: {'training' if retrain else 'loading'} the {stem} parts"):
+                variants[stem], trained[stem] = demo_method(name, model, stem, example, cache_dir=cache_dir,
+                                                            force=retrain)
+            continue
+        with status(f"{name}: applying {stem}"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for stem, rec in loaded:
-                variants[stem] = optimize(model, rec, example, calibration=calib, report=False)
-        with status(f"{name}: evaluating on {len(test)} test images"):
-            acc = ev.evaluate_many(variants, loader)
-        with status(f"{name}: timing (batch {batch_size}, eager)"):
-            speed = interleaved_throughput(variants, first_images(test, batch_size), rounds=5)
-        t = Table(title=f"demo:{name} ({len(test)} test images, eager batch {batch_size})",
-                  caption=info.get("arch", ""))
-        for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop (points)"):
-            t.add_column(col, justify="left" if col == "recipe" else "right")
-        ref_acc, ref_speed = acc["original"]["top1"], speed["original"]
-        for k, m in variants.items():
-            t.add_row(k, f"{count_flops(m, example[:1]) / 1e9:.4f}", f"{speed[k]:.0f}", f"{speed[k] / ref_speed:.2f}x",
-                      _pct(acc[k]["top1"]), "" if k == "original" else f"{100 * (ref_acc - acc[k]['top1']):.1f}")
-        out.print(t)
+            calib = first_images(get_dataset(info.get("dataset", name), "train", model=model), 64) \
+                if _needs_calibration(rec) else None
+            variants[stem] = optimize(model, rec, example, calibration=calib, report=False)
+    with status(f"{name}: evaluating on {len(test)} test images"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # a user's recipe with untrained parts: its row shows the cost
+        acc = ev.evaluate_many(variants, loader)
+        kept = {k: token_counts_per_image(m, images) for k, m in variants.items() if k != "original"}
+        flops = {k: count_flops(m, images[:16]) / 16 for k, m in variants.items()}   # a mean: counts vary per image
+    with status(f"{name}: timing (batch {batch_size}, eager)"):
+        speed = interleaved_throughput(variants, first_images(test, batch_size), rounds=5)
+    notes = [info.get("arch", ""), "GFLOPs: multiply-accumulates per image (mean of 16 test images)."]
+    if trained:
+        where = {stem: "shipped" if i.get("shipped") else ("retrained" if retrain else "cached")
+                 for stem, i in trained.items()}
+        notes.append("Trained parts: " + ", ".join(f"{stem} ({w})" for stem, w in where.items()) + ".")
+    if any(kept.values()):
+        notes.append(f"tokens kept/img: of the {_tokens_of(variants)} per image, those that run a gated block "
+                     f"(mean over those blocks), min / mean / max over the {len(test)} test images.")
+    t = Table(title=f"demo:{name} ({len(test)} test images, eager batch {batch_size})", caption="\n".join(notes))
+    for col in ("recipe", "GFLOPs", "img/s", "speedup", "top-1 %", "drop (points)", "tokens kept/img"):
+        t.add_column(col, justify="left" if col == "recipe" else "right")
+    ref_acc, ref_speed = acc["original"]["top1"], speed["original"]
+    for k, m in variants.items():
+        t.add_row(k, f"{flops[k] / 1e9:.4f}", f"{speed[k]:.0f}", f"{speed[k] / ref_speed:.2f}x", _pct(acc[k]["top1"]),
+                  "" if k == "original" else f"{100 * (ref_acc - acc[k]['top1']):.1f}", _kept(kept.get(k)))
+    return t
+
+
+def _tokens_of(variants: dict) -> str:
+    """The tokens per image the first block sees, from the analysis an optimized variant records."""
+    analysis = next((getattr(record_of(m), "analysis", None) for k, m in variants.items() if k != "original"), None)
+    return str(analysis.blocks[0].tokens) if analysis is not None and analysis.blocks else "?"
+
+
+def _kept(counts) -> str:
+    """min/mean/max over images of the tokens each image keeps, averaged over the layers that keep a varying count."""
+    if not counts:
+        return ""
+    import torch
+    per_image = torch.stack([v.float() for v in counts.values()]).mean(0)
+    return f"{per_image.min():.0f} / {per_image.mean():.1f} / {per_image.max():.0f}"

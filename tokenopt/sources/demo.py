@@ -1,15 +1,17 @@
-"""``demo:NAME``: a trained demo ViT, read from the cache; loading never trains.
+"""``demo:NAME``: a trained demo ViT, read from the cache or the package's shipped weights; loading never trains.
 
-Training is ``tokenopt demo`` (or :func:`tokenopt.demo.demo_model`): loading a model must not
-start minutes of work, and a model that is missing or stale is a user error that says so. The
-registry of demo models is :mod:`tokenopt.demo_specs`; an entry trained from another spec is
-stale and not used.
+The cache (what ``tokenopt demo --retrain`` wrote) comes first, then the weights shipped in the
+package (:mod:`tokenopt.demo_shipped`, sha256-checked). Training is ``tokenopt demo`` (or
+:func:`tokenopt.demo.demo_model`): loading a model must not start minutes of work, and a model
+that is missing or stale is a user error that says so. The registry of demo models is
+:mod:`tokenopt.demo_specs`; weights trained from another spec are stale and not used.
 """
 from __future__ import annotations
 
 import json
 import os
 
+from tokenopt import demo_shipped
 from tokenopt.demo_specs import DEMOS, demo_files, describe
 from tokenopt.errors import ModelLoadError
 from tokenopt.generation.specs import GENERATORS, load_generator
@@ -38,12 +40,12 @@ class DemoSource(Source):
 
 
 def load_demo(name: str):
-    """The trained demo model ``name`` (eval mode) from the cache, or a message saying how to train it."""
+    """The trained demo model ``name`` (eval mode) from the cache or the package, or a message saying how to train it."""
     if name in GENERATORS:   # the demo diffusion models: their own registry and cache entries
         return load_generator(name)
     if name not in DEMOS:
         raise ModelLoadError(f"unknown demo model '{name}': choose one of {', '.join([*DEMOS, *GENERATORS])}")
-    found = cached_demo(name)
+    found = find_demo(name)
     if found is None:
         weights, _ = demo_files(name)
         raise ModelLoadError(
@@ -51,6 +53,28 @@ def load_demo(name: str):
             f"  Run `tokenopt demo --model {name}` first: it trains the demo model once (a few CPU minutes) "
             "and caches it under $TOKENOPT_CACHE (default ~/.cache/tokenopt).")
     return found[0]
+
+
+def find_demo(name: str, cache_dir: str | os.PathLike | None = None):
+    """The demo model ``name`` and its info dict from the cache, else from the shipped weights; None if neither
+    was trained from its current spec."""
+    return cached_demo(name, cache_dir) or shipped_demo(name)
+
+
+def shipped_demo(name: str):
+    """The demo model ``name`` (eval mode) and its info dict from the package data, if it ships for the current
+    spec. A shipped file that fails its sha256 check is a ModelLoadError: the install is damaged."""
+    spec = DEMOS[name]
+    entry = demo_shipped.model_entry(name, spec.digest())
+    if entry is None:
+        return None
+    info = dict(entry["info"])
+    model = build_arch(info["arch"])[0]
+    model.load_state_dict(demo_shipped.read_state(entry["file"]))
+    describe(model, spec)
+    info["weights"] = str(demo_shipped.SHIPPED_DIR / entry["file"])
+    info["shipped"] = True
+    return model.eval(), info
 
 
 def cached_demo(name: str, cache_dir: str | os.PathLike | None = None):
