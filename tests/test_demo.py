@@ -307,3 +307,15 @@ def test_demo_prints_the_trained_methods_and_tokens_kept_per_image(shipped_tiny,
     caption = " ".join(res.output.split())      # the caption wraps at the table's width
     assert "Trained parts: tosa-keep50 (shipped), spa-bypass-second-half (shipped)." in caption
     assert "tokens kept/img: of the 5 per image, those that run a gated block" in caption
+
+
+def test_the_demos_run_by_default_are_the_ones_shipped_trained():
+    """`tokenopt demo` without --model must not train anything: every default demo ships its weights."""
+    from tokenopt import demo_shipped
+    from tokenopt.demo_specs import DEMOS, MAIN_DEMOS
+
+    assert set(MAIN_DEMOS) <= set(DEMOS)
+    for name in MAIN_DEMOS:
+        assert demo_shipped.model_entry(name, DEMOS[name].digest()) is not None, name
+    unshipped = [n for n in DEMOS if demo_shipped.model_entry(n, DEMOS[n].digest()) is None]
+    assert unshipped and not set(unshipped) & set(MAIN_DEMOS)

@@ -117,6 +117,11 @@ DEMO_METHODS: dict[str, tuple[MethodSpec, ...]] = {
 }
 
 
+# What `tokenopt demo` runs when no --model is given: the two ViTs it ships trained. The others
+# (size-varying clutter, the demo Swin) are trained on request, `tokenopt demo -m NAME`.
+MAIN_DEMOS = ("digits", "digits-clutter")
+
+
 def demo_names() -> list[str]:
     return list(DEMOS)
 

@@ -275,7 +275,8 @@ def demo(
         "--recipe", "-r", metavar="RECIPE",
         help="Recipes to apply (repeatable; default: the shipped ToMe/ToFu ones and the demo's trained ToSA/SPA).")] = None,
     models: Annotated[Optional[list[str]], typer.Option(
-        "--model", "-m", metavar="NAME", help="Demo models: digits, digits-clutter (default: both).")] = None,
+        "--model", "-m", metavar="NAME", help="Demo models (repeatable): digits, digits-clutter (the default: both, shipped trained), "
+                                        "digits-clutter-sizes, swin-clutter-sizes (trained on first use).")] = None,
     batch_size: BatchOpt = 64,
 ) -> None:
     """Compare token reduction methods on the embedded demo ViTs (shipped trained weights; --retrain trains them).
@@ -289,7 +290,9 @@ def demo(
     from tokenopt.paths import SHIPPED_RECIPES
     from tokenopt.recipe import load_recipe
 
-    names = models or demo_names()
+    from tokenopt.demo_specs import MAIN_DEMOS
+
+    names = models or list(MAIN_DEMOS)
     bad = [n for n in names if n not in demo_names()]
     if bad:
         raise TokenoptError(f"unknown demo model {bad[0]!r}: choose from {', '.join(demo_names())}")
