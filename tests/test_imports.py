@@ -36,8 +36,9 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy",
                      "tokenopt.check", "tokenopt.calling")),   # all run or compare what the pipeline made
     (6, "train", ("tokenopt.train", "tokenopt.demo")),      # demo trains the demo models
-    (7, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
-    (8, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline
+    (7, "tune", ("tokenopt.tune",)),     # searches recipes: builds, times and judges what the pipeline makes
+    (8, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
+    (9, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline
 ]
 
 PACKAGE_DIR = Path(tokenopt.__file__).resolve().parent
