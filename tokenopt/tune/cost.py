@@ -30,7 +30,7 @@ from tokenopt.ops.matching import max_reduction
 from tokenopt.paths import cache_root
 from tokenopt.tune.search import Cost, Schedule
 
-COST_VERSION = 2
+COST_VERSION = 3
 
 
 @dataclass
@@ -51,6 +51,8 @@ class CostTable:
     overhead: dict[str, list[float]] = field(default_factory=dict)   # method -> [a, b]: a + b * n seconds
     # the blocks timed alone, brought to their time inside the rewritten model (fit_whole_model)
     block_scale: float = 1.0
+    # "measured": attn/block hold seconds timed here; "flops": they hold GFLOPs (the timings were noise)
+    basis: str = "measured"
 
     # -- prediction -------------------------------------------------------------------------------
     def _at(self, values: list[float], n: float) -> float:
@@ -236,6 +238,13 @@ def fit_whole_model(table: CostTable, measured: list[tuple[Schedule, float]], me
     coef = _nonnegative_least_squares(rows, ys)
     table.fixed_seconds, table.block_scale = coef[0], coef[1]
     table.overhead = {m: [0.0, c] for m, c in zip(methods, coef[2:])}
+    if table.basis == "measured" and not 0.5 <= table.block_scale <= 2.0:
+        # the blocks timed alone disagree with the whole models by more than 2x: the machine was too busy
+        # for short timings to mean anything. Price the blocks by their FLOPs instead, scaled to the
+        # whole models (timed as ratios to the original in the same rounds, which survive the load)
+        table.basis = "flops"
+        table.attn, table.block = table.attn_gflops, table.block_gflops
+        fit_whole_model(table, measured, methods)
 
 
 def _nonnegative_least_squares(rows: list[list[float]], ys: list[float]) -> list[float]:
