@@ -164,7 +164,7 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
     fastest = [space.normalize((m, space.tokens) for _ in range(L)) for m in chosen_methods]
     best_fast = max(fastest, key=lambda s: table.predict(s).speedup)
     if not met(table.predict(best_fast), SLACK):
-        _raise_unreachable(budget, model, build(best_fast), best_fast, batch, judge(best_fast), ref.score_name, table,
+        _check_reachable(budget, model, build(best_fast), best_fast, batch, judge(best_fast), ref.score_name, table,
                            timed, table.predict(best_fast).gflops, slack=SLACK)
 
     # -- search ------------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def _references(model, methods: dict, build, images, space: Space, ref) -> dict:
     return out
 
 
-def _raise_unreachable(budget, model, fastest_model, fastest: Schedule, batch, judged: Judged, score_name: str,
+def _check_reachable(budget, model, fastest_model, fastest: Schedule, batch, judged: Judged, score_name: str,
                        table, timed, gflops: float, slack: float):
     """The cost model says even the fastest schedule misses ``budget``: time it, and unless it makes the
     budget after all, refuse with what it reached."""

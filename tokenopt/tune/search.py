@@ -13,8 +13,9 @@ Three stages, each recording every schedule it judged:
 2. greedy: from no reduction, the move (add ``step`` tokens at one layer, with one method) that buys
    the most predicted speed per unit of loss, until the budget is met with some margin;
 3. local refinement from the best schedule that meets the budget: move tokens from one layer to
-   another, switch a layer's method, or take tokens back, keeping the first change that lowers the
-   loss; until a whole round of moves finds none or the judging budget is spent.
+   another, switch a layer's method, or take tokens back (repaired, when that misses the budget, by
+   the fewest tokens added at one other layer), keeping the first change that lowers the loss; until
+   a whole round of moves finds none or the judging budget is spent.
 
 Deterministic under a seed: the seed only orders the refinement's moves.
 """
@@ -194,36 +195,57 @@ class Searcher:
 
     # -- stage 3 ------------------------------------------------------------------------------------
     def neighbours(self, s: Schedule) -> list[Schedule]:
+        """Schedules one move away that meet the budget: move tokens from one layer to another, switch a
+        layer's method, take tokens back; a move that falls short of the budget is repaired by adding the
+        fewest tokens at one other layer that make it up. Those that need no repair come first, each
+        group in the seed's order."""
         L, d = self.space.layers, self.space.step()
+        sizes = sorted({1, max(1, d // 2), d})
         out = []
         for i in range(L):
-            for j in range(L):
-                if i != j and s[i][1] > 0:
-                    for k in sorted({1, max(1, d // 2), d}):
-                        mi, ri = s[i]
-                        mj = s[j][0] or mi
-                        t = list(s)
-                        t[i], t[j] = (mi, ri - k), (mj, s[j][1] + k)
-                        out.append(tuple(t))
             m, r = s[i]
             if r > 0:
-                out += [s[:i] + ((other, r),) + s[i + 1:] for other in self.space.methods if other != m]
-                out += [s[:i] + ((m, r - k),) + s[i + 1:] for k in sorted({1, max(1, d // 2)}) if k <= r]
-        seen, unique = {s}, []
+                for j in range(L):
+                    if i != j:
+                        out += [_set(_set(s, i, m, r - k), j, s[j][0] or m, s[j][1] + k) for k in sizes if k <= r]
+                out += [_set(s, i, other, r) for other in self.space.methods if other != m]
+                out += [_set(s, i, m, r - k) for k in sizes if k <= r]
+        seen, direct, repaired = {s}, [], []
         for t in (self.space.normalize(t) for t in out):
-            if t not in seen:
-                seen.add(t)
-                unique.append(t)
-        self.rng.shuffle(unique)
-        return unique
+            if t in seen:
+                continue
+            seen.add(t)
+            if self.met(self.cost(t)):
+                direct.append(t)
+                continue
+            for j in range(L):
+                for fixed in self._repairs(t, j):
+                    if fixed not in seen:
+                        seen.add(fixed)
+                        repaired.append(fixed)
+        self.rng.shuffle(direct)
+        self.rng.shuffle(repaired)
+        return direct + repaired
+
+    def _repairs(self, t: Schedule, j: int) -> list[Schedule]:
+        """``t`` with the fewest tokens added at layer ``j`` (with each method, if it has none) that meet the
+        budget; none if no count there does."""
+        found = []
+        for m in ([t[j][0]] if t[j][1] else self.space.methods):
+            for extra in range(1, self.space.tokens):
+                u = self.space.normalize(_set(t, j, m, t[j][1] + extra))
+                if u[j][1] < t[j][1] + extra:      # capped: more tokens at j do not exist
+                    break
+                if self.met(self.cost(u)):
+                    found.append(u)
+                    break
+        return found
 
     def refine(self) -> None:
         cur = self.best()
         while cur is not None:
             improved = False
             for s in self.neighbours(cur.schedule):
-                if not self.met(self.cost(s)):
-                    continue
                 p = self.judge(s, "refine")
                 if p is None:
                     return
@@ -238,6 +260,10 @@ class Searcher:
         self.greedy()
         self.refine()
         return list(self.points.values())
+
+
+def _set(s: Schedule, i: int, method: str, r: int) -> Schedule:
+    return s[:i] + ((method, r),) + s[i + 1:]
 
 
 def search(space: Space, predict, judge, met, **kwargs) -> list[Point]:
