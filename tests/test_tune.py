@@ -240,6 +240,18 @@ def test_cli_unparsable_budget_exits_2_before_loading_anything(tmp_path):
 
 
 def test_cli_unreachable_budget_says_the_fastest_measured(tiny_vit_spec, cache, tmp_path):
+    """The cost table comes from the cache (written here, so the test times no blocks); the fastest
+    schedule is then timed for real before the refusal."""
+    import dataclasses
+    import json
+
+    from tokenopt import sources
+    from tokenopt.tune.cost import cache_path
+
+    model, _ = sources.load_model(tiny_vit_spec, None, False)
+    path = cache_path(model, torch.zeros(8, 3, 32, 32), 8, False)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(dataclasses.asdict(synthetic_table(overhead={"tome": [0.0, 0.0]}))))
     out = tmp_path / "t.yaml"
     r = runner.invoke(app, ["tune", tiny_vit_spec, "--data", "digits", "--budget", "speed=50", "-o", str(out),
                             "--batch-size", "8", "--images", "32", "--methods", "tome"])
