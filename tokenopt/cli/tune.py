@@ -58,7 +58,7 @@ def tune_(
     compile_: Annotated[bool, typer.Option("--compile", help="Time torch.compile'd models (CPU builds take "
                                                              "minutes).")] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the calibration sample and the search.")] = 0,
-    images: Annotated[int, typer.Option("--images", min=2, help="Calibration images to judge quality on.")] = 256,
+    images: Annotated[int, typer.Option("--images", min=32, help="Calibration images to judge quality on.")] = 256,
     seconds: Annotated[float, typer.Option("--search-seconds", min=1, help="Time limit of the search.")] = 120,
     compare: Annotated[bool, typer.Option("--compare/--no-compare",
                                           help="Time the shipped recipes and constant-r schedules too (the plot).")] = True,

@@ -215,7 +215,8 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
         speed = _speeds(model, {**models, **{k: m for k, (m, _) in extra.items()}}, batch, timed)
         for k, (m, (kind, j)) in extra.items():
             measured.append(Measured(k, speed[k], count_flops(m, images[:1]) / 1e9, j, None, kind))
-        this = [Measured(describe(p.schedule), speed[describe(p.schedule)], p.cost.gflops, p.judged, p.cost.speedup)
+        this = [Measured(describe(p.schedule), speed[describe(p.schedule)],
+                         count_flops(models[describe(p.schedule)], images[:1]) / 1e9, p.judged, p.cost.speedup)
                 for p in pool]
         measured += this
         ok = [(p, m) for p, m in zip(pool, this) if budget.met(m.speedup, table.base_seconds, m.gflops, SLACK)]
