@@ -196,8 +196,10 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
         def corrected(c: Cost) -> bool:
             return met(_scaled(c, correction))
 
-        pool = _pool(points, tried, corrected)
-        if not pool:
+        # once a schedule meets the budget for real, only one of lower loss is worth timing
+        bar = chosen[0].judged.loss if chosen else None
+        pool = _pool(points, tried, corrected, bar)
+        if not pool and chosen is None:
             # the predictions were optimistic past every schedule judged: a few more greedy moves from the
             # best, whatever the time limit said
             searcher.met, searcher.out_of_time = corrected, (lambda: False)
@@ -205,7 +207,7 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
             searcher.max_judged = len(searcher.points) + 8
             searcher.greedy(start=best)
             points = list(searcher.points.values())
-            pool = _pool(points, tried, corrected)
+            pool = _pool(points, tried, corrected, bar)
         if not pool:
             break
         say(f"timing the {len(pool)} best schedules against the original")
@@ -220,11 +222,14 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
                 for p in pool]
         measured += this
         ok = [(p, m) for p, m in zip(pool, this) if budget.met(m.speedup, table.base_seconds, m.gflops, SLACK)]
-        if ok:
+        if ok and (chosen is None or ok[0][0].judged.loss < chosen[0].judged.loss):
             chosen = ok[0]
-            break
-        # the model was optimistic here: ask the predictions for the speed they missed by
+        # ask the predictions for the speed they missed (or gave away) here
         correction *= statistics.median(m.speedup / m.predicted for m in this)
+        faster_than_asked = chosen and budget.kind != "gflops" and \
+            budget.met(chosen[1].speedup, table.base_seconds, chosen[1].gflops, slack=-SLACK)
+        if chosen and not faster_than_asked:
+            break    # met, and not by more than the slack: no speed left to trade back for quality
     if chosen is None:
         tuned = [m for m in measured if m.kind == "tuned"]
         top = max(tuned, key=lambda m: m.speedup, default=None)
@@ -238,9 +243,11 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
                       cost_.device_name(batch.device), "compiled" if compile else "eager", len(images), notes)
 
 
-def _pool(points: list[Point], tried: set, met, size: int = 3) -> list[Point]:
-    """The ``size`` lowest-loss schedules not timed yet that meet the budget by ``met``."""
-    return sorted((p for p in points if p.schedule not in tried and met(p.cost)),
+def _pool(points: list[Point], tried: set, met, below: float | None, size: int = 3) -> list[Point]:
+    """The ``size`` lowest-loss schedules not timed yet that meet the budget by ``met`` (and have a loss
+    ``below`` that one's, when given)."""
+    return sorted((p for p in points if p.schedule not in tried and met(p.cost) and (below is None or
+                                                                                      p.judged.loss < below)),
                   key=lambda p: (p.judged.loss, -p.cost.speedup))[:size]
 
 
