@@ -34,6 +34,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
 
     from tokenopt import evaluation as ev
+    from tokenopt.errors import TokenoptError
     from tokenopt.data import get_dataset, get_loader
     from tokenopt.demo import demo_model
     from tokenopt.paths import SHIPPED_RECIPES
@@ -53,15 +54,21 @@ def main() -> None:
         tuned, results = {}, {}
         for speed in speeds:
             t = time.perf_counter()
-            res = tune(model, name, f"speed={speed}", batch_size=args.batch_size, compare=False,
-                       search_seconds=args.search_seconds)
+            try:
+                res = tune(model, name, f"speed={speed}", batch_size=args.batch_size, compare=False,
+                           search_seconds=args.search_seconds)
+            except TokenoptError as e:
+                print(f"demo:{name} speed={speed}: failed after {time.perf_counter() - t:.0f} s: {e}")
+                continue
             results[speed] = res
             tuned[f"tuned speed={speed}"] = optimize(model, res.recipe, x[:2], report=False)
             print(f"demo:{name} speed={speed}: tuned in {time.perf_counter() - t:.0f} s "
                   f"({len(res.points)} schedules judged), {describe(res.schedule)}; at tune time "
                   f"{res.chosen.speedup:.2f}x measured, {res.chosen.predicted:.2f}x predicted"
                   + ("; " + "; ".join(res.notes) if res.notes else ""))
-        table = results[speeds[0]].table
+        if not results:
+            continue
+        table = next(iter(results.values())).table
         methods = choose(None)
         shipped = {}
         for path in sorted(SHIPPED_RECIPES.glob("*.yaml")):

@@ -195,7 +195,8 @@ def cache(tmp_path, monkeypatch):
 def tiny():
     import timm
     torch.manual_seed(0)
-    return timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10).eval()
+    return timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                             num_classes=10).eval()
 
 
 def test_tune_meets_a_flops_budget_and_writes_its_outputs(tiny, cache, tmp_path):
@@ -203,8 +204,18 @@ def test_tune_meets_a_flops_budget_and_writes_its_outputs(tiny, cache, tmp_path)
     from tokenopt.flops import count_flops
     from tokenopt.tune import output
 
+    from tokenopt.analysis import analyse
+    from tokenopt.tune.cost import cache_path, measure_table, save_cached
+
     images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     full = count_flops(tiny, images[:1]) / 1e9
+    # the block table measured for real (one round: this test checks what tune does with it, not the
+    # timings), the whole-model fit left out: tune reads it from the cache
+    table = measure_table(tiny, analyse(tiny, images[:2]), images[:8], rounds=1)
+    assert table.tokens[0] == 17 and len(table.block) == 2 and table.prefix == 1
+    assert table.fixed_gflops + 2 * table.block_gflops[0][0] == pytest.approx(full, rel=1e-6)
+    table.overhead = {m: [0.0, 0.0] for m in choose(None)}
+    save_cached(table, cache_path(tiny, images[:8], 8, False))
     res = tokenopt.tune(tiny, images, budget=f"gflops={0.8 * full:.6f}", batch_size=8, max_judged=10,
                         compare=False, calibration_images=48)
     assert res.score_name == "agreement" and res.calibration_images == 48

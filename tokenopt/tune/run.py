@@ -192,7 +192,7 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
     references = _references(model, chosen_methods, build, images, space, ref) if compare else {}
     chosen, measured = None, []
     correction, tried = 1.0, set()
-    for attempt in range(3):
+    for attempt in range(5):
         def corrected(c: Cost) -> bool:
             return met(_scaled(c, correction))
 
