@@ -207,7 +207,7 @@ def test_tune_meets_a_flops_budget_and_writes_its_outputs(tiny, cache, tmp_path)
     from tokenopt.analysis import analyse
     from tokenopt.tune.cost import cache_path, measure_table, save_cached
 
-    images = torch.randn(48, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     full = count_flops(tiny, images[:1]) / 1e9
     # the block table measured for real (one round: this test checks what tune does with it, not the
     # timings), the whole-model fit left out: tune reads it from the cache
@@ -216,10 +216,10 @@ def test_tune_meets_a_flops_budget_and_writes_its_outputs(tiny, cache, tmp_path)
     assert table.fixed_gflops + 2 * table.block_gflops[0][0] == pytest.approx(full, rel=1e-6)
     table.overhead = {m: [0.0, 0.0] for m in choose(None)}
     save_cached(table, cache_path(tiny, images[:8], 8, False))
-    res = tokenopt.tune(tiny, images, budget=f"gflops={0.8 * full:.6f}", batch_size=8, max_judged=10,
-                        compare=False, calibration_images=48)
-    assert res.score_name == "agreement" and res.calibration_images == 48
-    assert len(res.points) >= 10 and res.chosen.gflops <= 0.8 * full
+    res = tokenopt.tune(tiny, images, budget=f"gflops={0.8 * full:.6f}", batch_size=8, max_judged=6,
+                        compare=False, calibration_images=32)
+    assert res.score_name == "agreement" and res.calibration_images == 32
+    assert len(res.points) >= 6 and res.chosen.gflops <= 0.8 * full
     fast = tokenopt.optimize(tiny, res.recipe, images[:2])
     # the cost model's FLOPs are counted, not guessed: the rewritten model has what it predicted
     predicted = next(p.cost.gflops for p in res.points if p.schedule == res.schedule)
