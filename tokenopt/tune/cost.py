@@ -10,8 +10,8 @@ shifts them together). A reduction in layer ``i`` takes ``r_i`` tokens at the me
 
 with ``mlp = block - attn`` and ``fixed`` the rest of the model (embedding, head). Then whole rewritten
 models are timed against the original (no reduction; per method r = 1 and a larger constant r
-everywhere, and every layer reducing all it can) and fitted: ``fixed``, a scale on the blocks timed
-alone, and each method's overhead per reducing layer (:func:`fit_whole_model`).
+everywhere) and fitted: ``fixed``, a scale on the blocks timed alone, and each method's overhead per
+token it matches (:func:`fit_whole_model`).
 
 Tables are cached per device, model shape, batch size and mode under ``<cache>/tune``.
 """
@@ -30,7 +30,7 @@ from tokenopt.ops.matching import max_reduction
 from tokenopt.paths import cache_root
 from tokenopt.tune.search import Cost, Schedule
 
-COST_VERSION = 4
+COST_VERSION = 3
 
 
 @dataclass
@@ -48,8 +48,7 @@ class CostTable:
     attn_gflops: list[list[float]]
     block_gflops: list[list[float]]
     fixed_gflops: float
-    # method -> [a, b]: a + b * n seconds per reducing layer entered by n tokens (the fit sets a only)
-    overhead: dict[str, list[float]] = field(default_factory=dict)
+    overhead: dict[str, list[float]] = field(default_factory=dict)   # method -> [a, b]: a + b * n seconds
     # the blocks timed alone, brought to their time inside the rewritten model (fit_whole_model)
     block_scale: float = 1.0
     # "measured": attn/block hold seconds timed here; "flops": they hold GFLOPs (the timings were noise)
@@ -200,12 +199,11 @@ def measure_overhead(table: CostTable, original, build: Callable[[Schedule], tor
     rewritten model without reduction, and per method r = 1 everywhere (n stays high) and a constant r
     that shortens the stream (n falls). Least squares, no coefficient below 0, on
 
-        seconds = fixed + scale * blocks(schedule) + sum_m a_m * (layers reducing with m)
+        seconds = fixed + scale * blocks(schedule) + sum_m b_m * (tokens entering m's reducing layers)
 
     ``scale`` brings the blocks timed alone to their time inside the model (their inputs were random, the
-    calls that do nothing are gone from the rewritten model, the cache holds less); ``a_m`` is the
-    method's overhead per reducing layer. A third schedule per method, every layer reducing all it can,
-    anchors the fit where few tokens are left."""
+    calls that do nothing are gone from the rewritten model, the cache holds less); ``b_m`` is the
+    method's overhead per token it matches."""
     from tokenopt.timing import interleaved_times, per_round_speedup
 
     n0 = table.tokens[0]
@@ -213,7 +211,7 @@ def measure_overhead(table: CostTable, original, build: Callable[[Schedule], tor
     none = tuple(("", 0) for _ in range(layers))
     probes: dict[str, Schedule] = {"rewritten": none}
     for m in methods:
-        for r in (1, r_big, n0):
+        for r in (1, r_big):
             probes[f"{m}/{r}"] = tuple((m, r) if allowed(i) else ("", 0) for i in range(layers))
     calls = {"original": original, **{k: build(s) for k, s in probes.items()}}
     if table.compiled:
@@ -223,26 +221,23 @@ def measure_overhead(table: CostTable, original, build: Callable[[Schedule], tor
 
 
 def fit_whole_model(table: CostTable, measured: list[tuple[Schedule, float]], methods: list[str]) -> None:
-    """Set ``fixed_seconds``, ``block_scale`` and each method's overhead from (schedule, seconds) pairs.
-
-    The overhead is a constant per reducing layer: at the token counts of a ViT the matching and merging
-    cost their calls (a few dozen small ops), not their arithmetic."""
+    """Set ``fixed_seconds``, ``block_scale`` and each method's overhead from (schedule, seconds) pairs."""
     rows, ys = [], []
     for s, seconds in measured:
         table.block_scale, table.fixed_seconds, table.overhead = 1.0, 0.0, {}
         blocks = table.predict(s).seconds
-        layers = {m: 0.0 for m in methods}
+        matched = {m: 0.0 for m in methods}
         n = table.tokens[0]
         for m, r in s:
             r = min(r, max_reduction(n, table.prefix))
             if r > 0:
-                layers[m] += 1
+                matched[m] += n
             n -= r
-        rows.append([1.0, blocks] + [layers[m] for m in methods])
+        rows.append([1.0, blocks] + [matched[m] for m in methods])
         ys.append(seconds)
     coef = _nonnegative_least_squares(rows, ys)
     table.fixed_seconds, table.block_scale = coef[0], coef[1]
-    table.overhead = {m: [c, 0.0] for m, c in zip(methods, coef[2:])}
+    table.overhead = {m: [0.0, c] for m, c in zip(methods, coef[2:])}
     if table.basis == "measured" and not 0.5 <= table.block_scale <= 2.0:
         # the blocks timed alone disagree with the whole models by more than 2x: the machine was too busy
         # for short timings to mean anything. Price the blocks by their FLOPs instead, scaled to the
