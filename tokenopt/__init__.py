@@ -2,6 +2,7 @@
 
     fast = tokenopt.optimize(model, "recipe.yaml")      # any ViT class; returns an nn.Module
     print(tokenopt.record_of(fast).report)               # per-layer tokens and FLOPs
+    tuned = tokenopt.tune(model, "digits", budget="speed=1.5")   # the best recipe for a budget
     tokenopt.save(fast, "model.tokenopt.pt"); tokenopt.load("model.tokenopt.pt")
 """
 from tokenopt.errors import TokenoptError
@@ -39,7 +40,10 @@ def __getattr__(name: str):
     if name == "Example":
         from tokenopt.analysis.example import Example
         return Example
+    if name == "tune":   # tokenopt.tune(model, data, budget=...): loaded on first use (it needs the pipeline)
+        from tokenopt.tuning.run import tune
+        return tune
     raise AttributeError(f"module 'tokenopt' has no attribute {name!r}")
 
 
-__all__ = ["Example", "Record", "TokenoptError", "optimize", "record_of", "save", "load", "unmerge", "__version__"]
+__all__ = ["Example", "Record", "TokenoptError", "optimize", "record_of", "save", "load", "tune", "unmerge", "__version__"]

@@ -4,6 +4,7 @@
     tokenopt validate recipe.yaml [MODEL]
     tokenopt inspect model.tokenopt.pt --graph svg -o graph.svg
     tokenopt eval | probe | demo | train ...
+    tokenopt tune MODEL --data DATA --budget speed=1.5 -o tuned.yaml
     tokenopt export model.tokenopt.pt -o model.pt2 [--format onnx]
     tokenopt generate demo:digits-dit --class 3 -o grid.png
 
@@ -14,6 +15,7 @@
     cli/train.py      train
     cli/export.py     export
     cli/generate.py   generate (samples of a class-conditional generator)
+    cli/tune.py       tune
 
 Verb modules import ``common`` and never each other or this module; registering their commands
 here is the only place they meet. Every user error (a :class:`~tokenopt.errors.TokenoptError`) ends
@@ -28,7 +30,7 @@ from typing import Annotated
 
 import typer
 
-from tokenopt.cli import apply, export, generate, inspect, measure, train
+from tokenopt.cli import apply, export, generate, inspect, measure, train, tune
 from tokenopt.cli.common import error
 from tokenopt.errors import TokenoptError
 from tokenopt.version import __version__
@@ -53,6 +55,7 @@ app.command("demo")(measure.demo)
 app.command("train")(train.train_)
 app.command("export")(export.export)
 app.command("generate")(generate.generate)
+app.command("tune")(tune.tune_)
 
 
 def _version_callback(value: bool) -> None:

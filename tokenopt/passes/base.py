@@ -96,6 +96,14 @@ class Pass:
         returning the recipe rules of that point. Empty for passes that have no single knob r."""
         return {}
 
+    @classmethod
+    def tune_methods(cls) -> dict:
+        """The per-layer choices ``tokenopt tune`` may make with this pass: method name -> a function of
+        ``(layers, rs)`` (block indices, one r each) returning the recipe rule that reduces those layers.
+        Only training-free reductions that shorten the token stream belong here (the tuner's cost model
+        prices a block by the tokens it runs on). Empty: the tuner never picks this pass."""
+        return {}
+
     def probe(self, model, analysis, images, r: int, threshold: float | None):
         """A per-block measurement that writes a recipe (``tokenopt probe``): a `Probe`, or
         None for passes without one."""

@@ -66,6 +66,14 @@ class ToFu(ToMe):
                                {"pass": "tofu", "layers": "second-half", "r": r, "op": "mlerp"}],
             "tofu-mlerp": rule(op="mlerp"), "tofu-prune": rule(op="prune"), "tofu-auto": rule(op="auto")}
 
+    @classmethod
+    def tune_methods(cls) -> dict:
+        # the tuner chooses prune or MLERP per layer by measuring quality, so op: auto is not a choice
+        def rule(op):
+            return lambda layers, rs: {"pass": "tofu", "layers": list(layers), "r": list(rs), "op": op}
+
+        return {"tofu-prune": rule("prune"), "tofu-mlerp": rule("mlerp")}
+
     def probe(self, model, analysis, images, r: int, threshold: float | None) -> Probe:
         """Each block's linearity error on ``images``; blocks at or above ``threshold`` (default: the
         median) prune, the others merge with MLERP: the recipe ``op: auto`` would plan."""

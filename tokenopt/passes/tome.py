@@ -90,6 +90,12 @@ class ToMe(Pass):
     def sweep_curves(cls) -> dict:
         return {"tome": lambda r: [{"pass": "tome", "r": r}]}
 
+    @classmethod
+    def tune_methods(cls) -> dict:
+        # stream-level only: the op-level placement keeps every token between blocks and pays a merge
+        # and an unmerge around each op, which the tuner's per-token-count cost model does not price
+        return {"tome": lambda layers, rs: {"pass": "tome", "layers": list(layers), "r": list(rs)}}
+
     def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list:
         if options.placement == "op":
             return [op_params(options)] * n_layers

@@ -1,0 +1,131 @@
+"""tokenopt tune against the shipped recipes and constant-r ToMe, on both demo ViTs.
+
+    python benchmarks/bench_tune.py                         # both demo models, speed=1.5 and 2.0, eager batch 64
+    python benchmarks/bench_tune.py --model digits --speeds 1.5 --threads 2
+
+Per model: tune at each speed (calibration: a seeded sample of the train split; the tune time printed),
+then one interleaved timing session of the original, the tuned recipes, every shipped ToMe/ToFu recipe,
+constant-r ToMe over its range and 10 random schedules (the cost model's prediction error), and top-1 on
+the fixed test split. The comparison picks, for each tuned recipe, the constant r and the shipped recipes
+whose measured speed is within 3% of it (else the slowest one at least 3% faster, marked '>').
+Threads default to 1: on a shared 2-core machine two threads make every timing wait on the other
+processes (the load average is printed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import time
+import warnings
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", action="append", help="digits | digits-clutter (default: both)")
+    ap.add_argument("--speeds", default="1.5,2.0")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--search-seconds", type=float, default=120)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+
+    from tokenopt import evaluation as ev
+    from tokenopt.errors import TokenoptError
+    from tokenopt.data import get_dataset, get_loader
+    from tokenopt.demo import demo_model
+    from tokenopt.paths import SHIPPED_RECIPES
+    from tokenopt.pipeline import optimize
+    from tokenopt.timing import interleaved_times, per_round_speedup
+    from tokenopt.tuning import tune
+    from tokenopt.tuning.methods import choose, describe, rules_of
+
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch threads {args.threads}; "
+          f"eager batch {args.batch_size}")
+    speeds = [float(s) for s in args.speeds.split(",")]
+    for name in args.model or ["digits-clutter", "digits"]:
+        model, info = demo_model(name)
+        test = get_dataset(info.get("dataset", name), "test", model=model)
+        calib = torch.stack([get_dataset(name, "train", model=model)[i][0] for i in range(64)])
+        x = torch.stack([test[i][0] for i in range(args.batch_size)])
+        tuned, results = {}, {}
+        for speed in speeds:
+            t = time.perf_counter()
+            try:
+                res = tune(model, name, f"speed={speed}", batch_size=args.batch_size, compare=False,
+                           search_seconds=args.search_seconds)
+            except TokenoptError as e:
+                print(f"demo:{name} speed={speed}: failed after {time.perf_counter() - t:.0f} s: {e}")
+                continue
+            results[speed] = res
+            tuned[f"tuned speed={speed}"] = optimize(model, res.recipe, x[:2], report=False)
+            print(f"demo:{name} speed={speed}: tuned in {time.perf_counter() - t:.0f} s "
+                  f"({len(res.points)} schedules judged), {describe(res.schedule)}; at tune time "
+                  f"{res.chosen.speedup:.2f}x measured, {res.chosen.predicted:.2f}x predicted"
+                  + ("; " + "; ".join(res.notes) if res.notes else ""))
+        if not results:
+            continue
+        table = next(iter(results.values())).table
+        methods = choose(None)
+        shipped = {}
+        for path in sorted(SHIPPED_RECIPES.glob("*.yaml")):
+            if path.stem.startswith(("tome", "tofu")):
+                shipped[path.stem] = optimize(model, path, x[:2], calibration=calib, report=False)
+        layers, n0, prefix = len(table.attn), table.tokens[0], table.prefix
+        constant = {f"tome r={r}": optimize(model, {"version": 1, "rules": [{"pass": "tome", "r": r}]}, x[:2],
+                                            report=False)
+                    for r in range(2, (n0 - prefix) // 3 + 1, 2)}
+        rng = random.Random(0)
+        randoms = {}
+        from tokenopt.tuning.search import Space
+        space = Space(layers, n0, prefix, tuple(methods))
+        while len(randoms) < 10:
+            s = space.normalize((rng.choice(list(methods)), rng.randint(0, (n0 - prefix) // 4)) for _ in range(layers))
+            randoms[describe(s)] = s
+        random_models = {k: optimize(model, {"version": 1, "rules": rules_of(s, methods)}, x[:2], report=False)
+                         for k, s in randoms.items()}
+        every = {"original": model, **tuned, **shipped, **constant, **random_models}
+        print(f"timing {len(every)} models, interleaved (load average {os.getloadavg()[0]:.1f})")
+        speed_of = per_round_speedup(interleaved_times(every, x, rounds=5, min_seconds=0.05), "original")
+        acc = ev.evaluate_many({k: v for k, v in every.items() if k not in random_models},
+                               get_loader(test, 120, train=False))
+        top1 = {k: 100 * v["top1"] for k, v in acc.items()}
+        print(f"\ndemo:{name}: top-1 on the test split ({len(test)} images), speedup measured in one session")
+        print(f"{'model':<22} {'speedup':>8} {'top-1 %':>8}")
+        for k in ["original", *tuned, *shipped, *constant]:
+            print(f"{k:<22} {speed_of[k]:>7.2f}x {top1[k]:>8.1f}")
+        print(f"\ndemo:{name}: tuned against the same measured speed (within 3%; '>': none was, the slowest faster one)")
+        for k in tuned:
+            s = speed_of[k]
+            for group, label in ((constant, "best constant r"), (shipped, "shipped")):
+                near = [c for c in group if abs(speed_of[c] / s - 1) <= 0.03]
+                mark = ""
+                if not near:
+                    faster = sorted((c for c in group if speed_of[c] > s * 1.03), key=lambda c: speed_of[c])
+                    near, mark = faster[:1], ">"
+                if label == "best constant r":
+                    near = sorted(near, key=lambda c: -top1[c])[:1]
+                for c in near:
+                    print(f"  {k} ({s:.2f}x, {top1[k]:.1f}%) vs {label} {mark}{c} ({speed_of[c]:.2f}x, "
+                          f"{top1[c]:.1f}%): margin {top1[k] - top1[c]:+.1f} points")
+        print(f"\ndemo:{name}: cost model, predicted vs measured speedup (10 random schedules)")
+        errs = []
+        for k, s in randoms.items():
+            p = table.predict(s).speedup
+            errs.append((p - speed_of[k]) / speed_of[k])
+            print(f"  {k:<60} predicted {p:.2f}x measured {speed_of[k]:.2f}x error {100 * errs[-1]:+.1f}%")
+        for sp, res in results.items():
+            p = res.chosen.predicted
+            errs_t = (p - speed_of[f'tuned speed={sp}']) / speed_of[f'tuned speed={sp}']
+            print(f"  tuned speed={sp:<47} predicted {p:.2f}x measured {speed_of[f'tuned speed={sp}']:.2f}x "
+                  f"error {100 * errs_t:+.1f}%")
+        print(f"  mean |error| over the 10 random schedules: {100 * sum(map(abs, errs)) / len(errs):.1f}%, "
+              f"max {100 * max(map(abs, errs)):.1f}%")
+        print(f"load average at the end of demo:{name}: {os.getloadavg()[0]:.1f}\n")
+
+
+if __name__ == "__main__":
+    main()
