@@ -184,13 +184,14 @@ def _logit_terms(b: BlockRecord, index: GraphIndex, inside) -> tuple[str, ...] |
             return ()
         parts = _split_adds(mask, inside)
         # a term computed from the tokens (SAM's decomposed relative position, from q) is not a fixed table
-        return None if any(t in inside for t in parts) else tuple(t.name for t in parts)
+        x_in = index.node(b.input)     # (a size read off the tokens, Hugging Face's batch for the mask, is fine)
+        return None if any(x_in in index.data_ancestors(t) for t in parts) else tuple(t.name for t in parts)
     terms, cur, steps = [], index.node(core.logits), 0
     while cur is not None and not is_matmul(cur) and steps < 12:
         tensors = [a for a in cur.all_input_nodes if shape_of(a) is not None or a.op == "get_attr"]
         from_tokens = [a for a in tensors if a in inside]
         if is_add(cur):
-            if len(from_tokens) > 1:
+            if sum(index.node(b.input) in index.data_ancestors(a) for a in from_tokens) > 1:
                 return None     # a term computed from the tokens (SAM's decomposed relative position)
             terms += [a for a in tensors if a not in inside]
         cur = from_tokens[0] if from_tokens else None
