@@ -83,10 +83,10 @@ def test_swin_is_merged_in_windows_and_refused_by_passes_that_do_not_know_window
     recipe = {"version": 1, "rules": [{"pass": "tosa", "layers": "1-3", "keep": 0.5}]}
     with pytest.raises(RecipeError, match="window") as e:
         tokenopt.optimize(m, recipe, report=False)
-    # one reason, counted once, and the passes that do take these blocks (ToMe, ToFu merge inside windows)
+    # one reason, counted once, and the passes that do take these blocks (inside windows: ToMe, ToFu, SPA)
     msg = str(e.value)
     assert msg.count("windowed attention (as in Swin)") == 1 and "(3 selected): 3 blocks" in msg
-    assert "Use tofu or tome for these blocks" in msg
+    assert "Use spa or tofu or tome for these blocks" in msg
     # ToMe: 14x14 at 56 px is padded to windows of 7 only where the grid does not tile: those blocks are refused
     gm = tokenopt.optimize(m, tome(2), report=False)
     x = torch.randn(1, 3, 56, 56)

@@ -15,9 +15,14 @@ transformers = pytest.importorskip("transformers")
 
 def tiny_swin(window=4, img=64, depths=(2, 2), dim=32):
     torch.manual_seed(0)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img, embed_dim=dim,
-                             depths=depths, num_heads=tuple(2 ** i for i in range(len(depths))),
-                             window_size=window, num_classes=10).eval()
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=img, embed_dim=dim,
+                          depths=depths, num_heads=tuple(2 ** i for i in range(len(depths))),
+                          window_size=window, num_classes=10).eval()
+    with torch.no_grad():       # a trained model's bias matters: at init (std 0.02) a wrong gather hides in 1e-5
+        for name, p in m.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.mul_(50)
+    return m
 
 
 def hf_swin():

@@ -78,7 +78,7 @@ def check_named(name: str) -> Check:
 # ---------------------------------------------------------------- windows, the token stream and MHA
 
 WINDOWED_REASON = ("windowed attention (as in Swin): tokens can be reduced only inside each window, by a pass "
-                   "that knows windows (tome, tofu)")
+                   "that knows windows (tome, tofu, spa)")
 
 
 @check(WINDOWED)

@@ -98,6 +98,8 @@ def find_window(b: BlockRecord, index: GraphIndex) -> WindowRecord | None:
     grid = _grid(x_in, b.tokens, padded)
     shift = _shift(x_in, part, index, inside)
     terms = _logit_terms(b, index, inside)
+    if terms is None:
+        return None
     table = _table(terms, index)
     rel = tuple(t for t in terms if table is not None and index.node(table) in index.ancestors(t))
     return WindowRecord((wh, ww), shift, grid, padded, nh * nw, entry.name, exit_.name, terms, rel, table)
@@ -169,20 +171,28 @@ def _shift(x_in: fx.Node, part: fx.Node, index: GraphIndex, inside) -> tuple[int
     return (0, 0)
 
 
-def _logit_terms(b: BlockRecord, index: GraphIndex, inside) -> tuple[str, ...]:
+def _logit_terms(b: BlockRecord, index: GraphIndex, inside) -> tuple[str, ...] | None:
     """The tensors added to the attention logits that are not computed from the tokens: SDPA's
     ``attn_mask`` split at its adds, or the constant operands of the adds between q @ k^T and the
-    softmax."""
+    softmax. None when a term is computed from the tokens: no window record then (the block stays
+    refused), since a reduction inside the windows would change what that term reads."""
     core = b.attention
     if core.kind == "sdpa":
         c = index.node(core.node)
         mask = c.kwargs.get("attn_mask", c.args[3] if len(c.args) > 3 else None)
-        return tuple(t.name for t in _split_adds(mask, inside)) if isinstance(mask, fx.Node) else ()
+        if not isinstance(mask, fx.Node):
+            return ()
+        parts = _split_adds(mask, inside)
+        # a term computed from the tokens (SAM's decomposed relative position, from q) is not a fixed table
+        x_in = index.node(b.input)     # (a size read off the tokens, Hugging Face's batch for the mask, is fine)
+        return None if any(x_in in index.data_ancestors(t) for t in parts) else tuple(t.name for t in parts)
     terms, cur, steps = [], index.node(core.logits), 0
     while cur is not None and not is_matmul(cur) and steps < 12:
         tensors = [a for a in cur.all_input_nodes if shape_of(a) is not None or a.op == "get_attr"]
         from_tokens = [a for a in tensors if a in inside]
         if is_add(cur):
+            if sum(index.node(b.input) in index.data_ancestors(a) for a in from_tokens) > 1:
+                return None     # a term computed from the tokens (SAM's decomposed relative position)
             terms += [a for a in tensors if a not in inside]
         cur = from_tokens[0] if from_tokens else None
         steps += 1
