@@ -146,3 +146,14 @@ def test_trained_generator_draws_the_asked_class_above_chance(name):
     images = quality.sample(model, gen, labels, steps=25, seed=0)
     _, classes = fid.features_and_classes(fid.digits_classifier(), images)
     assert (classes == labels.numpy()).mean() > 0.3    # chance: 0.1
+
+
+def test_a_dit_as_wide_as_its_token_count_is_not_taken_for_rope():
+    # demo:digits-dit: 64 channels on 64 patches. adaLN's scale (B, 1, 64) multiplies the normed tokens
+    # before q/k; its channel axis has the token count's size, which once read as a RoPE table
+    from tokenopt.analysis import analyse
+
+    torch.manual_seed(0)
+    model = build("DiTTransformer2DModel", {**DIT, "num_layers": 1})
+    blocks = analyse(model).blocks
+    assert [b.tokens for b in blocks] == [64] and blocks[0].refusal is None

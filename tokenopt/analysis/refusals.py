@@ -191,12 +191,17 @@ RELATIVE_BIAS = "relative-position bias: an attention bias indexed by a fixed N 
 
 
 def _fixed_operand(op_node: fx.Node, inside: frozenset, x_in: fx.Node, grid_sizes: set) -> fx.Node | None:
-    """An operand of ``op_node`` not computed from the tokens, carrying a token-sized axis."""
+    """An operand of ``op_node`` not computed from the tokens, carrying a token-sized axis.
+
+    The token axis of a table is one of the two before the channels (``(N, d)``, ``(N, H, d)``);
+    the last axis is channels, whose width can equal the token count: a DiT's adaLN scale
+    ``(B, 1, C)`` with C = 64 channels on 64 patches is conditioning, not a position table.
+    """
     for a in op_node.all_input_nodes:
         sa = shape_of(a)
         if a in inside or a is x_in or sa is None or len(sa) < 2:
             continue
-        if any(s in grid_sizes and s > 1 for s in sa[-3:]):
+        if any(s in grid_sizes and s > 1 for s in sa[-3:-1]):
             return a
     return None
 
