@@ -1,16 +1,17 @@
 """Op-level token merging on diffusion denoisers: one denoising call, against the original, same run.
 
     python benchmarks/bench_diffusion.py                  # UNet eager + torch.compile, DiT eager
-    python benchmarks/bench_diffusion.py --no-compile     # eager only
-    python benchmarks/bench_diffusion.py --rounds 3       # fewer interleaved rounds
+    python benchmarks/bench_diffusion.py --no-compile     # eager only (graph breaks still counted)
+    python benchmarks/bench_diffusion.py --rounds 3 --threads 1   # fewer rounds, one thread (a shared machine)
 
 UNet: a random-init UNet2DConditionModel shaped like Stable Diffusion 1.5 (three cross-attention
 down blocks and a plain one, the mirror up path, text states of 77 tokens) scaled down to run on a
 CPU: latent 64x64 (the first spatial transformer sees 4,096 tokens), channels (64, 128, 256, 256),
 one layer per block, batch 2. Rows: the original; tomesd (``tomesd.apply_patch(copy, ratio=0.5,
 use_rand=False)``: the same merge as the recipe, so the two compute the same thing); tokenopt
-with recipes/tomesd-50.yaml. Eager and torch.compile; for the compiled rows the graph breaks
-``torch._dynamo.explain`` counts.
+with recipes/tomesd-50.yaml. Eager and torch.compile; the graph breaks ``torch._dynamo.explain``
+counts for tomesd and tokenopt (dynamo's tracing only, no build). GFLOPs count the attention by
+its math decomposition (the CPU's fused kernel has no FlopCounter formula).
 
 DiT: DiTTransformer2DModel at 256 tokens (latent 32x32, patch 2; 12 blocks of width 384, 6
 heads), batch 2: op-level ToMe (recipes/tome-dit.yaml: ratio 0.5 around attention and MLP) and
@@ -62,7 +63,9 @@ def saved(cls_name: str, config: dict, folder: Path):
 
 
 def gflops(model, ex) -> float:
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc, torch.no_grad():
         ex.call(model)
     return fc.get_total_flops() / 1e9
 
@@ -85,7 +88,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-dit", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     console = Console()
     import tomesd
@@ -104,9 +110,9 @@ def main(argv=None):
         flops = {k: gflops(m, ex) for k, m in models.items()}
         eager = timed(models, ex, args.rounds)
         compiled, breaks = {}, {}
+        for k in ("tomesd ratio 0.5", "tokenopt tomesd-50"):
+            breaks[k] = graph_breaks(models[k], ex)
         if not args.no_compile:
-            for k in ("tomesd ratio 0.5", "tokenopt tomesd-50"):
-                breaks[k] = graph_breaks(models[k], ex)
             torch._dynamo.reset()
             comp = {}
             for k, m in models.items():
@@ -120,16 +126,15 @@ def main(argv=None):
                         f"batch {ex.batch}, one denoising call")
         for col in ("model", "GFLOPs", "max |out - original|", "eager s/call", "eager speedup"):
             t.add_column(col, justify="left" if col == "model" else "right")
-        if compiled:
-            for col in ("compiled s/call", "compiled speedup", "graph breaks"):
-                t.add_column(col, justify="right")
+        for col in (("compiled s/call", "compiled speedup") if compiled else ()) + ("dynamo graphs",):
+            t.add_column(col, justify="right")
         for k in models:
             row = [k, f"{flops[k]:.1f}", f"{diff[k]:.4f}", f"{eager[k][0]:.3f}", f"{eager[k][1]:.2f}x"]
             if compiled:
-                row += [f"{compiled[k][0]:.3f}", f"{compiled[k][1]:.2f}x", breaks.get(k, "-")]
-            t.add_row(*row)
+                row += [f"{compiled[k][0]:.3f}", f"{compiled[k][1]:.2f}x"]
+            t.add_row(*row, breaks.get(k, "-"))
         console.print(t)
-        console.print(f"tokenopt vs tomesd: max |difference| = {agree:.2e}")
+        console.print(f"tokenopt vs tomesd: max |difference| = {agree:.2e}; torch threads: {torch.get_num_threads()}")
 
         if args.skip_dit:
             return
