@@ -136,9 +136,11 @@ def test_the_shipped_demo_weights_load_with_an_empty_cache_and_keep_their_accura
 
     monkeypatch.setenv("TOKENOPT_CACHE", str(tmp_path))
     manifest = demo_shipped.read_manifest()
-    assert sorted(manifest["models"]) == sorted(demo.DEMOS)
+    from tokenopt.demo_specs import MAIN_DEMOS
+
+    assert sorted(manifest["models"]) == sorted(MAIN_DEMOS)     # the demos `tokenopt demo` runs by default
     assert {n: sorted(m) for n, m in manifest["methods"].items()} == \
-        {n: sorted(s.recipe for s in DEMO_METHODS[n]) for n in demo.DEMOS}
+        {n: sorted(s.recipe for s in DEMO_METHODS[n]) for n in MAIN_DEMOS}
     assert sum((demo_shipped.SHIPPED_DIR / f).stat().st_size for f in manifest["files"]) < 5e6
     monkeypatch.setattr(demo, "_train_demo", lambda *a, **k: pytest.fail("the shipped weights should serve"))
     monkeypatch.setattr(demo_methods, "_train", lambda *a, **k: pytest.fail("the shipped parts should serve"))

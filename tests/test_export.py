@@ -145,7 +145,7 @@ def test_packed_layouts_export_only_with_a_capacity():
     from tokenopt.passes.spa import SPA, SPAOptions
 
     fixed = (TokenCount.fixed(17), None)
-    block = SimpleNamespace(path="blocks.1", index=1, tokens=17)
+    block = SimpleNamespace(path="blocks.1", index=1, tokens=17, refused_by=None, window=None)
     spa = SPA()
 
     def step(layout):

@@ -84,11 +84,14 @@ def assemble(model: nn.Module, recipe_text: str, state: dict[str, torch.Tensor],
         warnings.simplefilter("ignore")     # the plan's notes were seen when the parts were trained
         gm = optimize(model, recipe_text, example, report=False)
     want = set(learned_state(gm))
-    if set(state) != want:
-        extra, missing = sorted(set(state) - want), sorted(want - set(state))
+    # load first, then compare: a part may fill in what older weights lack (a gate's threshold buffer
+    # takes the recipe's value), and only what is still missing after that is a mismatch
+    missing, extra = gm.load_state_dict(state, strict=False)
+    missing = sorted(k for k in missing if k in want)
+    extra = sorted(set(state) - want)
+    if missing or extra:
         raise ModelLoadError(f"{where} does not fit the model its recipe builds (missing {missing[:3]}, "
                              f"unexpected {extra[:3]}). Run `tokenopt demo --retrain` to train the parts again.")
-    gm.load_state_dict(state, strict=False)
     return gm.eval()
 
 
