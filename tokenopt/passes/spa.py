@@ -328,6 +328,7 @@ def _rewrite_in_windows(g, block, p: SPAParams) -> None:
         x = x + unshift(reverse(scatter_kept(proj(attention(ws, bias[pos, pos], valid)))))
         h, pos, valid = gather_kept(x, keep)             # (B, k, C)
         x = x + scatter_kept(mlp(norm2(h)))
+        y = x + ste * (x - x_in)                         # training: the task loss reaches the gate
     """
     w = block.window
     x = g.node(block.input)
@@ -380,6 +381,10 @@ def _rewrite_in_windows(g, block, p: SPAParams) -> None:
         g.bracket(g.node(mlp.entry), g.node(mlp.exit), enter=enter_mlp,
                   exit=lambda s, end: (window_ops.scatter_kept, (per_image["pos"], per_image["valid"], block.tokens),
                                        "unselected tokens skip the MLP"))
+    # the selection itself has no gradient: the straight-through weight (zero in value, None in eval)
+    # scales each kept token's update so the task loss trains the gate, as spa_unpack does when packed
+    g.wrap(g.node(block.output), window_ops.straight_through_map, x, ste,
+           label="straight-through: the task loss reaches the gate")
 
 
 def _count(keep):
