@@ -127,9 +127,9 @@ def test_context_previous_is_the_max_of_own_score_and_the_previous_pooled_across
             pooled[:, i, j] = g1[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(b, 4).max(1).values
     s2 = torch.maximum(own[2], pooled.view(b, 64))
     s3 = torch.maximum(own[3], s2)
-    assert torch.allclose(seen[1].prob, torch.sigmoid(own[1]), atol=1e-6)
-    assert torch.allclose(seen[2].prob, torch.sigmoid(s2), atol=1e-6)
-    assert torch.allclose(seen[3].prob, torch.sigmoid(s3), atol=1e-6)
+    assert torch.allclose(seen[1].prob, torch.sigmoid(own[1]), atol=1e-5)
+    assert torch.allclose(seen[2].prob, torch.sigmoid(s2), atol=1e-5)
+    assert torch.allclose(seen[3].prob, torch.sigmoid(s3), atol=1e-5)
     wins = pooled.view(b, 64) > own[2]
     assert 0 < int(wins.sum()) < wins.numel()       # the context decides some tokens, not all
 

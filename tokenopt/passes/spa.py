@@ -200,8 +200,9 @@ class SPAParams:
 
 @dataclass(frozen=True)
 class GateScore:
-    """A gate's score on its layer's grid, for a later gate's ``context: previous``: the graph node
-    (B, N) and the (rows, cols) of a windowed block's grid (None: a plain block's token sequence)."""
+    """A gate's score on its layer's grid, for a later gate's ``context: previous``: the gate's call
+    node (its output's element 3, read only when a later gate takes it) and the (rows, cols) of a
+    windowed block's grid (None: a plain block's token sequence)."""
 
     node: str
     grid: tuple[int, int] | None
@@ -214,23 +215,24 @@ class SPAGraphState:
 
 
 def _context(g, block, p: SPAParams, grid):
-    """``context: previous``: the score of the last spa layer before ``block``, pooled to its grid
-    (across patch merging), as a graph node; None otherwise. The planner refused a first layer."""
+    """``context: previous``: (the score of the last spa layer before ``block``, pooled to its grid
+    (across patch merging)), the gate's extra argument; () otherwise. The planner refused a first layer."""
     if p.context != "previous":
-        return None
+        return ()
     earlier = [(site, s) for site, s in g.pass_state(SPAGraphState).scores.items() if site.block < block.index]
     if not earlier:
         raise PlanError(f"{block.path} ({block.index}): gate context: previous, but no spa layer runs before it")
     site, prev = max(earlier, key=lambda e: e[0].block)
-    node = g.node(prev.node)
+    call = g.node(prev.node)
+    node = g.insert_after(call, operator.getitem, call, 3, label="previous gate's score")
     if prev.grid == grid:
-        return node
+        return (node,)
     if prev.grid is None or grid is None:
         raise PlanError(f"{block.path} ({block.index}): gate context: previous takes the score of "
                         f"{g.analysis.blocks[site.block].path}, whose tokens lie on another grid (one of them is "
                         "not a windowed block).\n  Use context: none here.")
-    return g.insert_after(node, ops.pool_scores, node, prev.grid, tuple(grid),
-                          label=f"previous gate's score max-pooled {prev.grid} -> {tuple(grid)}")
+    return (g.insert_after(node, ops.pool_scores, node, prev.grid, tuple(grid),
+                           label=f"previous gate's score max-pooled {prev.grid} -> {tuple(grid)}"),)
 
 
 @register_pass("spa")
@@ -327,12 +329,12 @@ class SPA(Pass):
             """Gate, then pack the kept tokens; inside the block, attention stays within each image."""
             gate = TokenGate(block.dim, p.hidden, p.threshold, prefix, p.lo, p.hi, block.index, noise=p.noise,
                              target_keep=p.target_keep)
-            sel = g.add_learned(block, GATES, gate, x, pos, valid, _context(g, block, p, None),
+            sel = g.add_learned(block, GATES, gate, x, pos, valid, *_context(g, block, p, None),
                                 label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
-            keep_rows, keep, ste, score = _unpack_tuple(g, sel, ("kept rows", "kept tokens (B, N0)",
-                                                                 "straight-through weight", "gate score (B, N0)"))
-            g.mark_overhead(block, keep_rows, keep, ste, score)
-            state.scores[block.site()] = GateScore(score.name, None)
+            keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept rows", "kept tokens (B, N0)",
+                                                          "straight-through weight"))
+            g.mark_overhead(block, keep_rows, keep, ste)
+            state.scores[block.site()] = GateScore(sel.name, None)
             node = g.insert_after(ste, ops.spa_pack, x, keep_rows, keep, pos, ste, capacity, p.layout,
                                   label="pack the kept tokens")
             xs, lengths, pos_s, ste_s, rows, filled = _unpack_tuple(g, node, tuple(
@@ -378,13 +380,12 @@ def _rewrite_in_windows(g, block, p: SPAParams) -> None:
     tokens = g.insert_after(x, window_ops.as_tokens, x, label="tokens (B, H*W, C)")
     gate = TokenGate(block.dim, p.hidden, p.threshold, 0, p.lo, p.hi, block.index, noise=p.noise,
                      target_keep=p.target_keep)
-    context = _context(g, block, p, w.grid)
-    sel = g.add_learned(block, GATES, gate, tokens, None, None, context,
+    context = _context(g, block, p, tuple(w.grid))
+    sel = g.add_learned(block, GATES, gate, tokens, None, None, *context,
                         label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
-    keep_rows, keep, ste, score = _unpack_tuple(g, sel, ("kept tokens (B, H*W)", "kept tokens (grid)",
-                                                         "straight-through", "gate score (B, H*W)"))
-    g.mark_overhead(block, tokens, keep_rows, keep, ste, score)
-    g.pass_state(SPAGraphState).scores[block.site()] = GateScore(score.name, tuple(w.grid))
+    keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept tokens (B, H*W)", "kept tokens (grid)", "straight-through"))
+    g.mark_overhead(block, tokens, keep_rows, keep, ste)
+    g.pass_state(SPAGraphState).scores[block.site()] = GateScore(sel.name, tuple(w.grid))
     g.record_token_count(block, g.insert_after(ste, _count, keep, label="kept tokens per image"))
 
     in_windows = g.insert_after(ste, window_ops.keep_in_windows, keep, w.grid, w.padded, w.size, w.shift,
