@@ -257,8 +257,8 @@ def test_gate_without_noise_trains_on_the_decision_inference_makes():
         gate = TokenGate(16, hidden=0, threshold=0.5, prefix=1, lo=2, hi=30, noise=noise)
         gate.eval()
         with torch.no_grad():
-            _, keep_eval, _ = gate(x)
+            _, keep_eval, _, _ = gate(x)
         gate.train()
-        _, keep_train, ste = gate(x)
+        _, keep_train, ste, _ = gate(x)
         assert torch.equal(keep_train, keep_eval) is same
         assert ste is not None and ste.requires_grad and torch.equal(ste, torch.zeros_like(ste))

@@ -80,6 +80,9 @@ def make_plan(recipe: Recipe, analysis: ModelAnalysis, context: dict | None = No
                 refused.append((blocks[i], why))
         if not usable:
             raise RecipeError(_nothing_usable(where, p, refused, blocks))
+    for name in dict.fromkeys(r.pass_name for r, _ in chosen.values()):   # each pass sees all its layers
+        get_pass(name)().check_layers([(blocks[i], params, r.where(recipe.source))
+                                       for i, (r, params) in sorted(chosen.items()) if r.pass_name == name])
     _check_grids(recipe, analysis, chosen)
 
     layers, notes = [], []

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tokenopt.ops.packing import pack, pack_padded, padded_layout, unpack, unpack_padded
@@ -176,9 +177,10 @@ class TokenGate(nn.Module):
     """SPA's gate: a linear layer on each token (``hidden`` > 0: a small MLP), sigmoid, and the
     per-image selection of :func:`select_tokens`.
 
-    forward(x (R0, R1, C) stream rows, pos (R0, R1) | None, valid (B, N0) | None) ->
-    (keep_rows (R0, R1) bool, keep_grid (B, N0) bool, ste (R0, R1) float | None). ``ste`` is None
-    in eval mode. ``trained`` is a buffer (saved with the model): False until gate training.
+    forward(x (R0, R1, C) stream rows, pos (R0, R1) | None, valid (B, N0) | None, context (B, N0) | None)
+    -> (keep_rows (R0, R1) bool, keep_grid (B, N0) bool, ste (R0, R1) float | None, score (B, N0)).
+    ``ste`` is None in eval mode. ``score`` is the gate's logit on the grid, after ``context`` (an
+    earlier gate's score on this grid) was max-combined into it: what a later gate takes as context. ``trained`` is a buffer (saved with the model): False until gate training.
     ``threshold`` is a buffer too: the recipe's, or the one calibrated for ``target_keep`` (the mean
     share of patch tokens to keep, :func:`threshold_for_share`), so a saved model keeps its budget.
     """
@@ -213,10 +215,13 @@ class TokenGate(nn.Module):
         """(R0, R1, C) -> (R0, R1)."""
         return self.score(x).squeeze(-1)
 
-    def forward(self, x: Tensor, pos: Tensor | None = None, valid: Tensor | None = None):
+    def forward(self, x: Tensor, pos: Tensor | None = None, valid: Tensor | None = None,
+                context: Tensor | None = None):
         if valid is None:
             valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
         logit = to_grid(self.logits(x), pos, valid)
+        if context is not None:     # gate context: previous, the paper's s = max(f(r), s_up)
+            logit = torch.maximum(logit, context.to(logit.dtype))
         prob = torch.sigmoid(logit).masked_fill(~valid, 0.0)
         ste = None
         if self.forced is not None:
@@ -230,7 +235,20 @@ class TokenGate(nn.Module):
             keep = select_tokens(prob, valid, self.prefix, self.threshold, self.lo, self.hi)
         if self.capture is not None:
             self.capture[self.layer] = GateOutput(prob, valid, keep)
-        return from_grid(keep, pos, False), keep, ste
+        return from_grid(keep, pos, False), keep, ste, logit
+
+
+def pool_scores(score: Tensor, grid: tuple[int, int], to: tuple[int, int]) -> Tensor:
+    """An earlier gate's score (B, h*w) on its grid ``grid``, max-pooled to the grid ``to`` (B, h2*w2):
+    each cell takes the highest score of the cells it covers after patch merging (which pads an odd
+    grid and halves it: a cell covers ceil(h / h2) x ceil(w / w2) of the earlier ones)."""
+    (h, w), (h2, w2) = grid, to
+    if (h, w) == (h2, w2):
+        return score
+    kh, kw = -(-h // h2), -(-w // w2)
+    m = score.reshape(-1, 1, h, w)
+    m = F.pad(m, (0, kw * w2 - w, 0, kh * h2 - h), value=float("-inf"))
+    return F.max_pool2d(m, (kh, kw)).reshape(score.shape[0], h2 * w2)
 
 
 # ----------------------------------------------------------------------------------------------

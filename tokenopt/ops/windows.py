@@ -127,6 +127,16 @@ def as_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
+def straight_through_map(x: torch.Tensor, ste: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """A windowed SPA block's output y, plus ``ste * (y - x)`` per token when training: zero in value
+    (y exactly), and the gate's gradient through it, as the packed path's straight-through term.
+    x, y (B, H, W, C) or (B, N, C), the block's input and output (each may be either: timm's block
+    takes the map and ends on tokens); ste (B, H*W) | None (eval)."""
+    if ste is None:
+        return y
+    return y + ste.reshape(*y.shape[:-1], 1).to(y.dtype) * (y - x.reshape(y.shape))
+
+
 def keep_in_windows(keep: torch.Tensor, grid: tuple[int, int], padded: tuple[int, int], size: tuple[int, int],
                     shift: tuple[int, int]) -> torch.Tensor:
     """(B*nW, N): ``keep`` (B, H*W) on the block's grid, shifted and partitioned as the block does its

@@ -120,6 +120,11 @@ class Pass:
         ToMe's op-level placement, overrides this); may raise a RecipeError for a request that is wrong."""
         return self.refuse(block)
 
+    def check_layers(self, layers: list) -> None:
+        """Validate the layers the whole recipe gives this pass, together: ``layers`` is
+        [(block, params, where)] in block order, over every rule of this pass (``where``: the rule's
+        place in the recipe). Raise a RecipeError for a combination that cannot run (default: none)."""
+
     def changes_tokens(self, options: PassOptions) -> bool:
         """Whether a rule with ``options`` changes the token count later blocks see."""
         return self.changes_token_count

@@ -37,7 +37,7 @@ from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import gates as ops
 from tokenopt.ops.gates import GateOutput, TokenGate
 from tokenopt.ops.packing import STRATEGIES
-from tokenopt.analysis.records import MLP
+from tokenopt.analysis.records import MLP, Site
 from tokenopt.ops import windows as window_ops
 from tokenopt.passes.base import LayerStep, Pass, PassOptions, register_pass
 from tokenopt.passes.in_windows import is_windowed, refuse_in_windows
@@ -75,6 +75,9 @@ class GateOptions(BaseModel):
     noise: float = Field(1.0, ge=0.0, le=10.0, description="scale of the logistic (Gumbel-sigmoid) noise on the "
                                                            "gate's logits in training; 0: training selects as "
                                                            "inference does")
+    context: Literal["none", "previous"] = Field(
+        "none", description="previous: the paper's s = max(f(r), s_up), the score of the previous spa layer max-"
+                            "pooled to this layer's grid (across patch merging); not on the first spa layer")
 
 
 def _fraction_or_count(name: str, v, allow_zero: bool):
@@ -192,11 +195,44 @@ class SPAParams:
     noise: float = 1.0              # scale of the training-time sampling noise
     grouping: str = "window"        # windowed blocks: "window" | "container"
     target_keep: float | None = None   # mean share of patch tokens kept; threshold calibrated after training
+    context: str = "none"           # "previous": max-combine the previous spa layer's score (the paper's s_up)
+
+
+@dataclass(frozen=True)
+class GateScore:
+    """A gate's score on its layer's grid, for a later gate's ``context: previous``: the gate's call
+    node (its output's element 3, read only when a later gate takes it) and the (rows, cols) of a
+    windowed block's grid (None: a plain block's token sequence)."""
+
+    node: str
+    grid: tuple[int, int] | None
 
 
 @dataclass
 class SPAGraphState:
     layers: list[int] = field(default_factory=list)
+    scores: dict[Site, GateScore] = field(default_factory=dict)     # every gate's score, by its block's site
+
+
+def _context(g, block, p: SPAParams, grid):
+    """``context: previous``: (the score of the last spa layer before ``block``, pooled to its grid
+    (across patch merging)), the gate's extra argument; () otherwise. The planner refused a first layer."""
+    if p.context != "previous":
+        return ()
+    earlier = [(site, s) for site, s in g.pass_state(SPAGraphState).scores.items() if site.block < block.index]
+    if not earlier:
+        raise PlanError(f"{block.path} ({block.index}): gate context: previous, but no spa layer runs before it")
+    site, prev = max(earlier, key=lambda e: e[0].block)
+    call = g.node(prev.node)
+    node = g.insert_after(call, operator.getitem, call, 3, label="previous gate's score")
+    if prev.grid == grid:
+        return (node,)
+    if prev.grid is None or grid is None:
+        raise PlanError(f"{block.path} ({block.index}): gate context: previous takes the score of "
+                        f"{g.analysis.blocks[site.block].path}, whose tokens lie on another grid (one of them is "
+                        "not a windowed block).\n  Use context: none here.")
+    return (g.insert_after(node, ops.pool_scores, node, prev.grid, tuple(grid),
+                           label=f"previous gate's score max-pooled {prev.grid} -> {tuple(grid)}"),)
 
 
 @register_pass("spa")
@@ -211,7 +247,7 @@ class SPA(Pass):
         threshold = DEFAULT_THRESHOLD if options.threshold is None else options.threshold
         p = SPAParams(options.gate.hidden, threshold, options.min_keep, options.max_keep, options.mode,
                       options.layout, options.attention, noise=options.gate.noise, target_keep=options.target_keep,
-                      grouping=options.grouping)
+                      grouping=options.grouping, context=options.gate.context)
         return [p] * n_layers
 
     def resolve(self, options: SPAOptions, per_layer: list[SPAParams], blocks: list, context: dict,
@@ -219,6 +255,13 @@ class SPA(Pass):
         if options.mode != "prune":
             return per_layer
         return [replace(p, follows_prune=i > 0) for i, p in enumerate(per_layer)]
+
+    def check_layers(self, layers: list) -> None:
+        if layers and layers[0][1].context == "previous":
+            block, _, where = layers[0]
+            raise RecipeError(f"{where}: {block.path} ({block.index}) is the first spa layer, so its gate has no "
+                              "previous spa layer's score to take (gate context: previous).\n  Give the first spa "
+                              "layer its own rule with context: none, or drop context: previous.")
 
     def plan_layer(self, block, params: SPAParams, tokens_in: TokenCount, prefix: int) -> LayerStep:
         if is_windowed(block) and params.mode != "bypass":
@@ -286,10 +329,12 @@ class SPA(Pass):
             """Gate, then pack the kept tokens; inside the block, attention stays within each image."""
             gate = TokenGate(block.dim, p.hidden, p.threshold, prefix, p.lo, p.hi, block.index, noise=p.noise,
                              target_keep=p.target_keep)
-            sel = g.add_learned(block, GATES, gate, x, pos, valid, label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
+            sel = g.add_learned(block, GATES, gate, x, pos, valid, *_context(g, block, p, None),
+                                label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
             keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept rows", "kept tokens (B, N0)",
                                                           "straight-through weight"))
             g.mark_overhead(block, keep_rows, keep, ste)
+            state.scores[block.site()] = GateScore(sel.name, None)
             node = g.insert_after(ste, ops.spa_pack, x, keep_rows, keep, pos, ste, capacity, p.layout,
                                   label="pack the kept tokens")
             xs, lengths, pos_s, ste_s, rows, filled = _unpack_tuple(g, node, tuple(
@@ -328,15 +373,19 @@ def _rewrite_in_windows(g, block, p: SPAParams) -> None:
         x = x + unshift(reverse(scatter_kept(proj(attention(ws, bias[pos, pos], valid)))))
         h, pos, valid = gather_kept(x, keep)             # (B, k, C)
         x = x + scatter_kept(mlp(norm2(h)))
+        y = x + ste * (x - x_in)                         # training: the task loss reaches the gate
     """
     w = block.window
     x = g.node(block.input)
     tokens = g.insert_after(x, window_ops.as_tokens, x, label="tokens (B, H*W, C)")
     gate = TokenGate(block.dim, p.hidden, p.threshold, 0, p.lo, p.hi, block.index, noise=p.noise,
                      target_keep=p.target_keep)
-    sel = g.add_learned(block, GATES, gate, tokens, None, None, label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
+    context = _context(g, block, p, tuple(w.grid))
+    sel = g.add_learned(block, GATES, gate, tokens, None, None, *context,
+                        label=f"SPA gate ({p.lo}..{p.hi} tokens per image)")
     keep_rows, keep, ste = _unpack_tuple(g, sel, ("kept tokens (B, H*W)", "kept tokens (grid)", "straight-through"))
     g.mark_overhead(block, tokens, keep_rows, keep, ste)
+    g.pass_state(SPAGraphState).scores[block.site()] = GateScore(sel.name, tuple(w.grid))
     g.record_token_count(block, g.insert_after(ste, _count, keep, label="kept tokens per image"))
 
     in_windows = g.insert_after(ste, window_ops.keep_in_windows, keep, w.grid, w.padded, w.size, w.shift,
@@ -380,6 +429,10 @@ def _rewrite_in_windows(g, block, p: SPAParams) -> None:
         g.bracket(g.node(mlp.entry), g.node(mlp.exit), enter=enter_mlp,
                   exit=lambda s, end: (window_ops.scatter_kept, (per_image["pos"], per_image["valid"], block.tokens),
                                        "unselected tokens skip the MLP"))
+    # the selection itself has no gradient: the straight-through weight (zero in value, None in eval)
+    # scales each kept token's update so the task loss trains the gate, as spa_unpack does when packed
+    g.wrap(g.node(block.output), window_ops.straight_through_map, x, ste,
+           label="straight-through: the task loss reaches the gate")
 
 
 def _count(keep):

@@ -192,14 +192,14 @@ def train_gates(model: nn.Module, original: nn.Module, data, labels: str = "mask
 
     with capture_gate_outputs(model) as outputs, _keep_requires_grad(model, original), _training(model):
         def loss(out, batch):
-            patch_tokens = next(iter(outputs.values())).prob.shape[1] - prefix
             if teacher is not None:
                 with torch.no_grad():
                     _, att = teacher(batch[0], layers)
                 target = {i: attention_labels(att[i], prefix, mass) for i in layers}
-            else:
-                shared = mask_labels(batch[2], patch_tokens, cover)
-                target = dict.fromkeys(layers, shared)
+            else:   # rasterised at each layer's own grid (a Swin stage's grid halves at each merging)
+                grids = {i: outputs[i].prob.shape[1] - prefix for i in layers}
+                rasters = {n: mask_labels(batch[2], n, cover) for n in set(grids.values())}
+                target = {i: rasters[grids[i]] for i in layers}
             bce = torch.stack([gate_bce(outputs[i].prob, outputs[i].valid, target[i], prefix) for i in layers]).mean()
             meter.add({i: kept_fraction(outputs[i].keep, prefix) for i in layers})
             value = gate_weight * bce

@@ -5,7 +5,8 @@ Two sources (``labels=`` of :func:`tokenopt.train.gate.train_gates`, ``--labels`
 ``masks``
     The data yields ``(image, label, mask (H, W))``. The mask is pooled to the token grid
     (tokenopt.data.masks.pool_to_grid): a patch token is positive when the object covers at least
-    ``cover`` (default 0.5) of its patch. Every gated layer learns the same labels.
+    ``cover`` (default 0.5) of its patch, on each gated layer's own grid (a Swin stage's grid halves at
+    each patch merging, so its labels are rasterised coarser).
 ``attention``
     No masks: the tokens the *original* model attends to. At each gated layer, the attention a
     patch token receives is the mean over heads and over every query (prefix tokens' queries
