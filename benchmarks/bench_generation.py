@@ -14,8 +14,8 @@ class accuracy (demo:digits' top-1 on the samples against the class asked for), 
 same seeded noise. The targets from the issue are checked at ratio 0.5: digits-FID within 10% of
 the original's, class accuracy within 2 points.
 
-Needs the trained demo models: ``tokenopt demo --model digits`` and
-``python -m tokenopt.generation.train``.
+Uses the trained demo models: the cached ones, else the shipped ones (``demo:digits`` and both
+generators ship in the package).
 """
 from __future__ import annotations
 

@@ -103,6 +103,83 @@ def test_a_trained_generator_is_cached_and_loads_as_a_demo_spec(tmp_path, monkey
     assert json.loads((tmp_path / "demos" / "digits-dit.json").read_text())["class"] == "DiTTransformer2DModel"
 
 
+@pytest.fixture(scope="module")
+def _shipped_tiny_dit(tmp_path_factory):
+    """A tiny digits-dit trained into a cache and shipped into a package folder of its own (once per module)."""
+    from tokenopt.generation import train
+    from tokenopt.generation.package import ship_generators
+
+    root = tmp_path_factory.mktemp("gen-shipped")
+    spec = GeneratorSpec("DiTTransformer2DModel", TINY_DIT, epochs=1, batch_size=512)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(GENERATORS, "digits-dit", spec)
+        model, _ = train.generator_model("digits-dit", cache_dir=root / "cache", quiet=True)
+        rows = ship_generators(root / "cache", root / "package", ["digits-dit"], samples=10, steps=2)
+    return {"spec": spec, "model": model, "rows": rows, "package": root / "package"}
+
+
+@pytest.fixture
+def shipped_tiny_dit(_shipped_tiny_dit, tmp_path, monkeypatch):
+    """That package copied (a test may damage it) and installed as the shipped generators, with an empty cache."""
+    import shutil
+
+    from tokenopt.generation import specs
+
+    package = tmp_path / "package"
+    shutil.copytree(_shipped_tiny_dit["package"], package)
+    monkeypatch.setitem(GENERATORS, "digits-dit", _shipped_tiny_dit["spec"])
+    monkeypatch.setattr(specs, "SHIPPED_DIR", package)
+    monkeypatch.setenv("TOKENOPT_CACHE", str(tmp_path / "empty-cache"))
+    return {**_shipped_tiny_dit, "package": package}
+
+
+def test_a_shipped_generator_is_float16_listed_with_its_sha256_and_loads_with_an_empty_cache(shipped_tiny_dit,
+                                                                                            monkeypatch):
+    from safetensors.torch import load_file
+
+    from tokenopt import demo_shipped
+    from tokenopt.generation import train
+    from tokenopt.sources import load_model
+
+    package = shipped_tiny_dit["package"]
+    assert sorted(p.name for p in package.iterdir()) == ["digits-dit.safetensors", "manifest.json"]
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["files"] == {"digits-dit.safetensors": demo_shipped.sha256_of(package / "digits-dit.safetensors")}
+    entry = manifest["models"]["digits-dit"]
+    assert entry["spec_digest"] == shipped_tiny_dit["spec"].digest() and entry["info"]["samples"]["n"] == 10
+    assert {v.dtype for v in load_file(str(package / "digits-dit.safetensors")).values()} == {torch.float16}
+    [row] = shipped_tiny_dit["rows"]
+    assert row["name"] == "digits-dit" and row["changed"] == 0.0 and row["shipped"] == row["cached"]
+
+    monkeypatch.setattr(train, "train_generator", lambda *a, **k: pytest.fail("the shipped weights should serve"))
+    loaded, base = load_model("demo:digits-dit")
+    assert base == {"kind": "demo", "name": "digits-dit"}
+    for k, v in shipped_tiny_dit["model"].state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v.half().float()), k
+    # a spec changed after shipping: the shipped weights are stale, not used
+    monkeypatch.setitem(GENERATORS, "digits-dit", GeneratorSpec("DiTTransformer2DModel", TINY_DIT, epochs=2))
+    with pytest.raises(ModelLoadError, match="none shipped for its spec"):
+        load_model("demo:digits-dit")
+
+
+def test_a_damaged_shipped_generator_is_one_message_and_exit_2(shipped_tiny_dit):
+    from typer.testing import CliRunner
+
+    from tokenopt.cli import app
+    from tokenopt.sources import load_model
+
+    weights = shipped_tiny_dit["package"] / "digits-dit.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=r"digits-dit.safetensors has sha256 [0-9a-f]{16}\.\.\., not [0-9a-f]{16}"):
+        load_model("demo:digits-dit")
+    res = CliRunner().invoke(app, ["inspect", "demo:digits-dit"])
+    assert res.exit_code == 2, res.output
+    assert "is damaged or was changed" in res.output
+    assert "python -m tokenopt.generation.train digits-dit" in res.output and "Traceback" not in res.output
+
+
 # ------------------------------------------------------------------------------------------- FID
 
 def test_fid_of_a_set_with_itself_is_zero():

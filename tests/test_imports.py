@@ -39,7 +39,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
                      "tokenopt.check", "tokenopt.calling", "tokenopt.generation.fid",
                      "tokenopt.generation.quality")),   # all run or compare what the pipeline made
     (6, "train", ("tokenopt.train", "tokenopt.demo", "tokenopt.generation.train")),   # the demo models' training
-    (7, "demo", ("tokenopt.demo_methods", "tokenopt.demo_package")),   # the demo's trained methods: pipeline + train
+    (7, "demo", ("tokenopt.demo_methods", "tokenopt.demo_package", "tokenopt.generation.package")),   # the demo's trained methods: pipeline + train
     (7, "tune", ("tokenopt.tuning",)),     # searches recipes: builds, times and judges what the pipeline makes
     (8, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade
     (9, "docs", ("tokenopt.docsgen",)),     # the documentation site's generated pages: runs the app and the pipeline

@@ -66,8 +66,13 @@ def read_manifest(folder: str | os.PathLike | None = None) -> dict:
     return manifest
 
 
-def verified(filename: str, folder: str | os.PathLike | None = None) -> Path:
-    """The path of shipped file ``filename`` once its sha256 matches the manifest's; else a ModelLoadError."""
+RETRAIN = "`tokenopt demo --retrain` to train the demo models into the cache"
+
+
+def verified(filename: str, folder: str | os.PathLike | None = None, retrain: str = RETRAIN) -> Path:
+    """The path of shipped file ``filename`` once its sha256 matches the manifest's; else a ModelLoadError.
+
+    ``retrain`` completes the message's "or run ...": what trains these weights instead."""
     folder = Path(folder or SHIPPED_DIR)
     path = folder / filename
     want = read_manifest(folder).get("files", {}).get(filename)
@@ -77,15 +82,16 @@ def verified(filename: str, folder: str | os.PathLike | None = None) -> Path:
             "is not listed in the manifest" if want is None else f"has sha256 {got[:16]}..., not {want[:16]}...")
         raise ModelLoadError(
             f"shipped demo file {path} {what}: the installed tokenopt is damaged or was changed.\n"
-            "  Reinstall tokenopt, or run `tokenopt demo --retrain` to train the demo models into the cache instead.")
+            f"  Reinstall tokenopt, or run {retrain} instead.")
     return path
 
 
-def read_state(filename: str, folder: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+def read_state(filename: str, folder: str | os.PathLike | None = None,
+               retrain: str = RETRAIN) -> dict[str, torch.Tensor]:
     """A shipped state dict (digest checked), floating tensors back in float32."""
     from safetensors.torch import load_file
 
-    state = load_file(str(verified(filename, folder)))
+    state = load_file(str(verified(filename, folder, retrain)))
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 

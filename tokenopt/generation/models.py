@@ -32,7 +32,7 @@ DIT = dict(num_attention_heads=4, attention_head_dim=16, in_channels=1, out_chan
            sample_size=32, patch_size=4, num_embeds_ada_norm=10, norm_num_groups=1)
 UNET = dict(sample_size=32, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(16, 32),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=8,
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16, attention_head_dim=2,
             norm_num_groups=8, num_class_embeds=10)
 
 

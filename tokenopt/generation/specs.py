@@ -2,9 +2,11 @@
 
 Like the demo ViTs (:mod:`tokenopt.demo_specs`): weights are cached as
 ``<cache>/demos/NAME.safetensors`` beside ``NAME.json``, whose ``spec_digest`` ties them to the spec
-here; a changed spec makes the cache stale (loading refuses it, training replaces it). Loading
-(``demo:NAME`` through :mod:`tokenopt.sources.demo`) reads the cache and never trains; training is
-:mod:`tokenopt.generation.train`.
+here; a changed spec makes the cache stale (loading refuses it, training replaces it). Trained
+weights also ship in the package (``tokenopt/generation/weights/``, float16, sha256-checked through
+:mod:`tokenopt.demo_shipped` as the demo ViTs'), so a clean install draws digits without training.
+Loading (``demo:NAME`` through :mod:`tokenopt.sources.demo`) reads the cache, else the shipped
+weights of the same spec, and never trains; training is :mod:`tokenopt.generation.train`.
 """
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from tokenopt import demo_shipped
 from tokenopt.demo_specs import demo_files
 from tokenopt.errors import ModelLoadError
 from tokenopt.generation.models import DIT, UNET, build
 
 FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"     # package data: tools/ship_generator_weights.py
 
 
 @dataclass(frozen=True)
@@ -38,11 +43,10 @@ class GeneratorSpec:
 
 
 GENERATORS: dict[str, GeneratorSpec] = {
-    # 23 steps an epoch (1,437 digits, batch 64). Measured on the 2 shared cores they were developed
-    # on (1 thread, load ~19): the DiT 40 epochs in about 35 min; the UNet about 11 min an epoch
-    # there, so its 15 epochs were not trained there (an estimate of ~10 min on 2 free cores)
-    "digits-dit": GeneratorSpec("DiTTransformer2DModel", DIT, epochs=40, lr=1e-3),
-    "digits-unet": GeneratorSpec("UNet2DConditionModel", UNET, epochs=15, lr=2e-3),
+    # 45 steps an epoch (1,437 digits, batch 32). Trained with 1 thread on 2 cores shared with other
+    # jobs (load ~5; 2 threads were 5x slower there): see docs/generation.md for the times and figures
+    "digits-dit": GeneratorSpec("DiTTransformer2DModel", DIT, epochs=60, batch_size=32, lr=2e-3),
+    "digits-unet": GeneratorSpec("UNet2DConditionModel", UNET, epochs=12, batch_size=32, lr=2e-3),
 }
 
 
@@ -66,13 +70,28 @@ def cached_generator(name: str, cache_dir: str | os.PathLike | None = None):
     return model.eval(), info
 
 
+def shipped_generator(name: str, folder: str | os.PathLike | None = None):
+    """The demo generator ``name`` (eval mode) and its info from the package data, if shipped for its current
+    spec, else None; a ModelLoadError if the shipped file is damaged (its sha256 is not the manifest's)."""
+    folder = Path(folder or SHIPPED_DIR)
+    spec = GENERATORS[name]
+    entry = demo_shipped.model_entry(name, spec.digest(), folder)
+    if entry is None:
+        return None
+    state = demo_shipped.read_state(entry["file"], folder,
+                                    retrain=f"`python -m tokenopt.generation.train {name}` to train it into the cache")
+    model = build(spec.class_name, spec.config)
+    model.load_state_dict(state)
+    return model.eval(), {**entry["info"], "weights": str(folder / entry["file"]), "shipped": True}
+
+
 def load_generator(name: str):
-    """The trained demo generator ``name`` from the cache, or a message saying how to train it."""
-    found = cached_generator(name)
+    """The trained demo generator ``name``: cached, else shipped, else a message saying how to train it."""
+    found = cached_generator(name) or shipped_generator(name)
     if found is None:
         weights, _ = demo_files(name)
         raise ModelLoadError(
-            f"demo:{name} is not trained yet (no up-to-date weights at {weights}).\n"
+            f"demo:{name} is not trained yet (no up-to-date weights at {weights}, none shipped for its spec).\n"
             f"  Run `python -m tokenopt.generation.train {name}` first: it trains the demo generator once "
             "(CPU minutes) and caches it under $TOKENOPT_CACHE (default ~/.cache/tokenopt).")
     return found[0]
