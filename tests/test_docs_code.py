@@ -175,7 +175,7 @@ def test_the_docs_name_shipped_recipes_and_demos():
                          ids=lambda v: str(v))
 def test_shell_commands_name_recipes_and_demos_that_work(name, model):
     from tokenopt.demo_specs import DEMOS
-    from tokenopt.generation.specs import GENERATORS
+    from tokenopt.sources.generator_specs import GENERATORS
 
     where = [c[0] for c in SHELL_CHECKS if (c[1], c[2]) == (name, model)]
     if name.startswith("demo:"):

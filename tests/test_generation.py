@@ -12,8 +12,8 @@ pytest.importorskip("diffusers")
 
 from tokenopt.errors import ModelLoadError  # noqa: E402
 from tokenopt.generation import fid, schedule  # noqa: E402
-from tokenopt.generation.models import DIT, build, call_inputs, class_count, example_of, predicted_noise  # noqa: E402
-from tokenopt.generation.specs import GENERATORS, GeneratorSpec  # noqa: E402
+from tokenopt.sources.generator_models import DIT, build, call_inputs, class_count, example_of, predicted_noise  # noqa: E402
+from tokenopt.sources.generator_specs import GENERATORS, GeneratorSpec  # noqa: E402
 
 TINY_DIT = {**DIT, "num_layers": 1, "num_attention_heads": 2, "attention_head_dim": 8}
 
@@ -123,7 +123,7 @@ def shipped_tiny_dit(_shipped_tiny_dit, tmp_path, monkeypatch):
     """That package copied (a test may damage it) and installed as the shipped generators, with an empty cache."""
     import shutil
 
-    from tokenopt.generation import specs
+    from tokenopt.sources import generator_specs as specs
 
     package = tmp_path / "package"
     shutil.copytree(_shipped_tiny_dit["package"], package)

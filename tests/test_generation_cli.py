@@ -13,7 +13,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from tokenopt.cli import app  # noqa: E402
 from tokenopt.generation import fid  # noqa: E402
-from tokenopt.generation.models import DIT  # noqa: E402
+from tokenopt.sources.generator_models import DIT  # noqa: E402
 
 runner = CliRunner()
 TINY_DIT = {**DIT, "num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8}

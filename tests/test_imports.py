@@ -28,7 +28,6 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
                  "tokenopt.graph_style", "tokenopt.model_outputs", "tokenopt.ownership", "tokenopt.record")),
     (1, "ops", ("tokenopt.ops",)),
     (1, "load", ("tokenopt.sources", "tokenopt.files", "tokenopt.demo_specs", "tokenopt.demo_shipped",
-                 "tokenopt.generation", "tokenopt.generation.models", "tokenopt.generation.specs",
                  "tokenopt.generation.schedule")),    # models from specs and files; never trains
     (1, "data", ("tokenopt.data", "tokenopt.generation.data")),
     (2, "analysis", ("tokenopt.analysis", "tokenopt.subgraph", "tokenopt.flops")),   # flops: counts a graph
@@ -38,7 +37,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy",
                      "tokenopt.check", "tokenopt.calling", "tokenopt.generation.fid",
                      "tokenopt.generation.quality")),   # all run or compare what the pipeline made
-    (6, "train", ("tokenopt.train", "tokenopt.demo", "tokenopt.generation.train")),   # the demo models' training
+    (6, "train", ("tokenopt.train", "tokenopt.demo", "tokenopt.generation", "tokenopt.generation.train")),   # the demo models' training
     (7, "demo", ("tokenopt.demo_methods", "tokenopt.demo_package", "tokenopt.generation.package")),   # the demo's trained methods: pipeline + train
     (7, "tune", ("tokenopt.tuning",)),     # searches recipes: builds, times and judges what the pipeline makes
     (8, "entry", ("tokenopt.cli", "tokenopt.__main__", "tokenopt")),   # the command line and the library facade

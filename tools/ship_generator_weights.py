@@ -17,7 +17,7 @@ import sys
 def main(argv=None) -> int:
     from tokenopt.errors import TokenoptError
     from tokenopt.generation.package import ship_generators
-    from tokenopt.generation.specs import GENERATORS, SHIPPED_DIR
+    from tokenopt.sources.generator_specs import GENERATORS, SHIPPED_DIR
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", choices=list(GENERATORS), help="default: every demo generator")

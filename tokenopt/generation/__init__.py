@@ -1,6 +1,7 @@
 """Image generation demo: tiny class-conditional diffusers denoisers trained on the bundled digits.
 
-    specs.py      what each demo generator is (diffusers class, config, training recipe) and its cache
+    (what each demo generator is and how it is built are model sources: tokenopt/sources/generator_specs.py and
+    tokenopt/sources/generator_models.py: the demo: source loads them without this package's training and measuring)
     schedule.py   the DDPM noise schedule it is trained with and the deterministic DDIM sampler
     train.py      trains a demo generator once and caches it (``python -m tokenopt.generation.train NAME``)
     fid.py        digits-FID: the Fréchet distance on the demo digits classifier's features

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tokenopt import demo_shipped
 from tokenopt.errors import TokenoptError
-from tokenopt.generation import specs
+from tokenopt.sources import generator_specs as specs
 
 __all__ = ["ship_generators"]
 

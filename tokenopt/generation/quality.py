@@ -19,7 +19,7 @@ from torch import nn
 
 from tokenopt.errors import TokenoptError
 from tokenopt.flops import count_flops
-from tokenopt.generation.models import call_inputs, class_count, example_of, image_shape, predicted_noise
+from tokenopt.sources.generator_models import call_inputs, class_count, example_of, image_shape, predicted_noise
 from tokenopt.generation.schedule import ddim_sample
 
 SAMPLE_BATCH = 50     # below the batch limit a captured diffusers denoiser has (sources.diffusers.MAX_BATCH)
@@ -53,7 +53,7 @@ def denoiser_example(model: nn.Module):
     """The example call of the diffusers denoiser ``model`` is, or was optimized from; None for other models."""
     example = example_of(model)
     if example is None and hasattr(model, "graph"):
-        from tokenopt.generation.specs import GENERATORS
+        from tokenopt.sources.generator_specs import GENERATORS
         from tokenopt.record import record_of
 
         base = getattr(record_of(model), "base", None) or {}

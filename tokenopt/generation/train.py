@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from tokenopt.demo_specs import demo_files
 from tokenopt.errors import TokenoptError
 from tokenopt.generation.data import digits_images
-from tokenopt.generation.models import build, call_inputs, example_of, predicted_noise
+from tokenopt.sources.generator_models import build, call_inputs, example_of, predicted_noise
 from tokenopt.generation.schedule import add_noise, alphas_cumprod
-from tokenopt.generation.specs import GENERATORS, GeneratorSpec, cached_generator
+from tokenopt.sources.generator_specs import GENERATORS, GeneratorSpec, cached_generator
 
 def generator_model(name: str, cache_dir: str | os.PathLike | None = None, force: bool = False,
                     quiet: bool = False):

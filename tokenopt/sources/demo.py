@@ -14,7 +14,7 @@ import os
 from tokenopt import demo_shipped
 from tokenopt.demo_specs import DEMOS, demo_files, describe
 from tokenopt.errors import ModelLoadError
-from tokenopt.generation.specs import GENERATORS, load_generator
+from tokenopt.sources.generator_specs import GENERATORS, load_generator
 from tokenopt.sources.registry import Source, build_arch, register_source
 
 

@@ -19,10 +19,10 @@ from pathlib import Path
 from tokenopt import demo_shipped
 from tokenopt.demo_specs import demo_files
 from tokenopt.errors import ModelLoadError
-from tokenopt.generation.models import DIT, UNET, build
+from tokenopt.sources.generator_models import DIT, UNET, build
 
 FORMAT_VERSION = 1
-SHIPPED_DIR = Path(__file__).resolve().parent / "weights"     # package data: tools/ship_generator_weights.py
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "generation" / "weights"     # package data: tools/ship_generator_weights.py
 
 
 @dataclass(frozen=True)
