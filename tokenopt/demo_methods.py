@@ -129,7 +129,10 @@ def _train(name: str, model: nn.Module, spec: MethodSpec, example: torch.Tensor,
     from tokenopt.train.trainers import trainers_for
 
     path = SHIPPED_RECIPES / f"{spec.recipe}.yaml"
-    recipe = load_recipe(path)
+    # retraining reproduces what ships: the recipe the shipped parts were trained with, when the package
+    # has them for this spec (recipes/ may have moved on since, e.g. new SPA defaults); else today's file
+    entry = demo_shipped.method_entry(name, spec.recipe, spec.digest(DEMOS[name]))
+    recipe = load_recipe(demo_shipped.read_text(entry["recipe"]) if entry else path)
     found = list(trainers_for(r.pass_name for r in recipe.rules).values())
     if len(found) != 1:
         raise TokenoptError(f"{path}: a demo method needs exactly one kind of learned part, the recipe has {len(found)}")
