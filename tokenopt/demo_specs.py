@@ -132,6 +132,29 @@ def demo_files(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[P
     return folder / f"{name}.safetensors", folder / f"{name}.json"
 
 
+def read_cached(name: str, spec_digest: str, build, cache_dir: str | os.PathLike | None = None):
+    """(model in eval mode, info) of the cache entry ``name`` when it was trained from ``spec_digest``, else None.
+
+    ``build(info)`` makes the untrained module the weights load into. A missing, stale, damaged or
+    foreign entry is None: it is retrained rather than trusted.
+    """
+    weights, meta = demo_files(name, cache_dir)
+    if not (weights.is_file() and meta.is_file()):
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        if info.get("spec_digest") != spec_digest:
+            return None
+        from safetensors.torch import load_file
+
+        model = build(info)
+        model.load_state_dict(load_file(weights))
+    except Exception:
+        return None
+    info["weights"] = str(weights)
+    return model.eval(), info
+
+
 def method_files(name: str, method: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path, Path]:
     """(learned parts, recipe, json) of demo method ``method`` on the cached demo model ``name``."""
     stem = demo_models_dir(cache_dir) / f"{name}.{method}"

@@ -6,7 +6,6 @@ same images (top-1, top-5, and how often the two agree on the top-1 class).
 """
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -125,12 +124,8 @@ def sweep(model: nn.Module, methods: Iterable[str], loader: DataLoader, example:
 
 
 def write_csv(rows: list[EvalRow], path: str | Path) -> None:
-    from tokenopt.files import atomic_write
-    with atomic_write(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
+    from tokenopt.files import write_csv_rows
+    write_csv_rows([asdict(r) for r in rows], path)
 
 
 def plot(rows: list[EvalRow], path: str | Path, title: str = "") -> None:

@@ -12,6 +12,7 @@ reader never sees a half-written file and a failed run leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import csv
 import os
 import pickle
 import re
@@ -234,3 +235,11 @@ def _umask() -> int:
 def _first_line(e: BaseException) -> str:
     s = str(e).strip()
     return s.splitlines()[0] if s else type(e).__name__
+
+
+def write_csv_rows(rows: list[dict], path: str | os.PathLike) -> None:
+    """``rows`` (dicts with the same keys, in column order) as a CSV file with a header, written atomically."""
+    with atomic_write(path, "w") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

@@ -8,7 +8,6 @@ optimization's alone. ``tokenopt eval`` (generators) and ``tokenopt generate`` a
 """
 from __future__ import annotations
 
-import csv
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -194,13 +193,8 @@ def safe_name(setting: str) -> str:
 
 
 def write_csv(rows: list[GenRow], path: str | Path) -> None:
-    from tokenopt.files import atomic_write
-
-    with atomic_write(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        w.writeheader()
-        for r in rows:
-            w.writerow(asdict(r))
+    from tokenopt.files import write_csv_rows
+    write_csv_rows([asdict(r) for r in rows], path)
 
 
 def plot(rows: list[GenRow], path: str | Path, title: str = "") -> None:

@@ -8,11 +8,10 @@ that is missing or stale is a user error that says so. The registry of demo mode
 """
 from __future__ import annotations
 
-import json
 import os
 
 from tokenopt import demo_shipped
-from tokenopt.demo_specs import DEMOS, demo_files, describe
+from tokenopt.demo_specs import DEMOS, demo_files, describe, read_cached
 from tokenopt.errors import ModelLoadError
 from tokenopt.sources.generator_specs import GENERATORS, load_generator
 from tokenopt.sources.registry import Source, build_arch, register_source
@@ -84,19 +83,7 @@ def cached_demo(name: str, cache_dir: str | os.PathLike | None = None):
     be read: a damaged or foreign entry is retrained (by ``tokenopt demo``) rather than trusted.
     """
     spec = DEMOS[name]
-    weights, meta = demo_files(name, cache_dir)
-    if not (weights.is_file() and meta.is_file()):
-        return None
-    try:
-        info = json.loads(meta.read_text())
-        if info.get("spec_digest") != spec.digest():
-            return None
-        from safetensors.torch import load_file
-
-        model = build_arch(info["arch"])[0]
-        model.load_state_dict(load_file(weights))
-    except Exception:
-        return None
-    describe(model, spec)
-    info["weights"] = str(weights)
-    return model.eval(), info
+    found = read_cached(name, spec.digest(), lambda info: build_arch(info["arch"])[0], cache_dir)
+    if found is not None:
+        describe(found[0], spec)
+    return found

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tokenopt import demo_shipped
-from tokenopt.demo_specs import demo_files
+from tokenopt.demo_specs import demo_files, read_cached
 from tokenopt.errors import ModelLoadError
 from tokenopt.sources.generator_models import DIT, UNET, build
 
@@ -53,21 +53,7 @@ GENERATORS: dict[str, GeneratorSpec] = {
 def cached_generator(name: str, cache_dir: str | os.PathLike | None = None):
     """The cached demo generator ``name`` (eval mode) and its info, if trained from its current spec, else None."""
     spec = GENERATORS[name]
-    weights, meta = demo_files(name, cache_dir)
-    if not (weights.is_file() and meta.is_file()):
-        return None
-    try:
-        info = json.loads(meta.read_text())
-        if info.get("spec_digest") != spec.digest():
-            return None
-        from safetensors.torch import load_file
-
-        model = build(spec.class_name, spec.config)
-        model.load_state_dict(load_file(weights))
-    except Exception:
-        return None
-    info["weights"] = str(weights)
-    return model.eval(), info
+    return read_cached(name, spec.digest(), lambda info: build(spec.class_name, spec.config), cache_dir)
 
 
 def shipped_generator(name: str, folder: str | os.PathLike | None = None):

@@ -2,7 +2,6 @@
 Pareto CSV, and a PNG of quality against speedup with the shipped recipes and constant-r schedules on it."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import yaml
@@ -66,13 +65,8 @@ def pareto_rows(result) -> list[dict]:
 
 
 def write_csv(result, path) -> None:
-    from tokenopt.files import atomic_write
-
-    rows = pareto_rows(result)
-    with atomic_write(path, "w") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    from tokenopt.files import write_csv_rows
+    write_csv_rows(pareto_rows(result), path)
 
 
 def plot(result, path, title: str = "") -> None:
