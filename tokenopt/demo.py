@@ -19,7 +19,6 @@ happens here, through ``tokenopt demo`` (``--retrain``).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import torch
 from torch import nn
 
 from tokenopt import sources
-from tokenopt.demo_specs import DEMOS, FORMAT_VERSION, MEAN, STD, DemoSpec, demo_files, demo_names, describe
+from tokenopt.demo_specs import (DEMOS, FORMAT_VERSION, MEAN, STD, DemoSpec, demo_files, demo_names, describe,
+                                 write_cached)
 from tokenopt.errors import ModelLoadError, TokenoptError
 from tokenopt.paths import cache_root as default_cache_dir
 
@@ -111,17 +111,8 @@ def _train_demo(name: str, spec: DemoSpec, quiet: bool) -> tuple[nn.Module, dict
 
 
 def _save(model: nn.Module, info: dict, weights: Path, meta: Path) -> None:
-    from safetensors.torch import save_file
-
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    # tmp + os.replace for both files, weights first: a json never points at missing weights
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"arch": info["arch"], "spec_digest": info["spec_digest"]})
-    os.replace(tmp, weights)
-    tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, meta)
+    write_cached(model.state_dict(), info, weights, meta,
+                 metadata={"arch": info["arch"], "spec_digest": info["spec_digest"]})
 
 
 def _timm_version() -> str:

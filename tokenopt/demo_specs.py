@@ -155,6 +155,20 @@ def read_cached(name: str, spec_digest: str, build, cache_dir: str | os.PathLike
     return model.eval(), info
 
 
+def write_cached(state: dict, info: dict, weights: Path, meta: Path, metadata: dict[str, str]) -> None:
+    """The cache entry :func:`read_cached` reads: ``state`` as safetensors, then ``info`` as json, each
+    written atomically and in that order, so a json never points at missing weights."""
+    from safetensors.torch import save_file
+
+    from tokenopt.files import atomic_path, atomic_write
+
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(weights) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=metadata)
+    with atomic_write(meta, "w") as f:
+        f.write(json.dumps(info, indent=2) + "\n")
+
+
 def method_files(name: str, method: str, cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path, Path]:
     """(learned parts, recipe, json) of demo method ``method`` on the cached demo model ``name``."""
     stem = demo_models_dir(cache_dir) / f"{name}.{method}"

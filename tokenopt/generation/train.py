@@ -18,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from tokenopt.demo_specs import demo_files
+from tokenopt.demo_specs import demo_files, write_cached
 from tokenopt.errors import TokenoptError
 from tokenopt.generation.data import digits_images
 from tokenopt.sources.generator_models import build, call_inputs, example_of, predicted_noise
@@ -85,17 +85,8 @@ def train_generator(spec: GeneratorSpec, epochs: int | None = None, quiet: bool 
 
 
 def _save(model, info: dict, weights, meta) -> None:
-    """Weights then json, each written to a temporary name and renamed: a json never points at missing weights."""
-    from safetensors.torch import save_file
-
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp),
-              metadata={"class": info["class"], "spec_digest": info["spec_digest"]})
-    os.replace(tmp, weights)
-    tmp = meta.with_name(f".{meta.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, meta)
+    write_cached(model.state_dict(), info, weights, meta,
+                 metadata={"class": info["class"], "spec_digest": info["spec_digest"]})
 
 
 def main(argv: list[str] | None = None) -> None:
