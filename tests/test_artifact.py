@@ -196,3 +196,42 @@ def test_an_artifact_whose_base_rebuilds_otherwise_asks_for_arch(python_built, t
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
         assert torch.equal(tokenopt.load(path, arch=SMALL_ARCH)(x), python_built(x))
+
+
+class _WithConstant(torch.nn.Module):
+    """A forward that makes a tensor from no input: fx stores it as ``_tensor_constantN`` on the module traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.proj(x) + torch.ones(3)
+
+
+def test_tracing_leaves_the_users_model_as_it_was():
+    from tokenopt.trace import trace
+
+    m = _WithConstant()
+    first, second = trace(m), trace(m)
+    names = [[n.target for n in g.graph.nodes if n.op == "get_attr"] for g in (first, second)]
+    # a second trace names its constant as a fresh model's first trace does (artifacts rebuild from a fresh model)
+    assert names == [["_tensor_constant0"], ["_tensor_constant0"]]
+    assert not [k for k in vars(m) if k.startswith("_tensor_constant")]
+    x = torch.randn(2, 3)
+    assert torch.equal(second(x), m(x))
+
+
+def test_an_artifact_of_a_second_optimize_of_the_same_swin_loads(tmp_path):
+    """Swin's forward makes tensors from no input; optimizing the same model twice in a process used to save
+    an artifact naming ``_tensor_constant5`` that the rebuilt base does not have."""
+    spec = ("timm:swin_tiny_patch4_window7_224?img_size=64&embed_dim=16&depths=2,2&num_heads=1,2&window_size=4"
+            "&num_classes=3")
+    model, _ = sources.load_model(spec)
+    x = torch.randn(2, 3, 64, 64)
+    recipe = {"version": 1, "rules": [{"pass": "tome", "r": 2, "layers": "stage2"}]}
+    tokenopt.optimize(model, recipe, x)
+    again = tokenopt.optimize(model, recipe, x)
+    path = tokenopt.save(again, tmp_path / "swin.pt")
+    with torch.no_grad():
+        assert torch.allclose(tokenopt.load(path)(x), again(x), atol=1e-6)

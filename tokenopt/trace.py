@@ -76,9 +76,11 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), given: Iter
     if isinstance(model, fx.GraphModule):
         return model
     tracer = ViTTracer(leaf_modules)
+    before = set(vars(model))
     try:
         graph = tracer.trace(model, concrete_args=concrete_defaults(model, given))
     except Exception as e:  # fx raises TraceError, TypeError, AttributeError... all mean the same
+        _forget_constants(model, before)
         name = type(model).__name__
         raise AnalysisError(
             f"cannot trace {name} with torch.fx: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\n"
@@ -88,8 +90,21 @@ def trace(model: nn.Module, leaf_modules: Iterable[type | str] = (), given: Iter
         ) from None
     _drop_concrete_placeholders(graph)
     gm = fx.GraphModule(tracer.root, graph, class_name=f"{type(model).__name__}Traced")
+    _forget_constants(model, before)      # the graph module holds its own references now
     gm.meta["tokenopt_source_class"] = f"{type(model).__module__}:{type(model).__qualname__}"
     return gm
+
+
+def _forget_constants(model: nn.Module, before: set[str]) -> None:
+    """Take back the ``_tensor_constantN`` attributes fx's tracer set on the user's module.
+
+    fx stores each tensor a forward creates from no input (``x + torch.ones(3)``) as an attribute of
+    the module it traces, numbered on from those already there. Left behind, they change the user's
+    model, and a second trace of it names its constants ``_tensor_constant1``... while a fresh model
+    rebuilt from a saved artifact's base names them from 0: the artifact would not load."""
+    for name in set(vars(model)) - before:
+        if name.startswith("_tensor_constant"):
+            delattr(model, name)
 
 
 def _drop_concrete_placeholders(graph: fx.Graph) -> None:
