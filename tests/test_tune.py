@@ -99,6 +99,43 @@ def test_whole_model_fit_falls_back_to_flops_when_block_timings_are_noise():
         assert t.predict(s).seconds == pytest.approx(truth.predict(s).seconds, rel=1e-6)
 
 
+def test_fit_probes_cover_each_method_alone_and_mixed_and_respect_the_blocks_that_may_not_reduce():
+    from tokenopt.tuning.cost import RANDOM_PROBES, fit_probes
+
+    t = synthetic_table(tokens=[65, 3])
+    allowed = lambda i: i != 3                                   # noqa: E731  (a block that keeps its tokens)
+    probes = fit_probes(t, ["a", "b"], 6, allowed)
+    r = (65 - 1) // 12
+    assert probes["rewritten"] == (("", 0),) * 6
+    assert probes["a/1"] == (("a", 1),) * 3 + (("", 0),) + (("a", 1),) * 2
+    assert probes[f"b/{r}"] == (("b", r),) * 3 + (("", 0),) + (("b", r),) * 2
+    assert probes[f"a/{2 * r} every other"] == (("a", 2 * r), ("", 0), ("a", 2 * r), ("", 0), ("a", 2 * r), ("", 0))
+    mixed = [s for k, s in probes.items() if k.startswith("mixed")]
+    assert len(mixed) == RANDOM_PROBES and len(probes) == 1 + 2 * 3 + RANDOM_PROBES
+    assert all(s[3] == ("", 0) for s in mixed)
+    assert {m for s in mixed for m, _ in s} >= {"a", "b"}        # methods side by side
+    assert fit_probes(t, ["a", "b"], 6, allowed) == probes       # seeded
+    compiled = fit_probes(t, ["a", "b"], 6, allowed, compiled=True)
+    assert len(compiled) == 1 + 2 * 2 + 2 and not any("every other" in k for k in compiled)
+
+
+def test_whole_model_fit_on_the_probes_predicts_schedules_it_never_saw():
+    """Timings made by known terms: fitted on the probes alone, any mixed schedule is predicted exactly."""
+    import random
+
+    from tokenopt.tuning.cost import fit_probes
+
+    truth = synthetic_table(tokens=[17, 9, 3], fixed_seconds=0.012, block_scale=1.3,
+                            overhead={"a": [0.0, 2e-4], "b": [0.0, 5e-5]})
+    probes = fit_probes(truth, ["a", "b"], 2)
+    t = synthetic_table()
+    fit_whole_model(t, [(s, truth.predict(s).seconds) for s in probes.values()], ["a", "b"])
+    rng = random.Random(3)
+    for _ in range(10):
+        s = tuple((rng.choice("ab"), rng.randint(0, 6)) for _ in range(2))
+        assert t.predict(s).speedup == pytest.approx(truth.predict(s).speedup, rel=1e-6)
+
+
 def test_token_grid_runs_from_the_tokens_down_to_just_above_the_prefix():
     assert token_grid(65, 1) == [65, 56, 47, 38, 30, 21, 12, 3]
     assert token_grid(5, 1, points=8) == [5, 4, 3]

@@ -9,9 +9,9 @@ shifts them together). A reduction in layer ``i`` takes ``r_i`` tokens at the me
     seconds(schedule) = fixed + sum_i attn_i(n_i) + mlp_i(n_i - r_i) + overhead_m(n_i)   [r_i > 0]
 
 with ``mlp = block - attn`` and ``fixed`` the rest of the model (embedding, head). Then whole rewritten
-models are timed against the original (no reduction; per method r = 1 and a larger constant r
-everywhere) and fitted: ``fixed``, a scale on the blocks timed alone, and each method's overhead per
-token it matches (:func:`fit_whole_model`).
+models are timed against the original (:func:`fit_probes`: no reduction; per method constant schedules;
+a few seeded mixed ones) and fitted: ``fixed``, a scale on the blocks timed alone, and each method's
+overhead per token it matches (:func:`fit_whole_model`).
 
 Tables are cached per device, model shape, batch size and mode under ``<cache>/tune``.
 """
@@ -21,6 +21,8 @@ import hashlib
 import json
 import os
 import platform
+import random
+import statistics
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -30,7 +32,7 @@ from tokenopt.ops.matching import max_reduction
 from tokenopt.paths import cache_root
 from tokenopt.tuning.search import Cost, Schedule
 
-COST_VERSION = 3
+COST_VERSION = 4
 
 
 @dataclass
@@ -135,18 +137,23 @@ def _timer(fn: Callable, compiled: bool):
     return torch.compile(fn) if compiled else fn
 
 
-def measure_table(model, analysis, batch_images: torch.Tensor, compiled: bool = False, rounds: int = 5,
-                  status: Callable[[str], None] | None = None) -> CostTable:
-    """Time each distinct block at a grid of token counts next to the whole original (see the module doc).
+GRID_POINTS = 16      # token counts each block is timed at: latency has steps (cache sizes, kernel tiles)
 
-    Blocks of the same width and token count share one measurement: a ViT's blocks are the same shape."""
+
+def measure_table(model, analysis, batch_images: torch.Tensor, compiled: bool = False, rounds: int = 5,
+                  status: Callable[[str], None] | None = None, points: int = GRID_POINTS) -> CostTable:
+    """Time each distinct block at ``points`` token counts next to the whole original (see the module doc).
+
+    Blocks of the same width and token count share one measurement: a ViT's blocks are the same shape.
+    Each block's time is its median ratio to the original timed in the same round, times the original's
+    fastest round: a load that comes and goes during the measurement slows both calls of a round."""
     from tokenopt.flops import count_flops
     from tokenopt.subgraph import extract_block
     from tokenopt.timing import interleaved_times
 
     blocks = analysis.blocks
     B, prefix = batch_images.shape[0], analysis.prefix_tokens
-    grid = token_grid(blocks[0].tokens, prefix)
+    grid = token_grid(blocks[0].tokens, prefix, points)
     shape_of = {}
     for b in blocks:
         shape_of.setdefault((b.dim, b.tokens), b)
@@ -168,14 +175,15 @@ def measure_table(model, analysis, batch_images: torch.Tensor, compiled: bool = 
     if status:
         status(f"timing {len(shape_of)} block shape(s) at {len(grid)} token counts, batch {B}")
     times = interleaved_times(calls, batch_images, rounds=rounds, min_seconds=0.05)
-    # the fastest round: on a shared machine the noise only ever adds time
-    med = {k: min(v) for k, v in times.items()}
+    # the original's fastest round (on a shared machine noise only ever adds time), and every part as its
+    # ratio to the original in the same round
+    base = min(times["original"])
+    med = {k: base * statistics.median(t / o for t, o in zip(v, times["original"])) for k, v in times.items()}
     keys = [(b.dim, b.tokens) for b in blocks]
     attn = [_monotone([med[f"{k}/attn/{n}"] for n in grid]) for k in keys]
     block = [_monotone([med[f"{k}/block/{n}"] for n in grid]) for k in keys]
     attn_g = [[flops[(k, "attn", n)] for n in grid] for k in keys]
     block_g = [[flops[(k, "block", n)] for n in grid] for k in keys]
-    base = med["original"]
     total_gflops = count_flops(model, batch_images[:1]) / 1e9
     return CostTable(batch=B, compiled=compiled, prefix=prefix, tokens=grid, attn=attn, block=block,
                      base_seconds=base, fixed_seconds=max(base - sum(v[0] for v in block), 0.0),
@@ -195,29 +203,51 @@ def _monotone(values: list[float]) -> list[float]:
 def measure_overhead(table: CostTable, original, build: Callable[[Schedule], torch.nn.Module], methods: list[str],
                      layers: int, batch_images: torch.Tensor, rounds: int = 5,
                      allowed: Callable[[int], bool] = lambda i: True) -> None:
-    """Fit the whole-model terms on whole models timed against the original in the same rounds: the
-    rewritten model without reduction, and per method r = 1 everywhere (n stays high) and a constant r
-    that shortens the stream (n falls). Least squares, no coefficient below 0, on
+    """Fit the whole-model terms on whole models (:func:`fit_probes`) timed against the original in the
+    same rounds. Least squares, no coefficient below 0, on
 
         seconds = fixed + scale * blocks(schedule) + sum_m b_m * (tokens entering m's reducing layers)
 
     ``scale`` brings the blocks timed alone to their time inside the model (their inputs were random, the
     calls that do nothing are gone from the rewritten model, the cache holds less); ``b_m`` is the
-    method's overhead per token it matches."""
+    method's overhead per token it matches. Compiled, each probe is a compile (tens of seconds on a
+    CPU), so fewer are timed."""
     from tokenopt.timing import interleaved_times, per_round_speedup
 
-    n0 = table.tokens[0]
-    r_big = max(1, (n0 - table.prefix) // (2 * layers))
-    none = tuple(("", 0) for _ in range(layers))
-    probes: dict[str, Schedule] = {"rewritten": none}
-    for m in methods:
-        for r in (1, r_big):
-            probes[f"{m}/{r}"] = tuple((m, r) if allowed(i) else ("", 0) for i in range(layers))
+    probes = fit_probes(table, methods, layers, allowed, compiled=table.compiled)
     calls = {"original": original, **{k: build(s) for k, s in probes.items()}}
     if table.compiled:
         calls = {k: torch.compile(f) for k, f in calls.items()}
     speed = per_round_speedup(interleaved_times(calls, batch_images, rounds=rounds, min_seconds=0.05), "original")
     fit_whole_model(table, [(s, table.base_seconds / speed[k]) for k, s in probes.items()], methods)
+
+
+RANDOM_PROBES = 6
+
+
+def fit_probes(table: CostTable, methods: list[str], layers: int, allowed: Callable[[int], bool] = lambda i: True,
+               seed: int = 0, compiled: bool = False) -> dict[str, Schedule]:
+    """The whole models the fit is measured on: the rewritten model without reduction; per method r = 1
+    everywhere (n stays high), a constant r that shortens the stream (n falls) and twice that r in every
+    other layer (half the layers pay the op); and ``RANDOM_PROBES`` seeded mixed schedules, so the fit sees
+    methods side by side and r varying by layer, as the search's schedules have them. ``compiled``: no
+    every-other probes and two mixed ones (each probe is a compile)."""
+    n0 = table.tokens[0]
+    r_big = max(1, (n0 - table.prefix) // (2 * layers))
+    probes: dict[str, Schedule] = {"rewritten": tuple(("", 0) for _ in range(layers))}
+    for m in methods:
+        for r in (1, r_big):
+            probes[f"{m}/{r}"] = tuple((m, r) if allowed(i) else ("", 0) for i in range(layers))
+        if compiled:
+            continue
+        probes[f"{m}/{2 * r_big} every other"] = tuple((m, 2 * r_big) if allowed(i) and i % 2 == 0 else ("", 0)
+                                                        for i in range(layers))
+    rng = random.Random(seed)
+    top = max(1, (n0 - table.prefix) // layers)
+    for k in range(2 if compiled else RANDOM_PROBES):
+        probes[f"mixed {k}"] = tuple((rng.choice(methods), rng.randint(0, top)) if allowed(i) else ("", 0)
+                                     for i in range(layers))
+    return probes
 
 
 def fit_whole_model(table: CostTable, measured: list[tuple[Schedule, float]], methods: list[str]) -> None:
