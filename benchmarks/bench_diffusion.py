@@ -1,7 +1,8 @@
 """Op-level token merging on diffusion denoisers: one denoising call, against the original, same run.
 
-    python benchmarks/bench_diffusion.py                  # UNet eager + torch.compile, DiT eager
+    python benchmarks/bench_diffusion.py                  # UNet and DiT, eager + torch.compile
     python benchmarks/bench_diffusion.py --no-compile     # eager only (graph breaks still counted)
+    python benchmarks/bench_diffusion.py --skip-unet      # the DiT table only
     python benchmarks/bench_diffusion.py --rounds 3 --threads 1   # fewer rounds, one thread (a shared machine)
 
 UNet: a random-init UNet2DConditionModel shaped like Stable Diffusion 1.5 (three cross-attention
@@ -15,7 +16,8 @@ its math decomposition (the CPU's fused kernel has no FlopCounter formula).
 
 DiT: DiTTransformer2DModel at 256 tokens (latent 32x32, patch 2; 12 blocks of width 384, 6
 heads), batch 2: op-level ToMe (recipes/tome-dit.yaml: ratio 0.5 around attention and MLP) and
-stream-level ToMe (r=32 in each of the first 6 blocks, unmerged before the output), eager.
+stream-level ToMe (r=32 in each of the first 6 blocks, unmerged before the output), eager and
+torch.compile, with the graphs dynamo makes of each.
 
 Speedups are the median over interleaved rounds of the per-round time ratio to the original.
 """
@@ -83,59 +85,68 @@ def timed(models: dict, ex, rounds: int) -> dict[str, tuple[float, float]]:
     return {k: (ex.batch / speed[k], speedup[k]) for k in models}
 
 
+def compare(models: dict, ex, rounds: int, compile: bool, console: Console, title: str,
+            count_breaks: tuple[str, ...]) -> None:
+    """One table: GFLOPs, max |output - original|, eager (and compiled) s/call and speedup, and the graphs
+    dynamo makes of the models in ``count_breaks``."""
+    with torch.no_grad():
+        ref = ex.call(models["original"]).sample
+        diff = {k: float((ex.call(m).sample - ref).abs().max()) for k, m in models.items()}
+    flops = {k: gflops(m, ex) for k, m in models.items()}
+    eager = timed(models, ex, rounds)
+    breaks = {k: graph_breaks(models[k], ex) for k in count_breaks}
+    compiled = {}
+    if compile:
+        torch._dynamo.reset()
+        comp = {}
+        for k, m in models.items():
+            with console.status(f"torch.compile {k}"):
+                comp[k] = torch.compile(m)
+                with torch.no_grad():
+                    ex.call(comp[k])
+        compiled = timed(comp, ex, rounds)
+    t = Table(title=title)
+    for col in ("model", "GFLOPs", "max |out - original|", "eager s/call", "eager speedup"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for col in (("compiled s/call", "compiled speedup") if compiled else ()) + ("dynamo graphs",):
+        t.add_column(col, justify="right")
+    for k in models:
+        row = [k, f"{flops[k]:.2f}", f"{diff[k]:.4f}", f"{eager[k][0]:.3f}", f"{eager[k][1]:.2f}x"]
+        if compiled:
+            row += [f"{compiled[k][0]:.3f}", f"{compiled[k][1]:.2f}x"]
+        t.add_row(*row, breaks.get(k, "-"))
+    console.print(t)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--skip-dit", action="store_true")
+    ap.add_argument("--skip-unet", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     console = Console()
-    import tomesd
 
     with tempfile.TemporaryDirectory(prefix="bench-diffusion-") as tmp:
-        unet = saved("UNet2DConditionModel", UNET, Path(tmp) / "unet")
-        ex = example_input_for(unet)
-        patched = copy.deepcopy(unet)
-        tomesd.apply_patch(patched, ratio=0.5, use_rand=False)
-        ours = tokenopt.optimize(unet, SHIPPED_RECIPES / "tomesd-50.yaml", report=False)
-        models = {"original": unet, "tomesd ratio 0.5": patched, "tokenopt tomesd-50": ours}
-        with torch.no_grad():
-            ref = ex.call(unet).sample
-            diff = {k: float((ex.call(m).sample - ref).abs().max()) for k, m in models.items()}
-            agree = float((ex.call(ours).sample - ex.call(patched).sample).abs().max())
-        flops = {k: gflops(m, ex) for k, m in models.items()}
-        eager = timed(models, ex, args.rounds)
-        compiled, breaks = {}, {}
-        for k in ("tomesd ratio 0.5", "tokenopt tomesd-50"):
-            breaks[k] = graph_breaks(models[k], ex)
-        if not args.no_compile:
-            torch._dynamo.reset()
-            comp = {}
-            for k, m in models.items():
-                with console.status(f"torch.compile {k}"):
-                    comp[k] = torch.compile(m)
-                    with torch.no_grad():
-                        ex.call(comp[k])
-            compiled = timed(comp, ex, args.rounds)
+        if not args.skip_unet:
+            import tomesd
 
-        t = Table(title=f"UNet (SD-1.5 shape, scaled down), latent 64x64 (4,096 tokens in the first transformer), "
-                        f"batch {ex.batch}, one denoising call")
-        for col in ("model", "GFLOPs", "max |out - original|", "eager s/call", "eager speedup"):
-            t.add_column(col, justify="left" if col == "model" else "right")
-        for col in (("compiled s/call", "compiled speedup") if compiled else ()) + ("dynamo graphs",):
-            t.add_column(col, justify="right")
-        for k in models:
-            row = [k, f"{flops[k]:.1f}", f"{diff[k]:.4f}", f"{eager[k][0]:.3f}", f"{eager[k][1]:.2f}x"]
-            if compiled:
-                row += [f"{compiled[k][0]:.3f}", f"{compiled[k][1]:.2f}x"]
-            t.add_row(*row, breaks.get(k, "-"))
-        console.print(t)
-        console.print(f"tokenopt vs tomesd: max |difference| = {agree:.2e}; torch threads: {torch.get_num_threads()}")
-
+            unet = saved("UNet2DConditionModel", UNET, Path(tmp) / "unet")
+            ex = example_input_for(unet)
+            patched = copy.deepcopy(unet)
+            tomesd.apply_patch(patched, ratio=0.5, use_rand=False)
+            ours = tokenopt.optimize(unet, SHIPPED_RECIPES / "tomesd-50.yaml", report=False)
+            models = {"original": unet, "tomesd ratio 0.5": patched, "tokenopt tomesd-50": ours}
+            with torch.no_grad():
+                agree = float((ex.call(ours).sample - ex.call(patched).sample).abs().max())
+            compare(models, ex, args.rounds, not args.no_compile, console,
+                    f"UNet (SD-1.5 shape, scaled down), latent 64x64 (4,096 tokens in the first transformer), "
+                    f"batch {ex.batch}, one denoising call", ("tomesd ratio 0.5", "tokenopt tomesd-50"))
+            console.print(f"tokenopt vs tomesd: max |difference| = {agree:.2e}; torch threads: {torch.get_num_threads()}")
         if args.skip_dit:
             return
         dit = saved("DiTTransformer2DModel", DIT, Path(tmp) / "dit")
@@ -143,17 +154,10 @@ def main(argv=None):
         models = {"original": dit,
                   "op-level ToMe (tome-dit.yaml)": tokenopt.optimize(dit, SHIPPED_RECIPES / "tome-dit.yaml", report=False),
                   "stream-level ToMe r=32, first half": tokenopt.optimize(dit, STREAM_DIT, report=False)}
-        with torch.no_grad():
-            ref = ex.call(dit).sample
-            diff = {k: float((ex.call(m).sample - ref).abs().max()) for k, m in models.items()}
-        flops = {k: gflops(m, ex) for k, m in models.items()}
-        eager = timed(models, ex, args.rounds)
-        t = Table(title=f"DiT, 256 tokens (latent 32x32, patch 2), 12 blocks of width 384, batch {ex.batch}, eager")
-        for col in ("model", "GFLOPs", "max |out - original|", "s/call", "speedup"):
-            t.add_column(col, justify="left" if col == "model" else "right")
-        for k in models:
-            t.add_row(k, f"{flops[k]:.2f}", f"{diff[k]:.4f}", f"{eager[k][0]:.4f}", f"{eager[k][1]:.2f}x")
-        console.print(t)
+        compare(models, ex, args.rounds, not args.no_compile, console,
+                f"DiT, 256 tokens (latent 32x32, patch 2), 12 blocks of width 384, batch {ex.batch}, one call",
+                tuple(k for k in models if k != "original"))
+        console.print(f"torch threads: {torch.get_num_threads()}")
 
 
 if __name__ == "__main__":

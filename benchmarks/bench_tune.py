@@ -2,12 +2,18 @@
 
     python benchmarks/bench_tune.py                         # both demo models, speed=1.5 and 2.0, eager batch 64
     python benchmarks/bench_tune.py --model digits --speeds 1.5 --threads 2
+    python benchmarks/bench_tune.py --model digits --speeds 1.5 --compile   # every model timed compiled
+    python benchmarks/bench_tune.py --model hf-digits --speeds 1.5          # a Hugging Face ViT through hf:DIR
 
 Per model: tune at each speed (calibration: a seeded sample of the train split; the tune time printed),
 then one interleaved timing session of the original, the tuned recipes, every shipped ToMe/ToFu recipe,
 constant-r ToMe over its range and 10 random schedules (the cost model's prediction error), and top-1 on
 the fixed test split. The comparison picks, for each tuned recipe, the constant r and the shipped recipes
 whose measured speed is within 3% of it (else the slowest one at least 3% faster, marked '>').
+``hf-digits`` is a transformers ``ViTForImageClassification`` of the digits demo's shape (32 px, 4 px
+patches, width 64, 6 layers, 4 heads), saved with ``save_pretrained``, loaded through ``hf:DIR`` as a
+user's would be, and trained here on the digits train split (a few minutes; printed) so that its
+top-1 means something.
 Threads default to 1: on a shared 2-core machine two threads make every timing wait on the other
 processes (the load average is printed).
 """
@@ -16,10 +22,33 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import tempfile
 import time
 import warnings
 
 import torch
+
+
+HF_DIGITS = dict(image_size=32, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=6,
+                 num_attention_heads=4, intermediate_size=256, num_labels=10)
+
+
+def hf_digits(folder: str, epochs: int = 30):
+    """A transformers ViT of the digits demo's shape, saved to ``folder``, loaded through hf:, trained on digits."""
+    import transformers
+
+    from tokenopt.data import get_dataset
+    from tokenopt.sources import load_model
+    from tokenopt.train import train
+
+    torch.manual_seed(0)
+    transformers.ViTForImageClassification(transformers.ViTConfig(**HF_DIGITS)).save_pretrained(folder)
+    model, _ = load_model(f"hf:{folder}")
+    t = time.perf_counter()
+    train(model, get_dataset("digits", "train", model=model), epochs=epochs, batch_size=32, lr=1e-3,
+          warmup_epochs=2.0, train_all=True, quiet=True)
+    print(f"hf-digits: ViTForImageClassification trained {epochs} epochs in {time.perf_counter() - t:.0f} s")
+    return model.eval(), {"dataset": "digits"}
 
 
 def main() -> None:
@@ -29,6 +58,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--search-seconds", type=float, default=120)
+    ap.add_argument("--compile", action="store_true", help="tune and time every model under torch.compile")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
@@ -39,24 +69,27 @@ def main() -> None:
     from tokenopt.demo import demo_model
     from tokenopt.paths import SHIPPED_RECIPES
     from tokenopt.pipeline import optimize
-    from tokenopt.timing import interleaved_times, per_round_speedup
+    from tokenopt.timing import compile_all, interleaved_times, per_round_speedup
     from tokenopt.tuning import tune
     from tokenopt.tuning.methods import choose, describe, rules_of
 
+    mode = "compiled" if args.compile else "eager"
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; torch threads {args.threads}; "
-          f"eager batch {args.batch_size}")
+          f"{mode} batch {args.batch_size}")
     speeds = [float(s) for s in args.speeds.split(",")]
+    hf_dir = tempfile.TemporaryDirectory(prefix="bench-tune-hf-")
     for name in args.model or ["digits-clutter", "digits"]:
-        model, info = demo_model(name)
-        test = get_dataset(info.get("dataset", name), "test", model=model)
-        calib = torch.stack([get_dataset(name, "train", model=model)[i][0] for i in range(64)])
+        model, info = hf_digits(hf_dir.name) if name == "hf-digits" else demo_model(name)
+        data = info.get("dataset", name)
+        test = get_dataset(data, "test", model=model)
+        calib = torch.stack([get_dataset(data, "train", model=model)[i][0] for i in range(64)])
         x = torch.stack([test[i][0] for i in range(args.batch_size)])
         tuned, results = {}, {}
         for speed in speeds:
             t = time.perf_counter()
             try:
-                res = tune(model, name, f"speed={speed}", batch_size=args.batch_size, compare=False,
-                           search_seconds=args.search_seconds)
+                res = tune(model, data, f"speed={speed}", batch_size=args.batch_size, compare=False,
+                           search_seconds=args.search_seconds, compile=args.compile)
             except TokenoptError as e:
                 print(f"demo:{name} speed={speed}: failed after {time.perf_counter() - t:.0f} s: {e}")
                 continue
@@ -75,9 +108,10 @@ def main() -> None:
             if path.stem.startswith(("tome", "tofu")):
                 shipped[path.stem] = optimize(model, path, x[:2], calibration=calib, report=False)
         layers, n0, prefix = len(table.attn), table.tokens[0], table.prefix
+        step = 4 if args.compile else 2      # each compiled model is a build of tens of seconds
         constant = {f"tome r={r}": optimize(model, {"version": 1, "rules": [{"pass": "tome", "r": r}]}, x[:2],
                                             report=False)
-                    for r in range(2, (n0 - prefix) // 3 + 1, 2)}
+                    for r in range(2, (n0 - prefix) // 3 + 1, step)}
         rng = random.Random(0)
         randoms = {}
         from tokenopt.tuning.search import Space
@@ -88,8 +122,14 @@ def main() -> None:
         random_models = {k: optimize(model, {"version": 1, "rules": rules_of(s, methods)}, x[:2], report=False)
                          for k, s in randoms.items()}
         every = {"original": model, **tuned, **shipped, **constant, **random_models}
-        print(f"timing {len(every)} models, interleaved (load average {os.getloadavg()[0]:.1f})")
-        speed_of = per_round_speedup(interleaved_times(every, x, rounds=5, min_seconds=0.05), "original")
+        timed = every
+        if args.compile:
+            print(f"compiling {len(every)} models (load average {os.getloadavg()[0]:.1f})")
+            t = time.perf_counter()
+            timed = compile_all(every, x)
+            print(f"compiled in {time.perf_counter() - t:.0f} s")
+        print(f"timing {len(every)} models {mode}, interleaved (load average {os.getloadavg()[0]:.1f})")
+        speed_of = per_round_speedup(interleaved_times(timed, x, rounds=5, min_seconds=0.05), "original")
         acc = ev.evaluate_many({k: v for k, v in every.items() if k not in random_models},
                                get_loader(test, 120, train=False))
         top1 = {k: 100 * v["top1"] for k, v in acc.items()}

@@ -49,6 +49,22 @@ def test_a_few_steps_on_digits_make_the_loss_fall():
     assert after["top1"] > before["top1"] + 0.2
 
 
+def test_a_hugging_face_vit_loaded_through_hf_trains_on_its_logits(tmp_path):
+    """hf: models return an ImageClassifierOutput; the default loss reads its logits."""
+    transformers = pytest.importorskip("transformers")
+    from tokenopt.sources import load_model
+
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64, num_labels=10)
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit")
+    model, _ = load_model(f"hf:{tmp_path / 'vit'}")
+    data = digits(512)
+    result = train(model, data, epochs=3, batch_size=32, lr=3e-3, warmup_epochs=0.2, quiet=True)
+    assert result.steps == 3 * 16
+    assert result.epoch_losses[-1] < 0.8 * result.epoch_losses[0]
+
+
 def test_only_the_marked_parameters_change():
     model = tiny_vit()
     head_before = model.head.weight.detach().clone()

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from tokenopt import distributed as D
 from tokenopt.data.loader import get_loader
 from tokenopt.errors import TokenoptError
+from tokenopt.model_outputs import class_logits
 from tokenopt.train.checkpoint import FORMAT, VERSION, ResumeError, capture_rng, load_checkpoint, restore_rng, save_atomic
 from tokenopt.train.params import select_trainable, weight_decay_groups
 from tokenopt.train.progress import Progress
@@ -50,7 +51,8 @@ class TrainResult:
 
 
 def cross_entropy(out, batch) -> torch.Tensor:
-    return F.cross_entropy(out, batch[1])
+    """Cross-entropy of the class scores (a tensor, a tuple's first, a Hugging Face output's ``logits``)."""
+    return F.cross_entropy(class_logits(out), batch[1])
 
 
 def train(model: nn.Module, data: Dataset | DataLoader, *, epochs: int, batch_size: int = 64,
