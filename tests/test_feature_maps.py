@@ -11,7 +11,7 @@ import torch
 
 import tokenopt
 from tokenopt.errors import PlanError
-from tokenopt.feature_maps import block_map, stream_map
+from tokenopt.feature_maps import block_map, patch_map, stream_map
 from tokenopt.probe import f1_counts, f1_score, fit_linear_probe
 
 from test_windows import X, spa, tiny_swin, tome
@@ -96,3 +96,27 @@ def test_the_probe_finds_a_separable_answer_and_is_seeded():
     again = fit_linear_probe(maps[:30], labels[:30], steps=300)
     assert torch.equal(probe.weight, again.weight)
     assert int(probe.weight.abs().argmax()) == 3
+
+
+def test_a_plain_vit_patch_map_is_its_features_and_carries_the_rewritten_state():
+    m = _vit()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = m.forward_features(x)[:, 1:].reshape(3, 4, 4, 32)     # after the final norm, class token dropped
+    assert (patch_map(m, x) - want).abs().max() <= 1e-5
+    merged = tokenopt.optimize(m, tome(2), x[:2], report=False)
+    got = patch_map(merged, x, base=m)
+    assert got.shape == want.shape and (got - want).abs().max() > 1e-3   # merged tokens put back: one per patch
+    with torch.no_grad():
+        direct = tokenopt.optimize(m, tome(2), x[:2], report=False, outputs="tokens")(x).reshape(3, 4, 4, 32)
+    assert torch.equal(got, direct)
+    # SPA gates that keep every token only through the state the rebuilt graph loads: a threshold of 0
+    gm = tokenopt.optimize(m, spa("1-2", threshold=0.9, min_keep=1, gate={"hidden": 0, "noise": 0.0},
+                                  mode="bypass"), x[:2], report=False)
+    assert (patch_map(gm, x, base=m) - want).abs().max() > 1e-3
+    for name, buf in gm.named_buffers():
+        if name.endswith("threshold"):
+            buf.fill_(0.0)
+    assert (patch_map(gm, x, base=m) - want).abs().max() <= 1e-5
+    with pytest.raises(PlanError, match="give base="):
+        patch_map(gm, x)
