@@ -98,6 +98,7 @@ def test_the_probe_finds_a_separable_answer_and_is_seeded():
     assert int(probe.weight.abs().argmax()) == 3
 
 
+@pytest.mark.filterwarnings("ignore:SPA gates of layer")    # untrained gates: their state is what is tested
 def test_a_plain_vit_patch_map_is_its_features_and_carries_the_rewritten_state():
     m = _vit()
     x = torch.randn(3, 3, 32, 32)
