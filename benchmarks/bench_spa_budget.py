@@ -17,7 +17,12 @@ per image).
 mean and max over the test images (fixed for ToSA and ToMe, per image for SPA). "r(area)" is the
 correlation of that count with the digit's area: SPA's claim is that each image keeps what it needs.
 The budget lines give target_keep against the share kept on the calibration (training) images and
-on the test images.
+on the test images. "F1": dense per-patch F1 (benchmarks/accuracy_table.py) of a linear probe on
+the patch tokens each model returns under ``outputs: tokens``: the final norm of the tokens leaving
+the last block (block 5, also the last one SPA and ToSA gate with the default layers), each token
+ToMe merged put back on every patch it stands for, on the 8x8 patch grid.
+
+bench_swin_accuracy.py prints these rows in its table too (:func:`vit_rows`).
 """
 from __future__ import annotations
 
@@ -28,14 +33,21 @@ import warnings
 
 import torch
 from rich.console import Console
-from rich.table import Table
+
+import sys
+from pathlib import Path
 
 import tokenopt
+from tokenopt.feature_maps import patch_map
 from tokenopt.flops import count_flops
 from tokenopt.passes.spa import capture_gate_outputs
 from tokenopt.record import record_of
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_table import DenseF1, Row, accuracy_table, correlation, digit_area  # noqa: E402
+
 DEMO = "digits-clutter-sizes"
+MODEL = "ViT"
 
 
 def spa_recipe(args):
@@ -77,12 +89,7 @@ def spa_tokens(gm, images, n_blocks: int, patch_tokens: int, prefix: int) -> tor
     return torch.cat(out)
 
 
-def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    return float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-12))
-
-
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target-keep", type=float, default=0.5, help="SPA's mean share of patch tokens per gated layer")
     ap.add_argument("--layers", default="2-5", help="the blocks SPA and ToSA rewrite")
@@ -95,11 +102,13 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded machine)")
     ap.add_argument("--untrained", action="store_true", help="smoke run: an untrained model of the demo's architecture")
     ap.add_argument("--limit", type=int, default=None, help="smoke run: train and test on the first N images")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    console = Console(width=160)
-    warnings.simplefilter("ignore")
+    ap.add_argument("--probe-images", type=int, default=1024, help="training images the F1 probe is fitted on")
+    return ap
 
+
+def vit_rows(args, console) -> tuple[list[Row], list, int]:
+    """The demo ViT's rows (original, SPA, ToSA, ToMe at SPA's GFLOPs), SPA's budget lines
+    ``[(phase, lines)]`` and the number of test images; ``args`` as :func:`parser` makes them."""
     from tokenopt.data import get_dataset, get_loader
     from tokenopt.demo import build_arch, demo_model, format_arch
     from tokenopt.demo_specs import DEMOS, MEAN, STD
@@ -119,9 +128,9 @@ def main(argv=None):
     if args.limit:
         train_set = torch.utils.data.Subset(train_set, range(min(args.limit, len(train_set))))
         test_set = torch.utils.data.Subset(test_set, range(min(args.limit, len(test_set))))
-    base_test = test_set.dataset if isinstance(test_set, torch.utils.data.Subset) else test_set
     test_x = torch.stack([test_set[i][0] for i in range(len(test_set))])
-    area = torch.tensor([float((b[2] - b[0]) ** 2) for b in (base_test.box(i) for i in range(len(test_set)))])
+    area = digit_area(test_set)
+    dense = DenseF1(train_set, test_set, train_images=args.probe_images)
     train_x = torch.stack([train_set[i][0] for i in range(min(1024, len(train_set)))])
     loader = get_loader(test_set, 128, train=False)
     flops_x = test_x[:256]
@@ -132,7 +141,8 @@ def main(argv=None):
     def gflops(m, x=flops_x):
         return count_flops(m.eval(), x) / len(x) / 1e9
 
-    def add(method, setting, m, tokens):
+    def add(method, setting, m, tokens, base=None):
+        """``base``: the model ``m`` was rewritten from (its patch map is read through outputs: tokens)."""
         m.eval()
         top1 = evaluate(m, loader)["top1"]
         if isinstance(tokens, torch.Tensor):
@@ -140,8 +150,10 @@ def main(argv=None):
             r = correlation(tokens, area)
         else:
             span, r = (tokens, tokens, tokens), None
-        rows.append((method, setting, gflops(m), top1, span, r))
-        console.print(f"  {method}, {setting}: top-1 {100 * top1:.1f}, GFLOPs {rows[-1][2]:.4f}", highlight=False)
+        f1 = dense.score(lambda images: patch_map(m, images, base))
+        rows.append(Row(MODEL, method, setting, gflops(m), top1, span, f1, r))
+        console.print(f"  {MODEL} {method}{', ' + setting if setting else ''}: top-1 {100 * top1:.1f}, GFLOPs {rows[-1].gflops:.4f}, "
+                      f"F1 {f1:.3f}", highlight=False)
 
     add("original", "", model, float(patch_tokens))
     if args.finetune_epochs:   # the same extra training without reduction: what fine-tuning alone gives
@@ -158,7 +170,7 @@ def main(argv=None):
         train_gates(gm, base, train_set, "masks", epochs=args.gate_epochs, quiet=True)
     budgets.append((f"gates {args.gate_epochs} ep", budget_report(gm, {"train": train_x, "test": test_x})))
     add(f"SPA target_keep {args.target_keep}", f"gates {args.gate_epochs} ep",
-        gm, spa_tokens(gm, test_x, n_blocks, patch_tokens, prefix))
+        gm, spa_tokens(gm, test_x, n_blocks, patch_tokens, prefix), base)
     if args.finetune_epochs:
         with console.status("SPA: fine-tuning (task + gate BCE), calibrating"):
             train_gates(gm, base, train_set, "masks", epochs=args.finetune_epochs, finetune=True,
@@ -166,8 +178,8 @@ def main(argv=None):
         budgets.append((f"+ fine-tuned {args.finetune_epochs} ep",
                         budget_report(gm, {"train": train_x, "test": test_x})))
         add(f"SPA target_keep {args.target_keep}", f"+ fine-tuned {args.finetune_epochs} ep",
-            gm, spa_tokens(gm, test_x, n_blocks, patch_tokens, prefix))
-    spa_flops = rows[-1][2]
+            gm, spa_tokens(gm, test_x, n_blocks, patch_tokens, prefix), base)
+    spa_flops = rows[-1].gflops
 
     # ToSA at the keep closest in GFLOPs (its selectors cost otherwise than SPA's gates)
     candidates = [args.target_keep + d for d in (-0.1, -0.05, 0.0, 0.05, 0.1) if 0 < args.target_keep + d <= 1]
@@ -178,39 +190,51 @@ def main(argv=None):
     tgm = tokenopt.optimize(tbase, tosa_recipe(args.layers, keep), example, report=False)
     with console.status("ToSA: training selectors"):
         train_selectors(tgm, tbase, train_set, epochs=args.gate_epochs, quiet=True)
-    add(f"ToSA keep {keep:.2f}", f"selectors {args.gate_epochs} ep", tgm, fixed_tokens(tgm))
+    add(f"ToSA keep {keep:.2f}", f"selectors {args.gate_epochs} ep", tgm, fixed_tokens(tgm), tbase)
     if args.finetune_epochs:
         with console.status("ToSA: fine-tuning"):
             finetune(tgm, tbase, train_set, epochs=args.finetune_epochs, quiet=True)
-        add(f"ToSA keep {keep:.2f}", f"+ fine-tuned {args.finetune_epochs} ep", tgm, fixed_tokens(tgm))
+        add(f"ToSA keep {keep:.2f}", f"+ fine-tuned {args.finetune_epochs} ep", tgm, fixed_tokens(tgm), tbase)
 
     # ToMe at the r closest in GFLOPs
     tome_flops = {r: gflops(tokenopt.optimize(model, tome_recipe(r), example, report=False), example)
                   for r in range(0, 17)}
     r = min(tome_flops, key=lambda r: abs(tome_flops[r] - spa_flops))
     mgm = tokenopt.optimize(model, tome_recipe(r), example, report=False)
-    add(f"ToMe r={r}", "training-free", mgm, fixed_tokens(mgm))
+    add(f"ToMe r={r}", "training-free", mgm, fixed_tokens(mgm), model)
     if args.finetune_epochs:
         mb = copy.deepcopy(model)
         mgm = tokenopt.optimize(mb, tome_recipe(r), example, report=False)
         with console.status("ToMe: fine-tuning"):
             finetune(mgm, mb, train_set, epochs=args.finetune_epochs, quiet=True)
-        add(f"ToMe r={r}", f"+ fine-tuned {args.finetune_epochs} ep", mgm, fixed_tokens(mgm))
+        add(f"ToMe r={r}", f"+ fine-tuned {args.finetune_epochs} ep", mgm, fixed_tokens(mgm), mb)
 
-    n = len(test_set)
-    t = Table(title=f"{DEMO} demo ViT (6 blocks, 64 patch tokens), {n} test images (one standard error about "
-                    f"{100 * math.sqrt(0.25 / n):.1f} points at most); SPA/ToSA on layers {args.layers}")
-    for c in ("method", "setting", "GFLOPs/img", "top-1 %", "tokens/img min / mean / max", "r(area)"):
-        t.add_column(c, justify="left" if c in ("method", "setting") else "right")
-    for method, setting, f, top1, span, corr in rows:
-        t.add_row(method, setting, f"{f:.4f}", f"{100 * top1:.1f}", " / ".join(f"{v:.1f}" for v in span),
-                  "" if corr is None else f"{corr:+.2f}")
-    console.print(t)
+    return rows, budgets, len(test_set)
+
+
+def vit_title(args, n: int) -> str:
+    return (f"{DEMO} demo ViT (6 blocks, 64 patch tokens), {n} test images (one standard error about "
+            f"{100 * math.sqrt(0.25 / n):.1f} points at most); SPA/ToSA on layers {args.layers}; tokens/img: "
+            f"patch tokens a block runs on, averaged over the 6 blocks; F1: probe on the patch tokens "
+            f"outputs: tokens returns (8x8)")
+
+
+def print_budgets(console, budgets, model: str = MODEL) -> None:
     for phase, lines in budgets:
-        console.print(f"SPA budget after {phase} (share of patch tokens kept; train: the 1024 calibration images):",
-                      highlight=False)
+        console.print(f"{model} SPA budget after {phase} (share of patch tokens kept; train: the 1024 "
+                      f"calibration images):", highlight=False)
         for line in lines:
             console.print(f"  {line}", highlight=False)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    console = Console(width=180)
+    warnings.simplefilter("ignore")
+    rows, budgets, n = vit_rows(args, console)
+    console.print(accuracy_table(vit_title(args, n), rows))
+    print_budgets(console, budgets)
 
 
 if __name__ == "__main__":

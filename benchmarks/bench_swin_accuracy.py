@@ -17,27 +17,61 @@ Columns: mean GFLOPs per image over 256 test images (SPA's vary per image, so SP
 image at a time: in a batch every window and image is padded to the batch's fullest, which a batch
 of 256 makes nearly the whole grid, and the count would be the padded one); top-1 on the test set;
 "tokens" per image: the patch tokens the stage 3-4 blocks run on, summed over those 4 blocks
-(at most 16 + 16 + 4 + 4 = 40), min / mean / max over the test images.
+(at most 16 + 16 + 4 + 4 = 40), min / mean / max over the test images; r(area): its correlation
+with the digit's area.
+
+"F1": dense per-patch F1 from the stage-3 map. The map is the tokens leaving stage 3 (the output
+of its last block, block 3, on its 4x4 grid: each token covers 16x16 px), read from each model as
+it runs (``tokenopt.feature_maps.stream_map``, stream 2). Every method leaves it whole: SPA in
+bypass mode puts the tokens its gates skipped back in place (they skipped the blocks), ToMe in
+windows restores its merged tokens before the window reverse. A patch is a digit patch when the
+digit's box (the data's ``box`` mask) covers at least half of it; a logistic-regression probe
+(tokenopt.probe: standardised tokens, positives weighted by negatives / positives, 300 full-batch
+Adam steps, seed 0) is fitted per method on the maps of the first ``--probe-images`` training
+images, and F1 of "digit patch" is counted over every patch of the test images
+(benchmarks/accuracy_table.py).
+
+One table: the rows above, then (unless ``--no-vit``) the plain-ViT rows of
+``bench_spa_budget.py`` (imported: :func:`bench_spa_budget.vit_rows`) on the same data with the same
+training epochs and target: the ``digits-clutter-sizes`` demo ViT, original, SPA (``target_keep``)
+on ``--vit-layers``, ToSA and ToMe at the keep / r whose GFLOPs are closest to SPA's. Their tokens
+are the patch tokens a block runs on averaged over the 6 blocks (of 64), and their F1 is read from
+the patch tokens ``outputs: tokens`` returns: the final norm of the tokens leaving block 5 (the last
+block, and the last gated one with the default layers), each token ToMe merged put back on every
+patch it stands for, on the 8x8 patch grid (8x8 px each). The two models' F1s are on different
+grids and are compared within a model, not across.
+
+The full table (the integrator's run):
+
+    python benchmarks/bench_swin_accuracy.py --gate-epochs 2 --finetune-epochs 1
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 import tokenopt
 from tokenopt.errors import TokenoptError
+from tokenopt.feature_maps import stream_map
 from tokenopt.flops import count_flops
 from tokenopt.passes.spa import capture_gate_outputs
 from tokenopt.record import record_of
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_table import DenseF1, Row, accuracy_table, correlation, digit_area  # noqa: E402
+from bench_spa_budget import parser as vit_parser, print_budgets, vit_rows, vit_title  # noqa: E402
+
 DEMO = "swin-clutter-sizes"
 DATA = "digits-clutter-sizes"
 GATED = "stage3-4"
+STAGE3 = 2          # stream index of Swin's stage 3 (streams count from 0)
+MODEL = "Swin"
 
 
 def spa_recipe(grouping: str, target_keep: float) -> dict:
@@ -84,9 +118,12 @@ def main(argv=None):
     ap.add_argument("--flops-images", type=int, default=256, help="test images the mean GFLOPs is taken over")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--limit", type=int, default=None, help="smoke run: train and test on the first N images")
+    ap.add_argument("--probe-images", type=int, default=1024, help="training images the F1 probe is fitted on")
+    ap.add_argument("--vit-layers", default="2-5", help="the plain ViT's blocks SPA and ToSA rewrite")
+    ap.add_argument("--no-vit", action="store_true", help="Swin rows only")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    console = Console(width=140)
+    console = Console(width=180)
     warnings.simplefilter("ignore")
 
     from tokenopt.data import get_dataset, get_loader
@@ -103,25 +140,31 @@ def main(argv=None):
         test_set = torch.utils.data.Subset(test_set, range(min(args.limit, len(test_set))))
     test_x = torch.stack([test_set[i][0] for i in range(len(test_set))])
     train_x = torch.stack([train_set[i][0] for i in range(min(1024, len(train_set)))])
+    area = digit_area(test_set)
+    dense = DenseF1(train_set, test_set, train_images=args.probe_images)
     loader = get_loader(test_set, 128, train=False)
     flops_x, example = test_x[:args.flops_images], test_x[:2]
-    rows = []
+    rows, budgets = [], []
 
-    def add(method, m, tokens, per_image=False):
+    def add(method, setting, m, tokens, per_image=False):
         m.eval()
         top1 = evaluate(m, loader)["top1"]
         if per_image:   # one image at a time: a batch pads every window and image to its fullest
             g = sum(count_flops(m, x[None]) for x in flops_x) / len(flops_x) / 1e9
         else:
             g = count_flops(m, flops_x) / len(flops_x) / 1e9
-        span = ((tokens.min().item(), tokens.mean().item(), tokens.max().item()) if isinstance(tokens, torch.Tensor)
-                else (tokens,) * 3)
-        rows.append((method, g, top1, span))
-        console.print(f"  {method}: top-1 {100 * top1:.1f}, GFLOPs {g:.5f}, tokens {span[1]:.1f}", highlight=False)
+        if isinstance(tokens, torch.Tensor):
+            span, r = (tokens.min().item(), tokens.mean().item(), tokens.max().item()), correlation(tokens, area)
+        else:
+            span, r = (tokens,) * 3, None
+        f1 = dense.score(lambda images: stream_map(m, images, STAGE3))
+        rows.append(Row(MODEL, method, setting, g, top1, span, f1, r))
+        console.print(f"  {MODEL} {method}{', ' + setting if setting else ''}: top-1 {100 * top1:.1f}, GFLOPs {g:.5f}, "
+                      f"tokens {span[1]:.1f}, F1 {f1:.3f}", highlight=False)
 
     probe = tokenopt.optimize(copy.deepcopy(model), tome_recipe(GATED, 0), example, report=False)
     blocks = stage34_blocks(probe)
-    add("original", model, float(sum(b.tokens for b in blocks)))
+    add("original", "", model, float(sum(b.tokens for b in blocks)))
 
     spa_flops = None
     for grouping in ("window", "container"):
@@ -129,16 +172,17 @@ def main(argv=None):
         gm = tokenopt.optimize(base, spa_recipe(grouping, args.target_keep), example, report=False)
         with console.status(f"SPA ({grouping}): training gates on masks, calibrating"):
             train_gates(gm, base, train_set, "masks", epochs=args.gate_epochs, quiet=True)
-        for line in budget_report(gm, {"train": train_x, "test": test_x}):
-            console.print(f"    {grouping}: {line}", highlight=False)
-        add(f"SPA {GATED}, {grouping}, target_keep {args.target_keep}, gates {args.gate_epochs} ep", gm,
-            spa_tokens(gm, test_x, blocks), per_image=True)
+        budgets.append((f"{grouping}, gates {args.gate_epochs} ep",
+                        budget_report(gm, {"train": train_x, "test": test_x})))
+        method = f"SPA {GATED}, {grouping}, target_keep {args.target_keep}"
+        add(method, f"gates {args.gate_epochs} ep", gm, spa_tokens(gm, test_x, blocks), per_image=True)
         if args.finetune_epochs:
             with console.status(f"SPA ({grouping}): fine-tuning (task + gate BCE), calibrating"):
                 train_gates(gm, base, train_set, "masks", epochs=args.finetune_epochs, finetune=True, quiet=True)
-            add(f"SPA {GATED}, {grouping}, + fine-tuned {args.finetune_epochs} ep", gm,
-                spa_tokens(gm, test_x, blocks), per_image=True)
-        spa_flops = rows[1][1]          # the window grouping's first row
+            budgets.append((f"{grouping}, + fine-tuned {args.finetune_epochs} ep",
+                            budget_report(gm, {"train": train_x, "test": test_x})))
+            add(method, f"+ fine-tuned {args.finetune_epochs} ep", gm, spa_tokens(gm, test_x, blocks), per_image=True)
+        spa_flops = rows[1].gflops          # the window grouping's first row
 
     # ToMe in windows: the layers and r whose GFLOPs are closest to SPA's (window grouping)
     found = {}
@@ -150,15 +194,23 @@ def main(argv=None):
                 continue
             found[(layers, r)] = (count_flops(gm.eval(), example) / len(example) / 1e9, gm)
     (layers, r), (_, gm) = min(found.items(), key=lambda kv: abs(kv[1][0] - spa_flops))
-    add(f"ToMe in windows, {layers}, r={r}, training-free", gm, tome_tokens(gm, blocks, r))
+    add(f"ToMe in windows, {layers}, r={r}", "training-free", gm, tome_tokens(gm, blocks, r))
+    title = (f"{DEMO} on {DATA}: {len(test_set)} test images; tokens/img: patch tokens the stage 3-4 blocks run on "
+             f"per image (of {sum(b.tokens for b in blocks)}); F1: probe on the stage-3 map (4x4)")
+    print_budgets(console, budgets, f"{MODEL} ({DEMO})")
+    if args.no_vit:
+        console.print(accuracy_table(title, rows))
+        return
 
-    t = Table(title=f"{DEMO} on {DATA}: {len(test_set)} test images; tokens: patch tokens the stage 3-4 blocks "
-                    f"run on per image (of {sum(b.tokens for b in blocks)})")
-    for c in ("method", "GFLOPs", "top-1 %", "tokens min", "mean", "max"):
-        t.add_column(c, justify="left" if c == "method" else "right")
-    for method, g, top1, (lo, mean, hi) in rows:
-        t.add_row(method, f"{g:.5f}", f"{100 * top1:.1f}", f"{lo:.0f}", f"{mean:.1f}", f"{hi:.0f}")
-    console.print(t)
+    vit_args = vit_parser().parse_args(["--layers", args.vit_layers, "--target-keep", str(args.target_keep),
+                                        "--gate-epochs", str(args.gate_epochs),
+                                        "--finetune-epochs", str(args.finetune_epochs),
+                                        "--variants", str(args.variants), "--test-variants", str(args.test_variants),
+                                        "--threads", str(args.threads), "--probe-images", str(args.probe_images)]
+                                       + (["--limit", str(args.limit)] if args.limit else []))
+    vit, vit_budgets, n = vit_rows(vit_args, console)
+    print_budgets(console, vit_budgets)
+    console.print(accuracy_table(f"Swin: {title}. ViT: {vit_title(vit_args, n)}", rows + vit))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ LAYERS: list[tuple[int, str, tuple[str, ...]]] = [
     (5, "plan", ("tokenopt.recipe", "tokenopt.plan", "tokenopt.report")),   # report: a plan with measured FLOPs
     (6, "pipeline", ("tokenopt.pipeline", "tokenopt.artifact", "tokenopt.evaluation", "tokenopt.deploy",
                      "tokenopt.check", "tokenopt.calling", "tokenopt.generation.fid",
-                     "tokenopt.generation.quality")),   # all run or compare what the pipeline made
+                     "tokenopt.generation.quality", "tokenopt.feature_maps", "tokenopt.probe")),   # all run or compare what the pipeline made
     (6, "train", ("tokenopt.train", "tokenopt.demo", "tokenopt.generation", "tokenopt.generation.train")),   # the demo models' training
     (7, "demo", ("tokenopt.demo_methods", "tokenopt.demo_package", "tokenopt.generation.package")),   # the demo's trained methods: pipeline + train
     (7, "tune", ("tokenopt.tuning",)),     # searches recipes: builds, times and judges what the pipeline makes
