@@ -5,6 +5,7 @@ The fast tests check each generator on its own; ``test_site_build`` (slow) runs 
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -382,6 +383,13 @@ def test_site_build(tmp_path):
         assert _built_page(out, page).exists(), page
     trouble = _built_page(out, "troubleshooting").read_text()
     assert "cannot trace GatedViT with torch.fx" in trouble and "refused: relative-position bias" in trouble
+    generation = _built_page(out, "generation").read_text()
+    if importlib.util.find_spec("diffusers") is None:
+        assert "`diffusion` extra" in generation or "<code>diffusion</code> extra" in generation
+    else:      # the UNet block drawn by this build, with ToMe's merge in it
+        svg = out / "generation" / "generated" / "tomesd-50.unet.after.svg"
+        assert re.search(r'src="(?:\.\./)?generation/generated/tomesd-50\.unet\.after\.svg"', generation)
+        assert svg.stat().st_mtime >= start - 1 and "<title>merge_tokens</title>" in svg.read_text()
 
 
 # ------------------------------------------------------------------------------ the build's own tokenopt
