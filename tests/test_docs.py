@@ -5,6 +5,7 @@ The fast tests check each generator on its own; ``test_site_build`` (slow) runs 
 """
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -170,6 +171,50 @@ def test_example_svg_shows_the_nodes_its_pass_inserted(pass_name, tmp_path):
     for node, _why in ex.removed:
         assert f"<title>{node}</title>" in ex.before_svg and f"<title>{node}</title>" not in ex.after_svg
     assert "| layer | block | tokens in → out |" in ex.report and "**total**" in ex.report and f"artifact {recipe.stem}.tokenopt.pt" in ex.inspect
+
+
+@needs_dot
+def test_generation_page_draws_a_unet_transformer_block(tmp_path):
+    """docs/generation.md's placeholder becomes recipes/tomesd-50.yaml on the demo UNet: the after SVG
+    and the Mermaid block hold the merge and unmerge nodes ToMe inserted in the drawn block (from a
+    separate optimize of the same model), the before SVG holds none of them."""
+    pytest.importorskip("diffusers")
+    import tokenopt
+    recipe = ROOT / "recipes" / "tomesd-50.yaml"
+    ex = examples.run_recipe(recipe, tmp_path, "auto", inspect=False, model="unet")
+    assert (ex.model, ex.frontend, ex.passes) == ("unet", "export", ["tome"])
+    gen = site.Generated(generation=[ex], generation_section=site.generation_graphs([ex]))
+    page = site.fill_placeholders((ROOT / "docs" / "generation.md").read_text(), "generation.md", gen)
+    assert "<!-- generation-graphs -->" not in page
+    assert "(generation/generated/tomesd-50.unet.after.svg)" in page
+    assert "(generation/generated/tomesd-50.unet.before.svg)" in page
+    # reference: the nodes ToMe inserted in that block, from the pipeline's own record
+    model = examples.build_model("unet")
+    with _nowarn():
+        gm = tokenopt.optimize(model, recipe, examples._example_batch(model))
+    b = next(b for b in record_of(gm).analysis.blocks if b.path == ex.block)
+    span = set(graph_export.node_span(gm, b.input, b.output))
+    labels = dict(record_of(gm).inserted)
+    expected = {n for n, p in record_of(gm).inserted_by.items() if p == "tome" and n in span}
+    assert any(labels[n] == "merge before self_attention" for n in expected), labels
+    assert any(labels[n] == "unmerge self_attention output" for n in expected), labels
+    mermaid = page.split("```mermaid", 1)[1].split("```", 1)[0]
+    for node in expected:
+        assert f"<title>{node}</title>" in ex.after_svg and f"n_{node}[" in mermaid and f"| `{node}` |" in page
+    # the before graph is the original: an inserted node whose name the original lacks is not in it
+    # (ToMe's unmerge may take a name the original also has, for a node of its own)
+    original = {n.name for n in examples._original_graph(examples.build_model("unet"), examples._example_batch(model),
+                                                         "export").graph.nodes}
+    new = expected - original
+    assert new and not any(f"<title>{n}</title>" in ex.before_svg for n in new)
+    assert ex.flops_after < ex.flops_before
+
+
+def test_generation_page_without_diffusers_says_which_extra(monkeypatch):
+    monkeypatch.setattr(examples, "diffusion_installed", lambda: False)
+    assert examples.run_generation(ROOT / "recipes") == []
+    text = site.generation_graphs([])
+    assert "`diffusion` extra" in text and "pip install -e '.[docs,diffusion]'" in text and "<svg" not in text
 
 
 def test_tradeoff_tables_come_from_the_runs_file(tmp_path):
@@ -338,6 +383,13 @@ def test_site_build(tmp_path):
         assert _built_page(out, page).exists(), page
     trouble = _built_page(out, "troubleshooting").read_text()
     assert "cannot trace GatedViT with torch.fx" in trouble and "refused: relative-position bias" in trouble
+    generation = _built_page(out, "generation").read_text()
+    if importlib.util.find_spec("diffusers") is None:
+        assert "`diffusion` extra" in generation or "<code>diffusion</code> extra" in generation
+    else:      # the UNet block drawn by this build, with ToMe's merge in it
+        svg = out / "generation" / "generated" / "tomesd-50.unet.after.svg"
+        assert re.search(r'src="(?:\.\./)?generation/generated/tomesd-50\.unet\.after\.svg"', generation)
+        assert svg.stat().st_mtime >= start - 1 and "<title>merge_tokens</title>" in svg.read_text()
 
 
 # ------------------------------------------------------------------------------ the build's own tokenopt

@@ -8,6 +8,11 @@ table says what tokenopt's own analysis found, never a hard-coded answer: the ca
 (fx symbolic tracing, or torch.export when fx cannot trace the model), the blocks and how many
 of them a pass may rewrite, the prefix tokens and where their count came from, the pooling, what
 ``tokenopt.optimize(model, tome r=2)`` does to the token counts, and, for refused blocks, why.
+
+The diffusion denoisers (diffusers' UNet, DiT and PixArt, the ``diffusion`` extra) are saved with
+``save_pretrained`` into a temporary folder and loaded as ``diffusers:DIR`` loads them. None of them
+may lose a token (the output is an image), so their rows say what ``recipes/tomesd-50.yaml``
+(op-level merging) does instead of stream-level ToMe, and list their token grids.
 The docs build calls :func:`markdown`; :func:`rows` gives the same as plain dicts.
 """
 from __future__ import annotations
@@ -57,14 +62,28 @@ def _open_clip() -> nn.Module:
     return load_model("open_clip:ViT-B-32?image_size=32&patch_size=8&width=64&layers=2&head_width=32")[0]
 
 
+def _diffusers(class_name: str, **config) -> Callable[[], nn.Module]:
+    """A random-init diffusers denoiser, saved and loaded back through ``diffusers:DIR``."""
+    def build():
+        import tempfile
+
+        from tokenopt.sources import load_model, require
+
+        diffusers = require("diffusers", f"{class_name} (the diffusion extra)")
+        with tempfile.TemporaryDirectory(prefix="tokenopt-supported-") as folder:
+            getattr(diffusers, class_name)(**config).save_pretrained(folder)
+            return load_model(f"diffusers:{folder}")[0]
+    return build
+
+
 def _torchvision() -> nn.Module:
     from torchvision.models import VisionTransformer
 
     return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
 
 
-# (family, model as named in the table, builder, input side in pixels)
-FAMILIES: list[tuple[str, str, Callable[[], nn.Module], int]] = [
+# (family, model as named in the table, builder, input side in pixels; None: a denoiser, whose config gives its inputs)
+FAMILIES: list[tuple[str, str, Callable[[], nn.Module], int | None]] = [
     ("Hugging Face", "ViTForImageClassification", _hf("ViTConfig", "ViTForImageClassification",
                                                       intermediate_size=64, num_labels=10), 32),
     ("Hugging Face", "DeiTForImageClassificationWithTeacher",
@@ -97,8 +116,22 @@ FAMILIES: list[tuple[str, str, Callable[[], nn.Module], int]] = [
     ("Hugging Face", "SwinForImageClassification (windows)", _hf_plain(
         "SwinConfig", "SwinForImageClassification", image_size=64, patch_size=4, embed_dim=16, depths=[1, 1],
         num_heads=[1, 2], window_size=4, num_labels=10), 64),
+    # denoisers: their inputs come from the config (diffusers:DIR's example call), so no input side
+    ("diffusers", "UNet2DConditionModel (SD-shaped)", _diffusers(
+        "UNet2DConditionModel", sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8), None),
+    ("diffusers", "DiTTransformer2DModel", _diffusers(
+        "DiTTransformer2DModel", num_attention_heads=2, attention_head_dim=16, in_channels=4, num_layers=2,
+        sample_size=16, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8), None),
+    ("diffusers", "PixArtTransformer2DModel", _diffusers(
+        "PixArtTransformer2DModel", num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=2, sample_size=16, patch_size=2, cross_attention_dim=32, caption_channels=24,
+        norm_num_groups=8), None),
 ]
 TOME = {"version": 1, "rules": [{"pass": "tome", "r": 2}]}
+OP_LEVEL = ROOT / "recipes" / "tomesd-50.yaml"      # what a denoiser's row applies (op-level merging)
 
 
 def _first_line(e: BaseException) -> str:
@@ -106,8 +139,9 @@ def _first_line(e: BaseException) -> str:
     return (s.splitlines()[0] if s else type(e).__name__)[:300]
 
 
-def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) -> dict:
-    """One row: what tokenopt's analysis and a ToMe r=2 rewrite make of the model."""
+def describe(family: str, name: str, build: Callable[[], nn.Module], side: int | None) -> dict:
+    """One row: what tokenopt's analysis and a ToMe r=2 rewrite make of the model (a denoiser: what
+    ``recipes/tomesd-50.yaml`` makes of it, :func:`describe_denoiser`)."""
     import tokenopt
     from tokenopt.analysis import analyse
     from tokenopt.errors import TokenoptError
@@ -120,6 +154,8 @@ def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) 
     except Exception as e:   # a library too old or too new for this config: say so, do not hide the row
         row["refused"] = f"could not build it here: {type(e).__name__}: {_first_line(e)}"
         return row
+    if getattr(model, "tokenopt_example", None) is not None:     # a denoiser (diffusers:DIR attached its call)
+        return describe_denoiser(row, model)
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -157,6 +193,54 @@ def describe(family: str, name: str, build: Callable[[], nn.Module], side: int) 
     return row
 
 
+def describe_denoiser(row: dict, model: nn.Module) -> dict:
+    """A denoiser's row: the analysis (capture, blocks, token grids) and what ``recipes/tomesd-50.yaml``
+    does: every token stays in the stream (the output has the original's shape) and the ops it
+    merges around (``op_level``, ``merged_ops``), the blocks it leaves alone (``left_alone``), or why
+    it refuses. ``pooling`` is "per-patch output" when the analysis finds every token consumed."""
+    import tokenopt
+    from tokenopt.analysis import analyse
+    from tokenopt.errors import TokenoptError
+    from tokenopt.ops import grid_merge
+    from tokenopt.sources.generator_models import predicted_noise
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            a = analyse(model)
+        except TokenoptError as e:
+            row["refused"] = _first_line(e)
+            return row
+        row["capture"] = a.capture
+        row["blocks"] = len(a.blocks)
+        row["reducible"] = sum(b.refusal is None for b in a.blocks)
+        row["prefix"] = f"{a.prefix_tokens} ({a.prefix_source})" if a.prefix_source else str(a.prefix_tokens)
+        kinds = list(dict.fromkeys(p.kind for p in a.pooling))
+        row["pooling"] = "per-patch output" if kinds == ["tokens"] else ", ".join(kinds) or "-"
+        row["grid"] = ", ".join(dict.fromkeys(f"{g[0]}x{g[1]}" if g else "none" for g in (s.grid for s in a.streams)))
+        row["refused"] = _reasons([b.refusal for b in a.blocks if b.refusal])
+        try:
+            fast = tokenopt.optimize(model, OP_LEVEL, report=False, analysis=a)
+            with torch.no_grad():
+                before, after = (predicted_noise(a.example.call(m)) for m in (model, fast))
+        except TokenoptError as e:
+            row["op_level"] = "refused"
+            row["refused"] = row["refused"] or _first_line(e)
+            return row
+        except Exception as e:
+            row["op_level"] = f"failed: {type(e).__name__}: {_first_line(e)}"
+            return row
+    plan = record_of(fast).plan
+    merged = sum(n.op == "call_function" and n.target is grid_merge.merge_tokens for n in fast.graph.nodes)
+    kept = all(lp.tokens_out.max == lp.tokens_in.max for lp in plan.layers) and after.shape == before.shape
+    tokens = ", ".join(dict.fromkeys(str(b.tokens) for b in a.blocks))
+    row["op_level"] = f"{tokens} kept; {merged} ops merged" if kept else \
+        " → ".join(map(str, [a.blocks[0].tokens] + [lp.tokens_out.max for lp in plan.layers]))
+    row["merged_ops"] = merged
+    row["left_alone"] = _reasons([why for _, why in plan.skipped])
+    return row
+
+
 def _reasons(refusals: list[str]) -> str:
     """Each distinct reason once (reasons that differ only in their numbers, e.g. one shape per Swin
     stage, count as one), with how many blocks gave it."""
@@ -174,7 +258,7 @@ def rows() -> list[dict]:
 
 
 COLUMNS = [("family", "family"), ("model", "model"), ("capture", "capture"), ("blocks", "blocks (reducible)"),
-           ("prefix", "prefix tokens"), ("pooling", "pooling"), ("tome_r2", "tokens with ToMe r=2"),
+           ("prefix", "prefix tokens"), ("pooling", "pooling"), ("tome_r2", "tokens with ToMe"),
            ("refused", "refused, and why")]
 
 
@@ -191,6 +275,8 @@ def markdown(table: list[dict] | None = None) -> str:
             return str(r["prefix"]).split(" (", 1)[0] or "-"
         if key == "refused":
             return f"[yes](#refused-{_slug(r['model'])})" if r["refused"] else "-"
+        if key == "tome_r2" and r.get("op_level"):      # a denoiser: recipes/tomesd-50.yaml, op-level
+            return f"[{r['op_level']}](#denoisers)"
         return str(r[key]).replace("|", "\\|") or "-"
 
     # smaller type, so the columns fit at 800 px (docs/stylesheets/extra.css: .compact)
@@ -206,6 +292,18 @@ def markdown(table: list[dict] | None = None) -> str:
             sources.setdefault(source.removesuffix(")"), []).append(r["model"])
     lines += ["", "Where the prefix-token count came from:", ""]
     lines += [f"- {src}: {', '.join(models)}" for src, models in sources.items()]
+    denoisers = [r for r in table if r.get("grid") or r.get("op_level")]
+    if denoisers:
+        lines += ["", "## Diffusion denoisers { #denoisers }", "",
+                  "A denoiser's output is an image, so no token may be lost: its row says what "
+                  "`recipes/tomesd-50.yaml` (op-level merging: merge the tokens an op reads, run it, copy its output "
+                  "back to every position) does instead of `tome r=2`: the token counts the stream keeps, the ops merged around, and the blocks "
+                  "the recipe leaves alone. The token grids are the analysis' (read from the feature maps the tokens "
+                  "come from and go back to).", ""]
+        for r in denoisers:
+            alone = f"; left alone: {r['left_alone']}" if r.get("left_alone") else ""
+            lines.append(f"- {r['model']}: token grids {r.get('grid') or '-'}; with `recipes/tomesd-50.yaml`: "
+                         f"{r.get('op_level') or '-'}{alone}")
     lines += ["", "## Refused blocks, and why", ""]
     for r in table:
         if r["refused"]:
@@ -218,8 +316,9 @@ def markdown(table: list[dict] | None = None) -> str:
             "random-init model of each family (nothing hard-coded): the capture front end (`fx` symbolic "
             "tracing, or `export` = torch.export when fx cannot trace the model), the transformer blocks found "
             "and how many a pass may rewrite, the prefix tokens (cls, distillation, registers), the pooling, "
-            "the tokens per block after `tokenopt.optimize(model, tome r=2)`, and whether blocks are refused "
-            "(the reasons are listed under the table).\n\n"
+            "the tokens per block after `tokenopt.optimize(model, tome r=2)` (a diffusion denoiser, which may "
+            "lose no token: what `recipes/tomesd-50.yaml` does, [below](#denoisers)), and whether blocks are "
+            "refused (the reasons are listed under the table).\n\n"
             f"tokenopt {tokenopt.__version__}; {versions}.\n\n")
     return head + "\n".join(lines) + "\n"
 
@@ -234,7 +333,7 @@ def _versions() -> str:
     import importlib
 
     out = [f"torch {torch.__version__}"]
-    for mod in ("timm", "transformers", "open_clip", "torchvision"):
+    for mod in ("timm", "transformers", "open_clip", "torchvision", "diffusers"):
         try:
             out.append(f"{mod} {importlib.import_module(mod).__version__}")
         except Exception:

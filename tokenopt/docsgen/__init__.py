@@ -4,7 +4,8 @@
 here is committed as output. One module per kind of page:
 
     examples      every shipped recipe applied to a small ViT: one block before/after (SVG through
-                  Graphviz, Mermaid), the per-layer report, ``tokenopt inspect``; the pass pages
+                  Graphviz, Mermaid), the per-layer report, ``tokenopt inspect``; the pass pages;
+                  the generation recipes on the demo generators' UNet and DiT: the generation page
     recipe_ref    the recipe reference from the pass Options schemas, errors from real validation
     cli_ref       the command-line reference from the Typer app
     results       the measured trade-offs (docs/results/tradeoffs.yaml) as tables, for several pages

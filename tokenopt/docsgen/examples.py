@@ -1,8 +1,11 @@
-"""Every shipped recipe applied to a small ViT, as the pass pages show it.
+"""Every shipped recipe applied to a small ViT, as the pass pages show it; the image-generation
+recipes also on the demo generators' denoisers, as the generation page shows them.
 
-The model is the ``digits`` demo architecture (timm ViT, 32 px, 4 px patches, 65 tokens, 6 blocks)
-with random weights from a fixed seed, so nothing is downloaded or trained and the graphs are the
-same on every machine. For each recipe: one block before and after the rewrite (the block where
+The model is an example model (:data:`EXAMPLE_MODELS`): the ``digits`` demo architecture (timm ViT,
+32 px, 4 px patches, 65 tokens, 6 blocks), a small Swin for the Swin recipes, or, for the
+generation page (:data:`GENERATION_RECIPES`), the demo generators' UNet and DiT architectures
+(diffusers, the ``diffusion`` extra). Weights are random from a fixed seed, so nothing is downloaded
+or trained and the graphs are the same on every machine. For each recipe: one block before and after the rewrite (the block where
 the recipe inserted most), drawn by Graphviz (inserted nodes filled with their pass's colour,
 removed nodes dashed and struck through) and as Mermaid; the per-layer report; and what
 ``tokenopt inspect`` prints for the saved artifact.
@@ -77,7 +80,7 @@ def recipe_comment(text: str) -> str:
 
 @dataclass
 class RecipeExample:
-    """One shipped recipe applied to the demo-architecture ViT; the block drawn is ``block``."""
+    """One shipped recipe applied to an example model (``model``); the block drawn is ``block``."""
 
     name: str                    # the recipe file's stem
     text: str                    # the YAML as shipped
@@ -96,6 +99,7 @@ class RecipeExample:
     selector_flops: int = 0
     notes: list[str] = field(default_factory=list)
     frontend: str = "fx"                     # the capture front end that made the graph
+    model: str = "vit"                       # the example model drawn (a key of EXAMPLE_MODELS)
 
     @property
     def comment(self) -> str:
@@ -117,21 +121,63 @@ class FrontendFailure:
 # a small Swin: 64 px, windows of 4, stages of 1, 1, 2 and 1 blocks
 SWIN_SPEC = ("timm:swin_tiny_patch4_window7_224?img_size=64&embed_dim=32&depths=1,1,2,1&num_heads=1,2,2,2"
              "&window_size=4&num_classes=10")
+# the models a recipe can be drawn on: name -> what the pages call it
+EXAMPLE_MODELS = {
+    "vit": "the `digits` demo architecture (timm ViT, 32 px images in 4 px patches: 64 patch tokens and a class "
+           "token, 6 blocks)",
+    "swin": "a small Swin (timm, 64 px, windows of 4, stages of 1, 1, 2 and 1 blocks)",
+    "unet": "the `digits-unet` demo generator's architecture (diffusers `UNet2DConditionModel`, channels (16, 32), "
+            "spatial transformers on a 16 x 16 grid of 256 tokens, cross-attention to 77 text states)",
+    "dit": "the `digits-dit` demo generator's architecture (diffusers `DiTTransformer2DModel`, 4 x 4 patches of "
+           "32 px images: an 8 x 8 grid of 64 tokens, 4 blocks, adaLN conditioning on the timestep and the class)",
+}
+# the denoisers (diffusers classes, so they need the ``diffusion`` extra) -> the demo generator's class and config
+_GENERATOR_MODELS = {"unet": "UNet2DConditionModel", "dit": "DiTTransformer2DModel"}
+# what the generation page draws: (recipe stem, example model)
+GENERATION_RECIPES = (("tomesd-50", "unet"), ("tome-dit", "dit"))
 
 
-def build_model(swin: bool = False):
-    """The demo architecture (or, ``swin``, a small Swin) with seeded random weights, and the base record
-    artifacts need."""
+def example_model_for(stem: str) -> str:
+    """The example model a shipped recipe is drawn on for its pass page: a Swin recipe (its stem says so)
+    on the small Swin, every other on the demo ViT."""
+    return "swin" if "swin" in stem else "vit"
+
+
+def diffusion_installed() -> bool:
+    """Whether diffusers (the ``diffusion`` extra) is importable, so the denoiser examples can be built."""
+    import importlib.util
+    return importlib.util.find_spec("diffusers") is not None
+
+
+def build_model(kind: str = "vit"):
+    """The example model ``kind`` (a key of :data:`EXAMPLE_MODELS`) with seeded random weights, and the
+    base record artifacts need."""
     from tokenopt import sources
+    if kind not in EXAMPLE_MODELS:
+        raise ValueError(f"no example model {kind!r}; choose one of {', '.join(EXAMPLE_MODELS)}")
     torch.manual_seed(SEED)
-    model, base = sources.load_model(SWIN_SPEC if swin else demo_arch_spec())
+    if kind in _GENERATOR_MODELS:
+        import json
+
+        from tokenopt.sources import generator_models
+        class_name = _GENERATOR_MODELS[kind]
+        config = generator_models.UNET if kind == "unet" else generator_models.DIT
+        model = generator_models.build(class_name, config)
+        # what diffusers:DIR records, so an artifact of it rebuilds the architecture (the config as JSON data)
+        base = {"kind": "diffusers", "spec": f"a {class_name}", "class": class_name,
+                "config": json.loads(json.dumps(dict(model.config), default=list))}
+    else:
+        model, base = sources.load_model(SWIN_SPEC if kind == "swin" else demo_arch_spec())
     model.tokenopt_base = base
     return model.eval()
 
 
-def _example_batch(model, n: int = 2) -> torch.Tensor:
+def _example_batch(model, n: int = 2):
+    """``n`` seeded images for a ViT; for a denoiser, its example call of ``n`` (seeded by its maker)."""
     from tokenopt.analysis import example_input_for
-    x = example_input_for(model)
+    x = example_input_for(model, batch=n)
+    if not isinstance(x, torch.Tensor):
+        return x
     g = torch.Generator().manual_seed(SEED)
     return torch.randn((n, *x.shape[1:]), generator=g)
 
@@ -162,25 +208,31 @@ def _quiet():
         yield
 
 
-def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = True) -> RecipeExample:
-    """Apply the recipe at ``path`` to the demo-architecture ViT, captured by ``frontend``, and draw
-    what it did; ``inspect``: also save it and run ``tokenopt inspect`` on the file."""
+def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = True,
+               model: str | None = None) -> RecipeExample:
+    """Apply the recipe at ``path`` to the example model ``model`` (default: the one
+    :func:`example_model_for` picks for the recipe), captured by ``frontend`` (``auto``: as
+    ``tokenopt.optimize`` chooses; the example records the one used), and draw what it did;
+    ``inspect``: also save it and run ``tokenopt inspect`` on the file."""
     import tokenopt
     from tokenopt.cli import app
     from typer.testing import CliRunner
 
     text = path.read_text()
-    model = build_model(swin="swin" in path.stem)
-    x = _example_batch(model)
-    calibration = _example_batch(model, 4)           # for rules that measure the model (ToFu op: auto)
+    kind = model or example_model_for(path.stem)
+    net = build_model(kind)
+    x = _example_batch(net)
+    calibration = _example_batch(net, 4)           # for rules that measure the model (ToFu op: auto)
+    if not isinstance(calibration, torch.Tensor):  # a denoiser: calibration takes images, it has none
+        calibration = None
     # the original graph: traced the way optimize traces (same node names), which rewrites its own
     # (from a model of its own: fx stores a traced model's tensor constants on it, and a second trace of the same
     # module numbers them on, so an artifact of the rewrite would name constants a fresh model does not have)
-    original = _original_graph(build_model(swin="swin" in path.stem), x, frontend)
-    choose = {} if len(frontends()) == 1 else {"capture": frontend}
+    original = _original_graph(build_model(kind), x, frontend)
+    choose = {} if len(frontends()) == 1 and frontend != "auto" else {"capture": frontend}
     # from the recipes' parent folder, so messages name "recipes/x.yaml" rather than this machine's path
     with _quiet(), _chdir(path.parent.parent):
-        gm = tokenopt.optimize(model, Path(path.parent.name) / path.name, x, calibration=calibration, **choose)
+        gm = tokenopt.optimize(net, Path(path.parent.name) / path.name, x, calibration=calibration, **choose)
     analysis = record_of(gm).analysis
     before_names = {n.name for n in original.graph.nodes}
     index = _choose_block(gm, analysis, before_names)
@@ -228,7 +280,7 @@ def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = 
         before_mermaid=graph_export.to_mermaid(original, labels=removed, removed=set(removed), only=span_before),
         after_mermaid=graph_export.to_mermaid(gm, set(labels), labels, groups=groups, colors=colors, only=span_after),
         inserted=inserted, removed=sorted(removed.items()), report=report_markdown(report),
-        inspect=inspected, flops_before=report.flops_before, frontend=frontend,
+        inspect=inspected, flops_before=report.flops_before, frontend=record_of(gm).capture, model=kind,
         flops_after=report.flops_after, selector_flops=sum(r.selector_flops for r in report.rows),
         notes=list(report.warnings),
     )
@@ -295,6 +347,17 @@ def run_all(recipes_dir: Path) -> list[RecipeExample | FrontendFailure]:
                     out.append(FrontendFailure(stem, path.read_text(), recipe_passes(path.read_text()), frontend,
                                                str(e)))
         return out
+
+
+def run_generation(recipes_dir: Path) -> list[RecipeExample]:
+    """The generation page's examples (:data:`GENERATION_RECIPES`): each recipe on its demo generator's
+    architecture, captured as ``tokenopt.optimize`` captures it (``auto``: torch.export, since fx cannot
+    trace a diffusers denoiser). Empty when diffusers is not installed (the page says so)."""
+    if not diffusion_installed():
+        return []
+    with tempfile.TemporaryDirectory(prefix="tokenopt-docs-") as tmp:
+        return [run_recipe(recipes_dir / f"{stem}.yaml", Path(tmp), "auto", inspect=False, model=kind)
+                for stem, kind in GENERATION_RECIPES]
 
 
 def pass_title(name: str) -> str:

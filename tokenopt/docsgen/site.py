@@ -19,6 +19,7 @@ from tokenopt.docsgen import cli_ref, examples, recipe_ref, results, transcripts
 from tokenopt.passes import available_passes
 
 GENERATED_DIR = "passes/generated"      # SVGs of the pass pages, relative to the docs folder
+GENERATION_DIR = "generation/generated"  # SVGs of the image-generation page, relative to the docs folder
 CAPTURED_DIR = "hooks/captured"         # real runs too slow for the build, relative to the docs folder
 
 
@@ -33,6 +34,8 @@ class Generated:
     pass_titles: dict[str, str] = field(default_factory=dict)
     examples: list = field(default_factory=list)     # RecipeExample, or FrontendFailure (other front ends)
     runs: list = field(default_factory=list)         # results.Run: the measured trade-offs
+    generation: list = field(default_factory=list)   # RecipeExample: the generation page's denoiser blocks
+    generation_section: str = ""                     # markdown for its <!-- generation-graphs --> placeholder
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -75,9 +78,10 @@ def legend(pass_name: str) -> str:
     return f'<p class="legend">{spans}</p>'
 
 
-def example_section(ex: examples.RecipeExample, pass_name: str) -> str:
-    """The one before/after graph of a pass page: the first shipped recipe, the block where it inserts most."""
-    svg_base = f"generated/{svg_stem(ex)}"
+def example_section(ex: examples.RecipeExample, pass_name: str, svg_base: str | None = None) -> str:
+    """The one before/after graph of a pass page: the first shipped recipe, the block where it inserts most.
+    ``svg_base``: the SVGs' path from the page without ``.before.svg`` (default: a pass page's)."""
+    svg_base = svg_base or f"generated/{svg_stem(ex)}"
     others = [examples.pass_title(p) for p in ex.passes if p != pass_name]
     lines = [f"### `{ex.name}`", "",
              f"Block drawn: `{ex.block}` (where `recipes/{ex.name}.yaml` inserts most), both sides after the "
@@ -179,6 +183,33 @@ def pass_graphs(name: str, exs: list) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------ image-generation page
+
+
+def generation_stem(ex: examples.RecipeExample) -> str:
+    """The generation page's SVG name: the recipe and the denoiser it is drawn on."""
+    return f"{ex.name}.{ex.model}"
+
+
+def generation_graphs(exs: list[examples.RecipeExample]) -> str:
+    """The generation page's before/after graphs: each of ``examples.GENERATION_RECIPES`` on its demo
+    generator's architecture, drawn as the pass pages draw theirs; without diffusers, what to install."""
+    if not exs:
+        return ("The graphs of this section are drawn while the site builds, from diffusers' own classes; "
+                "this build had no diffusers, so they need the `diffusion` extra: "
+                "`pip install -e '.[docs,diffusion]'`, then build again.\n")
+    lines = []
+    for ex in exs:
+        how = ("torch.export, as `tokenopt.optimize` captures it (fx cannot trace a diffusers denoiser)"
+               if ex.frontend == "export" else f"the `{ex.frontend}` front end")
+        intro = (f"`recipes/{ex.name}.yaml` applied while this site was built to {examples.EXAMPLE_MODELS[ex.model]}, "
+                 f"random weights (seed {examples.SEED}), captured by {how}; GFLOPs (MACs) are of one denoising "
+                 "call of one image.")
+        heading, _, body = example_section(ex, ex.passes[0], f"{GENERATION_DIR}/{generation_stem(ex)}").partition("\n\n")
+        lines += [heading, "", intro, "", body, ""]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------ everything
 
 
@@ -240,6 +271,14 @@ def generate(root: Path, docs_dir: Path | None = None) -> Generated:
         out.files["reference/supported-models.md"] = models
     out.timings["reference"] = time.perf_counter() - t
     t = time.perf_counter()
+    out.generation = examples.run_generation(recipes_dir)
+    for ex in out.generation:
+        _check_example(ex)
+        for which in ("before", "after"):
+            out.files[f"{GENERATION_DIR}/{generation_stem(ex)}.{which}.svg"] = getattr(ex, f"{which}_svg")
+    out.generation_section = generation_graphs(out.generation)
+    out.timings["generation"] = time.perf_counter() - t
+    t = time.perf_counter()
     out.files["getting-started.md"] = transcripts.getting_started(recipes_dir, _captured(docs_dir))
     out.files["troubleshooting.md"] = transcripts.troubleshooting(recipes_dir)
     out.timings["transcripts"] = time.perf_counter() - t
@@ -266,6 +305,7 @@ def extend_pass_page(markdown: str, section: str) -> str:
 PLACEHOLDERS = {
     "<!-- tradeoffs -->": "every measured run, one table each, linked to the results page",
     "<!-- runs -->": "every measured run with its date, command and rows",
+    "<!-- generation-graphs -->": "the before/after graph of a UNet and a DiT transformer block",
 }
 
 
@@ -279,6 +319,8 @@ def fill_placeholders(markdown: str, src_uri: str, generated: Generated) -> str:
         markdown = markdown.replace("<!-- tradeoffs -->", "\n".join(results.table(generated.runs, None, link)))
     if "<!-- runs -->" in markdown:
         markdown = markdown.replace("<!-- runs -->", "\n".join(results.runs_section(generated.runs)))
+    if "<!-- generation-graphs -->" in markdown:
+        markdown = markdown.replace("<!-- generation-graphs -->", generated.generation_section)
     return markdown
 
 
