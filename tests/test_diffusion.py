@@ -347,8 +347,8 @@ def test_op_level_after_a_stream_level_merge_is_refused_by_name():
                                                   {"pass": "tome", "layers": [1], "placement": "op", "ratio": 0.5}]})
     with pytest.raises(PlanError) as e:
         make_plan(recipe, analysis)
-    assert "(rule 2, pass tome): layers.1: placement: op needs the block's whole token grid (17 tokens), but an earlier " \
-           "stream-level reduction leaves it 15." in str(e.value)
+    assert "(rule 2, pass tome): layers.1: placement: op needs the block's whole token grid (17 tokens), but an " \
+           "earlier stream-level reduction leaves it 15." in str(e.value)
     assert "Put op-level rules only on blocks before the first stream-level one" in str(e.value)
     # before the stream-level merge it plans: layer 0 merges around its op, layer 1 shortens the stream
     fine = load_recipe({"version": 1, "rules": [{"pass": "tome", "layers": [1], "r": 2},
