@@ -316,6 +316,46 @@ def test_op_level_on_a_plain_vit_equals_merge_op_unmerge_by_hand():
         assert torch.equal(apply_plan(analysis, make_plan(op_recipe(ratio=0.0), analysis))(x), vit(x))
 
 
+def test_op_level_r_is_capped_at_the_sources_the_matching_has():
+    """int(17 * 0.9) = 15, but a 4x4 grid in 2x2 cells has 4 destinations and the class token: 12 sources.
+    The plan says 12 (the tuner reads this cap), and the model is the one ratio 0.75 (int(12.75) = 12) makes."""
+    from tests.vit_models import ExplicitViT
+    from tokenopt.passes.op_level import op_level_cap
+
+    torch.manual_seed(0)
+    vit = ExplicitViT().eval()
+    x = torch.randn(2, 3, 32, 32)
+    analysis = analyse(vit, x)
+    plan = make_plan(op_recipe(ratio=0.9), analysis)
+    assert op_level_cap(17, 1, 2, 2) == 12 and op_level_cap(17, 1, 4, 4) == 15
+    assert [lp.step.params.r for lp in plan.layers] == [12, 12, 12]
+    assert plan.layers[0].step.describe == "op-level merge r=12 around attn"
+    with torch.no_grad():
+        assert torch.equal(apply_plan(analysis, plan)(x),
+                           apply_plan(analysis, make_plan(op_recipe(ratio=0.75), analysis))(x))
+
+
+def test_op_level_after_a_stream_level_merge_is_refused_by_name():
+    """The op-level matching tiles the block's whole grid: after ToMe shortened the stream it is gone (the
+    rewritten model used to fail on the example batch with an IndexError)."""
+    from tests.vit_models import ExplicitViT
+    from tokenopt.errors import PlanError
+
+    vit = ExplicitViT().eval()
+    analysis = analyse(vit, torch.randn(2, 3, 32, 32))
+    recipe = load_recipe({"version": 1, "rules": [{"pass": "tome", "layers": [0], "r": 2},
+                                                  {"pass": "tome", "layers": [1], "placement": "op", "ratio": 0.5}]})
+    with pytest.raises(PlanError) as e:
+        make_plan(recipe, analysis)
+    assert "(rule 2, pass tome): layers.1: placement: op needs the block's whole token grid (17 tokens), but an " \
+           "earlier stream-level reduction leaves it 15." in str(e.value)
+    assert "Put op-level rules only on blocks before the first stream-level one" in str(e.value)
+    # before the stream-level merge it plans: layer 0 merges around its op, layer 1 shortens the stream
+    fine = load_recipe({"version": 1, "rules": [{"pass": "tome", "layers": [1], "r": 2},
+                                                {"pass": "tome", "layers": [0], "placement": "op", "ratio": 0.5}]})
+    assert [lp.tokens_out.max for lp in make_plan(fine, analysis).layers] == [17, 15, 15]
+
+
 class TokensIn(torch.nn.Module):
     """Blocks over tokens given as the input: no conv map, so no grid."""
 

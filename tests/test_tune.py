@@ -76,6 +76,55 @@ def test_cost_model_prices_a_schedule_from_the_table():
     assert t.predict((("a", 30), ("", 0))) == t.predict((("a", 8), ("", 0)))
 
 
+def test_op_level_layer_costs_its_op_on_fewer_tokens_and_keeps_the_stream():
+    """An op-level layer (tome-op, merge around the attention): attn(n - r) + (block(n) - attn(n)) + its overhead,
+    and the next layer is entered by as many tokens as it was."""
+    t = synthetic_table(overhead={"a": [0.0, 1e-4], "o": [0.0, 3e-4]}, block_scale=2.0, op_caps={"o": 12})
+    s = (("o", 5), ("a", 2))
+    assert [(m, r, n) for m, r, n, _ in t.layers(s)] == [("o", 5, 17), ("a", 2, 17)]
+    # layer 0: attention on 12, the rest on all 17: 0.4*12 + 0.6*17 = 15.0 ms; the stream keeps 17, so
+    # layer 1 merges 2 of 17: 0.4*17 + 0.6*15 = 15.8 ms. Scaled x2; overheads 0.3 and 0.1 ms per token entering
+    c = t.predict(s)
+    assert c.seconds == pytest.approx(0.010 + 2 * (0.0150 + 0.0158) + 3e-4 * 17 + 1e-4 * 17)
+    assert c.speedup == pytest.approx(0.044 / c.seconds)
+    assert c.gflops == pytest.approx(5.0 + 15.0 + 15.8)
+    assert t.predict((("o", 5), ("o", 5))).gflops == pytest.approx(5.0 + 15.0 + 15.0)
+    # r capped at what one op merges (12 sources), not at a stream-level layer's half (8)
+    assert t.predict((("o", 30), ("", 0))) == t.predict((("o", 12), ("", 0))) != t.predict((("o", 8), ("", 0)))
+    # after a stream-level merge the grid is gone: the op-level layer takes nothing (the planner refuses it)
+    assert list(t.layers((("a", 4), ("o", 5)))) == [("a", 4, 17, False), ("", 0, 13, False)]
+
+
+def test_space_keeps_the_stream_whole_after_an_op_level_layer():
+    space = Space(layers=3, tokens=17, prefix=1, methods=("a", "o"), op_caps={"o": 12})
+    # the stream-level layer after two op-level ones still sees 17 tokens: it may take 8
+    assert space.normalize((("o", 30), ("o", 3), ("a", 30))) == (("o", 12), ("o", 3), ("a", 8))
+    assert space.normalize((("a", 2), ("o", 3), ("a", 30))) == (("a", 2), ("", 0), ("a", 7))
+    assert Space(3, 17, 1, ("a",)).normalize((("a", 30),) * 3) == (("a", 8), ("a", 4), ("a", 2))
+
+
+def test_whole_model_fit_measures_the_op_level_overhead():
+    """The probes hold each op-level method alone (r at half its cap: it never shortens the stream) and in the
+    mixed schedules; fitted on them, its overhead per token is the one that made the timings."""
+    import random
+
+    from tokenopt.tuning.cost import fit_probes
+
+    truth = synthetic_table(fixed_seconds=0.012, block_scale=1.3, overhead={"a": [0.0, 2e-4], "o": [0.0, 4e-4]},
+                            op_caps={"o": 12})
+    probes = fit_probes(truth, ["a", "o"], 2)
+    assert probes["o/1"] == (("o", 1),) * 2 and probes["o/6"] == (("o", 6),) * 2
+    assert probes["o/12 every other"] == (("o", 12), ("", 0)) and probes["a/4"] == (("a", 4),) * 2
+    assert any(m == "o" for s in probes.values() if s not in (probes["o/1"], probes["o/6"]) for m, _ in s)
+    t = synthetic_table(op_caps={"o": 12})
+    fit_whole_model(t, [(s, truth.predict(s).seconds) for s in probes.values()], ["a", "o"])
+    assert t.overhead == {"a": [0.0, pytest.approx(2e-4)], "o": [0.0, pytest.approx(4e-4)]}
+    rng = random.Random(5)
+    for _ in range(10):
+        s = tuple((rng.choice("ao"), rng.randint(0, 12)) for _ in range(2))
+        assert t.predict(s).speedup == pytest.approx(truth.predict(s).speedup, rel=1e-6)
+
+
 def test_whole_model_fit_recovers_the_terms_that_made_the_timings():
     truth = synthetic_table(fixed_seconds=0.012, block_scale=1.3, overhead={"a": [0.0, 2e-4], "b": [0.0, 0.0]})
     schedules = [(("", 0), ("", 0)), (("a", 1), ("a", 1)), (("a", 4), ("a", 4)), (("b", 1), ("b", 1)),
@@ -220,6 +269,29 @@ def test_methods_come_from_the_passes_and_a_schedule_becomes_rules():
     assert rules_of((("", 0), ("", 0)), methods) == [{"pass": "tome", "layers": [0, 1], "r": [0, 0]}]
 
 
+def test_op_level_methods_are_chosen_by_name_and_write_placement_op_rules():
+    from tokenopt.passes.op_level import op_level_cap, ratio_for
+
+    assert "tome-op" not in choose(["tome"]) and not any(t.keeps_stream for t in choose(None).values())
+    assert list(choose(["tome", "tome-op"])) == ["tome", "tome-op"]
+    op = choose(["tome-op", "tofu-op-prune"])
+    assert all(t.keeps_stream for t in op.values())
+    assert op["tome-op"].cap(17, 1) == op_level_cap(17, 1, 2, 2) == 12      # the pass's own cap
+    with pytest.raises(ValueError, match=r"; op-level \(by name only\): tofu-op-mlerp, tofu-op-prune, tome-op$"):
+        choose(["spa"])
+    methods = {**choose(["tome"]), **op}
+    s = (("tome-op", 5), ("tome-op", 3), ("tome-op", 5), ("tofu-op-prune", 12), ("tome", 2))
+    # one rule per distinct ratio (ratio is one fraction per rule); int(17 * ratio) is the r asked
+    assert rules_of(s, methods, tokens=17) == [
+        {"pass": "tome", "layers": [4], "r": [2]},
+        {"pass": "tome", "layers": [0, 2], "placement": "op", "ratio": 0.3},
+        {"pass": "tome", "layers": [1], "placement": "op", "ratio": 0.2},
+        {"pass": "tofu", "layers": [3], "placement": "op", "ratio": 0.74, "op": "prune"}]
+    with pytest.raises(ValueError, match="an op-level rule needs the tokens entering its blocks"):
+        rules_of(s, methods)
+    assert all(int(n * ratio_for(r, n)) == r for n in range(2, 300) for r in range(n))
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 @pytest.fixture
@@ -274,6 +346,42 @@ def test_tune_meets_a_flops_budget_and_writes_its_outputs(tiny, cache, tmp_path)
     rows = list(csv.DictReader(open(tmp_path / "t.pareto.csv")))
     assert len(rows) == len(res.points) and sum(r["kind"] == "tuned" for r in rows) == 1
     assert (tmp_path / "t.pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_with_op_level_merging_writes_a_placement_op_recipe_that_loads_and_applies(tiny, cache, tmp_path):
+    import tokenopt
+    from tokenopt.analysis import analyse
+    from tokenopt.flops import count_flops
+    from tokenopt.plan import make_plan
+    from tokenopt.recipe import load_recipe
+    from tokenopt.tuning import output
+    from tokenopt.tuning.cost import cache_path, measure_table, save_cached
+    from tokenopt.tuning.run import SLACK
+
+    images = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    full = count_flops(tiny, images[:1]) / 1e9
+    analysis = analyse(tiny, images[:2])
+    table = measure_table(tiny, analysis, images[:8], rounds=1)
+    table.overhead = {"tome-op": [0.0, 0.0]}
+    save_cached(table, cache_path(tiny, images[:8], 8, False))
+    res = tokenopt.tune(tiny, images, budget=f"gflops={0.85 * full:.6f}", methods=["tome-op"], batch_size=8,
+                        max_judged=6, compare=False, calibration_images=32)
+    assert res.table.op_caps == {"tome-op": 12}
+    # counted on the rewritten model, the matching's FLOPs come on top of the prediction: met within the slack
+    assert {m for m, r in res.schedule if r} == {"tome-op"} and res.chosen.gflops <= 0.85 * full * (1 + SLACK)
+    rules = res.recipe["rules"]
+    assert rules and all(r["pass"] == "tome" and r["placement"] == "op" for r in rules)
+    output.write_recipe(res, tmp_path / "op.yaml")
+    plan = make_plan(load_recipe(tmp_path / "op.yaml"), analysis)
+    # each layer merges the r its schedule says around its attention, and the stream keeps all 17 tokens
+    assert [lp.step.params.r if lp.step else 0 for lp in plan.layers] == [r for _, r in res.schedule]
+    assert [lp.tokens_out.max for lp in plan.layers] == [17, 17]
+    fast = tokenopt.optimize(tiny, str(tmp_path / "op.yaml"), images[:2])
+    predicted = next(p.cost.gflops for p in res.points if p.schedule == res.schedule)
+    assert count_flops(fast, images[:1]) / 1e9 == pytest.approx(predicted, rel=0.02)
+    with torch.no_grad():
+        out, ref = fast(images[:4]), tiny(images[:4])
+    assert out.shape == ref.shape and not torch.equal(out, ref)
 
 
 def test_too_few_images_is_a_data_error(tiny, cache):

@@ -53,7 +53,8 @@ def tune_(
                                               "beside it as RECIPE.pareto.csv / .png.")],
     methods: Annotated[Optional[str], typer.Option(
         "--methods", metavar="M,M", help="Passes (or single methods) to choose from per layer, e.g. tome,tofu "
-                                         "(default: every training-free reduction the tuner knows).")] = None,
+                                         "(default: every stream-level training-free reduction the tuner knows); "
+                                         "op-level merging by name: tome-op, tofu-op-prune, tofu-op-mlerp.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch size to time at.")] = 64,
     compile_: Annotated[bool, typer.Option("--compile", help="Time torch.compile'd models (CPU builds take "
                                                              "minutes).")] = False,

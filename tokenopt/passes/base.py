@@ -18,7 +18,7 @@ tests rather than a silent ``None``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -76,6 +76,26 @@ class Probe:
     comment: str
 
 
+@dataclass(frozen=True)
+class TuneMethod:
+    """One per-layer choice a pass offers ``tokenopt tune`` (see `Pass.tune_methods`).
+
+    ``rules(layers, rs, tokens)``: the recipe rules that reduce block indices ``layers`` by ``rs`` tokens
+    each (one r per layer), ``tokens`` entering each of those blocks in the original model.
+    ``keeps_stream``: an op-level reduction (``placement: op``): the layer's op runs on r fewer tokens and
+    the stream keeps every token, so later layers see as many as it did. ``cap(tokens, prefix)``: the most
+    tokens such a layer can take (a stream-level layer takes at most half its unprotected tokens).
+    """
+
+    rules: Callable[[list[int], list[int], int | None], list[dict]]
+    keeps_stream: bool = False
+    cap: Callable[[int, int], int] | None = None
+
+    def __post_init__(self):
+        if self.keeps_stream and self.cap is None:
+            raise TypeError("an op-level TuneMethod needs its cap(tokens, prefix)")
+
+
 class Pass:
     """Base class: one token-reduction method."""
 
@@ -97,11 +117,11 @@ class Pass:
         return {}
 
     @classmethod
-    def tune_methods(cls) -> dict:
-        """The per-layer choices ``tokenopt tune`` may make with this pass: method name -> a function of
-        ``(layers, rs)`` (block indices, one r each) returning the recipe rule that reduces those layers.
-        Only training-free reductions that shorten the token stream belong here (the tuner's cost model
-        prices a block by the tokens it runs on). Empty: the tuner never picks this pass."""
+    def tune_methods(cls) -> dict[str, TuneMethod]:
+        """The per-layer choices ``tokenopt tune`` may make with this pass: method name -> `TuneMethod`.
+        Only training-free reductions belong here: ones that shorten the token stream, and op-level ones
+        (``keeps_stream``: the cost model prices their op at the tokens it runs on, the rest of the block at
+        the whole stream). Empty: the tuner never picks this pass."""
         return {}
 
     def probe(self, model, analysis, images, r: int, threshold: float | None):

@@ -33,7 +33,8 @@ from torch import fx
 from tokenopt.analysis.nodes import is_layer_norm, shape_of
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import grid_merge as ops
-from tokenopt.passes.base import LayerStep, PassOptions
+from tokenopt.passes.base import LayerStep, PassOptions, TuneMethod
+from tokenopt.tokens import TokenCount
 
 OP_KEYS = ("ratio", "sx", "sy", "use_rand", "seed", "max_downsample", "merge_attn", "merge_crossattn", "merge_mlp")
 BRANCH_OPTION = {"self_attention": "merge_attn", "cross_attention": "merge_crossattn", "mlp": "merge_mlp"}
@@ -116,11 +117,52 @@ def op_params(options, op: str = "merge") -> OpLevelParams:
 BRANCH_SHORT = {"self_attention": "attn", "cross_attention": "cross", "mlp": "mlp"}
 
 
-def plan_op_level(block, params: OpLevelParams, tokens_in):
-    """The step of one op-level layer: the stream keeps its count; each chosen op runs on r fewer tokens."""
-    r = int(block.tokens * params.ratio)
+def op_level_cap(tokens: int, prefix: int, sx: int, sy: int) -> int:
+    """The most tokens one op can merge in a block of ``tokens``: every source, i.e. all of them but the
+    prefix tokens and one destination per ``sx x sy`` cell (grid_matching never merges more)."""
+    grid = tokens - prefix
+    return max(grid - grid // (sx * sy), 0)
+
+
+def plan_op_level(block, params: OpLevelParams, tokens_in, prefix: int):
+    """The step of one op-level layer: the stream keeps its count; each chosen op runs on r fewer tokens,
+    ``ratio`` of the block's tokens (tomesd's ``int(N * ratio)``), at most `op_level_cap`."""
+    if TokenCount.of(tokens_in).max != block.tokens:
+        # the matching tiles the block's whole grid; a stream an earlier rule shortened has lost it
+        raise PlanError(f"{block.path}: placement: op needs the block's whole token grid ({block.tokens} tokens), "
+                        f"but an earlier stream-level reduction leaves it {tokens_in}.\n  Put op-level rules only "
+                        "on blocks before the first stream-level one, or use placement: stream here too.")
+    r = min(int(block.tokens * params.ratio), op_level_cap(block.tokens, prefix, params.sx, params.sy))
     around = "/".join(BRANCH_SHORT[b] for b in params.branches)
     return LayerStep(tokens_in, replace(params, r=r), f"op-level {params.op} r={r} around {around}")
+
+
+def ratio_for(r: int, tokens: int) -> float:
+    """The ratio with the fewest decimals that plans ``r`` merges in a block of ``tokens`` (the inverse of
+    plan_op_level's ``int(tokens * ratio)``): how a count is written in a recipe."""
+    for digits in range(1, 16):
+        ratio = round((r + 0.5) / tokens, digits)
+        if int(tokens * ratio) == r:
+            return ratio
+    raise ValueError(f"no ratio merges {r} of {tokens} tokens")
+
+
+def tune_op_level(pass_name: str, **extra) -> TuneMethod:
+    """The tuner's op-level choice for a merging pass: merge around the self-attention only (tomesd's
+    default), destinations on the default cells. ``ratio`` is one fraction for all the layers of a rule (as
+    tomesd's), so the layers are written one rule per distinct ratio; ``extra``: the pass's own keys."""
+    sx, sy = (OpLevelOptions.model_fields[k].default for k in ("sx", "sy"))
+
+    def rules(layers: list[int], rs: list[int], tokens: int | None) -> list[dict]:
+        if tokens is None:
+            raise ValueError("an op-level rule needs the tokens entering its blocks to write its ratio")
+        by_ratio: dict[float, list[int]] = {}
+        for i, r in zip(layers, rs):
+            by_ratio.setdefault(ratio_for(r, tokens), []).append(i)
+        return [{"pass": pass_name, "layers": idx, "placement": "op", "ratio": ratio, **extra}
+                for ratio, idx in by_ratio.items()]
+
+    return TuneMethod(rules, keeps_stream=True, cap=lambda tokens, prefix: op_level_cap(tokens, prefix, sx, sy))
 
 
 def downsample_of(block, analysis) -> int:

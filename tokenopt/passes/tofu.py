@@ -26,8 +26,8 @@ from pydantic import Field
 
 from tokenopt.errors import RecipeError
 from tokenopt.ops import tome as ops
-from tokenopt.passes.base import LayerStep, Probe, register_pass
-from tokenopt.passes.op_level import op_params
+from tokenopt.passes.base import LayerStep, Probe, TuneMethod, register_pass
+from tokenopt.passes.op_level import op_params, tune_op_level
 from tokenopt.passes import linearity
 from tokenopt.passes.tome import ToMe, ToMeOptions, ToMeParams, expand_r
 
@@ -67,12 +67,14 @@ class ToFu(ToMe):
             "tofu-mlerp": rule(op="mlerp"), "tofu-prune": rule(op="prune"), "tofu-auto": rule(op="auto")}
 
     @classmethod
-    def tune_methods(cls) -> dict:
+    def tune_methods(cls) -> dict[str, TuneMethod]:
         # the tuner chooses prune or MLERP per layer by measuring quality, so op: auto is not a choice
         def rule(op):
-            return lambda layers, rs: {"pass": "tofu", "layers": list(layers), "r": list(rs), "op": op}
+            return TuneMethod(lambda layers, rs, tokens: [{"pass": "tofu", "layers": list(layers), "r": list(rs),
+                                                           "op": op}])
 
-        return {"tofu-prune": rule("prune"), "tofu-mlerp": rule("mlerp")}
+        return {"tofu-prune": rule("prune"), "tofu-mlerp": rule("mlerp"),
+                "tofu-op-prune": tune_op_level("tofu", op="prune"), "tofu-op-mlerp": tune_op_level("tofu", op="mlerp")}
 
     def probe(self, model, analysis, images, r: int, threshold: float | None) -> Probe:
         """Each block's linearity error on ``images``; blocks at or above ``threshold`` (default: the

@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt
 from tokenopt.errors import PlanError, RecipeError
 from tokenopt.ops import tome as ops
 from tokenopt.ops.matching import max_reduction
-from tokenopt.passes.base import LayerStep, Pass, register_pass
+from tokenopt.passes.base import LayerStep, Pass, TuneMethod, register_pass
 from tokenopt.passes.in_windows import is_windowed, plan_in_windows, refuse_in_windows, rewrite_in_windows
 from tokenopt.passes.op_level import (OpLevelOptions, OpLevelParams, op_params, plan_op_level, refuse_op_level,
-                                      rewrite_op_level)
+                                      rewrite_op_level, tune_op_level)
 from tokenopt.rewrite.state import KeyBias
 from tokenopt.tokens import Dense, TokenCount
 
@@ -91,10 +91,11 @@ class ToMe(Pass):
         return {"tome": lambda r: [{"pass": "tome", "r": r}]}
 
     @classmethod
-    def tune_methods(cls) -> dict:
-        # stream-level only: the op-level placement keeps every token between blocks and pays a merge
-        # and an unmerge around each op, which the tuner's per-token-count cost model does not price
-        return {"tome": lambda layers, rs: {"pass": "tome", "layers": list(layers), "r": list(rs)}}
+    def tune_methods(cls) -> dict[str, TuneMethod]:
+        # tome-op: the op-level placement, merging around the self-attention only (tomesd's default)
+        return {"tome": TuneMethod(lambda layers, rs, tokens: [{"pass": "tome", "layers": list(layers),
+                                                                "r": list(rs)}]),
+                "tome-op": tune_op_level("tome")}
 
     def layer_options(self, options: ToMeOptions, n_layers: int, where: str) -> list:
         if options.placement == "op":
@@ -118,7 +119,7 @@ class ToMe(Pass):
         if is_windowed(block):          # the stream keeps every token; each window attends on fewer
             return LayerStep(tokens_in, params, plan_in_windows(block, params.r, self.name))
         if isinstance(params, OpLevelParams):   # the stream keeps its count; each op runs on fewer tokens
-            return plan_op_level(block, params, tokens_in)
+            return plan_op_level(block, params, tokens_in, prefix)
         want = params.r
         # the matching splits the tokens an image has; with a varying count only the images at
         # the maximum are guaranteed r merges, so the cap (and the shortfall) use the maximum

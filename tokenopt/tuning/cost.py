@@ -8,7 +8,9 @@ shifts them together). A reduction in layer ``i`` takes ``r_i`` tokens at the me
 
     seconds(schedule) = fixed + sum_i attn_i(n_i) + mlp_i(n_i - r_i) + overhead_m(n_i)   [r_i > 0]
 
-with ``mlp = block - attn`` and ``fixed`` the rest of the model (embedding, head). Then whole rewritten
+with ``mlp = block - attn`` and ``fixed`` the rest of the model (embedding, head). An op-level layer
+(merge around the attention, unmerge its output; the stream keeps its n tokens) costs
+``attn_i(n_i - r_i) + mlp_i(n_i) + overhead_m(n_i)`` instead, and n stays for the next layer. Then whole rewritten
 models are timed against the original (:func:`fit_probes`: no reduction; per method constant schedules;
 a few seeded mixed ones) and fitted: ``fixed``, a scale on the blocks timed alone, and each method's
 overhead per token it matches (:func:`fit_whole_model`).
@@ -28,9 +30,8 @@ from typing import Callable
 
 import torch
 
-from tokenopt.ops.matching import max_reduction
 from tokenopt.paths import cache_root
-from tokenopt.tuning.search import Cost, Schedule
+from tokenopt.tuning.search import Cost, Schedule, reductions
 
 COST_VERSION = 4
 
@@ -55,6 +56,8 @@ class CostTable:
     block_scale: float = 1.0
     # "measured": attn/block hold seconds timed here; "flops": they hold GFLOPs (the timings were noise)
     basis: str = "measured"
+    # the op-level methods (the stream keeps every token), each with the most one op merges (Space.op_caps)
+    op_caps: dict[str, int] = field(default_factory=dict)
 
     # -- prediction -------------------------------------------------------------------------------
     def _at(self, values: list[float], n: float) -> float:
@@ -69,23 +72,25 @@ class CostTable:
                 return max(values[k + 1] + w * (values[k] - values[k + 1]), 0.0)
         return values[-1]
 
+    def layers(self, schedule: Schedule):
+        """`reductions` of ``schedule`` on this table's model: (method, r, n, op_level) per layer."""
+        return reductions(schedule, self.tokens[0], self.prefix, self.op_caps)
+
+    def _block(self, i: int, n: int, r: int, op_level: bool, attn: list, block: list) -> float:
+        """Layer ``i`` entered by ``n`` tokens: stream-level, its attention half runs on n and the rest on
+        n - r; op-level, its attention on n - r and the rest on all n (the stream keeps them)."""
+        att_n, whole = (n - r, n) if op_level else (n, n - r)
+        return self._at(attn[i], att_n) + self._at(block[i], whole) - self._at(attn[i], whole)
+
     def predict(self, schedule: Schedule) -> Cost:
-        seconds, gflops, n = 0.0, self.fixed_gflops, self.tokens[0]
-        for i, (method, r) in enumerate(schedule):
-            r = min(r, max_reduction(n, self.prefix))
-            out = n - r
-            seconds += self._at(self.attn[i], n) + self._at(self.block[i], out) - self._at(self.attn[i], out)
-            gflops += self._at(self.attn_gflops[i], n) + self._at(self.block_gflops[i], out) - \
-                self._at(self.attn_gflops[i], out)
-            n = out
-        seconds = self.fixed_seconds + self.block_scale * seconds
-        n = self.tokens[0]
-        for method, r in schedule:
-            r = min(r, max_reduction(n, self.prefix))
+        seconds, gflops, overhead = 0.0, self.fixed_gflops, 0.0
+        for i, (method, r, n, op_level) in enumerate(self.layers(schedule)):
+            seconds += self._block(i, n, r, op_level, self.attn, self.block)
+            gflops += self._block(i, n, r, op_level, self.attn_gflops, self.block_gflops)
             if r > 0:
                 a, b = self.overhead.get(method, (0.0, 0.0))
-                seconds += a + b * n
-            n -= r
+                overhead += a + b * n
+        seconds = self.fixed_seconds + self.block_scale * seconds + overhead
         return Cost(self.base_seconds / seconds, seconds, gflops)
 
 
@@ -230,39 +235,44 @@ def fit_probes(table: CostTable, methods: list[str], layers: int, allowed: Calla
     """The whole models the fit is measured on: the rewritten model without reduction; per method r = 1
     everywhere (n stays high), a constant r that shortens the stream (n falls) and twice that r in every
     other layer (half the layers pay the op); and ``RANDOM_PROBES`` seeded mixed schedules, so the fit sees
-    methods side by side and r varying by layer, as the search's schedules have them. ``compiled``: no
-    every-other probes and two mixed ones (each probe is a compile)."""
+    methods side by side and r varying by layer, as the search's schedules have them. An op-level method
+    (``table.op_caps``) never shortens the stream, so its constant r is half its cap and its mixed r reach
+    the cap. ``compiled``: no every-other probes and two mixed ones (each probe is a compile)."""
     n0 = table.tokens[0]
     r_big = max(1, (n0 - table.prefix) // (2 * layers))
     probes: dict[str, Schedule] = {"rewritten": tuple(("", 0) for _ in range(layers))}
     for m in methods:
-        for r in (1, r_big):
+        big = max(1, table.op_caps[m] // 2) if m in table.op_caps else r_big
+        for r in (1, big):
             probes[f"{m}/{r}"] = tuple((m, r) if allowed(i) else ("", 0) for i in range(layers))
         if compiled:
             continue
-        probes[f"{m}/{2 * r_big} every other"] = tuple((m, 2 * r_big) if allowed(i) and i % 2 == 0 else ("", 0)
-                                                        for i in range(layers))
+        probes[f"{m}/{2 * big} every other"] = tuple((m, 2 * big) if allowed(i) and i % 2 == 0 else ("", 0)
+                                                     for i in range(layers))
     rng = random.Random(seed)
     top = max(1, (n0 - table.prefix) // layers)
+
+    def mixed_layer() -> tuple[str, int]:
+        m = rng.choice(methods)
+        return m, rng.randint(0, table.op_caps.get(m, top))
+
     for k in range(2 if compiled else RANDOM_PROBES):
-        probes[f"mixed {k}"] = tuple((rng.choice(methods), rng.randint(0, top)) if allowed(i) else ("", 0)
-                                     for i in range(layers))
+        probes[f"mixed {k}"] = tuple(mixed_layer() if allowed(i) else ("", 0) for i in range(layers))
     return probes
 
 
 def fit_whole_model(table: CostTable, measured: list[tuple[Schedule, float]], methods: list[str]) -> None:
-    """Set ``fixed_seconds``, ``block_scale`` and each method's overhead from (schedule, seconds) pairs."""
+    """Set ``fixed_seconds``, ``block_scale`` and each method's overhead from (schedule, seconds) pairs; an
+    op-level method's overhead (its matching, the merge before its op and the unmerge after) is fitted the
+    same way, per token entering its layers."""
     rows, ys = [], []
     for s, seconds in measured:
         table.block_scale, table.fixed_seconds, table.overhead = 1.0, 0.0, {}
         blocks = table.predict(s).seconds
         matched = {m: 0.0 for m in methods}
-        n = table.tokens[0]
-        for m, r in s:
-            r = min(r, max_reduction(n, table.prefix))
+        for m, r, n, _ in table.layers(s):
             if r > 0:
                 matched[m] += n
-            n -= r
         rows.append([1.0, blocks] + [matched[m] for m in methods])
         ys.append(seconds)
     coef = _nonnegative_least_squares(rows, ys)

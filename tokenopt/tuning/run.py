@@ -103,7 +103,9 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
     data: a data set name (its train split), a Dataset of (image, label), a batch of images, or
         (images, labels); ``calibration_images`` of it (a seeded sample) judge quality.
     budget: ``"speed=1.5"``, ``"latency=30ms"``, ``"gflops=2.5"`` or a `Budget`.
-    methods: pass names (every method the pass offers the tuner) or method names; default all.
+    methods: pass names (the stream-level methods the pass offers the tuner) or method names (also the
+        op-level ones, e.g. ``tome-op``: merge around the attention, the stream keeps every token); default:
+        every stream-level method.
     search_seconds, max_judged: stop the search after this long or this many schedules judged (the
         result is deterministic under ``seed`` unless the time runs out first).
     compare: also time the shipped recipes of those passes and constant-r schedules of the first
@@ -131,12 +133,16 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
     allowed = tuple(b.refusal is None and not b.keeps_tokens for b in analysis.blocks)
     if not any(allowed):
         raise TokenoptError("no block of this model can lose tokens (see `tokenopt inspect`); there is nothing to tune")
-    space = Space(L, analysis.blocks[0].tokens, prefix, tuple(chosen_methods), allowed)
+    tokens = analysis.blocks[0].tokens
+    # op-level methods keep the stream: each layer's cap is the pass's own (TuneMethod.cap)
+    op_caps = {m: t.cap(tokens, prefix) for m, t in chosen_methods.items() if t.keeps_stream}
+    space = Space(L, tokens, prefix, tuple(chosen_methods), allowed, op_caps)
 
     def build(s: Schedule):
+        rules = rules_of(space.normalize(s), chosen_methods, tokens)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")   # r capped at a layer: the schedule says so already
-            return optimize(model, {"version": 1, "rules": rules_of(s, chosen_methods)}, images[:2], report=False)
+            return optimize(model, {"version": 1, "rules": rules}, images[:2], report=False)
 
     def timed(m):
         return torch.compile(m) if compile else m
@@ -147,6 +153,7 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
     if table is None or table.tokens[0] != space.tokens:
         say("measuring each block's latency against its token count")
         table = cost_.measure_table(model, analysis, batch, compiled=compile)
+    table.op_caps = {**table.op_caps, **op_caps}
     missing = [m for m in chosen_methods if m not in table.overhead]
     if missing:
         say(f"measuring the cost of {', '.join(missing)}")
@@ -238,9 +245,10 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
                           f"({top.name}); ask for less" if top else f"budget {budget} not reached; ask for less")
     point, m = chosen
     m.name = "tuned"
-    return TuneResult(budget, {"version": 1, "rules": rules_of(point.schedule, chosen_methods)}, point.schedule, m,
-                      original, points, measured, table, ref.score_name, time.perf_counter() - t0,
-                      cost_.device_name(batch.device), "compiled" if compile else "eager", len(images), notes)
+    recipe = {"version": 1, "rules": rules_of(point.schedule, chosen_methods, tokens)}
+    return TuneResult(budget, recipe, point.schedule, m, original, points, measured, table, ref.score_name,
+                      time.perf_counter() - t0, cost_.device_name(batch.device), "compiled" if compile else "eager",
+                      len(images), notes)
 
 
 def _pool(points: list[Point], tried: set, met, below: float | None, size: int = 3) -> list[Point]:
@@ -270,7 +278,7 @@ def _references(model, methods: dict, build, images, space: Space, ref) -> dict:
     from tokenopt.pipeline import optimize
     from tokenopt.recipe import load_recipe
 
-    passes = {rule["pass"] for fn in methods.values() for rule in [fn([0], [1])]}
+    passes = {rule["pass"] for t in methods.values() for rule in t.rules([0], [1], space.tokens)}
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

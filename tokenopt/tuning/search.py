@@ -1,6 +1,8 @@
 """The search over per-layer schedules: which layers reduce, by how many tokens, with which method.
 
-A schedule is one ``(method, r)`` per layer (``("", 0)``: the layer keeps its tokens). The search
+A schedule is one ``(method, r)`` per layer (``("", 0)``: the layer keeps its tokens); a stream-level
+method's r leaves the stream from that layer on, an op-level one's (``Space.op_caps``) is merged around
+the layer's attention and given back after it (`reductions`). The search
 sees the model only through two functions, so it runs on synthetic ones in the tests:
 
     predict(schedule) -> Cost(speedup, seconds, gflops)    cheap: the measured cost model
@@ -53,29 +55,48 @@ class Point:
     stage: str          # "seed", "greedy" or "refine"
 
 
+def reductions(schedule, tokens: int, prefix: int, op_caps: dict[str, int],
+               may_reduce: Callable[[int], bool] = lambda i: True):
+    """Each layer of ``schedule`` as ``(method, r, n, op_level)``, ``n`` the tokens entering it and ``r`` capped
+    at what it can take (``("", 0, n, False)`` where it takes nothing). A stream-level layer takes at most
+    half its unprotected tokens and later layers see ``n - r``; an op-level one (a method of ``op_caps``:
+    method -> the most one op merges at the model's ``tokens``) takes at most its cap and leaves ``n`` as it
+    is. An op-level layer after a stream-level reduction takes nothing: its matching needs the whole token
+    grid (the planner refuses it)."""
+    n = tokens
+    for i, (m, r) in enumerate(schedule):
+        op_level = m in op_caps
+        cap = (op_caps[m] if n == tokens else 0) if op_level else max_reduction(n, prefix)
+        r = min(max(int(r), 0), cap) if may_reduce(i) else 0
+        if r <= 0:
+            yield "", 0, n, False
+            continue
+        yield m, r, n, op_level
+        if not op_level:
+            n -= r
+
+
 @dataclass(frozen=True)
 class Space:
     """What a schedule may hold: ``layers`` blocks entered by ``tokens`` tokens, ``prefix`` of them never
-    reduced, one of ``methods`` per reducing layer; ``allowed`` (per layer): whether it may reduce."""
+    reduced, one of ``methods`` per reducing layer; ``allowed`` (per layer): whether it may reduce;
+    ``op_caps``: the op-level methods (the stream keeps its tokens), each with the most one op merges."""
 
     layers: int
     tokens: int
     prefix: int
     methods: tuple[str, ...]
     allowed: tuple[bool, ...] = ()
+    op_caps: dict[str, int] = field(default_factory=dict)
 
     def may_reduce(self, i: int) -> bool:
         return not self.allowed or self.allowed[i]
 
     def normalize(self, schedule) -> Schedule:
-        """The canonical form: each r capped at what its layer can take, no method where r is 0, so two
-        schedules that run the same model compare equal."""
-        out, n = [], self.tokens
-        for i, (m, r) in enumerate(schedule):
-            r = min(max(int(r), 0), max_reduction(n, self.prefix)) if self.may_reduce(i) else 0
-            out.append((m, r) if r > 0 else ("", 0))
-            n -= r
-        return tuple(out)
+        """The canonical form: each r capped at what its layer can take (`reductions`), no method where r is
+        0, so two schedules that run the same model compare equal."""
+        return tuple((m, r) for m, r, _, _ in reductions(schedule, self.tokens, self.prefix, self.op_caps,
+                                                         self.may_reduce))
 
     def step(self) -> int:
         """Tokens one greedy move adds at a layer: about a sixth of what the whole depth can take at once."""
