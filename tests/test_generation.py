@@ -210,15 +210,8 @@ def test_fid_refuses_mismatched_features():
         fid.frechet_distance(np.zeros((5, 3)), np.zeros((5, 4)))
 
 
-# The shipped demo UNet got 540 training steps on a loaded machine and draws the asked class 16% of the
-# time (chance 10%): a known shortfall, kept visible here rather than lowering the bar; retrain it
-# (`python -m tokenopt.generation.train digits-unet`, then tools/ship_generator_weights.py) to clear it.
-UNDERTRAINED = pytest.mark.xfail(reason="the shipped digits-unet is undertrained (16% class accuracy)", strict=False)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=UNDERTRAINED) if n == "digits-unet" else n
-                                  for n in sorted(GENERATORS)])
+@pytest.mark.parametrize("name", sorted(GENERATORS))
 def test_trained_generator_draws_the_asked_class_above_chance(name):
     """Needs demo:digits and the generator trained (tokenopt demo --model digits; python -m tokenopt.generation.train)."""
     from tokenopt.generation import quality

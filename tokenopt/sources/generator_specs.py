@@ -46,7 +46,7 @@ GENERATORS: dict[str, GeneratorSpec] = {
     # 45 steps an epoch (1,437 digits, batch 32). Trained with 1 thread on 2 cores shared with other
     # jobs (load ~5; 2 threads were 5x slower there): see docs/generation.md for the times and figures
     "digits-dit": GeneratorSpec("DiTTransformer2DModel", DIT, epochs=60, batch_size=32, lr=2e-3),
-    "digits-unet": GeneratorSpec("UNet2DConditionModel", UNET, epochs=12, batch_size=32, lr=2e-3),
+    "digits-unet": GeneratorSpec("UNet2DConditionModel", UNET, epochs=40, batch_size=32, lr=2e-3),
 }
 
 
