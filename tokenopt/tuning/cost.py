@@ -33,7 +33,7 @@ import torch
 from tokenopt.paths import cache_root
 from tokenopt.tuning.search import Cost, Schedule, reductions
 
-COST_VERSION = 4
+COST_VERSION = 5
 
 
 @dataclass
@@ -227,30 +227,33 @@ def measure_overhead(table: CostTable, original, build: Callable[[Schedule], tor
     fit_whole_model(table, [(s, table.base_seconds / speed[k]) for k, s in probes.items()], methods)
 
 
-RANDOM_PROBES = 6
+RANDOM_PROBES = 8
 
 
 def fit_probes(table: CostTable, methods: list[str], layers: int, allowed: Callable[[int], bool] = lambda i: True,
                seed: int = 0, compiled: bool = False) -> dict[str, Schedule]:
-    """The whole models the fit is measured on: the rewritten model without reduction; per method r = 1
-    everywhere (n stays high), a constant r that shortens the stream (n falls) and twice that r in every
-    other layer (half the layers pay the op); and ``RANDOM_PROBES`` seeded mixed schedules, so the fit sees
-    methods side by side and r varying by layer, as the search's schedules have them. An op-level method
-    (``table.op_caps``) never shortens the stream, so its constant r is half its cap and its mixed r reach
-    the cap. ``compiled``: no every-other probes and two mixed ones (each probe is a compile)."""
+    """The whole models the fit is measured on: the rewritten model without reduction; per method a
+    constant r that shortens the stream and twice that r in every other layer (half the layers pay the
+    op); and ``RANDOM_PROBES`` seeded mixed schedules, r up to a quarter of the tokens per layer, methods
+    side by side, as the search's schedules have them. An op-level method (``table.op_caps``) never
+    shortens the stream, so its constant r is half its cap and its mixed r reach the cap. ``compiled``:
+    no every-other probes and two mixed ones (each probe is a compile).
+
+    No r = 1 probes: a schedule that pays every op and saves nothing is one the search never keeps, and
+    fitted on, it pulled the predictions of the schedules it does keep 10-20% low (measured on the
+    digits-clutter demo: mean error 4.8% with them, 3.3% without, the same timings)."""
     n0 = table.tokens[0]
     r_big = max(1, (n0 - table.prefix) // (2 * layers))
     probes: dict[str, Schedule] = {"rewritten": tuple(("", 0) for _ in range(layers))}
     for m in methods:
         big = max(1, table.op_caps[m] // 2) if m in table.op_caps else r_big
-        for r in (1, big):
-            probes[f"{m}/{r}"] = tuple((m, r) if allowed(i) else ("", 0) for i in range(layers))
+        probes[f"{m}/{big}"] = tuple((m, big) if allowed(i) else ("", 0) for i in range(layers))
         if compiled:
             continue
         probes[f"{m}/{2 * big} every other"] = tuple((m, 2 * big) if allowed(i) and i % 2 == 0 else ("", 0)
                                                      for i in range(layers))
     rng = random.Random(seed)
-    top = max(1, (n0 - table.prefix) // layers)
+    top = max(1, (n0 - table.prefix) // 4)
 
     def mixed_layer() -> tuple[str, int]:
         m = rng.choice(methods)
