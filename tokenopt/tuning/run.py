@@ -24,6 +24,10 @@ from tokenopt.tuning.methods import MethodError, choose, describe, rules_of
 from tokenopt.tuning.search import Cost, Judged, Point, Schedule, Searcher, Space
 
 SLACK = 0.03          # a measured speed within 3% of the budget meets it (timing noise on a shared machine)
+# when every schedule judged falls short once the predictions are corrected by what was measured: the
+# greedy moves judged beyond the search's own. A move judges about 4 schedules, so 32 buy about 8 moves
+# of a layer's step: the 10-20% a measured speed can fall below its prediction on a shared machine
+EXTRA_JUDGED = 32
 
 
 @dataclass
@@ -211,7 +215,7 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
             # best, whatever the time limit said
             searcher.met, searcher.out_of_time = corrected, (lambda: False)
             best = min(points, key=lambda p: (not corrected(p.cost), p.judged.loss))
-            searcher.max_judged = len(searcher.points) + 8
+            searcher.max_judged = len(searcher.points) + EXTRA_JUDGED
             searcher.greedy(start=best)
             points = list(searcher.points.values())
             pool = _pool(points, tried, corrected, bar)
