@@ -295,41 +295,6 @@ def test_op_level_methods_are_chosen_by_name_and_write_placement_op_rules():
 
 # ------------------------------------------------------------------------------------------------ end to end
 
-def test_the_fit_probes_are_timed_in_the_blocks_own_rounds(tiny, monkeypatch):
-    """One interleaved session times the blocks, the original and the whole-model probes, and the table is
-    fitted on those probes (a fit on probes timed in another session came out of another machine state)."""
-    from tokenopt import timing
-    from tokenopt.analysis import analyse
-    from tokenopt.pipeline import optimize
-    from tokenopt.tuning.cost import FitRequest, fit_probes, measure_table
-
-    sessions = []
-    real = timing.interleaved_times
-
-    def spy(calls, x, **kw):
-        sessions.append(list(calls))
-        return real(calls, x, **kw)
-
-    monkeypatch.setattr(timing, "interleaved_times", spy)
-    images = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(3))
-    methods = choose(["tome"])
-    built = []
-
-    def build(s):
-        built.append(s)
-        return optimize(tiny, {"version": 1, "rules": rules_of(s, methods)}, images[:2], report=False)
-
-    table = measure_table(tiny, analyse(tiny, images[:2]), images, rounds=1,
-                          fit=FitRequest(build, ("tome",), 2))
-    assert len(sessions) == 1
-    names = sessions[0]
-    probes = fit_probes(table, ["tome"], 2)
-    assert {f"probe {k}" for k in probes} <= set(names) and "original" in names
-    assert any(n.endswith("/block/17") for n in names)
-    assert built == list(probes.values())
-    assert set(table.overhead) == {"tome"} and table.basis in ("measured", "flops")
-
-
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENOPT_CACHE", str(tmp_path / "cache"))

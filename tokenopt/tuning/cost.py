@@ -145,34 +145,16 @@ def _timer(fn: Callable, compiled: bool):
 GRID_POINTS = 16      # token counts each block is timed at: latency has steps (cache sizes, kernel tiles)
 
 
-@dataclass(frozen=True)
-class FitRequest:
-    """What :func:`measure_table` needs to time the whole-model probes in its own rounds and fit on them:
-    ``build(schedule)`` makes the rewritten model (eager; compiled here when the table is)."""
-
-    build: Callable[[Schedule], torch.nn.Module]
-    methods: tuple[str, ...]
-    layers: int
-    allowed: Callable[[int], bool] = lambda i: True
-    op_caps: dict = field(default_factory=dict)
-
-
 def measure_table(model, analysis, batch_images: torch.Tensor, compiled: bool = False, rounds: int = 5,
-                  status: Callable[[str], None] | None = None, points: int = GRID_POINTS,
-                  fit: FitRequest | None = None) -> CostTable:
-    """Time each distinct block at ``points`` token counts next to the whole original (see the module doc);
-    with ``fit``, also the whole-model probes (:func:`fit_probes`), in the same rounds, and fit the table on
-    them (:func:`fit_whole_model`).
+                  status: Callable[[str], None] | None = None, points: int = GRID_POINTS) -> CostTable:
+    """Time each distinct block at ``points`` token counts next to the whole original (see the module doc).
 
     Blocks of the same width and token count share one measurement: a ViT's blocks are the same shape.
     Each block's time is its median ratio to the original timed in the same round, times the original's
-    fastest round: a load that comes and goes during the measurement slows both calls of a round. The
-    probes go in the same rounds for the same reason: fitted on probes timed in another session, the
-    blocks' scale and the fixed time came out of a different machine state (measured on a shared
-    machine: one such fit set every op's overhead to 0, and predictions ran 20% optimistic)."""
+    fastest round: a load that comes and goes during the measurement slows both calls of a round."""
     from tokenopt.flops import count_flops
     from tokenopt.subgraph import extract_block
-    from tokenopt.timing import interleaved_times, per_round_speedup
+    from tokenopt.timing import interleaved_times
 
     blocks = analysis.blocks
     B, prefix = batch_images.shape[0], analysis.prefix_tokens
@@ -195,35 +177,23 @@ def measure_table(model, analysis, batch_images: torch.Tensor, compiled: bool = 
                 f = _timer(gm, compiled)
                 calls[f"{key}/{name}/{n}"] = (lambda _, f=f, x=x: f(x))
                 flops[(key, name, n)] = count_flops(gm, x[:1]) / 1e9
-    attn_g = [[flops[((b.dim, b.tokens), "attn", n)] for n in grid] for b in blocks]
-    block_g = [[flops[((b.dim, b.tokens), "block", n)] for n in grid] for b in blocks]
-    total_gflops = count_flops(model, batch_images[:1]) / 1e9
-    table = CostTable(batch=B, compiled=compiled, prefix=prefix, tokens=grid, attn=[], block=[], base_seconds=0.0,
-                      fixed_seconds=0.0, attn_gflops=attn_g, block_gflops=block_g,
-                      fixed_gflops=max(total_gflops - sum(v[0] for v in block_g), 0.0),
-                      op_caps=dict(fit.op_caps) if fit else {})
-    probes = fit_probes(table, list(fit.methods), fit.layers, fit.allowed, compiled=compiled) if fit else {}
-    for k, sched in probes.items():
-        calls[f"probe {k}"] = _timer(fit.build(sched), compiled)
     if status:
-        status(f"timing {len(shape_of)} block shape(s) at {len(grid)} token counts"
-               + (f" and {len(probes)} whole models" if probes else "") + f", batch {B}")
+        status(f"timing {len(shape_of)} block shape(s) at {len(grid)} token counts, batch {B}")
     times = interleaved_times(calls, batch_images, rounds=rounds, min_seconds=0.05)
     # the original's fastest round (on a shared machine noise only ever adds time), and every part as its
     # ratio to the original in the same round
     base = min(times["original"])
     med = {k: base * statistics.median(t / o for t, o in zip(v, times["original"])) for k, v in times.items()}
     keys = [(b.dim, b.tokens) for b in blocks]
-    table.attn = [_monotone([med[f"{k}/attn/{n}"] for n in grid]) for k in keys]
-    table.block = [_monotone([med[f"{k}/block/{n}"] for n in grid]) for k in keys]
-    table.base_seconds = base
-    table.fixed_seconds = max(base - sum(v[0] for v in table.block), 0.0)
-    if probes:
-        speed = per_round_speedup({k: v for k, v in times.items() if k == "original" or k.startswith("probe ")},
-                                  "original")
-        fit_whole_model(table, [(sched, base / speed[f"probe {k}"]) for k, sched in probes.items()],
-                        list(fit.methods))
-    return table
+    attn = [_monotone([med[f"{k}/attn/{n}"] for n in grid]) for k in keys]
+    block = [_monotone([med[f"{k}/block/{n}"] for n in grid]) for k in keys]
+    attn_g = [[flops[(k, "attn", n)] for n in grid] for k in keys]
+    block_g = [[flops[(k, "block", n)] for n in grid] for k in keys]
+    total_gflops = count_flops(model, batch_images[:1]) / 1e9
+    return CostTable(batch=B, compiled=compiled, prefix=prefix, tokens=grid, attn=attn, block=block,
+                     base_seconds=base, fixed_seconds=max(base - sum(v[0] for v in block), 0.0),
+                     attn_gflops=attn_g, block_gflops=block_g,
+                     fixed_gflops=max(total_gflops - sum(v[0] for v in block_g), 0.0))
 
 
 def _monotone(values: list[float]) -> list[float]:

@@ -155,13 +155,11 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
     path = cost_.cache_path(model, batch, batch_size, compile)
     table = cost_.load_cached(path)
     if table is None or table.tokens[0] != space.tokens:
-        say("measuring each block's latency against its token count, and whole models to fit on")
-        fit = cost_.FitRequest(build, tuple(chosen_methods), L, lambda i: allowed[i], op_caps)
-        table = cost_.measure_table(model, analysis, batch, compiled=compile, fit=fit, status=say)
-        cost_.save_cached(table, path)
+        say("measuring each block's latency against its token count")
+        table = cost_.measure_table(model, analysis, batch, compiled=compile)
     table.op_caps = {**table.op_caps, **op_caps}
     missing = [m for m in chosen_methods if m not in table.overhead]
-    if missing:         # a cached table measured for other methods: their probes alone, in rounds of their own
+    if missing:
         say(f"measuring the cost of {', '.join(missing)}")
         cost_.measure_overhead(table, timed(model), lambda s: timed(build(s)), list(chosen_methods), L, batch,
                                allowed=lambda i: allowed[i])
