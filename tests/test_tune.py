@@ -186,6 +186,27 @@ def test_whole_model_fit_on_the_probes_predicts_schedules_it_never_saw():
         assert t.predict(s).speedup == pytest.approx(truth.predict(s).speedup, rel=1e-6)
 
 
+def test_the_fit_prices_blocks_by_flops_when_they_predict_the_whole_models_better():
+    """Whole models made by FLOPs-shaped block costs, the blocks' own timings bent (a session of their own: the
+    short counts ran slow): the fit takes the FLOPs basis, and predicts schedules it never saw exactly."""
+    import random
+
+    from tokenopt.tuning.cost import fit_probes
+
+    grid = [17, 9, 3]
+    truth = synthetic_table(tokens=grid, attn=[[4e-4 * n for n in grid]] * 2, block=[[1e-3 * n for n in grid]] * 2,
+                            fixed_seconds=0.012, block_scale=1.0, overhead={"a": [0.0, 2e-4], "b": [0.0, 5e-5]})
+    truth.attn, truth.block = [[0.4e-3 * n for n in grid]] * 2, [[1e-3 * n for n in grid]] * 2
+    bent = synthetic_table(tokens=grid, block=[[0.017, 0.016, 0.012]] * 2, attn=[[0.007, 0.0065, 0.005]] * 2)
+    probes = fit_probes(truth, ["a", "b"], 2)
+    fit_whole_model(bent, [(s, truth.predict(s).seconds) for s in probes.values()], ["a", "b"])
+    assert bent.basis == "flops" and bent.block == bent.block_gflops
+    rng = random.Random(4)
+    for _ in range(10):
+        s = tuple((rng.choice("ab"), rng.randint(0, 6)) for _ in range(2))
+        assert bent.predict(s).speedup == pytest.approx(truth.predict(s).speedup, rel=1e-6)
+
+
 def test_token_grid_runs_from_the_tokens_down_to_just_above_the_prefix():
     assert token_grid(65, 1) == [65, 56, 47, 38, 30, 21, 12, 3]
     assert token_grid(5, 1, points=8) == [5, 4, 3]
