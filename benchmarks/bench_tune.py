@@ -129,7 +129,8 @@ def main() -> None:
             timed = compile_all(every, x)
             print(f"compiled in {time.perf_counter() - t:.0f} s")
         print(f"timing {len(every)} models {mode}, interleaved (load average {os.getloadavg()[0]:.1f})")
-        speed_of = per_round_speedup(interleaved_times(timed, x, rounds=5, min_seconds=0.05), "original")
+        # 11 rounds of at least 0.2 s per sample: one 60 ms call per sample moved speedups 10-15% between sessions
+        speed_of = per_round_speedup(interleaved_times(timed, x, rounds=11, min_seconds=0.2), "original")
         acc = ev.evaluate_many({k: v for k, v in every.items() if k not in random_models},
                                get_loader(test, 120, train=False))
         top1 = {k: 100 * v["top1"] for k, v in acc.items()}

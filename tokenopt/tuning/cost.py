@@ -143,6 +143,11 @@ def _timer(fn: Callable, compiled: bool):
 
 
 GRID_POINTS = 16      # token counts each block is timed at: latency has steps (cache sizes, kernel tiles)
+# Whole models are timed in ROUNDS interleaved rounds, each sample at least SAMPLE_SECONDS of calls. One call
+# of a demo ViT at batch 64 (60 ms) per sample, 5 rounds, moved a speedup by 10-15% from one session to the
+# next on this 2-core machine (ToMe r=4 on demo:digits: 1.38x, then 1.15x); longer samples average it out.
+ROUNDS = 7
+SAMPLE_SECONDS = 0.15
 
 
 def measure_table(model, analysis, batch_images: torch.Tensor, compiled: bool = False, rounds: int = 5,
@@ -206,7 +211,7 @@ def _monotone(values: list[float]) -> list[float]:
 
 
 def measure_overhead(table: CostTable, original, build: Callable[[Schedule], torch.nn.Module], methods: list[str],
-                     layers: int, batch_images: torch.Tensor, rounds: int = 5,
+                     layers: int, batch_images: torch.Tensor, rounds: int = ROUNDS,
                      allowed: Callable[[int], bool] = lambda i: True) -> None:
     """Fit the whole-model terms on whole models (:func:`fit_probes`) timed against the original in the
     same rounds. Least squares, no coefficient below 0, on
@@ -223,7 +228,8 @@ def measure_overhead(table: CostTable, original, build: Callable[[Schedule], tor
     calls = {"original": original, **{k: build(s) for k, s in probes.items()}}
     if table.compiled:
         calls = {k: torch.compile(f) for k, f in calls.items()}
-    speed = per_round_speedup(interleaved_times(calls, batch_images, rounds=rounds, min_seconds=0.05), "original")
+    speed = per_round_speedup(interleaved_times(calls, batch_images, rounds=rounds, min_seconds=SAMPLE_SECONDS),
+                              "original")
     fit_whole_model(table, [(s, table.base_seconds / speed[k]) for k, s in probes.items()], methods)
 
 

@@ -267,11 +267,12 @@ def _scaled(c: Cost, factor: float) -> Cost:
     return Cost(c.speedup * factor, c.seconds / factor, c.gflops)
 
 
-def _speeds(model, models: dict, batch: torch.Tensor, timed, rounds: int = 5) -> dict[str, float]:
+def _speeds(model, models: dict, batch: torch.Tensor, timed, rounds: int = cost_.ROUNDS) -> dict[str, float]:
     from tokenopt.timing import interleaved_times, per_round_speedup
 
     calls = {"original": timed(model), **{k: timed(m) for k, m in models.items()}}
-    return per_round_speedup(interleaved_times(calls, batch, rounds=rounds, min_seconds=0.05), "original")
+    return per_round_speedup(interleaved_times(calls, batch, rounds=rounds, min_seconds=cost_.SAMPLE_SECONDS),
+                             "original")
 
 
 def _references(model, methods: dict, build, images, space: Space, ref) -> dict:
