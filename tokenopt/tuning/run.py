@@ -192,8 +192,8 @@ def tune(model: torch.nn.Module, data, budget: Budget | str, *, methods: list[st
     points = searcher.run()
     notes = []
     if table.basis != "measured":
-        notes.append("the blocks' timings were too noisy on this machine (busy?): the cost model prices blocks by "
-                     "their FLOPs, scaled to whole models timed against the original")
+        notes.append("the cost model prices blocks by their FLOPs, scaled to whole models timed against the original: "
+                     "that predicted the whole models better than the blocks' own timings (a busy machine?)")
     if searcher.out_of_time():
         notes.append(f"the search stopped at its time limit ({search_seconds:.0f} s) after {len(points)} schedules")
 
