@@ -352,8 +352,11 @@ def check_recipe(r: Recipe, given: dict | None = None) -> None:
 
 
 def plan(recipe: Recipe, analysis, context) -> Plan | None:
-    if recipe.prefix_tokens is not None:     # what analyse(..., prefix_tokens=recipe.prefix_tokens) does
-        analysis = dataclasses.replace(analysis, prefix_tokens=recipe.prefix_tokens)
+    if recipe.prefix_tokens is not None:     # what analyse(..., prefix_tokens=recipe.prefix_tokens) does:
+        # the model's prefix, and the first stream's (which the plan reads), are the recipe's
+        streams = [dataclasses.replace(st, prefix_tokens=recipe.prefix_tokens) if st.index == 0 else st
+                   for st in analysis.streams]
+        analysis = dataclasses.replace(analysis, prefix_tokens=recipe.prefix_tokens, streams=streams)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
