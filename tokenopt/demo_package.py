@@ -43,10 +43,7 @@ def ship_demo_weights(cache_dir: str | os.PathLike | None = None, folder: str | 
                 raise TokenoptError(f"demo:{name} is not in the cache (trained from its current spec): run "
                                     f"`tokenopt demo --retrain --model {name}` first")
             model, info = found
-            file = f"{name}.safetensors"
-            demo_shipped.store_state(model.state_dict(), staging / file, metadata={"spec_digest": info["spec_digest"]})
-            models[name] = {"file": file, "spec_digest": info["spec_digest"],
-                            "info": {k: v for k, v in info.items() if k not in ("weights", "shipped")}}
+            models[name] = demo_shipped.store_model(name, model.state_dict(), info, staging)
             methods[name] = {}
             for spec in methods_of(name):
                 got = cached_method(name, spec, spec.digest(DEMOS[name]), cache_dir)

@@ -123,6 +123,15 @@ def store_state(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, 
     os.replace(tmp, path)
 
 
+def store_model(name: str, state: dict[str, torch.Tensor], info: dict, folder: Path) -> dict:
+    """Write a cached model's ``state`` as ``folder/NAME.safetensors``; its manifest entry (the cache-only
+    keys of ``info`` left out)."""
+    file = f"{name}.safetensors"
+    store_state(state, folder / file, metadata={"spec_digest": info["spec_digest"]})
+    return {"file": file, "spec_digest": info["spec_digest"],
+            "info": {k: v for k, v in info.items() if k not in ("weights", "shipped")}}
+
+
 def write_manifest(folder: Path, models: dict, methods: dict) -> dict:
     """Write ``manifest.json`` over the files ``models`` and ``methods`` name, with their sha256."""
     names = [e["file"] for e in models.values()]

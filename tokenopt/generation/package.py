@@ -49,10 +49,7 @@ def ship_generators(cache_dir: str | os.PathLike | None = None, folder: str | os
                                     f"`python -m tokenopt.generation.train --retrain {name}` first")
             model, info = found
             cached[name] = model
-            file = f"{name}.safetensors"
-            demo_shipped.store_state(model.state_dict(), staging / file, metadata={"spec_digest": info["spec_digest"]})
-            models[name] = {"file": file, "spec_digest": info["spec_digest"],
-                            "info": {k: v for k, v in info.items() if k not in ("weights", "shipped")}}
+            models[name] = demo_shipped.store_model(name, model.state_dict(), info, staging)
         demo_shipped.write_manifest(staging, models, {})
         classifier = fid.digits_classifier()
         rows = []
