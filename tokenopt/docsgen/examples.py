@@ -225,9 +225,8 @@ def run_recipe(path: Path, workdir: Path, frontend: str = "fx", inspect: bool = 
     calibration = _example_batch(net, 4)           # for rules that measure the model (ToFu op: auto)
     if not isinstance(calibration, torch.Tensor):  # a denoiser: calibration takes images, it has none
         calibration = None
-    # the original graph: traced the way optimize traces (same node names), which rewrites its own
-    # (from a model of its own: fx stores a traced model's tensor constants on it, and a second trace of the same
-    # module numbers them on, so an artifact of the rewrite would name constants a fresh model does not have)
+    # the original graph: traced the way optimize traces (same node names) from a model of its own, so the
+    # drawing never shares modules with the model the rewrite changes
     original = _original_graph(build_model(kind), x, frontend)
     choose = {} if len(frontends()) == 1 and frontend != "auto" else {"capture": frontend}
     # from the recipes' parent folder, so messages name "recipes/x.yaml" rather than this machine's path
